@@ -1,0 +1,133 @@
+"""Clocks: the controller and the emulated worker are written against `Clock`, so the same code runs in real
+time (a timer thread) and in virtual time (a deterministic discrete-event loop: same inputs, same result)."""
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from typing import Callable
+
+
+class Timer:
+    __slots__ = ("t", "seq", "fn", "args", "cancelled")
+
+    def __init__(self, t: int, seq: int, fn: Callable, args: tuple):
+        self.t, self.seq, self.fn, self.args, self.cancelled = t, seq, fn, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: "Timer") -> bool:
+        return (self.t, self.seq) < (other.t, other.seq)
+
+
+class Clock:
+    """Nanosecond time plus callbacks at a given time. Callbacks run one at a time, in (time, order) order."""
+    virtual: bool = False
+
+    def now(self) -> int:
+        raise NotImplementedError
+
+    def call_at(self, t: int, fn: Callable, *args) -> Timer:
+        raise NotImplementedError
+
+    def call_soon(self, fn: Callable, *args) -> Timer:
+        return self.call_at(self.now(), fn, *args)
+
+    def close(self) -> None:
+        pass
+
+
+class VirtualClock(Clock):
+    """Discrete-event time. Nothing happens until `run()`/`run_until()` is called; time jumps event to event."""
+    virtual = True
+
+    def __init__(self, start: int = 0):
+        self._now = start
+        self._heap: list[Timer] = []
+        self._seq = itertools.count()
+        self.events_run = 0
+
+    def now(self) -> int:
+        return self._now
+
+    def call_at(self, t: int, fn: Callable, *args) -> Timer:
+        timer = Timer(max(int(t), self._now), next(self._seq), fn, args)
+        heapq.heappush(self._heap, timer)
+        return timer
+
+    def pending(self) -> int:
+        return sum(not t.cancelled for t in self._heap)
+
+    def run_until(self, t_end: int | None = None, max_events: int | None = None) -> int:
+        """Run events with time <= t_end (all if None); leaves now = t_end when given. Returns events run."""
+        heap, n = self._heap, 0
+        while heap and (t_end is None or heap[0].t <= t_end):
+            timer = heapq.heappop(heap)
+            if timer.cancelled:
+                continue
+            self._now = timer.t
+            timer.fn(*timer.args)
+            n += 1
+            if max_events is not None and n >= max_events:
+                break
+        if t_end is not None and (max_events is None or n < max_events):
+            self._now = max(self._now, t_end)
+        self.events_run += n
+        return n
+
+    run = run_until
+
+
+class RealClock(Clock):
+    """Monotonic wall time; callbacks run on one daemon timer thread, in time order."""
+
+    def __init__(self, name: str = "clock"):
+        self._heap: list[Timer] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"workbench-{name}", daemon=True)
+        self._thread.start()
+
+    def now(self) -> int:
+        return time.monotonic_ns()
+
+    def call_at(self, t: int, fn: Callable, *args) -> Timer:
+        timer = Timer(int(t), next(self._seq), fn, args)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("clock is closed")
+            heapq.heappush(self._heap, timer)
+            if self._heap[0] is timer:
+                self._cv.notify()
+        return timer
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed:
+                    if self._heap:
+                        wait = (self._heap[0].t - time.monotonic_ns()) / 1e9
+                        if wait <= 0:
+                            break
+                        self._cv.wait(min(wait, 0.5))
+                    else:
+                        self._cv.wait(0.5)
+                if self._closed:
+                    return
+                timer = heapq.heappop(self._heap)
+            if not timer.cancelled:
+                try:
+                    timer.fn(*timer.args)
+                except Exception:  # a failing callback must not stop every later one
+                    import traceback
+                    traceback.print_exc()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)

@@ -1,0 +1,1 @@
+"""The machine the workbench runs on: predictability environment, checks and physical floors."""
