@@ -10,6 +10,8 @@ import sys
 COMMAND_MODULES = [
     "workbench.models.commands",     # compile, inspect
     "workbench.env.commands",        # check, floors, kernel
+    "workbench.ui.commands",         # notebook
+    "workbench.worker.commands",     # worker config, worker profile
 ]
 
 

@@ -1,0 +1,195 @@
+"""Exec latency through the worker vs calling the compiled model directly, per model and batch size.
+
+    python -m bench.worker_exec --device cuda [--models resnet50_cuda,mlp_cuda] [--reps 300]
+    python -m bench.worker_exec --device cpu  [--models mlp_cpu] [--reps 300]
+
+For each (model, batch size):
+- direct: the minimal work in one thread: inputs to the device, run, outputs back (CUDA: on one stream, exec
+  timed with CUDA events; CPU: wall time);
+- worker: Infer actions submitted one at a time to a CUDAWorker/CPUWorker, each waited for: the exec duration
+  the worker measured (CUDA events / wall) and the end-to-end latency (submit -> on_result).
+Figures: exec p50/p99/p99.9 both ways, p99/p50 through the worker (goal <= 1.01), and the worker's overhead
+per action = p50(worker end to end) - p50(direct end to end) (goal < 50 us). Artifacts come from
+`python -m bench.worker_artifacts` (.gpu/worker, or --artifacts; CPU artifacts are compiled on the fly).
+Writes bench/results/worker_exec.json and .md (worker_exec_cpu.* with --device cpu)."""
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.worker_common import ARTIFACTS, artifact, pct, stats_us, write
+from workbench.contract import Infer, LoadModelFromDisk, LoadWeights
+from workbench.worker.config import WorkerConfig
+
+CFG = dict(weights_cache_size="2 GiB", io_pool_size="256 MiB", workspace_pool_size="1 GiB", host_io_pool_size="256 MiB")
+
+
+def inputs_for(art, n: int, rng) -> list[np.ndarray]:
+    out = []
+    for s in art.inputs:
+        if np.issubdtype(np.dtype(s.dtype), np.integer):
+            out.append(rng.integers(0, 100, (n, *s.shape)).astype(s.dtype))
+        else:
+            out.append(rng.standard_normal((n, *s.shape)).astype(s.dtype))
+    return out
+
+
+def direct(art, device: str, sizes: list[int], reps: int, warmup: int) -> dict[int, tuple[list[int], list[int]]]:
+    """Per batch size: (exec ns, end-to-end ns) of running the model directly."""
+    from workbench.models.runtime import alloc_pages, copy_weights
+    import tvm
+    loaded = art.load(tvm.cpu(0) if device == "cpu" else tvm.cuda(0))
+    pages = alloc_pages(art, "cpu" if device == "cpu" else "cuda:0")
+    copy_weights(art, pages)
+    binding = loaded.bind_weights(pages)
+    return {b: _direct_one(art, loaded, binding, device, b, reps, warmup) for b in sizes}
+
+
+def _direct_one(art, loaded, binding, device: str, b: int, reps: int, warmup: int) -> tuple[list[int], list[int]]:
+    x = inputs_for(art, b, np.random.default_rng(0))
+    execs, e2e = [], []
+    if device == "cpu":
+        staged = [np.empty_like(a) for a in x]
+        for i in range(warmup + reps):
+            t0 = time.perf_counter_ns()
+            for s, a in zip(staged, x):
+                s[...] = a
+            t1 = time.perf_counter_ns()
+            outs = loaded.run(b, staged, binding)
+            t2 = time.perf_counter_ns()
+            [np.array(o) for o in outs]
+            t3 = time.perf_counter_ns()
+            if i >= warmup:
+                execs.append(t2 - t1)
+                e2e.append(t3 - t0)
+        return execs, e2e
+    import cupy as cp
+    stream = cp.cuda.Stream(non_blocking=True)
+    pinned = []
+    for a in x:
+        mem = cp.cuda.alloc_pinned_memory(a.nbytes)
+        h = np.frombuffer(mem, a.dtype, a.size).reshape(a.shape)
+        h[...] = a
+        pinned.append(h)
+    dev_in = [cp.empty(a.shape, a.dtype) for a in x]
+    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+    for i in range(warmup + reps):
+        t0 = time.perf_counter_ns()
+        with stream:
+            for d, h in zip(dev_in, pinned):
+                d.set(h, stream=stream)
+            e0.record(stream)
+            outs = loaded.run(b, dev_in, binding, stream=stream)
+            e1.record(stream)
+            host = [o.get(stream=stream) for o in outs]
+        stream.synchronize()
+        t1 = time.perf_counter_ns()
+        if i >= warmup:
+            execs.append(int(cp.cuda.get_elapsed_time(e0, e1) * 1e6))
+            e2e.append(t1 - t0)
+    return execs, e2e
+
+
+def through_worker(path: Path, art, device: str, sizes: list[int], reps: int, warmup: int) -> dict[int, dict]:
+    cv = threading.Condition()
+    box: dict = {}
+
+    def on(r):
+        with cv:
+            box[r.id] = (r, time.perf_counter_ns())
+            cv.notify_all()
+
+    if device == "cpu":
+        from workbench.worker.cpu import CPUWorker
+        w = CPUWorker(WorkerConfig.load(None, **CFG), on)
+    else:
+        from workbench.worker.cuda import CUDAWorker
+        w = CUDAWorker(WorkerConfig.load(None, **CFG), on, num_gpus=1)
+
+    def do(a):
+        t0 = time.perf_counter_ns()
+        w.submit(a)
+        with cv:
+            cv.wait_for(lambda: a.id in box, 120)
+            r, t1 = box.pop(a.id)
+        return r, t1 - t0
+    try:
+        r, _ = do(LoadModelFromDisk(id=1, model_id=0, path=str(path)))
+        assert r.ok, r.message
+        r, _ = do(LoadWeights(id=2, model_id=0, gpu=0))
+        assert r.ok, r.message
+        ids = iter(range(10, 10**9))
+        res = {}
+        for b in sizes:
+            x = tuple(inputs_for(art, b, np.random.default_rng(0)))
+            execs, e2e, cin, cout, clocks = [], [], [], [], []
+            for i in range(warmup + reps):
+                r, dt = do(Infer(id=next(ids), model_id=0, gpu=0, batch_size=b, inputs=x))
+                assert r.ok, r.message
+                if i >= warmup:
+                    execs.append(r.exec.duration)
+                    e2e.append(dt)
+                    cin.append(r.copy_input.duration)
+                    cout.append(r.copy_output.duration)
+                    clocks.append(r.gpu_clock)
+            res[b] = {"exec": execs, "e2e": e2e, "copy_input": cin, "copy_output": cout, "gpu_clock": clocks}
+        return res
+    finally:
+        w.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.worker_exec", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--models", default=None, help="artifact names under --artifacts (default: by device)")
+    p.add_argument("--artifacts", default=str(ARTIFACTS))
+    p.add_argument("--batch-sizes", default=None, help="default: every compiled size")
+    p.add_argument("--reps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
+    a = p.parse_args(argv)
+    from workbench.models.artifact import Artifact
+    names = a.models.split(",") if a.models else (["mlp_cpu"] if a.device == "cpu" else
+                                                   ["resnet50_cuda", "bert_base_cuda", "mlp_cuda"])
+    rows, md = [], ["| model | batch | direct exec p50 / p99 / p99.9 (us) | worker exec p50 / p99 / p99.9 (us) | "
+                    "worker p99/p50 | direct e2e p50 (us) | worker e2e p50 / p99 (us) | overhead per action (us) |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in names:
+        path = artifact(name, Path(a.artifacts))
+        if path is None and a.device == "cpu" and name == "mlp_cpu":
+            from bench.worker_artifacts import build
+            path, _ = build("mlp", "cpu", Path(a.artifacts), True)
+        if path is None:
+            print(f"skip {name}: not found under {a.artifacts} (run python -m bench.worker_artifacts)")
+            continue
+        art = Artifact.open(path)
+        sizes = [int(s) for s in a.batch_sizes.split(",")] if a.batch_sizes else list(art.batch_sizes)
+        directs = direct(art, a.device, sizes, a.reps, a.warmup)
+        workers = through_worker(path, art, a.device, sizes, a.reps, a.warmup)
+        for b in sizes:
+            (d_exec, d_e2e), wk = directs[b], workers[b]
+            row = {"model": name, "batch": b, "direct_exec": stats_us(d_exec), "direct_e2e": stats_us(d_e2e),
+                   "worker_exec": stats_us(wk["exec"]), "worker_e2e": stats_us(wk["e2e"]),
+                   "worker_copy_input": stats_us(wk["copy_input"]), "worker_copy_output": stats_us(wk["copy_output"]),
+                   "worker_p99_over_p50": pct(wk["exec"], 0.99) / pct(wk["exec"], 0.5),
+                   "overhead_us": (pct(wk["e2e"], 0.5) - pct(d_e2e, 0.5)) / 1e3,
+                   "gpu_clock_mhz_p50": pct(wk["gpu_clock"], 0.5)}
+            rows.append(row)
+            de, we = row["direct_exec"], row["worker_exec"]
+            md.append(f"| {name} | {b} | {de['p50_us']:.1f} / {de['p99_us']:.1f} / {de['p999_us']:.1f} | "
+                      f"{we['p50_us']:.1f} / {we['p99_us']:.1f} / {we['p999_us']:.1f} | "
+                      f"{row['worker_p99_over_p50']:.3f} | {row['direct_e2e']['p50_us']:.1f} | "
+                      f"{row['worker_e2e']['p50_us']:.1f} / {row['worker_e2e']['p99_us']:.1f} | "
+                      f"{row['overhead_us']:.1f} |")
+    md += ["", f"{a.reps} actions per row after {a.warmup} warm-up, one at a time. Goals: worker p99/p50 <= 1.01, "
+           "overhead per action < 50 us. Overhead = p50 end to end through the worker (submit -> on_result) "
+           "minus p50 of the same steps done directly in one thread."]
+    write("worker_exec" if a.device == "cuda" else "worker_exec_cpu", {"rows": rows, "args": vars(a)}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

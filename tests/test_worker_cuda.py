@@ -1,0 +1,218 @@
+"""The CUDA worker on a real GPU (marker `gpu`; run on the H200). Artifacts are compiled on the build machine
+(`python -m bench.worker_artifacts` -> .gpu/worker, or the models helper's bench.build_gpu_artifacts ->
+.gpu/artifacts; $WORKBENCH_GPU_ARTIFACTS first) and carried to the GPU machine.
+
+The first test runs everywhere: without a GPU the module imports and construction fails clearly."""
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench.contract import ClearCache, EvictWeights, GetWorkerState, Infer, LoadModelFromDisk, LoadWeights, Status
+from workbench.worker.config import WorkerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = [Path(p) for p in (os.environ.get("WORKBENCH_GPU_ARTIFACTS"),) if p] + \
+    [ROOT / ".gpu" / "worker", ROOT / ".gpu" / "artifacts"]   # ours, or bench.build_gpu_artifacts' bundle
+CFG = dict(weights_cache_size="1 GiB", io_pool_size="64 MiB", workspace_pool_size="256 MiB",
+           host_io_pool_size="64 MiB")
+
+
+def artifact(name: str) -> Path:
+    for d in SEARCH:
+        if (d / name / "manifest.json").is_file():
+            return d / name
+    pytest.skip(f"artifact {name} not in {[str(d) for d in SEARCH]}: run `python -m bench.worker_artifacts` (or "
+                f"bench.build_gpu_artifacts) on the build machine and carry .gpu/ to the GPU machine")
+
+
+def test_imports_without_a_gpu_and_fails_clearly():
+    import workbench.worker.cuda as cuda_mod   # must import on any machine
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present: the failure path cannot be exercised here")
+    except Exception:  # noqa: BLE001 - no cupy or no device: the case under test
+        pass
+    with pytest.raises(cuda_mod.CUDAUnavailable, match="CPUWorker or EmulatedWorker"):
+        cuda_mod.CUDAWorker(WorkerConfig.load(None, **CFG))
+
+
+class Collector:
+    def __init__(self):
+        self.results, self.dupes, self.cv = {}, [], threading.Condition()
+
+    def __call__(self, r):
+        with self.cv:
+            if r.id in self.results:
+                self.dupes.append(r)
+            self.results[r.id] = r
+            self.cv.notify_all()
+
+    def wait(self, i, timeout=120):
+        with self.cv:
+            assert self.cv.wait_for(lambda: i in self.results, timeout), f"no result for action {i}"
+            return self.results.pop(i)
+
+
+@pytest.fixture
+def gpu_worker():
+    from workbench.worker.cuda import CUDAWorker
+    col = Collector()
+    w = CUDAWorker(WorkerConfig.load(None, **CFG), col, num_gpus=1)
+    ids = iter(range(1, 10**9))
+
+    def do(make):
+        a = make(next(ids))
+        w.submit(a)
+        return col.wait(a.id)
+    w.do = do
+    yield w
+    w.close()
+    assert not col.dupes
+
+
+def gpu_used(w) -> int:
+    free, total = w.device.gpu_memory_info(0)
+    return total - free
+
+
+@pytest.mark.gpu
+def test_load_infer_evict_outputs_equal_the_cpu_worker(gpu_worker):
+    from workbench.worker.cpu import CPUWorker
+    cuda_art, cpu_art = artifact("mlp_cuda"), artifact("mlp_cpu")
+    w = gpu_worker
+    r = w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(cuda_art), copies=2))
+    assert r.ok, r.message
+    assert w.do(lambda i: LoadWeights(id=i, model_id=1, gpu=0)).ok
+    col = Collector()
+    cpu = CPUWorker(WorkerConfig.load(None, **CFG), col)
+    try:
+        cpu.submit(LoadModelFromDisk(id=1, model_id=0, path=str(cpu_art)))
+        assert col.wait(1).ok
+        cpu.submit(LoadWeights(id=2, model_id=0, gpu=0))
+        assert col.wait(2).ok
+        rng = np.random.default_rng(0)
+        for n in range(1, 17):
+            x = rng.standard_normal((n, 128)).astype(np.float32)
+            g = w.do(lambda i: Infer(id=i, model_id=1, gpu=0, batch_size=n, inputs=(x,)))
+            cpu.submit(Infer(id=100 + n, model_id=0, gpu=0, batch_size=n, inputs=(x,)))
+            c = col.wait(100 + n)
+            assert g.ok and c.ok, (g.message, c.message)
+            np.testing.assert_allclose(g.outputs[0], c.outputs[0], rtol=1e-4, atol=1e-5)
+            assert g.exec.duration > 0 and g.copy_input.duration > 0 and g.copy_output.duration > 0
+            assert g.gpu_clock > 0 and g.gpu_clock_before > 0, "NVML SM clock missing"
+    finally:
+        cpu.close()
+    assert w.do(lambda i: EvictWeights(id=i, model_id=1, gpu=0)).ok
+    assert w.do(lambda i: Infer(id=i, model_id=1, gpu=0)).status == Status.EXEC_WEIGHTS_MISSING
+    assert w.check_consistency() == []
+
+
+@pytest.mark.gpu
+def test_codes_and_windows_on_the_gpu(gpu_worker):
+    w = gpu_worker
+    w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(artifact("mlp_cuda"))))
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=5, path=str(artifact("mlp_cpu")))).status == \
+        Status.INVALID_PATH
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0, latest=1)).status == Status.LOAD_WEIGHTS_TOO_LATE
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+    assert w.do(lambda i: Infer(id=i, model_id=0, gpu=0, latest=1)).status == Status.COPY_INPUT_TOO_LATE
+    assert w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=64)).status == Status.COPY_INPUT_INVALID_BATCH_SIZE
+    r = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=5))           # generated inputs, padded to 8
+    assert r.ok and r.outputs[0].shape == (5, 10)
+    s = w.do(lambda i: GetWorkerState(id=i)).state
+    assert s["gpus"][0]["models"] == [0] and s["gpus"][0]["total_pages"] == 64
+    assert w.do(lambda i: ClearCache(id=i)).ok and w.state()["gpus"][0]["used_pages"] == 0
+    assert w.check_consistency() == []
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_load_evict_10000_times_returns_gpu_memory_to_its_start(gpu_worker):
+    w = gpu_worker
+    w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(artifact("mlp_cuda"))))
+    w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0))
+    assert w.do(lambda i: Infer(id=i, model_id=0, gpu=0)).ok
+    w.do(lambda i: EvictWeights(id=i, model_id=0, gpu=0))
+    start = gpu_used(w)
+    host = w.state()["host_weights_bytes"]
+    for _ in range(10_000):
+        assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+        assert w.do(lambda i: EvictWeights(id=i, model_id=0, gpu=0)).ok
+    moved = gpu_used(w) - start
+    print(f"GPU memory after 10,000 load/evict: {moved:+d} bytes from the start level")
+    assert abs(moved) <= 2 * 2**20, f"GPU memory moved by {moved} bytes over 10,000 load/evict"
+    assert w.state()["host_weights_bytes"] == host and w.check_consistency() == []
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_memory_outside_the_cache_stays_bounded_as_models_grow(gpu_worker):
+    w = gpu_worker
+    path = str(artifact("mlp_cuda"))
+    used = []
+    for k in range(32):   # 32 separately loaded models: kernels loaded once each
+        assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=1000 * k, path=path, copies=50)).ok
+        assert w.do(lambda i: LoadWeights(id=i, model_id=1000 * k, gpu=0)).ok
+        assert w.do(lambda i: Infer(id=i, model_id=1000 * k, gpu=0, batch_size=16)).ok
+        assert w.do(lambda i: EvictWeights(id=i, model_id=1000 * k, gpu=0)).ok
+        used.append(gpu_used(w))
+    per_model = (used[-1] - used[0]) / 31
+    print(f"GPU memory outside the weights cache: {used[0] / 2**20:.1f} MiB after 1 model, "
+          f"{used[-1] / 2**20:.1f} MiB after 32 ({per_model / 2**20:.2f} MiB per model)")
+    assert per_model < 4 * 2**20, f"{per_model / 2**20:.2f} MiB per loaded model"
+    before = gpu_used(w)
+    for c in range(1, 50):   # copies share kernels: inferring on 49 more copies costs nothing
+        assert w.do(lambda i: LoadWeights(id=i, model_id=c, gpu=0)).ok
+        assert w.do(lambda i: Infer(id=i, model_id=c, gpu=0, batch_size=16)).ok
+        assert w.do(lambda i: EvictWeights(id=i, model_id=c, gpu=0)).ok
+    assert gpu_used(w) - before < 2**20
+
+
+@pytest.mark.gpu
+def test_resnet50_output_matches_the_reference(gpu_worker):
+    from workbench.models.artifact import Artifact
+    from workbench.models.reference import reference_forward
+    path = artifact("resnet50_cuda")
+    w = gpu_worker
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(path))).ok
+    lw = w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0))
+    assert lw.ok and lw.timing.duration > 0
+    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    r = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=2, inputs=(x,)))
+    assert r.ok, r.message
+    art = Artifact.open(path)
+    ref = reference_forward("resnet50", x, [(t.name, a) for t, a in zip(art.tensors, art.weight_arrays())])
+    np.testing.assert_allclose(r.outputs[0], ref, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.gpu
+def test_bert_with_a_contiguous_page_run(gpu_worker):
+    """BERT's 94 MB word embedding lives in a run of 6 contiguous pages: fragment the cache first so the run
+    must be placed around other models' pages, then check the output against the NumPy reference."""
+    from workbench.models.artifact import Artifact
+    from workbench.models.reference import reference_forward
+    path = artifact("bert_base_cuda")
+    mlp = artifact("mlp_cuda")
+    w = gpu_worker
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=100, path=str(mlp), copies=60)).ok
+    for m in range(100, 160):                 # fill the 64-page cache with single pages, free every other one
+        assert w.do(lambda i: LoadWeights(id=i, model_id=m, gpu=0)).ok
+    for m in range(100, 160, 2):
+        assert w.do(lambda i: EvictWeights(id=i, model_id=m, gpu=0)).ok
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(path))).ok
+    r = w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0))
+    assert r.status == Status.LOAD_WEIGHTS_INSUFFICIENT_CACHE and "contiguous" in r.message   # 34 free, none adjacent
+    for m in range(101, 160, 2):
+        assert w.do(lambda i: EvictWeights(id=i, model_id=m, gpu=0)).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+    ids = np.random.default_rng(2).integers(0, 30522, (1, 128)).astype(np.int32)
+    r = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=1, inputs=(ids,)))
+    assert r.ok, r.message
+    art = Artifact.open(path)
+    ref = reference_forward("bert_base", ids, [(t.name, a) for t, a in zip(art.tensors, art.weight_arrays())])
+    np.testing.assert_allclose(r.outputs[0], ref, rtol=5e-3, atol=5e-3)
+    assert w.check_consistency() == []

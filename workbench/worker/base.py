@@ -1,0 +1,863 @@
+"""The worker state machine shared by every device (CUDA, CPU, emulated): Clockwork's action executor
+(clockwork.md §2.3). It makes no decisions: it runs each action's tasks inside their [earliest, latest]
+windows, in `earliest` order per queue, never evicts on its own, and answers every action with exactly one
+result carrying Clockwork's status codes.
+
+Per GPU there are four queues (weights: loads and evicts; inputs; exec; outputs) plus two worker-wide ones
+(disk: LoadModelFromDisk; control: ClearCache, GetWorkerState and immediate rejections). An Infer is three
+tasks: copy input (eligible at earliest - copy_input_lead_in, must start by latest), exec (window
+[earliest, latest], one at a time per GPU), copy output (no window).
+
+What differs between devices is only the `Device` (how weights move, how a model executes, how long it takes)
+and whether executors are threads (real devices) or clock callbacks (emulated)."""
+from __future__ import annotations
+
+import csv
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from workbench.clock import Clock
+from workbench.contract import (FOREVER, Action, ClearCache, ClearCacheResult, EvictWeights,
+                                EvictWeightsResult, GetWorkerState, GetWorkerStateResult, Infer, InferResult,
+                                LoadModelFromDisk, LoadModelFromDiskResult, LoadWeights, LoadWeightsResult,
+                                Result, Status, Timing, error)
+from workbench.models.source import TensorSpec
+from workbench.worker.config import WorkerConfig
+from workbench.worker.executor import ClockExecutor, Executor, Task, ThreadExecutor
+from workbench.worker.page_cache import Allocation, InsufficientCache, PageCache
+from workbench.worker.pools import MemoryPool, PoolExhausted
+
+GPU_KINDS = ("weights", "inputs", "exec", "outputs")
+
+
+class InvalidModelPath(Exception):
+    """LoadModelFromDisk of a path that is not a loadable model (status INVALID_PATH)."""
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass(eq=False)
+class ModelEntry:
+    """One loaded model (artifact or profile entry), shared by all its copies: kernels and host weights are
+    held once here, whatever the number of copies."""
+    name: str
+    path: str
+    batch_sizes: tuple[int, ...]
+    inputs: tuple[TensorSpec, ...] | None        # None: not known (profile without specs): shapes unchecked
+    outputs: tuple[TensorSpec, ...] | None
+    input_bytes: int                             # per sample, all inputs
+    output_bytes: int                            # per sample, all outputs
+    weights_bytes: int
+    page_size: int
+    runs: list[tuple[int, int]]
+    io_bytes: dict[int, int]                     # per compiled batch size: inputs + outputs on the device
+    workspace_bytes: dict[int, int]              # per compiled batch size
+    weights_load_ns: int = 0                     # profiled, 0 if unknown
+    exec_ns: dict[int, int] = field(default_factory=dict)
+    host_weights_bytes: int = 0                  # host memory this entry holds for weights (once for all copies)
+    handle: Any = None                           # device specific: loaded kernels, host weights, profile
+
+    @property
+    def num_pages(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    def __post_init__(self) -> None:
+        self._sizes = {False: tuple(s.nbytes for s in self.inputs) if self.inputs is not None else (self.input_bytes,),
+                       True: tuple(s.nbytes for s in self.outputs) if self.outputs is not None else (self.output_bytes,)}
+
+    def host_bytes(self, n: int, outputs: bool = False) -> int:
+        """Host io bytes for n samples of the inputs (or outputs), each tensor 256-byte aligned."""
+        return sum(-(-b * n // 256) * 256 for b in self._sizes[outputs])
+
+    def padded_batch_size(self, n: int) -> int | None:
+        """Smallest compiled batch size >= n (Clockwork runs n on that variant), None if n is too large."""
+        for b in self.batch_sizes:
+            if b >= n:
+                return b
+        return None
+
+
+def _align(n: int, a: int = 256) -> int:
+    return -(-n // a) * a
+
+
+def used_bytes_per_run(art: Any) -> dict[int, int]:
+    """First page of each run -> bytes of the run that hold weights (aligned up to 256): a load moves only
+    these, not the unused tail of a run's last page."""
+    used = {first: 0 for first, _ in art.runs}
+    for t in art.tensors:
+        used[t.page] = max(used[t.page], _align(t.offset + t.nbytes))
+    return used
+
+
+def entry_from_artifact(art: Any, path: str) -> ModelEntry:
+    """A ModelEntry from an opened Artifact (sizes from its manifest, durations from its measurements.json).
+    io_bytes counts each input and output 256-byte aligned, as devices lay them out in the io pool."""
+    from workbench.worker.measurements import read_measurements
+    meas = read_measurements(art)
+    bs = tuple(art.batch_sizes)
+    io = {b: sum(_align(s.nbytes * b) for s in (*art.inputs, *art.outputs)) for b in bs}
+    return ModelEntry(
+        name=art.name, path=str(path), batch_sizes=bs, inputs=tuple(art.inputs), outputs=tuple(art.outputs),
+        input_bytes=sum(s.nbytes for s in art.inputs), output_bytes=sum(s.nbytes for s in art.outputs),
+        weights_bytes=art.weights_bytes, page_size=art.page_size, runs=[tuple(r) for r in art.runs],
+        io_bytes=io, workspace_bytes={b: art.workspace_bytes(b) for b in bs},
+        weights_load_ns=meas.weights_load_ns if meas else 0,
+        exec_ns={b: meas.exec[b].p50_ns for b in bs if meas and b in meas.exec})
+
+
+class MonotonicClock(Clock):
+    """Real time without a timer thread, for workers whose executors are threads (CPU, CUDA)."""
+
+    def now(self) -> int:
+        return time.monotonic_ns()
+
+    def call_at(self, t: int, fn: Callable, *args):
+        raise NotImplementedError("MonotonicClock has no timers: use RealClock")
+
+
+class GPUModel:
+    """A model copy's state on one GPU. `version` changes on every load/evict/clear, so a task that raced one
+    of them notices (Clockwork's RuntimeModel.version)."""
+    __slots__ = ("version", "weights", "binding")
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.weights: Allocation | None = None
+        self.binding: Any = None
+
+
+class ModelCopy:
+    __slots__ = ("model_id", "entry", "gpus")
+
+    def __init__(self, model_id: int, entry: ModelEntry, num_gpus: int):
+        self.model_id = model_id
+        self.entry = entry
+        self.gpus = [GPUModel() for _ in range(num_gpus)]
+
+
+# ------------------------------------------------------------------------------------------------ device
+class Device:
+    """What a worker needs from a device. Every `run`-side method returns a Timing whose `end` is when the
+    work completes: real devices block and return end = now after the work; the emulated device returns
+    immediately with end in the future."""
+    name = "device"
+    threaded = True
+
+    def gpu_memory_info(self, gpu: int) -> tuple[int, int] | None:
+        """(free, total) bytes of the device, or None where that does not apply."""
+        return None
+
+    def setup(self, worker: "Worker") -> None:
+        """Allocate the per-GPU caches and pools (called once by the worker)."""
+
+    def open_model(self, action: LoadModelFromDisk, now: int) -> tuple[ModelEntry, Timing]:
+        raise NotImplementedError
+
+    def load_weights(self, gpu: int, entry: ModelEntry, alloc: Allocation, now: int) -> tuple[Timing, Any]:
+        """Copy the entry's host weights into the cache pages of `alloc`; returns (timing, binding)."""
+        raise NotImplementedError
+
+    def copy_input(self, gpu: int, entry: ModelEntry, batch: int, n: int, inputs: Sequence[np.ndarray] | None,
+                   io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
+        """Stage n samples of input (None: generate them) for the padded batch `batch` at `io_offset` of the
+        GPU's io pool, through `host_offset` of the host io pool; returns (timing, staged)."""
+        raise NotImplementedError
+
+    def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,
+                now: int) -> tuple[Timing, Any, int, int]:
+        """Run the model; returns (timing, device outputs, SM clock before, SM clock after)."""
+        raise NotImplementedError
+
+    def copy_output(self, gpu: int, entry: ModelEntry, outputs: Any, n: int, host_offset: int,
+                    now: int) -> tuple[Timing, tuple[np.ndarray, ...] | None]:
+        """The first n rows of each output, to the host (through `host_offset` of the host io pool)."""
+        raise NotImplementedError
+
+    def release_model(self, entry: ModelEntry) -> None:
+        """Free what open_model took (called if registering the model fails)."""
+
+    def close(self) -> None:
+        pass
+
+
+class GPUState:
+    def __init__(self, gpu: int, config: WorkerConfig):
+        self.gpu = gpu
+        self.cache = PageCache(config.num_pages, config.page_size)
+        self.io = MemoryPool("io", config.io_pool_size)
+        self.workspace = MemoryPool("workspace", config.workspace_pool_size)
+        self.executors: dict[str, Executor] = {}
+        self.loading: set[int] = set()   # id() of allocations held by loads in flight
+
+
+# ------------------------------------------------------------------------------------------------ worker
+class Worker:
+    """`submit(action)`; every action's result is delivered once, by calling `on_result(result)` from an
+    executor thread or a clock callback (never from inside `submit`)."""
+
+    def __init__(self, device: Device, num_gpus: int, config: WorkerConfig | None,
+                 on_result: Callable[[Result], None], clock: Clock):
+        if num_gpus < 1:
+            raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+        self.device = device
+        self.num_gpus = num_gpus
+        self.config = config or WorkerConfig.load()
+        self.on_result = on_result
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.closed = False
+        self.models: dict[int, ModelCopy] = {}
+        self.entries: list[ModelEntry] = []
+        self.outstanding: dict[int, Action] = {}
+        self.results_delivered = 0
+        self.telemetry_rows: list[tuple] = []
+        self.gpus = [GPUState(g, self.config) for g in range(num_gpus)]
+        self.host_io = MemoryPool("host_io", self.config.host_io_pool_size)
+        device.setup(self)
+        hook = self._task_done if self.config.telemetry else None
+        if device.threaded:
+            def make(name: str) -> Executor:
+                return ThreadExecutor(name, self.lock, clock, self._deliver, hook)
+        else:
+            outbox: list[Result] = []
+
+            def make(name: str) -> Executor:
+                return ClockExecutor(name, self.lock, clock, self._deliver, hook, outbox=outbox)
+        for st in self.gpus:
+            for kind in GPU_KINDS:
+                st.executors[kind] = make(f"gpu{st.gpu}-{kind}")
+        self.disk = make("disk")
+        self.control = make("control")
+
+    # ---------------------------------------------------------------------------------------- public API
+    def submit(self, action: Action) -> None:
+        if not isinstance(action, Action):
+            raise TypeError(f"submit() takes a workbench.contract Action, got {type(action).__name__}")
+        now = self.clock.now()
+        with self.lock:
+            if self.closed:
+                r = error(action, Status.SHUTTING_DOWN, "worker is closed", now, now)
+                self.results_delivered += 1
+                deliver_now = True
+            else:
+                deliver_now = False
+                problem = self._malformed(action)
+                if problem is None and action.id in self.outstanding:
+                    problem = (Status.INVALID_ACTION, f"action id {action.id} is already in flight")
+                    task: Task = _Immediate(self, action, now, *problem, track=False)
+                else:
+                    self.outstanding[action.id] = action
+                    task = (_Immediate(self, action, now, *problem) if problem is not None
+                            else self._first_task(action, now))
+                self._executor_for(task).submit(task)
+        if deliver_now:
+            self._call(r)
+
+    def state(self) -> dict:
+        """Pages, pools and models per GPU (the GetWorkerState payload)."""
+        with self.lock:
+            gpus = []
+            for st in self.gpus:
+                gpus.append({
+                    "gpu": st.gpu, "weights_cache_size": st.cache.num_pages * st.cache.page_size,
+                    "page_size": st.cache.page_size, "total_pages": st.cache.num_pages,
+                    "free_pages": st.cache.free_pages, "used_pages": st.cache.used_pages,
+                    "io_pool_size": st.io.size, "io_pool_used": st.io.used,
+                    "workspace_pool_size": st.workspace.size, "workspace_pool_used": st.workspace.used,
+                    "models": sorted(m.model_id for m in self.models.values() if m.gpus[st.gpu].weights is not None),
+                })
+            models = [{"model_id": m.model_id, "name": m.entry.name, "path": m.entry.path,
+                       "batch_sizes": list(m.entry.batch_sizes), "input_bytes": m.entry.input_bytes,
+                       "output_bytes": m.entry.output_bytes, "weights_bytes": m.entry.weights_bytes,
+                       "num_pages": m.entry.num_pages, "weights_load_ns": m.entry.weights_load_ns,
+                       "exec_ns": [m.entry.exec_ns.get(b, 0) for b in m.entry.batch_sizes]}
+                      for m in sorted(self.models.values(), key=lambda m: m.model_id)]
+            return {"device": self.device.name, "page_size": self.config.page_size,
+                    "host_io_pool_size": self.host_io.size, "host_io_pool_used": self.host_io.used,
+                    "host_weights_bytes": sum(e.host_weights_bytes for e in self.entries),
+                    "num_gpus": self.num_gpus, "gpus": gpus, "models": models}
+
+    def check_consistency(self) -> list[str]:
+        """Accounting problems (empty when consistent): every cache page is held by exactly one installed
+        weights allocation or one load in flight; with nothing in flight, every pool is empty."""
+        problems = []
+        with self.lock:
+            busy = self.in_flight()
+            for st in self.gpus:
+                installed = [m.gpus[st.gpu].weights for m in self.models.values() if m.gpus[st.gpu].weights]
+                live = {id(a) for a in st.cache.allocations()}
+                inst_ids = {id(a) for a in installed}
+                if len(inst_ids) != len(installed):
+                    problems.append(f"gpu {st.gpu}: one allocation installed for two models")
+                if inst_ids | st.loading != live:
+                    problems.append(f"gpu {st.gpu}: cache allocations {len(live)} != installed {len(inst_ids)}"
+                                    f" + loading {len(st.loading)}")
+                pages = sum(a.num_pages for a in st.cache.allocations())
+                if pages != st.cache.used_pages:
+                    problems.append(f"gpu {st.gpu}: used pages {st.cache.used_pages} != allocated {pages}")
+                seen: set[int] = set()
+                for a in st.cache.allocations():
+                    if seen & set(a.pages):
+                        problems.append(f"gpu {st.gpu}: a page is in two allocations")
+                    seen |= set(a.pages)
+                if not busy and (st.io.used or st.workspace.used):
+                    problems.append(f"gpu {st.gpu}: pools not empty when idle (io {st.io.used}, "
+                                    f"workspace {st.workspace.used})")
+            if not busy and self.host_io.used:
+                problems.append(f"host io pool not empty when idle ({self.host_io.used})")
+        return problems
+
+    def in_flight(self) -> int:
+        """Actions submitted and not yet answered."""
+        return len(self.outstanding)
+
+    def close(self) -> None:
+        """Stop every executor; actions not yet answered get SHUTTING_DOWN. Writes telemetry if enabled."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            executors = [e for st in self.gpus for e in st.executors.values()] + [self.disk, self.control]
+            out = []
+            for ex in executors:
+                for task in ex.drain():
+                    task.cleanup()
+                    out.append(task.fail(Status.SHUTTING_DOWN, "worker closed before the action ran"))
+        self._deliver(out)
+        for ex in executors:
+            ex.close()
+        with self.lock:   # in-flight threaded tasks that finished during close were answered already
+            leftovers = [error(a, Status.SHUTTING_DOWN, "worker closed", self.clock.now(), self.clock.now())
+                         for a in self.outstanding.values()]
+        self._deliver(leftovers)
+        if self.config.telemetry:
+            self._write_telemetry()
+        self.device.close()
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _malformed(self, a: Action) -> tuple[Status, str] | None:
+        if not isinstance(a.id, int) or a.id < 0:
+            return Status.INVALID_ACTION, f"action id must be an int >= 0, got {a.id!r}"
+        if not isinstance(a.earliest, int) or not isinstance(a.latest, int):
+            return Status.INVALID_ACTION, f"earliest/latest must be int ns, got {a.earliest!r}, {a.latest!r}"
+        if isinstance(a, (LoadWeights, EvictWeights, Infer)):
+            if not isinstance(a.model_id, int):
+                return Status.INVALID_ACTION, f"model_id must be an int, got {a.model_id!r}"
+            if not isinstance(a.gpu, int) or not 0 <= a.gpu < self.num_gpus:
+                return Status.INVALID_GPU, f"gpu {a.gpu!r} does not exist: this worker has gpus 0..{self.num_gpus - 1}"
+        if isinstance(a, Infer) and (not isinstance(a.batch_size, int) or isinstance(a.batch_size, bool)):
+            return Status.INVALID_ACTION, f"batch_size must be an int, got {a.batch_size!r}"
+        if isinstance(a, LoadModelFromDisk):
+            if not isinstance(a.path, str) or not a.path:
+                return Status.INVALID_ACTION, f"path must be a non-empty string, got {a.path!r}"
+            if not isinstance(a.copies, int) or a.copies < 1:
+                return Status.INVALID_ACTION, f"copies must be an int >= 1, got {a.copies!r}"
+            if not isinstance(a.model_id, int) or a.model_id < 0:
+                return Status.INVALID_MODEL_ID, f"model_id must be an int >= 0, got {a.model_id!r}"
+        return None
+
+    def _first_task(self, a: Action, now: int) -> Task:
+        if isinstance(a, LoadWeights):
+            return LoadWeightsTask(self, a, now)
+        if isinstance(a, EvictWeights):
+            return EvictTask(self, a, now)
+        if isinstance(a, Infer):
+            return CopyInputTask(self, a, now)
+        if isinstance(a, LoadModelFromDisk):
+            return LoadModelTask(self, a, now)
+        if isinstance(a, (ClearCache, GetWorkerState)):
+            return ControlTask(self, a, now)
+        return _Immediate(self, a, now, Status.INVALID_ACTION, f"unknown action type {type(a).__name__}")
+
+    def _executor_for(self, task: Task) -> Executor:
+        if task.kind in ("disk", "control"):
+            return self.disk if task.kind == "disk" else self.control
+        return self.gpus[task.action.gpu].executors[task.kind]  # type: ignore[attr-defined]
+
+    def hand_on(self, task: Task) -> Result | None:
+        """Queue the next task of a pipeline (caller holds the lock); after close it fails instead."""
+        if self.closed:
+            task.cleanup()
+            return task.fail(Status.SHUTTING_DOWN, "worker closed during the action")
+        self._executor_for(task).submit(task, inline=True)
+        return None
+
+    def _deliver(self, results: list[Result]) -> None:
+        """Hand results to on_result, outside the lock; each action id is answered exactly once."""
+        if not results:
+            return
+        with self.lock:
+            ok = []
+            for r in results:
+                if getattr(r, "_untracked", False):
+                    ok.append(r)
+                elif self.outstanding.pop(r.id, None) is not None:
+                    ok.append(r)
+                else:   # a second result for one action would be a worker bug: never pass it on
+                    traceback.print_stack()
+                    print(f"worker bug: second result for action {r.id} ({r.status.name}) dropped")
+            self.results_delivered += len(ok)
+        for r in ok:
+            self._call(r)
+
+    def _call(self, r: Result) -> None:
+        try:
+            self.on_result(r)
+        except Exception:  # noqa: BLE001 - the receiver's bug must not stop the executor
+            traceback.print_exc()
+
+    def _task_done(self, task: Task, timing: Timing | None, r: Result | None) -> None:
+        a = task.action  # type: ignore[attr-defined]
+        self.telemetry_rows.append((
+            a.id, a.type.name, task.kind, getattr(a, "gpu", -1), int(r.status) if r is not None else 0,
+            getattr(a, "model_id", -1), getattr(a, "batch_size", 0), task.enqueued, task.eligible,
+            timing.begin if timing else 0, timing.end if timing else 0, timing.duration if timing else 0))
+
+    def _write_telemetry(self) -> None:
+        d = Path(self.config.log_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"worker_{self.device.name}_{os.getpid()}_task_telemetry.csv"
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["action_id", "action_type", "task", "gpu", "status", "model_id", "batch_size",
+                        "enqueued", "eligible", "begin", "end", "duration"])
+            w.writerows(self.telemetry_rows)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+class ActionTask(Task):
+    """A task working for one action; `fail` builds that action's ErrorResult."""
+    __slots__ = ("w", "action", "received")
+    too_early = Status.COULD_NOT_START_IN_TIME
+    too_late = Status.COULD_NOT_START_IN_TIME
+
+    def __init__(self, w: Worker, action: Action, received: int, eligible: int, latest: int):
+        super().__init__(eligible, latest)
+        self.w = w
+        self.action = action
+        self.received = received
+
+    def check_window(self, now: int) -> Result | None:
+        if now > self.latest:
+            return self.fail(self.too_late, f"{self.kind} task could not start by latest={self.latest} "
+                                            f"(now {now}, {(now - self.latest) / 1e6:.3f} ms late)")
+        if now < self.eligible:   # safeguard: executors never release a task early
+            return self.fail(self.too_early, f"{self.kind} task started before it was eligible at {self.eligible}")
+        return None
+
+    def fail(self, status: Status, message: str) -> Result:
+        now = self.w.clock.now()
+        return error(self.action, status, message, self.received, now)
+
+    def cleanup(self) -> None:
+        pass
+
+    def copy(self, model_id: int) -> ModelCopy | None:
+        return self.w.models.get(model_id)
+
+
+class _Immediate(ActionTask):
+    """An action answered without running (malformed, invalid gpu, duplicate id)."""
+    __slots__ = ("status", "message", "track")
+    kind = "control"
+
+    def __init__(self, w: Worker, action: Action, now: int, status: Status, message: str, track: bool = True):
+        super().__init__(w, action, now, 0, FOREVER)
+        self.status, self.message, self.track = status, message, track
+
+    def begin(self, now: int) -> Result | None:
+        r = self.fail(self.status, self.message)
+        if not self.track:
+            object.__setattr__(r, "_untracked", True)
+        return r
+
+
+class LoadWeightsTask(ActionTask):
+    __slots__ = ("alloc", "version", "gpu_model", "binding")
+    kind = "weights"
+    too_early = Status.LOAD_WEIGHTS_TOO_EARLY
+    too_late = Status.LOAD_WEIGHTS_TOO_LATE
+
+    def __init__(self, w: Worker, a: LoadWeights, now: int):
+        super().__init__(w, a, now, a.earliest, a.latest)
+        self.alloc: Allocation | None = None
+
+    def begin(self, now: int) -> Result | None:
+        a: LoadWeights = self.action
+        if (r := self.check_window(now)) is not None:
+            return r
+        m = self.copy(a.model_id)
+        if m is None:
+            return self.fail(Status.LOAD_WEIGHTS_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this worker")
+        st = self.w.gpus[a.gpu]
+        g = m.gpus[a.gpu]
+        g.version += 1                      # a load supersedes whatever was there (Clockwork frees it first)
+        if g.weights is not None:
+            st.cache.free(g.weights)
+            g.weights, g.binding = None, None
+        try:
+            self.alloc = st.cache.alloc(m.entry.runs)
+        except InsufficientCache as e:
+            return self.fail(Status.LOAD_WEIGHTS_INSUFFICIENT_CACHE, f"model {a.model_id} on gpu {a.gpu}: {e}")
+        st.loading.add(id(self.alloc))
+        self.version = g.version
+        self.gpu_model = g
+        return None
+
+    def run(self, now: int) -> Timing:
+        a: LoadWeights = self.action
+        timing, self.binding = self.w.device.load_weights(a.gpu, self.w.models[a.model_id].entry, self.alloc, now)
+        return timing
+
+    def finish(self, timing: Timing) -> Result | None:
+        a: LoadWeights = self.action
+        st = self.w.gpus[a.gpu]
+        st.loading.discard(id(self.alloc))
+        if self.gpu_model.version != self.version:
+            st.cache.free(self.alloc)
+            return self.fail(Status.LOAD_WEIGHTS_CONCURRENT_MODIFICATION,
+                             f"model {a.model_id} on gpu {a.gpu} was evicted or reloaded during the load")
+        self.gpu_model.weights, self.gpu_model.binding = self.alloc, self.binding
+        return LoadWeightsResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(),
+                                 timing=timing)
+
+    def cleanup(self) -> None:
+        if self.alloc is not None and not self.alloc.freed:
+            st = self.w.gpus[self.action.gpu]
+            st.loading.discard(id(self.alloc))
+            st.cache.free(self.alloc)
+
+
+class EvictTask(ActionTask):
+    __slots__ = ()
+    kind = "weights"
+    too_early = Status.EVICT_WEIGHTS_TOO_EARLY
+    too_late = Status.EVICT_WEIGHTS_TOO_LATE
+
+    def __init__(self, w: Worker, a: EvictWeights, now: int):
+        super().__init__(w, a, now, a.earliest, a.latest)
+
+    def begin(self, now: int) -> Result | None:
+        a: EvictWeights = self.action
+        if (r := self.check_window(now)) is not None:
+            return r
+        m = self.copy(a.model_id)
+        if m is None:
+            return self.fail(Status.EVICT_WEIGHTS_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this worker")
+        g = m.gpus[a.gpu]
+        if g.weights is None:
+            return self.fail(Status.EVICT_WEIGHTS_NOT_IN_CACHE, f"model {a.model_id} has no weights on gpu {a.gpu}")
+        g.version += 1
+        self.w.gpus[a.gpu].cache.free(g.weights)
+        g.weights, g.binding = None, None
+        return None
+
+    def run(self, now: int) -> Timing:
+        return Timing(now, now, 0)
+
+    def finish(self, timing: Timing) -> Result | None:
+        a = self.action
+        return EvictWeightsResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(),
+                                  timing=timing)
+
+
+class _InferState:
+    """What an Infer holds while it moves through its three tasks."""
+    __slots__ = ("model", "entry", "batch", "io_offset", "staged", "copy_input", "exec", "outputs", "clock_before",
+                 "clock_after", "host_offset")
+
+    def __init__(self) -> None:
+        self.io_offset = -1
+        self.host_offset = -1
+        self.staged = self.outputs = None
+        self.copy_input = self.exec = Timing()
+        self.clock_before = self.clock_after = 0
+
+
+class InferTask(ActionTask):
+    __slots__ = ("s",)
+
+    def release(self) -> None:
+        s, st = self.s, self.w.gpus[self.action.gpu]
+        if s.io_offset >= 0:
+            st.io.free(s.io_offset)
+            s.io_offset = -1
+        if s.host_offset >= 0:
+            self.w.host_io.free(s.host_offset)
+            s.host_offset = -1
+        s.staged = s.outputs = None
+
+    def cleanup(self) -> None:
+        self.release()
+
+
+class CopyInputTask(InferTask):
+    __slots__ = ()
+    kind = "inputs"
+    too_early = Status.COPY_INPUT_TOO_EARLY
+    too_late = Status.COPY_INPUT_TOO_LATE
+
+    def __init__(self, w: Worker, a: Infer, now: int):
+        super().__init__(w, a, now, max(0, a.earliest - w.config.copy_input_lead_in), a.latest)
+        self.s = _InferState()
+
+    def begin(self, now: int) -> Result | None:
+        a: Infer = self.action
+        if (r := self.check_window(now)) is not None:
+            return r
+        m = self.copy(a.model_id)
+        if m is None:
+            return self.fail(Status.COPY_INPUT_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this worker")
+        e = m.entry
+        b = e.padded_batch_size(a.batch_size) if a.batch_size >= 1 else None
+        if b is None:
+            return self.fail(Status.COPY_INPUT_INVALID_BATCH_SIZE,
+                             f"batch size {a.batch_size} for model {a.model_id} ({e.name}): compiled batch sizes "
+                             f"are {list(e.batch_sizes)}; use 1..{e.batch_sizes[-1]}")
+        if (r := self._check_inputs(e, a)) is not None:
+            return r
+        st = self.w.gpus[a.gpu]
+        try:
+            self.s.io_offset = st.io.alloc(e.io_bytes[b])
+        except PoolExhausted as ex:
+            return self.fail(Status.COPY_INPUT_IO_POOL_EXHAUSTED, str(ex))
+        try:
+            self.s.host_offset = self.w.host_io.alloc(e.host_bytes(a.batch_size))
+        except PoolExhausted as ex:
+            self.release()
+            return self.fail(Status.COPY_INPUT_HOST_ALLOC, str(ex))
+        self.s.model, self.s.entry, self.s.batch = m, e, b
+        return None
+
+    def _check_inputs(self, e: ModelEntry, a: Infer) -> Result | None:
+        if a.inputs is None:
+            if not self.w.config.allow_zero_size_inputs:
+                return self.fail(Status.COPY_INPUT_INVALID_INPUT, "no inputs given and allow_zero_size_inputs is "
+                                                                  "false in the worker config")
+            return None
+        if not isinstance(a.inputs, (tuple, list)) or not all(isinstance(x, np.ndarray) for x in a.inputs):
+            return self.fail(Status.COPY_INPUT_INVALID_INPUT, "inputs must be a tuple of numpy arrays")
+        if e.inputs is None:   # profile without specs: only the batch dimension is checked
+            bad = [x.shape for x in a.inputs if x.ndim == 0 or x.shape[0] != a.batch_size]
+            if bad:
+                return self.fail(Status.COPY_INPUT_BAD_SIZES, f"inputs {bad} do not have batch_size "
+                                                              f"{a.batch_size} rows")
+            return None
+        if len(a.inputs) != len(e.inputs):
+            return self.fail(Status.COPY_INPUT_INVALID_INPUT, f"model {e.name} takes {len(e.inputs)} input(s) "
+                                                              f"{[s.name for s in e.inputs]}, got {len(a.inputs)}")
+        for x, spec in zip(a.inputs, e.inputs):
+            if x.dtype != np.dtype(spec.dtype):
+                return self.fail(Status.COPY_INPUT_INVALID_INPUT, f"input {spec.name!r} of {e.name} must be "
+                                                                  f"{spec.dtype}, got {x.dtype}")
+            want = (a.batch_size, *spec.shape)
+            if tuple(x.shape) != want:
+                return self.fail(Status.COPY_INPUT_BAD_SIZES, f"input {spec.name!r} of {e.name} must have shape "
+                                                              f"{want} for batch_size {a.batch_size}, got {x.shape}")
+        return None
+
+    def run(self, now: int) -> Timing:
+        a: Infer = self.action
+        s = self.s
+        timing, s.staged = self.w.device.copy_input(a.gpu, s.entry, s.batch, a.batch_size, a.inputs,
+                                                    s.io_offset, s.host_offset, now)
+        return timing
+
+    def finish(self, timing: Timing) -> Result | None:
+        self.s.copy_input = timing
+        self.w.host_io.free(self.s.host_offset)
+        self.s.host_offset = -1
+        return self.w.hand_on(ExecTask(self))
+
+
+class ExecTask(InferTask):
+    __slots__ = ("version", "workspace", "binding")
+    kind = "exec"
+    too_early = Status.EXEC_TOO_EARLY
+    too_late = Status.EXEC_TOO_LATE
+
+    def __init__(self, prev: CopyInputTask):
+        a: Infer = prev.action
+        super().__init__(prev.w, a, prev.received, a.earliest, a.latest)
+        self.s = prev.s
+        self.workspace = -1
+
+    def begin(self, now: int) -> Result | None:
+        a: Infer = self.action
+        if (r := self.check_window(now)) is not None:
+            self.release()
+            return r
+        g = self.s.model.gpus[a.gpu]
+        if g.weights is None:
+            self.release()
+            return self.fail(Status.EXEC_WEIGHTS_MISSING, f"model {a.model_id} has no weights on gpu {a.gpu}: "
+                                                          f"send LoadWeights first")
+        try:
+            self.workspace = self.w.gpus[a.gpu].workspace.alloc(self.s.entry.workspace_bytes[self.s.batch])
+        except PoolExhausted as ex:
+            self.release()
+            return self.fail(Status.EXEC_WORKSPACE_POOL_EXHAUSTED, str(ex))
+        self.version, self.binding = g.version, g.binding
+        return None
+
+    def run(self, now: int) -> Timing:
+        a: Infer = self.action
+        s = self.s
+        timing, s.outputs, s.clock_before, s.clock_after = self.w.device.execute(
+            a.gpu, s.entry, self.binding, s.batch, s.staged, now)
+        return timing
+
+    def _free_workspace(self) -> None:
+        if self.workspace >= 0:
+            self.w.gpus[self.action.gpu].workspace.free(self.workspace)
+            self.workspace = -1
+
+    def finish(self, timing: Timing) -> Result | None:
+        a: Infer = self.action
+        self._free_workspace()
+        self.binding = None
+        self.s.exec = timing
+        if self.s.model.gpus[a.gpu].version != self.version:
+            self.release()
+            return self.fail(Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
+                             f"weights of model {a.model_id} on gpu {a.gpu} were evicted or reloaded during exec")
+        self.s.staged = None
+        return self.w.hand_on(CopyOutputTask(self))
+
+    def cleanup(self) -> None:
+        self._free_workspace()
+        self.release()
+
+
+class CopyOutputTask(InferTask):
+    __slots__ = ()
+    kind = "outputs"
+    too_early = Status.COPY_OUTPUT_TOO_EARLY
+    too_late = Status.COPY_OUTPUT_TOO_LATE
+
+    def __init__(self, prev: ExecTask):
+        super().__init__(prev.w, prev.action, prev.received, 0, FOREVER)
+        self.s = prev.s
+
+    def begin(self, now: int) -> Result | None:
+        if (r := self.check_window(now)) is not None:
+            self.release()
+            return r
+        try:
+            self.s.host_offset = self.w.host_io.alloc(self.s.entry.host_bytes(self.action.batch_size, outputs=True))
+        except PoolExhausted as ex:
+            self.release()
+            return self.fail(Status.COPY_OUTPUT_HOST_ALLOC, str(ex))
+        return None
+
+    def run(self, now: int) -> Timing:
+        a: Infer = self.action
+        timing, host = self.w.device.copy_output(a.gpu, self.s.entry, self.s.outputs, a.batch_size,
+                                                 self.s.host_offset, now)
+        self.s.outputs = host
+        return timing
+
+    def finish(self, timing: Timing) -> Result | None:
+        a: Infer = self.action
+        s = self.s
+        outputs = s.outputs
+        self.release()
+        return InferResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(),
+                           gpu=a.gpu, batch_size=a.batch_size, copy_input=s.copy_input, exec=s.exec,
+                           copy_output=timing, gpu_clock_before=s.clock_before, gpu_clock=s.clock_after,
+                           outputs=outputs)
+
+
+class LoadModelTask(ActionTask):
+    __slots__ = ("entry", "error")
+    kind = "disk"
+
+    def __init__(self, w: Worker, a: LoadModelFromDisk, now: int):
+        super().__init__(w, a, now, a.earliest, a.latest)
+        self.entry: ModelEntry | None = None
+        self.error: tuple[Status, str] | None = None
+
+    def _ids_taken(self) -> list[int]:
+        a: LoadModelFromDisk = self.action
+        return [i for i in range(a.model_id, a.model_id + a.copies) if i in self.w.models]
+
+    def begin(self, now: int) -> Result | None:
+        if (r := self.check_window(now)) is not None:
+            return r
+        a: LoadModelFromDisk = self.action
+        taken = self._ids_taken()
+        if taken:
+            return self.fail(Status.INVALID_MODEL_ID, f"model ids {taken[:5]}{'...' if len(taken) > 5 else ''} "
+                                                      f"are already in use (copies {a.model_id}..{a.model_id + a.copies - 1})")
+        return None
+
+    def run(self, now: int) -> Timing:
+        try:
+            self.entry, timing = self.w.device.open_model(self.action, now)
+        except InvalidModelPath as e:
+            self.error = (Status.INVALID_PATH, str(e))
+            return Timing(now, now, 0)
+        self.error = None
+        return timing
+
+    def finish(self, timing: Timing) -> Result | None:
+        a: LoadModelFromDisk = self.action
+        if self.error is not None:
+            return self.fail(*self.error)
+        e = self.entry
+        keep = tuple(b for b in e.batch_sizes
+                     if b <= a.max_batch_size and (e.exec_ns.get(b, 0) <= a.max_exec_duration))
+        taken = self._ids_taken()
+        if not keep or taken:
+            self.w.device.release_model(e)
+            if taken:
+                return self.fail(Status.INVALID_MODEL_ID, f"model ids {taken[:5]} were taken during the load")
+            return self.fail(Status.INVALID_ACTION, f"{e.name}: no batch size of {list(e.batch_sizes)} is <= "
+                                                    f"max_batch_size {a.max_batch_size} with exec <= "
+                                                    f"max_exec_duration {a.max_exec_duration} ns")
+        e.batch_sizes = keep
+        self.w.entries.append(e)
+        ids = tuple(range(a.model_id, a.model_id + a.copies))
+        for i in ids:
+            self.w.models[i] = ModelCopy(i, e, self.w.num_gpus)
+        return LoadModelFromDiskResult(
+            id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(), model_ids=ids,
+            batch_sizes=keep, input_bytes=e.input_bytes, output_bytes=e.output_bytes, weights_bytes=e.weights_bytes,
+            num_pages=e.num_pages, page_size=e.page_size, weights_load_ns=e.weights_load_ns,
+            exec_ns=tuple(e.exec_ns.get(b, 0) for b in keep), timing=timing)
+
+    def cleanup(self) -> None:
+        if self.entry is not None:
+            self.w.device.release_model(self.entry)
+            self.entry = None
+
+
+class ControlTask(ActionTask):
+    __slots__ = ()
+    kind = "control"
+
+    def __init__(self, w: Worker, a: Action, now: int):
+        super().__init__(w, a, now, a.earliest, a.latest)
+
+    def begin(self, now: int) -> Result | None:
+        if (r := self.check_window(now)) is not None:
+            return r
+        a = self.action
+        if isinstance(a, ClearCache):
+            # Free every installed weights allocation; loads in flight keep theirs and see the version change.
+            for m in self.w.models.values():
+                for g, gm in enumerate(m.gpus):
+                    gm.version += 1
+                    if gm.weights is not None:
+                        self.w.gpus[g].cache.free(gm.weights)
+                        gm.weights, gm.binding = None, None
+            return ClearCacheResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now())
+        return GetWorkerStateResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(),
+                                    state=self.w.state())

@@ -1,0 +1,167 @@
+"""The CPU worker: real TVM (llvm) execution of artifacts with the worker state machine of `base.py`. Host
+memory stands in for each "GPU": one numpy arena per GPU cut into cache pages, and one for its io pool, so
+weights really move page by page into the cache and models really run on weights bound inside it. This is
+what CI exercises end to end with real compiled models.
+
+Executors are threads (one per queue), as on CUDA; there are no streams, so each step's duration is its wall
+time. The SM clock in results is 0."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from workbench.clock import Clock
+from workbench.contract import LoadModelFromDisk, Result, Timing
+from workbench.worker.base import (Device, InvalidModelPath, ModelEntry, MonotonicClock, Worker, entry_from_artifact,
+                                   used_bytes_per_run)
+from workbench.worker.config import ConfigError, WorkerConfig
+from workbench.worker.page_cache import Allocation
+
+ALIGN = 256
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 array whose data is 256-byte aligned (pages untouched until written)."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % ALIGN
+    return raw[skip:skip + nbytes]
+
+
+def mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class CPUModel:
+    """Shared by all copies of one model: the loaded kernels and the host weights (read once)."""
+    __slots__ = ("artifact", "loaded", "host_weights", "run_bytes")
+
+    def __init__(self, artifact: Any, loaded: Any, host_weights: np.ndarray):
+        self.artifact, self.loaded, self.host_weights = artifact, loaded, host_weights
+        self.run_bytes = used_bytes_per_run(artifact)
+
+
+class CPUDevice(Device):
+    name = "cpu"
+    threaded = True
+
+    def __init__(self) -> None:
+        self.arenas: list[np.ndarray] = []
+        self.io_arenas: list[np.ndarray] = []
+        self.page_size = 0
+
+    def setup(self, worker: Worker) -> None:
+        cfg = worker.config
+        per_gpu = cfg.num_pages * cfg.page_size + cfg.io_pool_size
+        avail = mem_available()
+        if avail is not None and per_gpu * worker.num_gpus > avail:
+            raise ConfigError(
+                f"worker config ({cfg.source}) needs {per_gpu * worker.num_gpus / 2**30:.2f} GiB of host memory for "
+                f"{worker.num_gpus} CPU device(s) (weights_cache_size + io_pool_size each) but only "
+                f"{avail / 2**30:.2f} GiB is available: lower weights_cache_size in a config file "
+                f"($WORKBENCH_CONFIG or WorkerConfig.load(path, weights_cache_size=...))")
+        self.page_size = cfg.page_size
+        for _ in range(worker.num_gpus):
+            self.arenas.append(aligned_empty(cfg.num_pages * cfg.page_size))
+            self.io_arenas.append(aligned_empty(cfg.io_pool_size))
+        import tvm
+        self.tvm_device = tvm.cpu(0)
+
+    # -- models
+    def open_model(self, action: LoadModelFromDisk, now: int) -> tuple[ModelEntry, Timing]:
+        from workbench.models.artifact import Artifact, ArtifactError
+        t0 = time.monotonic_ns()
+        try:
+            art = Artifact.open(action.path)
+        except ArtifactError as e:
+            raise InvalidModelPath(str(e)) from None
+        if art.target != "cpu":
+            raise InvalidModelPath(f"{action.path} is compiled for {art.target}; the CPU worker needs an artifact "
+                                   f"built with `workbench compile ... --target cpu`")
+        if art.page_size != self.page_size:
+            raise InvalidModelPath(f"{action.path}: artifact page size {art.page_size} != worker page_size "
+                                   f"{self.page_size}: recompile with --page-size {self.page_size} or change "
+                                   f"page_size in the worker config")
+        host = art.read_weights()                       # once, shared by every copy
+        loaded = art.load(self.tvm_device)              # each b{N}.so once, shared by every copy
+        entry = entry_from_artifact(art, action.path)
+        entry.handle = CPUModel(art, loaded, host)
+        entry.host_weights_bytes = host.nbytes
+        t1 = time.monotonic_ns()
+        return entry, Timing(t0, t1, t1 - t0)
+
+    def _pages(self, gpu: int, entry: ModelEntry, alloc: Allocation) -> list[np.ndarray]:
+        ps, arena = self.page_size, self.arenas[gpu]
+        pages: list[np.ndarray] = [None] * alloc.num_pages  # type: ignore[list-item]
+        for first, c, n in alloc.runs:
+            pages[first] = arena[c * ps:(c + n) * ps]
+            for k in range(1, n):
+                pages[first + k] = arena[(c + k) * ps:(c + k + 1) * ps]
+        return pages
+
+    def load_weights(self, gpu: int, entry: ModelEntry, alloc: Allocation, now: int) -> tuple[Timing, Any]:
+        m: CPUModel = entry.handle
+        ps, arena = self.page_size, self.arenas[gpu]
+        t0 = time.monotonic_ns()
+        for first, c, n in alloc.runs:   # each run's used bytes, as the GPU worker transfers them
+            nb = m.run_bytes[first]
+            arena[c * ps:c * ps + nb] = m.host_weights[first * ps:first * ps + nb]
+        t1 = time.monotonic_ns()
+        binding = m.loaded.bind_weights(self._pages(gpu, entry, alloc))
+        return Timing(t0, t1, t1 - t0), binding
+
+    def copy_input(self, gpu: int, entry: ModelEntry, batch: int, n: int, inputs: Sequence[np.ndarray] | None,
+                   io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
+        t0 = time.monotonic_ns()
+        arena = self.io_arenas[gpu]
+        staged, off = [], io_offset
+        for i, spec in enumerate(entry.inputs):
+            nbytes = spec.nbytes * batch
+            view = arena[off:off + nbytes].view(spec.dtype).reshape((batch, *spec.shape))
+            if inputs is None:
+                view[:] = 0                      # generated input (allow_zero_size_inputs)
+            else:
+                view[:n] = inputs[i]
+                view[n:] = 0                     # padding rows: defined values, results discarded
+            staged.append(view)
+            off += -(-nbytes // ALIGN) * ALIGN
+        t1 = time.monotonic_ns()
+        return Timing(t0, t1, t1 - t0), staged
+
+    def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,
+                now: int) -> tuple[Timing, Any, int, int]:
+        t0 = time.monotonic_ns()
+        outs = entry.handle.loaded.run(batch, staged, binding)
+        t1 = time.monotonic_ns()
+        return Timing(t0, t1, t1 - t0), outs, 0, 0
+
+    def copy_output(self, gpu: int, entry: ModelEntry, outputs: Any, n: int, host_offset: int,
+                    now: int) -> tuple[Timing, tuple[np.ndarray, ...] | None]:
+        t0 = time.monotonic_ns()
+        host = tuple(np.array(o[:n]) for o in outputs)
+        t1 = time.monotonic_ns()
+        return Timing(t0, t1, t1 - t0), host
+
+    def close(self) -> None:
+        self.arenas.clear()
+        self.io_arenas.clear()
+
+
+class CPUWorker(Worker):
+    """`CPUWorker(config, on_result, num_gpus=1, clock=None)`: `num_gpus` host-memory "GPUs", each with its own
+    weights cache and queues. `clock` must be a real-time clock (default: monotonic time, as RealClock)."""
+
+    def __init__(self, config: WorkerConfig | None = None, on_result: Callable[[Result], None] | None = None,
+                 num_gpus: int = 1, clock: Clock | None = None):
+        if clock is not None and clock.virtual:
+            raise ValueError("CPUWorker runs real computations: give it a real-time clock (or none), "
+                             "not a VirtualClock; use EmulatedWorker for virtual time")
+        super().__init__(CPUDevice(), num_gpus, config, on_result or (lambda r: None), clock or MonotonicClock())

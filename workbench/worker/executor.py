@@ -1,0 +1,280 @@
+"""Executors: one queue per (GPU, kind of work), popped in `earliest` order only (Clockwork's
+single_reader_priority_queue, clockwork.md §1.4). A task is never started before it is eligible; whether it
+may still start (its `latest`) and whether the resources exist is the task's own check (`begin`).
+
+Two ways to drive the same tasks:
+- `ThreadExecutor`: a thread per queue, for real devices. `run` blocks on the device (outside the worker lock)
+  while the other queues of the same GPU proceed, as Clockwork's per-stream executor threads do.
+- `ClockExecutor`: no thread of its own. It wakes with `clock.call_at` and completes a task at the end time
+  its `run` returns; used by the emulated device, so it works in real time (`RealClock`) and in deterministic
+  virtual time (`VirtualClock`) alike.
+
+Task protocol (all calls of `begin`/`finish`/`cleanup` hold the worker lock):
+    begin(now)     -> Result | None   window and resource checks; a Result ends the task (an error)
+    run(now)       -> Timing          the device work; `Timing.end` is when it completes (may be in the future)
+    finish(timing) -> Result | None   install state; a Result ends the action, None means it was handed on
+    cleanup()                         release what the task holds (used when run raises or on shutdown)
+    fail(status, message) -> Result   the error result for this task's action
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import traceback
+from typing import TYPE_CHECKING, Callable
+
+from workbench.contract import Result, Status, Timing
+
+if TYPE_CHECKING:
+    from workbench.clock import Clock, Timer
+
+_seq = itertools.count()
+
+
+class Task:
+    """Base of every executor task. `eligible`: earliest start (ns); `latest`: last start (ns)."""
+    __slots__ = ("eligible", "latest", "seq", "enqueued")
+    kind: str = "task"
+
+    def __init__(self, eligible: int, latest: int):
+        self.eligible = eligible
+        self.latest = latest
+        self.seq = next(_seq)
+        self.enqueued = 0
+
+    def __lt__(self, other: "Task") -> bool:
+        return (self.eligible, self.seq) < (other.eligible, other.seq)
+
+    # protocol, see the module docstring
+    def begin(self, now: int) -> Result | None: ...
+    def run(self, now: int) -> Timing: ...
+    def finish(self, timing: Timing) -> Result | None: ...
+    def cleanup(self) -> None: ...
+    def fail(self, status: Status, message: str) -> Result: ...
+
+
+def guard(task: Task, step: Callable, *args):
+    """Run task.begin/finish; an exception there (a worker bug) still ends the action with one result."""
+    try:
+        return step(*args)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        try:
+            task.cleanup()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        return task.fail(Status.RUNTIME_ERROR, f"worker error in the {task.kind} task: {type(e).__name__}: {e}")
+
+
+Deliver = Callable[[list], None]   # hands finished results to the worker (outside its lock)
+
+
+class Executor:
+    def __init__(self, name: str, lock: threading.RLock, clock: "Clock", deliver: Deliver,
+                 on_task_done: Callable[[Task, Timing | None, Result | None], None] | None = None):
+        self.name = name
+        self.lock = lock
+        self.clock = clock
+        self.deliver = deliver
+        self.on_task_done = on_task_done   # telemetry hook
+        self.heap: list[Task] = []
+        self.closed = False
+
+    def submit(self, task: Task, inline: bool = False) -> None:
+        """Queue `task` (caller holds the lock). `inline`: the caller is an executor callback, so the task may
+        start right away (ClockExecutor)."""
+        raise NotImplementedError
+
+    def queued(self) -> int:
+        return len(self.heap)
+
+    def drain(self) -> list[Task]:
+        """Remove and return every queued task (shutdown)."""
+        tasks, self.heap = self.heap, []
+        return tasks
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ClockExecutor(Executor):
+    """Drives tasks from clock callbacks; one task in flight at a time.
+
+    `outbox` is shared by all executors of a worker: a task handed on from inside a clock callback (the next
+    step of an Infer) starts inline when its executor is idle and it is eligible, saving a clock event; any
+    result that produces waits in the outbox and is delivered when the callback ends."""
+
+    def __init__(self, *a, outbox: list | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.busy: Task | None = None
+        self._done_timer: "Timer | None" = None
+        self._wake: "Timer | None" = None
+        self._wake_at = 0
+        self.outbox: list = outbox if outbox is not None else []
+
+    def submit(self, task: Task, inline: bool = False) -> None:   # caller holds the lock
+        now = self.clock.now()
+        task.enqueued = now
+        heapq.heappush(self.heap, task)
+        if self.busy is None and self.heap[0] is task:
+            if inline and task.eligible <= now:
+                self.outbox.extend(self._kick())
+            else:
+                self._schedule_wake(task.eligible)
+
+    def _flush(self, out: list) -> list:
+        if self.outbox:
+            out = out + self.outbox
+            self.outbox.clear()
+        return out
+
+    def _schedule_wake(self, t: int) -> None:
+        if self._wake is not None:
+            if self._wake_at <= t:
+                return
+            self._wake.cancel()
+        self._wake_at = t
+        self._wake = self.clock.call_at(t, self._on_wake)
+
+    def _on_wake(self) -> None:
+        with self.lock:
+            self._wake = None
+            out = self._flush(self._kick())
+        if out:
+            self.deliver(out)
+
+    def _kick(self) -> list[Result]:
+        out: list[Result] = []
+        now = self.clock.now()
+        while self.heap and self.busy is None and not self.closed:
+            head = self.heap[0]
+            if head.eligible > now:
+                self._schedule_wake(head.eligible)
+                break
+            heapq.heappop(self.heap)
+            r = guard(head, head.begin, now)
+            if r is not None:
+                self._done(head, None, r)
+                out.append(r)
+                continue
+            try:
+                timing = head.run(now)
+            except Exception as e:  # noqa: BLE001 - a device failure becomes the action's result
+                head.cleanup()
+                r = head.fail(Status.RUNTIME_ERROR, f"{type(e).__name__}: {e}")
+                self._done(head, None, r)
+                out.append(r)
+                continue
+            self.busy = head
+            self._done_timer = self.clock.call_at(timing.end, self._on_done, head, timing)
+        return out
+
+    def _on_done(self, task: Task, timing: Timing) -> None:
+        with self.lock:
+            if self.busy is not task:   # shut down meanwhile
+                return
+            self.busy = None
+            self._done_timer = None
+            r = guard(task, task.finish, timing)
+            self._done(task, timing, r)
+            out = [r] if r is not None else []
+            out = self._flush(out + self._kick())
+        if out:
+            self.deliver(out)
+
+    def _done(self, task: Task, timing: Timing | None, r: Result | None) -> None:
+        if self.on_task_done is not None:
+            self.on_task_done(task, timing, r)
+
+    def drain(self) -> list[Task]:
+        tasks = super().drain()
+        if self.busy is not None:
+            tasks.append(self.busy)
+            self.busy = None
+            if self._done_timer is not None:
+                self._done_timer.cancel()
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        return tasks
+
+
+class ThreadExecutor(Executor):
+    """A thread that sleeps until the head of its queue is eligible, then runs it to completion."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._cv = threading.Condition(self.lock)
+        self.busy: Task | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{self.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: Task, inline: bool = False) -> None:   # caller holds the lock
+        task.enqueued = self.clock.now()
+        heapq.heappush(self.heap, task)
+        if self.heap[0] is task:
+            self._cv.notify()
+
+    def _next(self) -> Task | None:
+        with self._cv:
+            while not self.closed:
+                if self.heap:
+                    wait = self.heap[0].eligible - self.clock.now()
+                    if wait <= 0:
+                        self.busy = heapq.heappop(self.heap)
+                        return self.busy
+                    self._cv.wait(min(wait / 1e9, 0.5))
+                else:
+                    self._cv.wait(0.5)
+            return None
+
+    def _loop(self) -> None:
+        while (task := self._next()) is not None:
+            try:
+                self._execute(task)
+            except Exception:  # noqa: BLE001 - a bug in one task must not stop the executor
+                traceback.print_exc()
+            finally:
+                with self.lock:
+                    self.busy = None
+                    self._cv.notify_all()
+
+    def _execute(self, task: Task) -> None:
+        with self.lock:
+            r = guard(task, task.begin, self.clock.now())
+            if r is not None:
+                self._done(task, None, r)
+        if r is not None:
+            self.deliver([r])
+            return
+        try:
+            timing = task.run(self.clock.now())
+        except Exception as e:  # noqa: BLE001 - a device failure becomes the action's result
+            with self.lock:
+                task.cleanup()
+                r = task.fail(Status.RUNTIME_ERROR, f"{type(e).__name__}: {e}")
+                self._done(task, None, r)
+            self.deliver([r])
+            return
+        with self.lock:
+            r = guard(task, task.finish, timing)
+            self._done(task, timing, r)
+        if r is not None:
+            self.deliver([r])
+
+    def _done(self, task: Task, timing: Timing | None, r: Result | None) -> None:
+        if self.on_task_done is not None:
+            self.on_task_done(task, timing, r)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Block until the task in flight (if any) has finished."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.busy is None, timeout)
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
