@@ -1,0 +1,1 @@
+"""Benchmarks: each `python -m bench.<name>` writes bench/results/<name>.json and .md (figures, not tests)."""

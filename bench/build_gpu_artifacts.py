@@ -1,0 +1,81 @@
+"""Compile the zoo for CUDA (sm_90) here, where the full TVM is, for the GPU tests and `bench.exec_latency`.
+
+    python -m bench.build_gpu_artifacts [--models all] [--batch-sizes 1,2,4,8,16] [--out .gpu/artifacts]
+                                        [--bundle .gpu/artifacts.tar.xz]
+
+Writes <out>/<model>_cuda for every model, plus <out>/mlp_cpu and <out>/tiny_transformer_cpu (the GPU tests
+compare CUDA with CPU outputs), then one bundle <bundle> to carry to the GPU machine.
+
+Why a bundle, and why synthetic weights: the device tool carries at most 64 MiB of ignored files in all (the
+runtime-only TVM in .device-site is ~27 MB of it). The zoo's weights are 47 MB (ResNet-18) to 440 MB (BERT),
+far too big, so every model except mlp and tiny_transformer is compiled with `weights="synthetic"`: its weights
+come from a seeded numpy generator (workbench.models.artifact.synthetic_weights) that runs anywhere without
+the compiler, so the bundle leaves weights.bin out and `unpack_bundle` regenerates it on the GPU machine, bit for
+bit (checked against the manifest's sha256). Latency does not depend on weight values. mlp and
+tiny_transformer keep the zoo's own weights (under 3 MB) so the GPU tests can compare with the NumPy
+reference. The .so files hold CUDA source, which xz compresses ~30x.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_WEIGHTS = ("mlp", "tiny_transformer")       # small: keep the zoo's weights (checked against references)
+CPU_TOO = ("mlp", "tiny_transformer")
+
+
+def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool):
+    from workbench.models import zoo
+    from workbench.models.artifact import Artifact, ArtifactError
+    from workbench.models.compiler import compile_model
+    d = out / f"{model}_{target}"
+    weights = "source" if model in SOURCE_WEIGHTS else "synthetic"
+    if not force and (d / "manifest.json").is_file():
+        try:
+            art = Artifact.open(d)
+            m = art.manifest
+            if (list(art.batch_sizes) == sorted(batch_sizes) and (m["arch"] == arch or target == "cpu")
+                    and (m["weights"]["generator"] is None) == (weights == "source")):
+                return art, 0.0
+        except ArtifactError:
+            pass
+    t0 = time.perf_counter()
+    art = compile_model(zoo.get(model, seed=seed), d, batch_sizes=batch_sizes, target=target, arch=arch,
+                        weights=weights, seed=seed, overwrite=True)
+    return art, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.build_gpu_artifacts", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="all", help="comma-separated zoo names, or 'all'")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16")
+    p.add_argument("--arch", default="sm_90")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / ".gpu" / "artifacts"))
+    p.add_argument("--bundle", default=str(ROOT / ".gpu" / "artifacts.tar.xz"))
+    p.add_argument("--force", action="store_true", help="recompile even if an up-to-date artifact exists")
+    a = p.parse_args(argv)
+    from workbench.models import zoo
+    from workbench.models.artifact import pack_bundle
+    models = zoo.names() if a.models == "all" else [m for m in a.models.split(",") if m]
+    batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(m, "cuda") for m in models] + [(m, "cpu") for m in models if m in CPU_TOO]
+    dirs = []
+    for model, target in jobs:
+        art, secs = build(model, target, out, batch_sizes, a.arch, a.seed, a.force)
+        size = sum(f.stat().st_size for f in art.path.iterdir())
+        print(f"{art.path}: {'up to date' if secs == 0 else f'compiled in {secs:.0f} s'}, {size / 1e6:.1f} MB",
+              flush=True)
+        dirs.append(art.path)
+    bundle = pack_bundle(dirs, a.bundle)
+    print(f"wrote {bundle} ({bundle.stat().st_size / 1e6:.1f} MB): carry it with the device tool, e.g. "
+          f"carry=['{bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle}', '.device-site']")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""The cubin cache, for real without a GPU: NVRTC compiles the CUDA source TVM generated for the zoo's mlp to a
+sm_90 cubin through the callback TVM calls at module load; the cache hits, detects damage and quotes NVRTC."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+
+from workbench.models import cubin_cache  # noqa: E402
+from workbench.models.cubin_cache import CubinCache, NvrtcError  # noqa: E402
+
+EM_CUDA = 190
+
+
+@pytest.fixture(scope="module")
+def mlp_cuda_source() -> str:
+    from tvm import relax
+    from workbench.models import zoo
+    from workbench.models.compiler import cuda_sources, lower, make_target
+    tgt = make_target("cuda", "sm_90")
+    ex = relax.build(lower(zoo.get("mlp").make_module(2), tgt), tgt, relax_pipeline=None)
+    [src] = cuda_sources(ex)
+    return src
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count real NVRTC compiles (the cache calls the module's compile_cubin)."""
+    calls = []
+    real = cubin_cache.compile_cubin
+
+    def spy(source, arch):
+        calls.append(arch)
+        return real(source, arch)
+    monkeypatch.setattr(cubin_cache, "compile_cubin", spy)
+    return calls
+
+
+def _elf_machine(cubin: bytes) -> int:
+    assert cubin[:4] == b"\x7fELF" and cubin[4] == 2          # 64-bit ELF
+    return struct.unpack_from("<H", cubin, 18)[0]
+
+
+def test_cold_compile_then_hit(mlp_cuda_source, tmp_path, counted):
+    cache = CubinCache(tmp_path)
+    cubin = cache.get_or_compile(mlp_cuda_source, "sm_90")
+    assert _elf_machine(cubin) == EM_CUDA
+    assert counted == ["sm_90"] and cache.stats.compiles == 1 and cache.stats.hits == 0
+    again = CubinCache(tmp_path).get_or_compile(mlp_cuda_source, "sm_90")       # a new process would do this
+    assert again == cubin and counted == ["sm_90"]
+    entries = list(tmp_path.rglob("*.cubin"))
+    assert len(entries) == 1 and entries[0].parent.name == "sm_90"
+    assert not [p for p in tmp_path.rglob(".tmp-*")]                            # written atomically
+    # another arch is another entry
+    other = cache.get_or_compile(mlp_cuda_source, "sm_80")
+    assert counted == ["sm_90", "sm_80"] and other != cubin and _elf_machine(other) == EM_CUDA
+
+
+def test_damaged_entry_is_recompiled(mlp_cuda_source, tmp_path, counted):
+    cache = CubinCache(tmp_path)
+    cubin = cache.get_or_compile(mlp_cuda_source, "sm_90")
+    [entry] = tmp_path.rglob("*.cubin")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    entry.write_bytes(bytes(data))
+    assert cache.get(mlp_cuda_source, "sm_90") is None and cache.stats.corrupt == 1 and not entry.exists()
+    entry.write_bytes(b"WBCUBIN1" + b"\0" * 10)                                  # truncated
+    assert cache.get_or_compile(mlp_cuda_source, "sm_90") == cubin
+    assert cache.stats.corrupt == 2 and len(counted) == 2
+    assert cache.get(mlp_cuda_source, "sm_90") == cubin
+
+
+def test_nvrtc_errors_quote_the_log(tmp_path):
+    bad = 'extern "C" __global__ void k(float* x) { x[0] = not_declared_anywhere; }'
+    with pytest.raises(NvrtcError, match=r"(?s)could not compile the CUDA source for sm_90.*"
+                                         r"identifier \"not_declared_anywhere\" is undefined"):
+        CubinCache(tmp_path).get_or_compile(bad, "sm_90")
+    assert not list(tmp_path.rglob("*.cubin"))
+
+
+def test_tvm_calls_our_callback(mlp_cuda_source, tmp_path, counted):
+    """What happens at module load: TVM looks up `tvm_callback_cuda_compile` and passes the source."""
+    import tvm_ffi
+    previous = cubin_cache.installed()
+    cache = cubin_cache.install(CubinCache(tmp_path), arch="sm_90")
+    try:
+        fn = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+        first = bytes(fn(mlp_cuda_source))
+        with cubin_cache.compiling_for("sm_80"):
+            assert _elf_machine(bytes(fn(mlp_cuda_source))) == EM_CUDA
+        second = bytes(fn(mlp_cuda_source))
+        assert first == second and _elf_machine(first) == EM_CUDA
+        assert counted == ["sm_90", "sm_80"] and cache.stats.hits == 1
+    finally:
+        cubin_cache.install(previous or CubinCache(tmp_path / "default"))
+
+
+def test_sources_needing_cuda_headers_fall_back_to_include_dirs(tmp_path):
+    """TVM's fp32 source compiles with the built-in headers alone (hermetic); a source including cuda_fp16.h
+    (fp16 models) needs the CUDA include directory, found here or named by WORKBENCH_CUDA_INCLUDE."""
+    hs = cubin_cache.header_setup()
+    if not any(Path(d, "cuda_fp16.h").is_file() for d in hs.include_dirs):
+        pytest.skip("no CUDA include directory with cuda_fp16.h on this machine")
+    src = '#include <cuda_fp16.h>\nextern "C" __global__ void k(__half* x) { x[0] = __float2half(1.5f); }'
+    assert _elf_machine(cubin_cache.compile_cubin(src, "sm_90")) == EM_CUDA
+
+
+def test_missing_headers_are_reported(monkeypatch):
+    monkeypatch.setattr(cubin_cache, "_HEADERS", cubin_cache.HeaderSetup((), mini_headers=True))
+    src = '#include <cuda_fp16.h>\nextern "C" __global__ void k(__half* x) { x[0] = __float2half(1.5f); }'
+    with pytest.raises(NvrtcError, match=r"(?s)no CUDA include directory found: set WORKBENCH_CUDA_INCLUDE.*"
+                                         r"could not open source file \"cuda_fp16.h\""):
+        cubin_cache.compile_cubin(src, "sm_90")
+
+
+def test_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(cubin_cache.ENV_DIR, str(tmp_path / "c"))
+    assert CubinCache().dir == tmp_path / "c"
+    monkeypatch.delenv(cubin_cache.ENV_DIR)
+    assert CubinCache().dir == cubin_cache.DEFAULT_DIR.expanduser()
+
+
+def test_precompile_at_compile_time(tmp_path, counted):
+    """`compile_model(..., precompile_cubins=True)` fills the cache with exactly the keys a GPU load looks up:
+    those of the source stored in each .so."""
+    from workbench.models import zoo
+    from workbench.models.compiler import compile_model
+    art = compile_model(zoo.get("mlp"), tmp_path / "a", batch_sizes=(1, 2), target="cuda", arch="sm_90",
+                        precompile_cubins=True, cubin_cache_dir=tmp_path / "cache")
+    assert counted == ["sm_90", "sm_90"]
+    assert len(list((tmp_path / "cache" / "sm_90").iterdir())) == 2
+    cache = CubinCache(tmp_path / "cache")
+    for b in (1, 2):
+        [digest] = art.manifest["batches"][str(b)]["cuda_source_sha256"]
+        [src] = cubin_cache.sources_in_so((art.path / f"b{b}.so").read_bytes(), [digest])
+        assert _elf_machine(cache.get_or_compile(src, "sm_90")) == EM_CUDA
+    assert len(counted) == 2 and cache.stats.hits == 2
+
+
+def test_precompile_artifact_in_worker_processes(tmp_path, counted):
+    """What a GPU machine does before any timed load: compile every kernel of an artifact, in parallel."""
+    from workbench.models import zoo
+    from workbench.models.compiler import compile_model
+    art = compile_model(zoo.get("mlp"), tmp_path / "a", batch_sizes=(1, 2), target="cuda")
+    cache = CubinCache(tmp_path / "cache")
+    assert cubin_cache.precompile_artifact(art, "sm_90", cache, workers=2) == 2
+    assert cache.stats.compiles == 2 and counted == []              # compiled in the worker processes
+    assert cubin_cache.precompile_artifact(art, "sm_90", cache) == 0
+    for b in (1, 2):
+        digests = art.manifest["batches"][str(b)]["cuda_source_sha256"]
+        [src] = cubin_cache.sources_in_so(art.so_path(b).read_bytes(), digests)
+        assert _elf_machine(cache.get(src, "sm_90")) == EM_CUDA
+    assert cubin_cache.sources_in_so(b"no source here", digests) == []
+
+
+def test_no_driver_gives_a_clear_error():
+    try:
+        from cuda.bindings import driver
+        (err,) = driver.cuInit(0)
+        if int(err) == 0:
+            pytest.skip("a CUDA driver is present here")
+    except Exception:  # noqa: BLE001 - no libcuda at all: what this test is about
+        pass
+    with pytest.raises(RuntimeError, match=r"libtvm_runtime_cuda.so.*NVIDIA driver"):
+        cubin_cache.ensure_cuda_backend()
+    with pytest.raises(RuntimeError, match="cuInit failed"):
+        cubin_cache.device_arch(0)

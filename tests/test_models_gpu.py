@@ -1,0 +1,133 @@
+"""CUDA execution on the H200 (marker `gpu`), with a runtime-only TVM: CUDA artifacts compiled on the CPU
+machine (`python -m bench.build_gpu_artifacts`, carried as .gpu/artifacts.tar.xz) load with their kernels
+compiled by our NVRTC callback, weights live in cupy pages, and outputs match the CPU artifacts and the
+NumPy reference for every batch size.
+
+    PYTHONPATH=$PWD/.device-site:$PWD TVM_USE_RUNTIME_LIB=1 python -m pytest -m gpu tests/test_models_gpu.py
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("mlp", "tiny_transformer")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, Path]:
+    from workbench.models.artifact import unpack_bundle
+    given = os.environ.get("WORKBENCH_MODEL_ARTIFACTS")
+    candidates = [Path(given)] if given else [ROOT / ".gpu" / "artifacts.tar.xz", ROOT / ".gpu" / "artifacts"]
+    for c in candidates:
+        if c.is_file():
+            wanted = [f"{m}_{t}" for m in MODELS for t in ("cuda", "cpu")]     # not BERT's 440 MB of weights
+            dirs = unpack_bundle(c, tmp_path_factory.mktemp("artifacts"), only=wanted)
+            return {d.name: d for d in dirs}
+        if c.is_dir():
+            return {d.name: d for d in c.iterdir() if (d / "manifest.json").is_file()}
+    pytest.skip(f"no GPU artifacts at {', '.join(map(str, candidates))}: run `python -m bench.build_gpu_artifacts` "
+                f"on the CPU machine and carry .gpu/artifacts.tar.xz")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from workbench.models import cubin_cache
+    return cubin_cache.install(cubin_cache.CubinCache(tmp_path_factory.mktemp("cubins")))
+
+
+def _need(artifacts, name):
+    if name not in artifacts:
+        pytest.skip(f"artifact {name} not in the GPU artifacts ({', '.join(sorted(artifacts))})")
+    from workbench.models.artifact import Artifact
+    return Artifact.open(artifacts[name])
+
+
+def _inputs(art, b: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for spec in art.inputs:
+        if spec.dtype.startswith("int"):
+            out.append(rng.integers(0, 1000, (b, *spec.shape)).astype(spec.dtype))
+        else:
+            out.append(rng.standard_normal((b, *spec.shape)).astype(spec.dtype))
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, model):
+    import cupy
+    import tvm
+    from workbench.models.reference import reference_forward
+    from workbench.models.runtime import alloc_pages, copy_weights
+    cuda_art, cpu_art = _need(artifacts, f"{model}_cuda"), _need(artifacts, f"{model}_cpu")
+    assert cuda_art.target == "cuda" and cuda_art.arch == "sm_90"
+    gpu = cuda_art.load(tvm.cuda(0))
+    pages = alloc_pages(cuda_art, tvm.cuda(0))
+    assert all(isinstance(p, cupy.ndarray) for p in pages)
+    copy_weights(cuda_art, pages)
+    binding = gpu.bind_weights(pages)
+    cpu = cpu_art.load(tvm.cpu())
+    cpu_pages = alloc_pages(cpu_art)
+    copy_weights(cpu_art, cpu_pages)
+    cpu_binding = cpu.bind_weights(cpu_pages)
+    named = [(t.name, a) for t, a in zip(cuda_art.tensors, cuda_art.weight_arrays())]
+    for b in cuda_art.batch_sizes:
+        xs = _inputs(cuda_art, b, seed=b)
+        [y] = gpu.run(b, [cupy.asarray(x) for x in xs], binding)
+        assert isinstance(y, cupy.ndarray) and y.shape == (b, *cuda_art.outputs[0].shape)
+        y = cupy.asnumpy(y)
+        [y_cpu] = cpu.run(b, xs, cpu_binding)
+        # --use_fast_math on the GPU: agree to ~1e-3 relative
+        np.testing.assert_allclose(y, y_cpu, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(y, reference_forward(model, xs, named), rtol=2e-3, atol=2e-3)
+
+
+def test_streams_zero_copy_and_numpy_inputs(artifacts, cache):
+    import cupy
+    import tvm
+    from workbench.models.runtime import alloc_pages, copy_weights
+    art = _need(artifacts, "mlp_cuda")
+    model = art.load(tvm.cuda(0))
+    pages = alloc_pages(art, tvm.cuda(0))
+    copy_weights(art, pages)
+    binding = model.bind_weights(pages)
+    [x] = _inputs(art, 16, seed=0)
+    [base] = model.run(16, [x], binding)                      # numpy input: copied to the device
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        xd = cupy.asarray(x)
+    [on_stream] = model.run(16, [xd], binding, stream=stream)
+    stream.synchronize()
+    cupy.testing.assert_array_equal(base, on_stream)
+    bias = next(t for t in art.tensors if t.name == "fc3.bias")
+    pages[bias.page][bias.offset:bias.offset + bias.nbytes].view(cupy.float32)[:] += 1.0
+    [shifted] = model.run(16, [xd], binding)
+    cupy.testing.assert_allclose(shifted, base + 1.0, rtol=1e-5, atol=1e-5)
+    from workbench.models.artifact import ArtifactError
+    with pytest.raises(ArtifactError, match=r"input 'input' must be float32\[16, 128\]"):
+        model.run(16, [xd[:, :100]], binding)
+
+
+def test_cubin_cache_cold_then_warm_load(artifacts, tmp_path):
+    """First load compiles every kernel with NVRTC; a second load (a new module, as in a new process) hits the
+    disk cache and compiles nothing. Times go to bench/results/exec_latency; here only the counts."""
+    import tvm
+    from workbench.models import cubin_cache
+    art = _need(artifacts, "tiny_transformer_cuda")
+    sources = [d for b in art.batch_sizes for d in art.manifest["batches"][str(b)]["cuda_source_sha256"]]
+    cache = cubin_cache.install(cubin_cache.CubinCache(tmp_path / "cubins"))
+    art.load(tvm.cuda(0))
+    cold = cache.stats.compiles
+    assert cold == len(set(sources)) and cache.stats.hits == len(sources) - len(set(sources))
+    warm = art.load(tvm.cuda(0))
+    assert cache.stats.compiles == cold and cache.stats.hits == 2 * len(sources) - len(set(sources))
+    assert set(warm.load_seconds) == set(art.batch_sizes)
+    fresh = cubin_cache.install(cubin_cache.CubinCache(tmp_path / "cubins"))   # another process: same files
+    art.load(tvm.cuda(0))
+    assert fresh.stats.compiles == 0 and fresh.stats.hits == len(sources)
