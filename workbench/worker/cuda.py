@@ -9,7 +9,8 @@ Per GPU:
   accounts for and the free-memory check reserves room for;
 - executor threads (weights, inputs, exec, outputs), each with its own non-blocking CUDA stream (inputs and
   outputs at higher priority), durations from CUDA events recorded on those streams;
-- the SM clock read through NVML before and after each exec.
+- the SM clock read through NVML while each exec runs (after its launch, and again before its end when it is
+  still running), so the reads overlap the GPU work.
 Process-wide: host weights in pinned memory, read once per model and shared by all its copies; a pinned host
 io arena (host_io_pool_size) for inputs and outputs.
 
@@ -271,13 +272,15 @@ class CUDADevice(Device):
         with cp.cuda.Device(d):
             stream = self._stream("exec", gpu)
             start, end = self._events()
-            before = self.clock.read(d)
             t0 = time.monotonic_ns()
             start.record(stream)
             outs = entry.handle.loaded[gpu].run(batch, staged, binding, stream=stream)
             end.record(stream)
+            # NVML reads cost tens of us each: take them while the GPU executes what was just launched, so
+            # they sample the clock under this exec's load and stay off the critical path.
+            before = self.clock.read(d)
+            after = before if end.done else self.clock.read(d)
             timing = self._timed(stream, start, end, t0)
-            after = self.clock.read(d)
         return timing, outs, before, after
 
     def copy_output(self, gpu: int, entry: ModelEntry, outputs: Any, n: int, host_offset: int,
