@@ -200,7 +200,12 @@ class GPUState:
 # ------------------------------------------------------------------------------------------------ worker
 class Worker:
     """`submit(action)`; every action's result is delivered once, by calling `on_result(result)` from an
-    executor thread or a clock callback (never from inside `submit`)."""
+    executor thread or a clock callback (never from inside `submit`).
+
+    This is the in-process worker: its executor threads share the interpreter lock with everything else in the
+    process (a notebook kernel's cells, charts, the controller), so it is NOT isolated; `ProcessWorker`
+    (workbench.worker.process) hosts it in its own process."""
+    isolated = False
 
     def __init__(self, device: Device, num_gpus: int, config: WorkerConfig | None,
                  on_result: Callable[[Result], None], clock: Clock):
@@ -237,6 +242,10 @@ class Worker:
         self.control = make("control")
 
     # ---------------------------------------------------------------------------------------- public API
+    def __repr__(self) -> str:
+        where = "emulated" if self.device.name == "emulated" else "in-process: NOT isolated"
+        return f"{type(self).__name__}({self.device.name}, {where}, {self.num_gpus} gpu(s), {len(self.models)} model(s))"
+
     def submit(self, action: Action) -> None:
         if not isinstance(action, Action):
             raise TypeError(f"submit() takes a workbench.contract Action, got {type(action).__name__}")
