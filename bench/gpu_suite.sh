@@ -13,11 +13,14 @@ GPU_TESTS="tests/test_env_gpu.py tests/test_models_gpu.py tests/test_worker_cuda
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    setup)  [ -d .gpu/artifacts/mlp_cuda ] || $PY -c "from workbench.models.artifact import unpack_bundle as u; print(u('.gpu/artifacts.tar.xz', '.gpu/artifacts'))" ;;
+    setup)  [ -d .gpu/artifacts/mlp_cuda ] || $PY -c "from workbench.models.artifact import unpack_bundle as u; print(u('.gpu/artifacts.tar.xz', '.gpu/artifacts'))"
+            $PY -c "from pathlib import Path; from workbench.models.artifact import Artifact; from workbench.models import cubin_cache as c
+for d in sorted(Path('.gpu/artifacts').glob('*_cuda')): print(d.name, c.precompile_artifact(Artifact.open(d), workers=16), 'kernels', flush=True)" ;;
     tests)  $PY -m pytest -m gpu -p no:cacheprovider -q -rs $GPU_TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     floors) $PY -m bench.floors ;;
     exec)   $PY -m bench.exec_latency --artifacts .gpu/artifacts.tar.xz ${EXEC_ARGS:-} ;;
     worker) $PY -m bench.worker_load; $PY -m bench.worker_exec --device cuda; $PY -m bench.worker_emulated_vs_real ;;
+    wexec)  $PY -m bench.worker_exec --device cuda ;;
     isolation) $PY -m bench.isolation --device cuda ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
