@@ -1,0 +1,112 @@
+"""Duration estimates (Clockwork `Model::add_measurement/estimate`, `sliding_window.h`, clockwork.md §4.4).
+
+Per (model, batch size) a window of the last `window` measured exec durations multiplied by the GPU clock
+(MHz) at which they ran; the estimate is a high percentile of the window (Clockwork: p99 of 10, i.e. nearly
+the maximum), divided by the clock of the GPU it is asked for. Normalising by the clock keeps the estimate
+valid when a GPU's clock changes. Weight loads use the same window over raw durations (clock 1).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+def percentile(values: list[int], p: float) -> float:
+    """Linear interpolation between order statistics (numpy's default), for a small list."""
+    s = sorted(values)
+    n = len(s)
+    if n == 1:
+        return float(s[0])
+    rank = p * (n - 1)
+    lo = int(rank)
+    if lo >= n - 1:
+        return float(s[-1])
+    return s[lo] + (rank - lo) * (s[lo + 1] - s[lo])
+
+
+class SlidingEstimate:
+    """p-th percentile of the last `window` samples; `value` is in ns x MHz (or ns when clock=1)."""
+    __slots__ = ("samples", "p", "value")
+
+    def __init__(self, window: int = 10, p: float = 0.99, seed: float | None = None):
+        if window < 1:
+            raise ValueError(f"estimate window must be >= 1, got {window}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"estimate percentile must be in [0, 1], got {p}")
+        self.samples: deque[float] = deque(maxlen=window)
+        self.p = p
+        self.value = 0.0
+        if seed is not None and seed > 0:
+            self.add(seed)
+
+    def add(self, sample: float) -> None:
+        samples = self.samples
+        samples.append(sample)
+        self.value = percentile(list(samples), self.p) if len(samples) > 1 else float(sample)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class ModelEstimates:
+    """Exec estimates per supported batch size plus the weights-load estimate of one model.
+
+    `exec_table(clock)` lists the estimate (ns) per batch size on a GPU at `clock` MHz. Sizes with no profiled
+    duration are extrapolated linearly from the largest smaller known size (conservative: batching is never
+    slower per sample than running one at a time), until measured.
+    """
+    __slots__ = ("batch_sizes", "exec", "load", "ref_clock", "values", "_tables")
+
+    def __init__(self, batch_sizes: tuple[int, ...], exec_ns: tuple[int, ...], load_ns: int, ref_clock: int,
+                 window: int = 10, p: float = 0.99):
+        if len(exec_ns) not in (0, len(batch_sizes)):
+            raise ValueError(f"{len(exec_ns)} profiled exec durations for {len(batch_sizes)} batch sizes "
+                             f"{batch_sizes}: give one per batch size (or none)")
+        self.batch_sizes = tuple(batch_sizes)
+        self.ref_clock = int(ref_clock)
+        self.exec = {b: SlidingEstimate(window, p, (exec_ns[i] * ref_clock) if exec_ns else None)
+                     for i, b in enumerate(self.batch_sizes)}
+        self.load = SlidingEstimate(window, p, load_ns if load_ns > 0 else None)
+        self.values: list[float] = []           # ns x MHz per batch size (extrapolated where unmeasured)
+        self._tables: dict[int, list[int]] = {}  # clock -> exec ns per batch size
+        self._recompute()
+
+    def _recompute(self) -> None:
+        vals, prev_b, prev = [], 0, 0.0
+        for b in self.batch_sizes:
+            e = self.exec[b]
+            if e.samples:
+                v = e.value
+                prev_b, prev = b, v
+            else:
+                v = prev * b / prev_b if prev_b else 0.0
+            vals.append(v)
+        self.values = vals
+        self._tables = {}
+
+    def add_exec(self, batch_size: int, duration_ns: int, clock_mhz: int) -> None:
+        e = self.exec[batch_size]
+        old, n = e.value, len(e.samples)
+        e.add(duration_ns * (clock_mhz or self.ref_clock))
+        if e.value != old or n == 0:
+            self._recompute()
+
+    def add_load(self, duration_ns: int) -> None:
+        self.load.add(duration_ns)
+
+    def exec_table(self, clock_mhz: int) -> list[int]:
+        """Exec estimate (ns) per batch size, in `batch_sizes` order, at `clock_mhz` (cached per clock)."""
+        t = self._tables.get(clock_mhz)
+        if t is None:
+            clock = clock_mhz or self.ref_clock
+            t = self._tables[clock_mhz] = [int(v // clock) for v in self.values]
+        return t
+
+    def exec_ns(self, batch_size: int, clock_mhz: int = 0) -> int:
+        return self.exec_table(clock_mhz)[self.batch_sizes.index(batch_size)]
+
+    def load_ns(self) -> int:
+        return int(self.load.value)
