@@ -46,22 +46,33 @@ class Interrupted(BaseException):
     in a callback swallows it."""
 
 
+_STOP = threading.Event()   # set by SIGTERM/SIGINT; the run loop stops at its next safe point
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[None]:
-    """Turn SIGTERM into `Interrupted` in the main thread while an experiment runs (Ctrl-C already raises
-    KeyboardInterrupt)."""
+    """SIGTERM and Ctrl-C stop the run at the next safe point of `_drive`, which raises `Interrupted` there.
+    Raising from the handler itself could land in the middle of a controller or recorder call (in virtual time
+    everything runs in this thread) and lose a request's final status."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise Interrupted(f"signal {signal.Signals(signum).name}")
+        _STOP.set()
 
-    old = signal.signal(signal.SIGTERM, handler)
+    _STOP.clear()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _check_stop() -> None:
+    if _STOP.is_set():
+        raise Interrupted("signal received")
 
 
 class _Progress:
@@ -232,19 +243,23 @@ def _drive(clock, wl, t0: int, duration_ns: int, drain_ns: int, bar: _Progress) 
         while t < end:
             t = min(t + step, end)
             clock.run_until(t)
+            _check_stop()
             bar.update_to((t - t0) / NS, req=wl.submitted, done=wl.completed)
         wl.stop()
         limit = end + drain_ns
         while wl.in_flight > 0 and clock.now() < limit:
             clock.run_until(min(clock.now() + step, limit))
+            _check_stop()
     else:
         while (now := clock.now()) < end:
             time.sleep(min(0.25, (end - now) / NS))
+            _check_stop()
             bar.update_to((clock.now() - t0) / NS, req=wl.submitted, done=wl.completed)
         wl.stop()
         limit = end + drain_ns
         while wl.in_flight > 0 and clock.now() < limit:
             time.sleep(0.02)
+            _check_stop()
     bar.update_to(duration_ns / NS, req=wl.submitted, done=wl.completed)
 
 
