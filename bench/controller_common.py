@@ -40,7 +40,7 @@ class CpuSplit:
     def installed(self) -> Iterator["CpuSplit"]:
         from workbench.controller.controller import Controller
         from workbench.worker.base import Worker
-        saved = {n: getattr(Controller, n) for n in ("submit", "_on_result", "_on_timer")}
+        saved = {n: getattr(Controller, n) for n in ("submit", "_on_result", "_on_timer", "_run_call")}
         saved_submit = Worker.submit
         tt = time.thread_time
         split = self

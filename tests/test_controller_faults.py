@@ -1,6 +1,7 @@
 """Faults: worker errors, a worker that stops answering, a model that never fits. No request is lost or
 answered twice, nobody hears after their deadline, and the GPU timelines stay usable."""
 import polars as pl
+import pytest
 
 from test_controller_support import MS, ControllerConfig, Outcomes, WorkerConfig, exec_overlaps, make, submit_at
 from workbench.worker.emulated import EmulatedWorker
@@ -79,8 +80,9 @@ def test_model_larger_than_the_cache_is_never_loaded():
     assert set(loads["model_id"].to_list()) == {ids[1]}
 
 
-def test_close_finalises_pending_requests():
-    clock, ctl, ids, _ = make(models=(("resnet50", 2),))
+@pytest.mark.parametrize("policy", ["clockwork", "triton", "ray"])
+def test_close_finalises_pending_requests(policy):
+    clock, ctl, ids, _ = make(policy=policy, models=(("resnet50", 2),))
     out = Outcomes(clock)
     rids = arrivals(clock, ctl, ids, out, 50, 100_000)
     clock.run_until(clock.now() + 3 * MS)

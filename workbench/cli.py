@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "workbench.env.commands",        # check, floors, kernel
     "workbench.ui.commands",         # notebook
     "workbench.worker.commands",     # worker config, worker profile
+    "workbench.controller.commands",  # simulate
     "workbench.experiments.commands",  # run
 ]
 

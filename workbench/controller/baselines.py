@@ -136,6 +136,9 @@ class QueueingBaseline(Policy):
     def on_finalized(self, r: Request, prev_state: int, now: int) -> None:
         pass   # expired requests stay queued and still run
 
+    def queued_requests(self) -> list[Request]:
+        return [r for ln in self.lanes.values() for r in ln.q if r.state != DONE]
+
     # -- results
     def on_infer_done(self, rec, result, now: int) -> None:
         ln = self.lanes.get((rec.model.id, rec.gpu.index))

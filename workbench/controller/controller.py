@@ -15,8 +15,9 @@ through `submit`, `_on_result` and `_on_timer`; the actions to send and the call
 while the lock is held and delivered after it is released, so a worker or client never runs inside it.
 In virtual time there are no threads and no wall time: the same seed gives the same outcomes.
 
-Timers: the controller keeps its own heap of (time, seq, kind, obj) (deadlines, action watchdogs and policy
-wake-ups) and arms one clock timer for the earliest; entries whose object has moved on are skipped lazily.
+Timers: the controller keeps its own heap of (time, seq, kind, obj) for request deadlines and action
+watchdogs and arms one clock timer for the earliest; entries whose request or action finished are dropped
+lazily, in bulk. Policy wake-ups (`call_at`) go straight to the clock.
 """
 from __future__ import annotations
 
@@ -191,9 +192,8 @@ class Controller:
                 return
             self.closed = True
             now = self.clock.now()
-            for m in self.models.values():
-                for r in self._pending_requests(m):
-                    self.finalize(r, ERROR, now, "controller closed")
+            for r in self.policy.queued_requests():
+                self.finalize(r, ERROR, now, "controller closed")
             for rec in list(self._actions.values()):
                 for r in rec.reqs:
                     self.finalize(r, ERROR, now, "controller closed")
@@ -202,12 +202,6 @@ class Controller:
         self._flush()
         for w in self.workers:
             w.close()
-
-    def _pending_requests(self, m: ModelState) -> list[Request]:
-        out = [e[2] for e in m.queue if e[2].state == QUEUED]
-        if m.fifo is not None:
-            out += [r for r in m.fifo if r.state == QUEUED]
-        return sorted(set(out), key=lambda r: r.id)
 
     # ====================================================================================== client API
     def submit(self, model_id: int, inputs: Any = None, slo: int | None = None, slo_factor: float | None = None,
@@ -223,6 +217,8 @@ class Controller:
         now = self.clock.now()
         rid = next(self._rid)
         c = self.config
+        if type(model_id) is not int and isinstance(model_id, np.integer):
+            model_id = int(model_id)
         m = self.models.get(model_id) if type(model_id) is int else None
         problem = ""
         if m is None:
@@ -378,8 +374,17 @@ class Controller:
 
     # ====================================================================================== timers
     def call_at(self, t: int, fn: Callable, arg: Any = None) -> None:
-        """Run `fn(arg, now)` under the lock at time t (policy wake-ups)."""
-        self._push_timer(t, CALL, (fn, arg))
+        """Run `fn(arg, now)` under the lock at time t (policy wake-ups: straight on the clock, they are
+        usually the earliest thing pending and would otherwise re-arm the controller's timer each time)."""
+        self.clock.call_at(t, self._run_call, fn, arg)
+
+    def _run_call(self, fn: Callable, arg: Any) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            fn(arg, self.clock.now())
+        if self._outbox or self._callbacks:
+            self._flush()
 
     def _push_timer(self, t: int, kind: int, obj: Any) -> None:
         heapq.heappush(self._timers, (t, next(self._tseq), kind, obj))

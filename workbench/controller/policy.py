@@ -39,6 +39,10 @@ class Policy:
     def on_finalized(self, r: Request, prev_state: int, now: int) -> None:
         """r got its final status; `prev_state` is where it was (QUEUED or INFLIGHT)."""
 
+    def queued_requests(self) -> list[Request]:
+        """Requests waiting in the policy's queues, not yet final (for close())."""
+        return []
+
     # -- results
     def on_infer_done(self, rec: "ActionRecord", result: Result | None, now: int) -> None:
         """After the controller handled an Infer result (or its watchdog): timelines re-anchored, estimates

@@ -5,15 +5,25 @@ Infer scheduling, per GPU:
 - Each model keeps its pending requests in a heap on the exec deadline (deadline - buffer). Whenever the
   front of a model's queue changes, every GPU holding the model gets a strategy (latest start time = front
   exec deadline - batch-1 estimate, model, version) in its heap; stale strategies are skipped lazily.
-- A GPU takes strategies in latest-start-time order while its planned backlog is below `schedule_ahead`
-  (otherwise it wakes up when it falls below). For the model at the head it runs the largest batch that still
-  ends by the front request's exec deadline, which is the earliest in the batch (INFER4's batch bump; n
-  requests run on the smallest compiled size >= n). Each Infer gets `earliest = now`,
+- A GPU takes strategies in latest-start-time order while its planned backlog is below `schedule_ahead`. When
+  it is not, the GPU's next result schedules again (a batch sent then starts at the same planned time, with
+  more requests to choose from); a wake-up at the moment the backlog falls below `schedule_ahead` is set only
+  when the GPU would otherwise run dry before that result's batch could start.
+- The batch for the model at the head ends by the earliest exec deadline in it; n requests run on the
+  smallest compiled size >= n. `batching="front"`: INFER4's batch bump, the largest batch that meets the front
+  request's deadline. `batching="efficient"` (default): among the feasible batches that cannot wait for the
+  most urgent one, the largest (see `_serve_many`); it may skip old requests that only fit a small batch,
+  as INFER4's per-(request, batch size) strategies did. Each Infer gets `earliest = now`,
   `latest = max(now + future + schedule_ahead, planned start + schedule_ahead)` (§4.7).
-- A front request that cannot finish in time on this GPU is left to another GPU holding the model if one can
-  still finish it, else dropped at once with status dropped (the client is told; INFER5 dropped silently).
-  The scan runs from the front (the earliest deadline), not INFER4's inverted reverse scan (§8.7).
+- A request that cannot finish in time on this GPU is left to another GPU holding the model if one can still
+  finish it, else dropped at once with status dropped (the client is told; INFER5 dropped silently). The
+  scan runs from the earliest deadline, not INFER4's inverted reverse scan (§8.7).
 - Every result re-anchors the GPU's timeline (tracker.Timeline) and feeds the estimates.
+
+Loads: a pass runs at once when a request arrives for a model with no copy anywhere, and otherwise at most
+every `load_interval` while some model has positive load priority (loads.LoadTracker); each GPU, least
+loaded first, loads the model of highest priority while it has fewer than `max_loads` loads outstanding and
+less than `schedule_ahead` planned on its PCIe timeline, evicting least-recently-used models to make room.
 
 Decisions (documented here because the brief asks for them):
 - SLOs below `schedule_ahead + buffer` are not clamped (Clockwork's unsigned clamp put the internal deadline
@@ -71,6 +81,7 @@ class ClockworkPolicy(Policy):
         self.max_loads = c.max_loads
         self.load_interval = c.load_interval
         self.max_lw_slo = c.max_loadweights_slo
+        self.wake_margin = 1_000_000   # the result of an Infer arrives after exec ends (output copy, delivery)
         self.tracker = LoadTracker(ctl.gpus, c.default_slo)
 
     def on_gpu_added(self, g: GPUState) -> None:
@@ -94,6 +105,9 @@ class ClockworkPolicy(Policy):
             self._load_pass(now)            # cold: no copy anywhere, decide now
         elif self._load_timer_at is None and self.tracker.priority(m) > 0:
             self._kick_loads(now)           # the GPUs holding m are overloaded: consider a replica soon
+
+    def queued_requests(self) -> list[Request]:
+        return [e[2] for m in self.ctl.models.values() for e in m.queue if e[2].state == QUEUED]
 
     def on_finalized(self, r: Request, prev_state: int, now: int) -> None:
         if prev_state == QUEUED:
@@ -138,8 +152,13 @@ class ClockworkPolicy(Policy):
         loaded = g.loaded
         while heap:
             free_at = g.exec.available(now)
-            if free_at >= limit:                  # enough planned: look again when it is not
-                self._wake(g, free_at - self.sa + 1)
+            if free_at >= limit:
+                # Enough planned. The next result (the head's) will schedule again, and batches dispatched then
+                # start at free_at just the same, with more requests to choose from; only if the GPU would run
+                # dry before an action sent at that result could start, wake up when the backlog falls below
+                # schedule_ahead instead (Clockwork's scheduler threads poll for that moment).
+                if free_at - g.exec.head_end() < self.future + self.wake_margin:
+                    self._wake(g, free_at - self.sa + 1)
                 return
             _, _, ver, m = heapq.heappop(heap)
             if ver != m.version or m.id not in loaded:

@@ -102,6 +102,8 @@ class ArrivalPump:
             submit(a[1], slo=a[2] if len(a) > 2 else None, callback=done)
             self.submitted += 1
             self._next = next(self.it, None)
+            if self._next is not None and self._next[0] < a[0]:
+                raise ValueError(f"arrivals must be in time order: {self._next[0]} after {a[0]}")
         self._schedule()
 
 

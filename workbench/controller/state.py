@@ -45,8 +45,6 @@ class ModelState:
         self.last_used = 0
         self.stale = False
         self.load_version = 0
-        # baselines: FIFO queue and per-GPU routing (unused by the Clockwork policy)
-        self.fifo: Any = None
 
     def pad(self, n: int) -> int:
         """Smallest supported batch size >= n."""

@@ -33,6 +33,11 @@ class Timeline:
         f = now + self.future
         return t if t > f else f
 
+    def head_end(self) -> int:
+        """When the oldest job is predicted to end (its result is the next one due); 0 if none."""
+        jobs = self.jobs
+        return self.work_begin + next(iter(jobs.values())) if jobs else 0
+
     def add(self, action_id: int, duration: int, begin: int) -> None:
         """Append a job predicted to begin at `begin` (= available(now) when it was planned)."""
         if not self.jobs:
