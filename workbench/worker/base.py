@@ -96,6 +96,23 @@ def used_bytes_per_run(art: Any) -> dict[int, int]:
     return used
 
 
+def open_artifact(path: str, target: str, page_size: int):
+    """The artifact at `path`, checked for this worker: compiled for `target` with the worker's page size;
+    anything else is InvalidModelPath naming the problem and the fix."""
+    from workbench.models.artifact import Artifact, ArtifactError
+    try:
+        art = Artifact.open(path)
+    except ArtifactError as e:
+        raise InvalidModelPath(str(e)) from None
+    if art.target != target:
+        raise InvalidModelPath(f"{path} is compiled for {art.target}; the {target.upper()} worker needs an artifact "
+                               f"built with `workbench compile ... --target {target}`")
+    if art.page_size != page_size:
+        raise InvalidModelPath(f"{path}: artifact page size {art.page_size} != worker page_size {page_size}: "
+                               f"recompile with --page-size {page_size} or change page_size in the worker config")
+    return art
+
+
 def entry_from_artifact(art: Any, path: str) -> ModelEntry:
     """A ModelEntry from an opened Artifact (sizes from its manifest, durations from its measurements.json).
     io_bytes counts each input and output 256-byte aligned, as devices lay them out in the io pool."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from workbench.clock import Clock
 from workbench.contract import LoadModelFromDisk, Result, Timing
-from workbench.worker.base import (Device, InvalidModelPath, ModelEntry, MonotonicClock, Worker, entry_from_artifact,
+from workbench.worker.base import (Device, ModelEntry, MonotonicClock, Worker, entry_from_artifact, open_artifact,
                                    used_bytes_per_run)
 from workbench.worker.config import ConfigError, WorkerConfig
 from workbench.worker.page_cache import Allocation
@@ -77,19 +77,8 @@ class CPUDevice(Device):
 
     # -- models
     def open_model(self, action: LoadModelFromDisk, now: int) -> tuple[ModelEntry, Timing]:
-        from workbench.models.artifact import Artifact, ArtifactError
         t0 = time.monotonic_ns()
-        try:
-            art = Artifact.open(action.path)
-        except ArtifactError as e:
-            raise InvalidModelPath(str(e)) from None
-        if art.target != "cpu":
-            raise InvalidModelPath(f"{action.path} is compiled for {art.target}; the CPU worker needs an artifact "
-                                   f"built with `workbench compile ... --target cpu`")
-        if art.page_size != self.page_size:
-            raise InvalidModelPath(f"{action.path}: artifact page size {art.page_size} != worker page_size "
-                                   f"{self.page_size}: recompile with --page-size {self.page_size} or change "
-                                   f"page_size in the worker config")
+        art = open_artifact(action.path, "cpu", self.page_size)
         host = art.read_weights()                       # once, shared by every copy
         loaded = art.load(self.tvm_device)              # each b{N}.so once, shared by every copy
         entry = entry_from_artifact(art, action.path)

@@ -25,7 +25,7 @@ import numpy as np
 
 from workbench.clock import Clock
 from workbench.contract import LoadModelFromDisk, Result, Timing
-from workbench.worker.base import (Device, InvalidModelPath, ModelEntry, MonotonicClock, Worker, entry_from_artifact,
+from workbench.worker.base import (Device, ModelEntry, MonotonicClock, Worker, entry_from_artifact, open_artifact,
                                    used_bytes_per_run)
 from workbench.worker.config import WorkerConfig
 from workbench.worker.page_cache import Allocation
@@ -168,19 +168,8 @@ class CUDADevice(Device):
 
     # -- models
     def open_model(self, action: LoadModelFromDisk, now: int) -> tuple[ModelEntry, Timing]:
-        from workbench.models.artifact import Artifact, ArtifactError
         t0 = time.monotonic_ns()
-        try:
-            art = Artifact.open(action.path)
-        except ArtifactError as e:
-            raise InvalidModelPath(str(e)) from None
-        if art.target != "cuda":
-            raise InvalidModelPath(f"{action.path} is compiled for {art.target}; the CUDA worker needs an artifact "
-                                   f"built with `workbench compile ... --target cuda`")
-        if art.page_size != self.page_size:
-            raise InvalidModelPath(f"{action.path}: artifact page size {art.page_size} != worker page_size "
-                                   f"{self.page_size}: recompile with --page-size {self.page_size} or change "
-                                   f"page_size in the worker config")
+        art = open_artifact(action.path, "cuda", self.page_size)
         pageable = art.read_weights()
         mem = self.cp.cuda.alloc_pinned_memory(pageable.nbytes)   # pinned once, shared by every copy
         host = np.frombuffer(mem, np.uint8, pageable.nbytes)
