@@ -14,6 +14,7 @@ from workbench.contract import (ClearCache, EvictWeights, GetWorkerState, Infer,
 from workbench.worker.config import ConfigError, WorkerConfig
 from workbench.worker.cpu import CPUDevice, CPUWorker
 from workbench.worker.emulated import EmulatedWorker
+from result_collector import Collector
 
 SMALL = dict(weights_cache_size="48 MiB", io_pool_size="8 MiB", workspace_pool_size="8 MiB",
              host_io_pool_size="8 MiB")   # 3 pages of 16 MiB: room for 3 mlp copies
@@ -26,25 +27,6 @@ def mlp_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("worker") / "mlp_cpu"
     compile_model(zoo.get("mlp"), out, target="cpu")
     return out
-
-
-class Collector:
-    def __init__(self):
-        self.results, self.dupes = {}, []
-        self.cv = threading.Condition()
-
-    def __call__(self, r):
-        with self.cv:
-            if r.id in self.results:
-                self.dupes.append(r)
-            self.results[r.id] = r
-            self.cv.notify_all()
-
-    def wait(self, *ids, timeout=60):
-        with self.cv:
-            assert self.cv.wait_for(lambda: all(i in self.results for i in ids), timeout), \
-                f"no result for {[i for i in ids if i not in self.results]}"
-        return self.results[ids[0]] if len(ids) == 1 else [self.results[i] for i in ids]
 
 
 @pytest.fixture

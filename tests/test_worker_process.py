@@ -21,6 +21,7 @@ from workbench.worker.config import WorkerConfig
 from workbench.worker.cpu import CPUWorker
 from workbench.worker.host import fast_decode, fast_encode
 from workbench.worker.process import ProcessWorker, WorkerProcessError, _Flight, start_worker
+from result_collector import Collector
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(weights_cache_size="48 MiB", io_pool_size="8 MiB", workspace_pool_size="8 MiB",
@@ -40,27 +41,6 @@ def mlp_artifact(tmp_path_factory):
         from workbench.models.compiler import compile_model
         compile_model(zoo.get("mlp"), out, target="cpu", batch_sizes=(1, 2, 4))
     return out
-
-
-class Collector:
-    """on_result: every result by action id, and every id answered more than once."""
-
-    def __init__(self):
-        self.results, self.dupes = {}, []
-        self.cv = threading.Condition()
-
-    def __call__(self, r):
-        with self.cv:
-            if r.id in self.results:
-                self.dupes.append(r)
-            self.results[r.id] = r
-            self.cv.notify_all()
-
-    def wait(self, *ids, timeout=60):
-        with self.cv:
-            assert self.cv.wait_for(lambda: all(i in self.results for i in ids), timeout), \
-                f"no result for {[i for i in ids if i not in self.results]}"
-        return self.results[ids[0]] if len(ids) == 1 else [self.results[i] for i in ids]
 
 
 def attach(w, col):
