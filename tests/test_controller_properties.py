@@ -35,7 +35,7 @@ def test_invariants(arrivals, policy, gpus, cache_pages, seed, speed, ahead_ms):
     assert clock.now() == end, f"stuck at {clock.now()} with {clock.pending()} events pending"
 
     # every request: exactly one final status, delivered no later than its deadline
-    out.check_once(rids)
+    out.check_once(rids, ctl)
     reqs, acts = rec.requests(), rec.actions()
     assert reqs.height == len(rids) and reqs["request_id"].n_unique() == len(rids)
     # one request never overlaps another on a GPU (from the worker's exec timings)

@@ -169,3 +169,20 @@ def test_requests_retried_after_a_late_start_keep_their_inputs(tmp_path):
     assert reqs.height > 20
     for row in reqs.iter_rows(named=True):
         assert value[row["request_id"]] in sent[row["action_id"]]
+
+
+def test_overloaded_hot_model_on_two_gpus_while_a_replica_loads():
+    """One hot model, two GPUs, far past capacity: requests one GPU cannot finish but the other (or a replica
+    being loaded) can are handed over, never bounced back and forth at one instant (which once looped)."""
+    for slo, rate in ((15, 1500), (50, 5000)):
+        clock, ctl, ids, rec = make(gpus=2, models=(("resnet50", 1),))
+        wl = Poisson(ids, rate=rate, slo_ms=slo, seed=1)
+        wl.start(ctl, clock, duration_s=1)
+        end = clock.now() + 2 * 10**9
+        clock.run_until(end, max_events=1_000_000)
+        assert clock.now() == end and wl.completed == wl.submitted
+        assert ctl.errors == []
+        assert len(ctl.models[ids[0]].loaded) == 2
+        assert wl.outcomes["success"] > 800 and wl.outcomes["dropped"] > 0
+        assert len(ctl.gpus[0].heap) < 100 and len(ctl.gpus[1].heap) < 100
+        assert not exec_overlaps(rec.actions())

@@ -49,7 +49,9 @@ class Outcomes:
             out[o.status] += 1
         return dict(out)
 
-    def check_once(self, submitted):
+    def check_once(self, submitted, ctl=None):
+        if ctl is not None:
+            assert ctl.errors == [], ctl.errors
         assert sorted(self.by_id) == sorted(submitted), "a request was never answered"
         assert all(n == 1 for n in self.calls.values()), "a request was answered twice"
         assert not self.late, f"answered after the deadline: {self.late[:3]}"

@@ -40,7 +40,7 @@ class Lane:
         self.q: deque[Request] = deque()
         self.in_ready = False
         self.timer = False
-        self.inflight = 0
+        self.inflight = 0       # requests of this lane in Infers not yet answered
 
 
 class QueueingBaseline(Policy):
@@ -128,7 +128,7 @@ class QueueingBaseline(Policy):
             est = m.est.exec_table(g.clock)[m.batch_sizes.index(m.pad(n))]
             begin = g.exec.available(now)
             ctl.send_infer(g, m, reqs, est, begin, now, FOREVER, now)
-            ln.inflight += 1
+            ln.inflight += n
             g.loaded.move_to_end(m.id)
             self.counters["batches"] += 1
             self._check_ready(ln, now)
@@ -143,7 +143,7 @@ class QueueingBaseline(Policy):
     def on_infer_done(self, rec, result, now: int) -> None:
         ln = self.lanes.get((rec.model.id, rec.gpu.index))
         if ln is not None:
-            ln.inflight -= 1
+            ln.inflight -= rec.batch_size
         self._pump(rec.gpu, now)
         self._retry_loads(now)
 

@@ -116,6 +116,7 @@ class Controller:
         self._startup_pending = 0
         self._startup_errors: list[str] = []
         self.stats: Counter[str] = Counter()
+        self.errors: list[str] = []     # internal errors (bugs) detected, e.g. a scheduling loop
         self.max_slo = 0
         self.closed = False
         self.policy.attach(self)
@@ -413,8 +414,8 @@ class Controller:
                 elif kind == CALL:
                     calls += 1
                     if calls > 100_000:   # a policy wake-up that keeps re-arming itself at the same time
-                        raise ControllerError(f"scheduling loop: {getattr(obj[0], '__qualname__', obj[0])} ran "
-                                              f"100000 times at t={now} without time advancing")
+                        raise self.internal_error(f"scheduling loop: {getattr(obj[0], '__qualname__', obj[0])} "
+                                                  f"ran 100000 times at t={now} without time advancing")
                     obj[0](obj[1], now)
                 elif not obj.done:
                     if now - t > self.config.grace // 2:   # we ran late ourselves (a stalled process):
@@ -655,6 +656,12 @@ class Controller:
                 break
             _call_back(r.callback, r.outcome())
 
+    def internal_error(self, message: str) -> ControllerError:
+        """Record a bug the controller detected in itself (its callers may swallow the exception: a worker's
+        result thread keeps going), and return the exception to raise."""
+        self.errors.append(message)
+        return ControllerError(message)
+
     # ====================================================================================== introspection
     def summary(self) -> dict:
         """Counts of final statuses and controller events, plus the policy's own counters."""
@@ -663,6 +670,7 @@ class Controller:
             d["gpus"] = len(self.gpus)
             d["models"] = len(self.models)
             d["actions_in_flight"] = len(self._actions)
+            d["internal_errors"] = len(self.errors)
             d.update(self.policy.summary())
             return d
 

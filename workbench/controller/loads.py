@@ -1,18 +1,20 @@
 """Which model to load on which GPU, and which to evict: Clockwork's LoadTracker (clockwork.md §4.8).
 
-Demand is measured in ns of batch-1 exec time, normalised to the capacity (= the default SLO): a request
-of model m adds `exec_size = b1(m) * capacity / exec_slo` of exec demand until it completes, and
+Demand is measured in ns of batch-1 exec time, normalised to the capacity (= the default SLO): a request of
+model m adds `exec_size = b1(m) * capacity / exec_slo` of exec demand until it completes, and
 `lw_size = b1(m) * capacity / weights_slo` of load demand until it starts executing or `weights_slo` passes
-(after that a load could no longer help it); a model with no copy anywhere keeps a load priority of at least
-its exec demand, so pending requests get a copy even after a failed load. A model's exec demand is spread over the GPUs that hold it in
+(after that a load could no longer help it). A model's exec demand is spread over the GPUs that hold it in
 proportion to their weight `capacity / outstanding` (less-loaded GPUs take more). A model's load priority on
 a GPU that does not hold it is its load demand minus the part the GPUs holding it already serve; a GPU loads
 the model of highest positive priority (so hot models get replicas when the GPUs holding them are
-overloaded). Clockwork's gate compared a pointer with 0 (§8.7); here priority <= 0 means no load.
+overloaded). Clockwork's gate compared a pointer with 0 (§8.7); here priority <= 0 means no load. A model
+with no copy anywhere keeps a priority of at least its exec demand, so its pending requests get a copy even
+after a failed load.
 
 Evictions on a GPU take the least-recently-used model with no outstanding demand first, then the
 least-recently-used model overall; models being loaded, and models with inferences in flight on that GPU,
-are never evicted. Demand sums are integers, so they return exactly to 0.
+are never evicted. Demand sums are integers, so they return exactly to 0. Priorities are recomputed lazily,
+for the models whose demand changed since the last load decision (Clockwork's stale list).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class LoadTracker:
         self.expiry: list = []           # (time, seq, request): when a request's load demand lapses
         self.stale: list[ModelState] = []
         self.heap: list = []             # (-priority, -last_used, model id, load_version, model)
+        self._live_hint = 0              # entries left by the last compaction
         self.scan_limit = scan_limit
         self._seq = itertools.count()
         self._used = itertools.count(1)
@@ -181,6 +184,11 @@ class LoadTracker:
             m.stale = False
             self._update_priority(m)
         self.stale.clear()
+        heap = self.heap
+        if len(heap) > 4096 and len(heap) > 4 * self._live_hint:   # mostly superseded entries: compact
+            heap[:] = [e for e in heap if e[3] == e[4].load_version]
+            heapq.heapify(heap)
+            self._live_hint = len(heap)
 
     def wants_load(self) -> bool:
         """Some model may have positive load priority (after a refresh)."""

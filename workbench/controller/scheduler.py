@@ -138,7 +138,12 @@ class ClockworkPolicy(Policy):
         self._scheduling = True
         try:
             dirty = self._dirty
+            rounds = 0
             while dirty:
+                rounds += 1
+                if rounds > 10_000:   # GPUs handing the same work back and forth without time advancing
+                    raise self.ctl.internal_error(f"scheduling loop at t={now}: GPUs {sorted(dirty)} keep "
+                                                  f"rescheduling")
                 idx = next(iter(dirty))
                 self._schedule(dirty.pop(idx), now)
         finally:
@@ -150,6 +155,7 @@ class ClockworkPolicy(Policy):
         heap = g.heap
         limit = now + self.sa
         loaded = g.loaded
+        idle = 0
         while heap:
             free_at = g.exec.available(now)
             if free_at >= limit:
@@ -164,6 +170,11 @@ class ClockworkPolicy(Policy):
             if ver != m.version or m.id not in loaded:
                 continue
             self._serve(g, m, free_at, now)
+            if free_at == g.exec.available(now):          # nothing sent: m handed back to this GPU again
+                idle += 1
+                if idle > 10_000:
+                    raise self.ctl.internal_error(f"scheduling loop at t={now}: gpu {g.index} keeps getting "
+                                                  f"model {m.id} back without sending anything")
 
     def _serve(self, g: GPUState, m: ModelState, free_at: int, now: int) -> None:
         """Run a batch of m's requests on g starting at free_at (dropping those that can no longer finish)."""
@@ -223,16 +234,17 @@ class ClockworkPolicy(Policy):
         thr0 = free_at + table[0]
         i0 = bisect_left(live, (thr0,))
         keep = []
-        for e in live[:i0]:                 # cannot finish here even alone
+        for j, e in enumerate(live[:i0]):   # cannot finish here even alone: drop, unless another GPU can
             if self._elsewhere(m, e[2], g, now):
-                keep.append(e)
-                self.counters["skipped"] += 1
-            else:
-                self._drop(e[2], thr0, now)
+                keep = live[j:i0]           # later deadlines: that GPU can finish them too
+                self.counters["skipped"] += len(keep)
+                break
+            self._drop(e[2], thr0, now)
         cand = live[i0:]
         if not cand:
+            # Nothing for this GPU. The GPU that can still serve the kept requests has been told (or is
+            # loading m and will be when the load completes); telling this one again would loop.
             m.queue = keep                  # sorted: a valid heap
-            self._requeue(m)
             return
         es = [e[0] for e in cand]
         n_live = len(cand)
