@@ -25,6 +25,7 @@ from bench.worker_common import ARTIFACTS, artifact, pct, stats_us, write
 from workbench.contract import Infer, LoadModelFromDisk, LoadWeights
 from workbench.worker.config import WorkerConfig
 
+STEPS = ("submit_to_copy_input", "copy_input_host", "exec_host_minus_device", "copy_output_to_result")
 CFG = dict(weights_cache_size="2 GiB", io_pool_size="256 MiB", workspace_pool_size="1 GiB", host_io_pool_size="256 MiB")
 
 
@@ -69,18 +70,12 @@ def _direct_one(art, loaded, binding, device: str, b: int, reps: int, warmup: in
         return execs, e2e
     import cupy as cp
     stream = cp.cuda.Stream(non_blocking=True)
-    pinned = []
-    for a in x:
-        mem = cp.cuda.alloc_pinned_memory(a.nbytes)
-        h = np.frombuffer(mem, a.dtype, a.size).reshape(a.shape)
-        h[...] = a
-        pinned.append(h)
     dev_in = [cp.empty(a.shape, a.dtype) for a in x]
     e0, e1 = cp.cuda.Event(), cp.cuda.Event()
     for i in range(warmup + reps):
         t0 = time.perf_counter_ns()
         with stream:
-            for d, h in zip(dev_in, pinned):
+            for d, h in zip(dev_in, x):      # from the caller's (pageable) arrays, as the in-process worker does
                 d.set(h, stream=stream)
             e0.record(stream)
             outs = loaded.run(b, dev_in, binding, stream=stream)
@@ -99,8 +94,9 @@ def through_worker(path: Path, art, device: str, sizes: list[int], reps: int, wa
     box: dict = {}
 
     def on(r):
+        t = time.monotonic_ns()       # the worker's clock (MonotonicClock): the breakdown below subtracts them
         with cv:
-            box[r.id] = (r, time.perf_counter_ns())
+            box[r.id] = (r, t)
             cv.notify_all()
 
     if device == "cpu":
@@ -110,12 +106,18 @@ def through_worker(path: Path, art, device: str, sizes: list[int], reps: int, wa
         from workbench.worker.cuda import CUDAWorker
         w = CUDAWorker(WorkerConfig.load(None, **CFG), on, num_gpus=1)
 
-    def do(a):
-        t0 = time.perf_counter_ns()
+    def do(a, steps=None):
+        t0 = time.monotonic_ns()
         w.submit(a)
         with cv:
             cv.wait_for(lambda: a.id in box, 120)
             r, t1 = box.pop(a.id)
+        if steps is not None and r.ok:   # where the host time goes, on the worker's clock
+            ci, ex, co = r.copy_input, r.exec, r.copy_output
+            steps["submit_to_copy_input"].append(ci.begin - t0)
+            steps["copy_input_host"].append(ex.begin - ci.begin)
+            steps["exec_host_minus_device"].append((ex.end - ex.begin) - ex.duration)
+            steps["copy_output_to_result"].append(t1 - ex.end)
         return r, t1 - t0
     try:
         r, _ = do(LoadModelFromDisk(id=1, model_id=0, path=str(path)))
@@ -127,8 +129,10 @@ def through_worker(path: Path, art, device: str, sizes: list[int], reps: int, wa
         for b in sizes:
             x = tuple(inputs_for(art, b, np.random.default_rng(0)))
             execs, e2e, cin, cout, clocks = [], [], [], [], []
+            steps: dict[str, list[int]] = {k: [] for k in STEPS}
             for i in range(warmup + reps):
-                r, dt = do(Infer(id=next(ids), model_id=0, gpu=0, batch_size=b, inputs=x))
+                r, dt = do(Infer(id=next(ids), model_id=0, gpu=0, batch_size=b, inputs=x),
+                           steps if i >= warmup else None)
                 assert r.ok, r.message
                 if i >= warmup:
                     execs.append(r.exec.duration)
@@ -136,7 +140,8 @@ def through_worker(path: Path, art, device: str, sizes: list[int], reps: int, wa
                     cin.append(r.copy_input.duration)
                     cout.append(r.copy_output.duration)
                     clocks.append(r.gpu_clock)
-            res[b] = {"exec": execs, "e2e": e2e, "copy_input": cin, "copy_output": cout, "gpu_clock": clocks}
+            res[b] = {"exec": execs, "e2e": e2e, "copy_input": cin, "copy_output": cout, "gpu_clock": clocks,
+                      "steps": steps}
         return res
     finally:
         w.close()
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                    "worker_copy_input": stats_us(wk["copy_input"]), "worker_copy_output": stats_us(wk["copy_output"]),
                    "worker_p99_over_p50": pct(wk["exec"], 0.99) / pct(wk["exec"], 0.5),
                    "overhead_us": (pct(wk["e2e"], 0.5) - pct(d_e2e, 0.5)) / 1e3,
-                   "gpu_clock_mhz_p50": pct(wk["gpu_clock"], 0.5)}
+                   "gpu_clock_mhz_p50": pct(wk["gpu_clock"], 0.5),
+                   "steps_p50_us": {k: pct(v, 0.5) / 1e3 for k, v in wk["steps"].items()}}
             rows.append(row)
             de, we = row["direct_exec"], row["worker_exec"]
             md.append(f"| {name} | {b} | {de['p50_us']:.1f} / {de['p99_us']:.1f} / {de['p999_us']:.1f} | "
@@ -186,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['overhead_us']:.1f} |")
     md += ["", f"{a.reps} actions per row after {a.warmup} warm-up, one at a time. Goals: worker p99/p50 <= 1.01, "
            "overhead per action < 50 us. Overhead = p50 end to end through the worker (submit -> on_result) "
-           "minus p50 of the same steps done directly in one thread."]
+           "minus p50 of the same steps done directly in one thread (inputs from the caller's numpy arrays, "
+           "outputs back to numpy).", "",
+           "Where the worker's host time goes (p50, us, on the worker's clock): submit -> input copy begins | "
+           "input copy enqueued -> exec launch begins | exec host span minus its device time (launch, output "
+           "copy, the one wait) | exec end -> on_result.", "",
+           "| model | batch | " + " | ".join(STEPS) + " |", "| --- | --- |" + " --- |" * len(STEPS)]
+    md += [f"| {r['model']} | {r['batch']} | " + " | ".join(f"{r['steps_p50_us'][k]:.1f}" for k in STEPS) + " |"
+           for r in rows]
     write("worker_exec" if a.device == "cuda" else "worker_exec_cpu", {"rows": rows, "args": vars(a)}, md)
     return 0
 

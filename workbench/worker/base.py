@@ -6,7 +6,11 @@ result carrying Clockwork's status codes.
 Per GPU there are four queues (weights: loads and evicts; inputs; exec; outputs) plus two worker-wide ones
 (disk: LoadModelFromDisk; control: ClearCache, GetWorkerState and immediate rejections). An Infer is three
 tasks: copy input (eligible at earliest - copy_input_lead_in, must start by latest), exec (window
-[earliest, latest], one at a time per GPU), copy output (no window).
+[earliest, latest], one at a time per GPU), copy output (no window). A device with `async_exec` (CUDA)
+enqueues the output copy on the exec stream behind the model and waits once for both, so its Infer ends with
+the exec task; the input copy's host side never waits either (the exec stream waits for it on the GPU).
+Threaded executors start a task in the caller's thread when its queue is idle (see executor.py): on an
+idle GPU an Infer's copy and launch run in the thread that submitted it.
 
 What differs between devices is only the `Device` (how weights move, how a model executes, how long it takes)
 and whether executors are threads (real devices) or clock callbacks (emulated)."""
@@ -187,15 +191,28 @@ class Device:
         GPU's io pool, through `host_offset` of the host io pool; returns (timing, staged)."""
         raise NotImplementedError
 
+    async_exec = False   # True: launch_exec returns without waiting, and wait_exec waits (execute = both)
+
     def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,
                 now: int) -> tuple[Timing, Any, int, int]:
         """Run the model; returns (timing, device outputs, SM clock before, SM clock after)."""
+        raise NotImplementedError
+
+    def launch_exec(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any, now: int) -> Any:
+        raise NotImplementedError
+
+    def wait_exec(self, launched: Any) -> tuple[Timing, Any, int, int]:
         raise NotImplementedError
 
     def copy_output(self, gpu: int, entry: ModelEntry, outputs: Any, n: int, host_offset: int,
                     now: int) -> tuple[Timing, tuple[np.ndarray, ...] | None]:
         """The first n rows of each output, to the host (through `host_offset` of the host io pool)."""
         raise NotImplementedError
+
+    def input_timing(self, timing: Timing, staged: Any) -> Timing:
+        """The copy-input Timing once the exec that used `staged` has finished. A device that does not wait
+        for its input copy on the host (CUDA: the exec stream waits for it on the GPU) measures it then."""
+        return timing
 
     def release_model(self, entry: ModelEntry) -> None:
         """Free what open_model took (called if registering the model fails)."""
@@ -282,7 +299,12 @@ class Worker:
                     self.outstanding[action.id] = action
                     task = (_Immediate(self, action, now, *problem) if problem is not None
                             else self._first_task(action, now))
-                self._executor_for(task).submit(task)
+                ex = self._executor_for(task)
+                # a threaded device starts a non-blocking first step (an Infer's input copy) right here when its
+                # queue is idle: no thread hand-off on the critical path. Its thread delivers any result.
+                r = ex.submit(task, inline=self.device.threaded)
+                if r is not None:
+                    ex.deliver_later(r)  # type: ignore[attr-defined]
         if deliver_now:
             self._call(r)
 
@@ -412,8 +434,7 @@ class Worker:
         if self.closed:
             task.cleanup()
             return task.fail(Status.SHUTTING_DOWN, "worker closed during the action")
-        self._executor_for(task).submit(task, inline=True)
-        return None
+        return self._executor_for(task).submit(task, inline=True)
 
     def _deliver(self, results: list[Result]) -> None:
         """Hand results to on_result, outside the lock; each action id is answered exactly once."""
@@ -627,6 +648,7 @@ class InferTask(ActionTask):
 class CopyInputTask(InferTask):
     __slots__ = ()
     kind = "inputs"
+    inline = True     # stages and enqueues the copy; never waits for it
     too_early = Status.COPY_INPUT_TOO_EARLY
     too_late = Status.COPY_INPUT_TOO_LATE
 
@@ -704,7 +726,7 @@ class CopyInputTask(InferTask):
 
 
 class ExecTask(InferTask):
-    __slots__ = ("version", "workspace", "binding")
+    __slots__ = ("version", "workspace", "binding", "launched")
     kind = "exec"
     too_early = Status.EXEC_TOO_EARLY
     too_late = Status.EXEC_TOO_LATE
@@ -714,6 +736,11 @@ class ExecTask(InferTask):
         super().__init__(prev.w, a, prev.received, a.earliest, a.latest)
         self.s = prev.s
         self.workspace = -1
+        self.launched = None
+
+    @property
+    def split(self) -> bool:   # a device that launches without waiting (CUDA) lets launch run inline
+        return self.w.device.async_exec
 
     def begin(self, now: int) -> Result | None:
         a: Infer = self.action
@@ -740,6 +767,15 @@ class ExecTask(InferTask):
             a.gpu, s.entry, self.binding, s.batch, s.staged, now)
         return timing
 
+    def launch(self, now: int) -> None:
+        s = self.s
+        self.launched = self.w.device.launch_exec(self.action.gpu, s.entry, self.binding, s.batch, s.staged, now)
+
+    def wait(self) -> Timing:
+        s, launched, self.launched = self.s, self.launched, None
+        timing, s.outputs, s.clock_before, s.clock_after = self.w.device.wait_exec(launched)
+        return timing
+
     def _free_workspace(self) -> None:
         if self.workspace >= 0:
             self.w.gpus[self.action.gpu].workspace.free(self.workspace)
@@ -750,11 +786,17 @@ class ExecTask(InferTask):
         self._free_workspace()
         self.binding = None
         self.s.exec = timing
+        self.s.copy_input = self.w.device.input_timing(self.s.copy_input, self.s.staged)
         if self.s.model.gpus[a.gpu].version != self.version:
             self.release()
             return self.fail(Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
                              f"weights of model {a.model_id} on gpu {a.gpu} were evicted or reloaded during exec")
         self.s.staged = None
+        if self.w.device.async_exec:   # the exec brought the outputs to the host already: no third task
+            s = self.s
+            out_timing, outputs = self.w.device.copy_output(a.gpu, s.entry, s.outputs, a.batch_size, -1, 0)
+            self.release()
+            return infer_result(self, out_timing, outputs)
         return self.w.hand_on(CopyOutputTask(self))
 
     def cleanup(self) -> None:
@@ -765,6 +807,7 @@ class ExecTask(InferTask):
 class CopyOutputTask(InferTask):
     __slots__ = ()
     kind = "outputs"
+    inline = True     # a few bytes to the host; runs in the exec thread when its queue is idle
     too_early = Status.COPY_OUTPUT_TOO_EARLY
     too_late = Status.COPY_OUTPUT_TOO_LATE
 
@@ -791,14 +834,18 @@ class CopyOutputTask(InferTask):
         return timing
 
     def finish(self, timing: Timing) -> Result | None:
-        a: Infer = self.action
-        s = self.s
-        outputs = s.outputs
+        outputs = self.s.outputs
         self.release()
-        return InferResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(),
-                           gpu=a.gpu, batch_size=a.batch_size, copy_input=s.copy_input, exec=s.exec,
-                           copy_output=timing, gpu_clock_before=s.clock_before, gpu_clock=s.clock_after,
-                           outputs=outputs)
+        return infer_result(self, timing, outputs)
+
+
+def infer_result(task: InferTask, copy_output: Timing, outputs: Any) -> InferResult:
+    a: Infer = task.action
+    s = task.s
+    return InferResult(id=a.id, action_type=a.type, received=task.received, sent=task.w.clock.now(),
+                       gpu=a.gpu, batch_size=a.batch_size, copy_input=s.copy_input, exec=s.exec,
+                       copy_output=copy_output, gpu_clock_before=s.clock_before, gpu_clock=s.clock_after,
+                       outputs=outputs)
 
 
 class LoadModelTask(ActionTask):

@@ -7,12 +7,15 @@ Per GPU:
 - an io arena (io_pool_size) holding staged inputs; TVM allocates outputs and intermediates from its own
   pooled allocator (measured bounded by the largest model/batch, h200-baseline.md), which the workspace pool
   accounts for and the free-memory check reserves room for;
-- executor threads (weights, inputs, exec, outputs), each with its own non-blocking CUDA stream (inputs and
-  outputs at higher priority), durations from CUDA events recorded on those streams;
+- executor threads (weights, inputs, exec, outputs), each with its own non-blocking CUDA stream (inputs at
+  higher priority), durations from CUDA events recorded on those streams. An Infer waits on the host once:
+  its input copy is enqueued without a sync (the exec stream waits for it on the GPU), and the exec stream
+  copies the outputs to pinned memory right after the model, so the exec thread's one wait covers both;
 - the SM clock read through NVML while each exec runs (after its launch, and again before its end when it is
   still running), so the reads overlap the GPU work.
 Process-wide: host weights in pinned memory, read once per model and shared by all its copies; a pinned host
-io arena (host_io_pool_size) for inputs and outputs.
+io arena (host_io_pool_size) that stages pageable inputs (pinned inputs are read where they lie). Outputs land
+in one pinned buffer per GPU, grown to the largest exec's outputs (one exec per GPU at a time).
 
 Importing this module needs neither cupy nor a GPU; constructing a CUDAWorker without one fails clearly."""
 from __future__ import annotations
@@ -89,9 +92,26 @@ class CUDAModel:
         self.run_bytes = run_bytes
 
 
+class _Staged:
+    """Inputs enqueued for an exec: device views, the events around their copy, the host sources kept alive."""
+    __slots__ = ("arrays", "start", "done", "keep")
+
+    def __init__(self, arrays: list, start: Any, done: Any, keep: list):
+        self.arrays, self.start, self.done, self.keep = arrays, start, done, keep
+
+
+class _Fetched:
+    """Outputs of an exec already in pinned host memory, and the timing of their copy."""
+    __slots__ = ("host", "timing")
+
+    def __init__(self, host: list, timing: Timing):
+        self.host, self.timing = host, timing
+
+
 class CUDADevice(Device):
     name = "cuda"
     threaded = True
+    async_exec = True
 
     def __init__(self, devices: Sequence[int] | None = None, sync_each_page: bool = False):
         self.cp = _cupy()
@@ -108,7 +128,12 @@ class CUDADevice(Device):
         self.io_mem: list[Any] = []
         self.io: list[Any] = []
         self.host_io_mem: Any = None
-        self.host_io: np.ndarray | None = None
+        self.host_io: np.ndarray | None = None   # pinned staging for pageable inputs
+        self.host_io_ptr = 0
+        self._out: list[np.ndarray | None] = []  # per GPU: pinned buffer the exec copies outputs into
+        self._free_events: list = []
+        self._exec_streams: list[Any] = []      # per GPU: execs launch from any thread (one in flight per GPU)
+        self._exec_events: list[tuple] = []     # per GPU: (start, end, outputs fetched)
         self.page_size = 0
 
     # -- setup
@@ -136,22 +161,30 @@ class CUDADevice(Device):
                 iom = cp.cuda.Memory(cfg.io_pool_size)
                 self.io_mem.append(iom)
                 self.io.append(cp.ndarray((cfg.io_pool_size,), cp.uint8, cp.cuda.MemoryPointer(iom, 0)))
+                self._out.append(None)
+                self._exec_streams.append(self._new_stream(0))
+                self._exec_events.append((cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()))
         self.host_io_mem = cp.cuda.alloc_pinned_memory(cfg.host_io_pool_size)
         self.host_io = np.frombuffer(self.host_io_mem, np.uint8, cfg.host_io_pool_size)
+        self.host_io_ptr = self.host_io.ctypes.data
         import tvm
         self.tvm = tvm
 
+    def _new_stream(self, priority: int):
+        try:
+            return self.cp.cuda.Stream(non_blocking=True, priority=priority)
+        except TypeError:   # older cupy without stream priorities
+            return self.cp.cuda.Stream(non_blocking=True)
+
     def _stream(self, kind: str, gpu: int):
-        """This thread's stream (executor threads are one per (gpu, kind), so one stream each)."""
-        s = getattr(self._local, "stream", None)
+        """This thread's stream for weights or inputs (a thread per (gpu, kind), or one submitting inline)."""
+        streams = getattr(self._local, "streams", None)
+        if streams is None:
+            streams = self._local.streams = {}
+        s = streams.get((kind, gpu))
         if s is None:
             with self.cp.cuda.Device(self.devices[gpu]):
-                prio = -1 if kind in ("inputs", "outputs") else 0
-                try:
-                    s = self.cp.cuda.Stream(non_blocking=True, priority=prio)
-                except TypeError:   # older cupy without stream priorities
-                    s = self.cp.cuda.Stream(non_blocking=True)
-            self._local.stream = s
+                s = streams[(kind, gpu)] = self._new_stream(-1 if kind == "inputs" else 0)
         return s
 
     def _events(self):
@@ -224,83 +257,133 @@ class CUDADevice(Device):
 
     def copy_input(self, gpu: int, entry: ModelEntry, batch: int, n: int, inputs: Sequence[np.ndarray] | None,
                    io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
+        """Enqueue the input copy on this GPU's input stream and return at once: the exec stream waits for it
+        on the GPU (`_Staged.done`), and its duration is read from events after the exec (`input_timing`).
+        An input already in pinned memory (the process worker's shared memory) is copied from where it lies;
+        a pageable one (a notebook's array) is first staged at `host_offset` of the pinned host io arena
+        (measured: a pageable cudaMemcpyAsync of 600 KB took ~280 us on the H200's host, staging ~60 us)."""
         cp = self.cp
         with cp.cuda.Device(self.devices[gpu]):
             stream = self._stream("inputs", gpu)
-            start, end = self._events()
-            io, host = self.io[gpu], self.host_io
+            start, done = self._event_pair()
+            io = self.io[gpu]
             t0 = time.monotonic_ns()
-            staged, off, hoff = [], io_offset, host_offset
-            if inputs is not None:           # into pinned memory first, so the H2D copy is async and fast
-                for x, spec in zip(inputs, entry.inputs):
-                    nb = spec.nbytes * n
-                    host[hoff:hoff + nb] = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-                    hoff += -(-nb // ALIGN) * ALIGN
-            hoff = host_offset
+            arrays, keep, off, hoff = [], [], io_offset, host_offset
             start.record(stream)
-            for spec in entry.inputs:
+            for i, spec in enumerate(entry.inputs):
                 nb, full = spec.nbytes * n, spec.nbytes * batch
                 dst = io.data.ptr + off
                 if inputs is not None:
-                    cp.cuda.runtime.memcpyAsync(dst, host.ctypes.data + hoff, nb, H2D, stream.ptr)
-                    hoff += -(-nb // ALIGN) * ALIGN
+                    x = np.ascontiguousarray(inputs[i])
+                    if self._is_pinned(x):
+                        keep.append(x)       # must live until the DMA has read it
+                        src = x.ctypes.data
+                    else:
+                        self.host_io[hoff:hoff + nb] = x.reshape(-1).view(np.uint8)
+                        src = self.host_io_ptr + hoff
+                        hoff += -(-nb // ALIGN) * ALIGN
+                    cp.cuda.runtime.memcpyAsync(dst, src, nb, H2D, stream.ptr)
                 else:
                     nb = 0                   # generated input: zeros
                 if full > nb:
                     cp.cuda.runtime.memsetAsync(dst + nb, 0, full - nb, stream.ptr)
-                staged.append(io[off:off + full].view(spec.dtype).reshape((batch, *spec.shape)))
+                arrays.append(cp.ndarray((batch, *spec.shape), spec.dtype, io.data + off))
                 off += -(-full // ALIGN) * ALIGN
-            end.record(stream)
-            timing = self._timed(stream, start, end, t0)
-        return timing, staged
+            done.record(stream)
+            t1 = time.monotonic_ns()
+        return Timing(t0, t1, t1 - t0), _Staged(arrays, start, done, keep)
+
+    def _is_pinned(self, x: np.ndarray) -> bool:
+        try:
+            return self.cp.cuda.runtime.pointerGetAttributes(x.ctypes.data).type == 1   # cudaMemoryTypeHost
+        except Exception:  # noqa: BLE001 - unknown: stage it (always correct)
+            return False
+
+    def _event_pair(self):
+        """A (start, done) pair of events for one input copy, reused once its exec has read them."""
+        try:
+            return self._free_events.pop()
+        except IndexError:
+            return self.cp.cuda.Event(), self.cp.cuda.Event()
+
+    def input_timing(self, timing: Timing, staged: Any) -> Timing:
+        if not isinstance(staged, _Staged):
+            return timing
+        ns = int(round(self.cp.cuda.get_elapsed_time(staged.start, staged.done) * 1e6))   # both events are done
+        self._free_events.append((staged.start, staged.done))
+        return Timing(timing.begin, timing.begin + ns, ns)
 
     def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,
                 now: int) -> tuple[Timing, Any, int, int]:
+        return self.wait_exec(self.launch_exec(gpu, entry, binding, batch, staged, now))
+
+    def launch_exec(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any, now: int) -> Any:
+        """Enqueue the model after the input copy (a GPU-side wait), then the copy of its outputs to this GPU's
+        pinned output buffer on the same stream; returns without waiting. One exec per GPU is in flight (the
+        exec executor), so the per-GPU events and buffer are this exec's until `wait_exec` returns."""
         cp = self.cp
         d = self.devices[gpu]
         with cp.cuda.Device(d):
-            stream = self._stream("exec", gpu)
-            start, end = self._events()
+            stream = self._exec_streams[gpu]
+            start, end, fetched = self._exec_events[gpu]
             t0 = time.monotonic_ns()
+            stream.wait_event(staged.done)
             start.record(stream)
-            outs = entry.handle.loaded[gpu].run(batch, staged, binding, stream=stream)
+            outs = entry.handle.loaded[gpu].run(batch, staged.arrays, binding, stream=stream)
             end.record(stream)
-            # NVML reads cost tens of us each: take them while the GPU executes what was just launched, so
-            # they sample the clock under this exec's load and stay off the critical path.
-            before = self.clock.read(d)
-            after = before if end.done else self.clock.read(d)
-            timing = self._timed(stream, start, end, t0)
-        return timing, outs, before, after
+            specs, total = entry.outputs, 0
+            for spec in specs:
+                total += -(-spec.nbytes * batch // ALIGN) * ALIGN
+            buf = self._out_buffer(gpu, total)
+            base = ptr = buf.ctypes.data
+            spans = []
+            for o, spec in zip(outs, specs):
+                with stream:                 # a non-contiguous output would be copied on this stream
+                    o = cp.ascontiguousarray(o)
+                nb = spec.nbytes * batch
+                cp.cuda.runtime.memcpyAsync(ptr, o.data.ptr, nb, D2H, stream.ptr)
+                spans.append((ptr - base, nb, spec))
+                ptr += -(-nb // ALIGN) * ALIGN
+            fetched.record(stream)
+        return gpu, batch, t0, buf, spans
+
+    def wait_exec(self, launched: Any) -> tuple[Timing, Any, int, int]:
+        """Wait once for the exec and its output copy; the outputs leave as numpy arrays (`_Fetched`)."""
+        gpu, batch, t0, buf, spans = launched
+        cp, d = self.cp, self.devices[gpu]
+        start, end, fetched = self._exec_events[gpu]
+        # NVML reads cost tens of us each: take them while the GPU executes what was launched, so they sample
+        # the clock under this exec's load and stay off the critical path.
+        before = self.clock.read(d)
+        after = before if end.done else self.clock.read(d)
+        fetched.synchronize()
+        t1 = time.monotonic_ns()
+        host = [buf[o:o + nb].view(spec.dtype).reshape((batch, *spec.shape)).copy() for o, nb, spec in spans]
+        exec_ns = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
+        out_ns = int(round(cp.cuda.get_elapsed_time(end, fetched) * 1e6))
+        return Timing(t0, t1 - out_ns, exec_ns), _Fetched(host, Timing(t1 - out_ns, t1, out_ns)), before, after
+
+    def _out_buffer(self, gpu: int, nbytes: int) -> np.ndarray:
+        """This GPU's pinned output buffer (used by its exec thread only), grown to the largest exec's outputs."""
+        buf = self._out[gpu]
+        if buf is None or buf.nbytes < nbytes:
+            size = max(nbytes, 1 << 20)
+            mem = self.cp.cuda.alloc_pinned_memory(size)
+            buf = self._out[gpu] = np.frombuffer(mem, np.uint8, size)
+        return buf
 
     def copy_output(self, gpu: int, entry: ModelEntry, outputs: Any, n: int, host_offset: int,
                     now: int) -> tuple[Timing, tuple[np.ndarray, ...] | None]:
-        cp = self.cp
-        with cp.cuda.Device(self.devices[gpu]):
-            stream = self._stream("outputs", gpu)
-            start, end = self._events()
-            host = self.host_io
-            t0 = time.monotonic_ns()
-            start.record(stream)
-            views, hoff = [], host_offset
-            for o, spec in zip(outputs, entry.outputs):
-                with stream:                 # a non-contiguous output would be copied on this stream
-                    o = cp.ascontiguousarray(o)
-                nb = spec.nbytes * n
-                cp.cuda.runtime.memcpyAsync(host.ctypes.data + hoff, o.data.ptr, nb, D2H, stream.ptr)
-                views.append((hoff, nb, spec))
-                hoff += -(-nb // ALIGN) * ALIGN
-            end.record(stream)
-            timing = self._timed(stream, start, end, t0)
-            result = tuple(host[h:h + nb].view(spec.dtype).reshape((n, *spec.shape)).copy() for h, nb, spec in views)
-        return timing, result
+        """The exec already brought the outputs to the host: the first n rows of each."""
+        return outputs.timing, tuple(h[:n] for h in outputs.host)
 
     def close(self) -> None:
         self.cache.clear()
         self.cache_mem.clear()
         self.io.clear()
         self.io_mem.clear()
-        self.host_io = None
-        self.host_io_mem = None
+        self._out.clear()
+        self.host_io = self.host_io_mem = None
 
 
 class CUDAWorker(Worker):

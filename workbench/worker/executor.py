@@ -4,7 +4,12 @@ may still start (its `latest`) and whether the resources exist is the task's own
 
 Two ways to drive the same tasks:
 - `ThreadExecutor`: a thread per queue, for real devices. `run` blocks on the device (outside the worker lock)
-  while the other queues of the same GPU proceed, as Clockwork's per-stream executor threads do.
+  while the other queues of the same GPU proceed, as Clockwork's per-stream executor threads do. A task whose
+  `run` does not block (`inline = True`: it only enqueues GPU work or copies a few bytes) starts in the
+  submitting thread when its queue is idle and it is eligible: a thread hand-off costs ~50-100 us of wake-up
+  and interpreter-lock hand-over, the whole budget of an action. A `split` task (an exec on a GPU) launches
+  there and leaves only the wait for its completion to the executor's thread, which then wakes while the GPU
+  works instead of before it can start.
 - `ClockExecutor`: no thread of its own. It wakes with `clock.call_at` and completes a task at the end time
   its `run` returns; used by the emulated device, so it works in real time (`RealClock`) and in deterministic
   virtual time (`VirtualClock`) alike.
@@ -36,6 +41,8 @@ class Task:
     """Base of every executor task. `eligible`: earliest start (ns); `latest`: last start (ns)."""
     __slots__ = ("eligible", "latest", "seq", "enqueued")
     kind: str = "task"
+    inline: bool = False      # run() never blocks: may run in the submitting thread (ThreadExecutor)
+    split: bool = False       # run() = launch() (no blocking) + wait(): launch may run in the submitting thread
 
     def __init__(self, eligible: int, latest: int):
         self.eligible = eligible
@@ -50,6 +57,8 @@ class Task:
     def begin(self, now: int) -> Result | None: ...
     def run(self, now: int) -> Timing: ...
     def finish(self, timing: Timing) -> Result | None: ...
+    def launch(self, now: int) -> None: ...        # split tasks only
+    def wait(self) -> Timing: ...                  # split tasks only
     def cleanup(self) -> None: ...
     def fail(self, status: Status, message: str) -> Result: ...
 
@@ -81,9 +90,10 @@ class Executor:
         self.heap: list[Task] = []
         self.closed = False
 
-    def submit(self, task: Task, inline: bool = False) -> None:
-        """Queue `task` (caller holds the lock). `inline`: the caller is an executor callback, so the task may
-        start right away (ClockExecutor)."""
+    def submit(self, task: Task, inline: bool = False) -> Result | None:
+        """Queue `task` (caller holds the lock). `inline`: the task may start right away in the caller (an
+        executor callback for ClockExecutor; any thread for ThreadExecutor if `task.inline`); a ThreadExecutor
+        returns the result such a start produced, for the caller to deliver."""
         raise NotImplementedError
 
     def queued(self) -> int:
@@ -201,38 +211,103 @@ class ClockExecutor(Executor):
 
 
 class ThreadExecutor(Executor):
-    """A thread that sleeps until the head of its queue is eligible, then runs it to completion."""
+    """A thread that sleeps until the head of its queue is eligible, then runs it to completion. Results that
+    an inline start produced where they could not be delivered (inside `Worker.submit`) are handed to this
+    thread with `deliver_later`."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self._cv = threading.Condition(self.lock)
         self.busy: Task | None = None
+        self._later: list[Result] = []
+        self._launched: Task | None = None   # a split task launched inline, for this thread to wait for
         self._thread = threading.Thread(target=self._loop, name=f"worker-{self.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, task: Task, inline: bool = False) -> None:   # caller holds the lock
-        task.enqueued = self.clock.now()
+    def submit(self, task: Task, inline: bool = False) -> Result | None:   # caller holds the lock
+        now = self.clock.now()
+        task.enqueued = now
+        if (inline and (task.inline or task.split) and self.busy is None and not self.heap and not self.closed
+                and task.eligible <= now):
+            return self._run_inline(task, now)
         heapq.heappush(self.heap, task)
         if self.heap[0] is task:
             self._cv.notify()
+        return None
 
-    def _next(self) -> Task | None:
+    def _run_inline(self, task: Task, now: int) -> Result | None:
+        """begin/run/finish in the caller's thread, under the lock (run does not block: `task.inline`)."""
+        self.busy = task
+        timing = None
+        try:
+            r = guard(task, task.begin, now)
+            if r is None and task.split:
+                try:
+                    task.launch(now)
+                except Exception as e:  # noqa: BLE001 - a device failure becomes the action's result
+                    task.cleanup()
+                    r = task.fail(Status.RUNTIME_ERROR, f"{type(e).__name__}: {e}")
+                else:
+                    self._launched = task           # busy until this executor's thread has waited for it
+                    self._cv.notify()
+                    return None
+            elif r is None:
+                try:
+                    timing = task.run(now)
+                except Exception as e:  # noqa: BLE001 - a device failure becomes the action's result
+                    task.cleanup()
+                    r = task.fail(Status.RUNTIME_ERROR, f"{type(e).__name__}: {e}")
+                else:
+                    r = guard(task, task.finish, timing)
+            self._done(task, timing, r)
+        except BaseException:
+            self._launched = None
+            raise
+        finally:
+            if self._launched is not task:
+                self.busy = None
+                if self.heap:
+                    self._cv.notify()
+        return r
+
+    def deliver_later(self, r: Result) -> None:   # caller holds the lock
+        self._later.append(r)
+        self._cv.notify()
+
+    def _next(self) -> tuple[Task | None, list[Result]]:
         with self._cv:
-            while not self.closed:
+            while not self.closed or self._launched is not None:
+                if self._launched is not None:
+                    return self._launched, []
+                if self._later:
+                    later, self._later = self._later, []
+                    return None, later
                 if self.heap:
                     wait = self.heap[0].eligible - self.clock.now()
                     if wait <= 0:
                         self.busy = heapq.heappop(self.heap)
-                        return self.busy
+                        return self.busy, []
                     self._cv.wait(min(wait / 1e9, 0.5))
                 else:
                     self._cv.wait(0.5)
-            return None
+            later, self._later = self._later, []
+            return None, later
 
     def _loop(self) -> None:
-        while (task := self._next()) is not None:
+        while True:
+            task, later = self._next()
+            if later:
+                self.deliver(later)
+            if task is None:
+                if self.closed:
+                    return
+                continue
             try:
-                self._execute(task)
+                if task is self._launched:
+                    self._launched = None
+                    self._execute(task, launched=True)
+                else:
+                    self._execute(task)
             except Exception:  # noqa: BLE001 - a bug in one task must not stop the executor
                 traceback.print_exc()
             finally:
@@ -240,16 +315,17 @@ class ThreadExecutor(Executor):
                     self.busy = None
                     self._cv.notify_all()
 
-    def _execute(self, task: Task) -> None:
-        with self.lock:
-            r = guard(task, task.begin, self.clock.now())
+    def _execute(self, task: Task, launched: bool = False) -> None:
+        if not launched:
+            with self.lock:
+                r = guard(task, task.begin, self.clock.now())
+                if r is not None:
+                    self._done(task, None, r)
             if r is not None:
-                self._done(task, None, r)
-        if r is not None:
-            self.deliver([r])
-            return
+                self.deliver([r])
+                return
         try:
-            timing = task.run(self.clock.now())
+            timing = task.wait() if launched else task.run(self.clock.now())
         except Exception as e:  # noqa: BLE001 - a device failure becomes the action's result
             with self.lock:
                 task.cleanup()
