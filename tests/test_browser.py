@@ -76,7 +76,7 @@ def lab(tmp_path_factory):
 
 
 def test_quickstart_in_jupyterlab(lab):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from playwright.sync_api import sync_playwright
 
     url, root = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 Values are compared with NVML read directly here; on an H200 they are also held to reference/h200-baseline.md
 (persistence on, auto boost not supported, application clocks 1980/3201 = max, PCIe gen5 x16, CUDA >= 13)."""
 import json
+import math
 import os
 import resource
 import subprocess
@@ -62,8 +63,8 @@ def test_nvml_checks_report_the_values_nvml_gives(gpu_report):
 
 def test_h200_matches_the_baseline(gpu_report):
     gpu = gpu_report.get("GPU", "gpu0")
-    if "H200" not in gpu.data["name"]:
-        pytest.skip(f"not an H200: {gpu.data['name']}")
+    # the GPU suite runs on the H200 (reference/h200-baseline.md): another GPU here is a wrong machine, not a skip
+    assert "H200" in gpu.data["name"], f"the GPU suite must run on the H200, this is a {gpu.data['name']}"
     g = lambda name: gpu_report.get(name, "gpu0")   # noqa: E731
     assert g("persistence mode").status == "pass"
     boost = g("auto boost")
@@ -87,20 +88,25 @@ def test_tvm_and_cupy_see_the_same_devices(gpu_report):
 
 
 def test_floors_on_the_gpu_are_sane(floors):
+    """Relations and positivity only: how fast the H200 is belongs to bench/ (bench.floors), not to a test."""
     g = floors.gpu(0)
     assert g.errors == {}, g.errors
+    assert {(t.direction, t.memory, t.label) for t in g.transfers} >= {
+        (d, m, label) for d in ("h2d", "d2h") for m in ("pinned", "pageable") for label in ("model",)}
+    for t in g.transfers:
+        assert t.device == "cuda:0" and t.timer == "cuda events" and t.reps >= 3, t
+        assert 0 < t.min_ns <= t.p50_ns <= t.max_ns and math.isfinite(t.max_ns), t     # the events resolved
+        assert t.gbps == pytest.approx(t.nbytes / t.p50_ns) and t.gbps > 0
     h2d_pin, h2d_page = g.transfer("h2d", "pinned", "model"), g.transfer("h2d", "pageable", "model")
-    assert h2d_pin.gbps > 20, h2d_pin
-    assert h2d_pin.gbps > h2d_page.gbps
-    assert g.transfer("h2d", "pinned", "page").gbps > 10
-    assert g.transfer("d2h", "pinned", "model").gbps > 10
+    assert h2d_pin.gbps > h2d_page.gbps                            # pinned beats the driver's bounce buffer
     assert g.transfer("d2h", "pinned", "model").gbps > g.transfer("d2h", "pageable", "model").gbps
-    assert 1 < g.launch_sync_us < 1000
-    assert 0 < g.launch_gpu_us < g.launch_sync_us
-    assert 0 < g.launch_host_us < 1000
-    assert 0 < g.event_resolution_us < 10
+    assert g.transfer("h2d", "pinned", "model").nbytes > g.transfer("h2d", "pinned", "page").nbytes
+    for v in (g.launch_sync_us, g.launch_gpu_us, g.launch_host_us, g.event_resolution_us):
+        assert 0 < v and math.isfinite(v), (g.launch_sync_us, g.launch_gpu_us, g.launch_host_us,
+                                            g.event_resolution_us)
+    assert g.launch_gpu_us < g.launch_sync_us                       # a launch+sync includes the kernel itself
     c = g.clock
-    assert c["max_sm_mhz"] >= c["load_sm_mhz"] >= 0.5 * c["max_sm_mhz"]
+    assert c["max_sm_mhz"] >= c["load_sm_mhz"] > 0
     assert c["load_samples"] >= 10
     assert c["load_pcie_gen"] and c["load_pcie_width"]
     # the floor model passes through the measured points

@@ -8,15 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ipykernel  # noqa: F401 - the kernel the launcher starts
 import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
 
-jupyter_client = pytest.importorskip("jupyter_client")
-pytest.importorskip("ipykernel")
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
-from jupyter_client.manager import KernelManager  # noqa: E402
-
-from workbench.env.commands import KERNEL_NAME, install_kernel  # noqa: E402
-from workbench.env.launcher import REPORT_VAR  # noqa: E402
+from workbench.env.commands import KERNEL_NAME, install_kernel
+from workbench.env.launcher import REPORT_VAR
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """

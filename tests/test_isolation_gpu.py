@@ -26,8 +26,8 @@ CFG = dict(weights_cache_size="1 GiB", io_pool_size="64 MiB", workspace_pool_siz
 def artifact(name: str) -> Path:
     p = ARTIFACTS / name
     if not (p / "manifest.json").is_file():
-        pytest.skip(f"artifact {p} missing: run `python -m bench.worker_artifacts` on the build machine and carry "
-                    f".gpu/ to the GPU machine")
+        pytest.fail(f"artifact {p} missing: run `python -m bench.build_gpu_artifacts` on the build machine, carry "
+                    f".gpu/artifacts.tar.xz and run `bash bench/gpu_suite.sh setup` (or set WORKBENCH_GPU_ARTIFACTS)")
     return p
 
 

@@ -31,8 +31,8 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
             return {d.name: d for d in dirs}
         if c.is_dir():
             return {d.name: d for d in c.iterdir() if (d / "manifest.json").is_file()}
-    pytest.skip(f"no GPU artifacts at {', '.join(map(str, candidates))}: run `python -m bench.build_gpu_artifacts` "
-                f"on the CPU machine and carry .gpu/artifacts.tar.xz")
+    pytest.fail(f"no GPU artifacts at {', '.join(map(str, candidates))}: run `python -m bench.build_gpu_artifacts` "
+                f"on the CPU machine and carry .gpu/artifacts.tar.xz (`bash bench/gpu_suite.sh setup` unpacks it)")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def cache(tmp_path_factory):
 
 def _need(artifacts, name):
     if name not in artifacts:
-        pytest.skip(f"artifact {name} not in the GPU artifacts ({', '.join(sorted(artifacts))})")
+        pytest.fail(f"artifact {name} not in the GPU artifacts ({', '.join(sorted(artifacts))}): rebuild them with "
+                    f"`python -m bench.build_gpu_artifacts` and carry .gpu/artifacts.tar.xz")
     from workbench.models.artifact import Artifact
     return Artifact.open(artifacts[name])
 

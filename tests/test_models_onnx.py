@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from workbench.models import onnx_import  # noqa: E402
-from workbench.models.onnx_import import OnnxImportError  # noqa: E402
+from workbench.models import onnx_import
+from workbench.models.onnx_import import OnnxImportError
 
 C, M, K, HW = 3, 8, 5, 16
 

@@ -79,7 +79,7 @@ def test_notebook_command(tmp_path, capsys):
 
 @pytest.mark.browser
 def test_exported_report_renders_its_charts_with_the_network_blocked(tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from playwright.sync_api import sync_playwright
 
     rep = run_notebook(_notebook(tmp_path / "demo.ipynb", CELLS), tmp_path / "out", kernel="python3",
                        parameters={"scale": 1})

@@ -13,6 +13,8 @@ import pytest
 from workbench.contract import ClearCache, EvictWeights, GetWorkerState, Infer, LoadModelFromDisk, LoadWeights, Status
 from workbench.worker.config import WorkerConfig
 
+from no_gpu import run_without_gpu
+
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = [Path(p) for p in (os.environ.get("WORKBENCH_GPU_ARTIFACTS"),) if p] + \
     [ROOT / ".gpu" / "worker", ROOT / ".gpu" / "artifacts"]   # ours, or bench.build_gpu_artifacts' bundle
@@ -24,20 +26,22 @@ def artifact(name: str) -> Path:
     for d in SEARCH:
         if (d / name / "manifest.json").is_file():
             return d / name
-    pytest.skip(f"artifact {name} not in {[str(d) for d in SEARCH]}: run `python -m bench.worker_artifacts` (or "
-                f"bench.build_gpu_artifacts) on the build machine and carry .gpu/ to the GPU machine")
+    pytest.fail(f"artifact {name} not in {[str(d) for d in SEARCH]}: run `python -m bench.build_gpu_artifacts` (or "
+                f"bench.worker_artifacts) on the build machine, carry .gpu/artifacts.tar.xz and run "
+                f"`bash bench/gpu_suite.sh setup` on the GPU machine")
 
 
 def test_imports_without_a_gpu_and_fails_clearly():
-    import workbench.worker.cuda as cuda_mod   # must import on any machine
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            pytest.skip("a GPU is present: the failure path cannot be exercised here")
-    except Exception:  # noqa: BLE001 - no cupy or no device: the case under test
-        pass
-    with pytest.raises(cuda_mod.CUDAUnavailable, match="CPUWorker or EmulatedWorker"):
-        cuda_mod.CUDAWorker(WorkerConfig.load(None, **CFG))
+    # a child that sees no CUDA device, so the failure path is exercised on the H200 too
+    out = run_without_gpu(f"""
+        import pytest
+        import workbench.worker.cuda as cuda_mod   # must import on any machine
+        from workbench.worker.config import WorkerConfig
+        with pytest.raises(cuda_mod.CUDAUnavailable, match="CPUWorker or EmulatedWorker") as e:
+            cuda_mod.CUDAWorker(WorkerConfig.load(None, **{CFG!r}))
+        print("refused:", e.value)
+    """)
+    assert out.startswith("refused: CUDAWorker ")
 
 
 class Collector:

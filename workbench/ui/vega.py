@@ -80,7 +80,15 @@ def vega_bundle() -> str:
     global _bundle
     with _bundle_lock:
         if _bundle is None:
-            import vl_convert as vlc
+            try:
+                import vl_convert as vlc
+            except ImportError as e:   # a machine without vl-convert (the GPU box) can use a bundle built elsewhere
+                built = sorted(cache_dir("ui").glob("vega-embed-*.js"), key=lambda p: p.stat().st_mtime)
+                if not built:
+                    raise ImportError(f"the charts need vl-convert-python to build their Vega bundle once ({e}); "
+                                      f"install it, or copy a built vega-embed-*.js into {cache_dir('ui')}") from None
+                _bundle = built[-1].read_text()
+                return _bundle
             from altair.utils._importers import vl_version_for_vl_convert
 
             version = vl_version_for_vl_convert()
