@@ -223,7 +223,7 @@ def test_cli_errors(tmp_path, capsys, monkeypatch, argv, match):
 # ---------------------------------------------------------------------------------------------------------
 
 def _onnx_mlp(path: Path) -> Path:
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.3, "w1"),
@@ -241,7 +241,7 @@ def _onnx_mlp(path: Path) -> Path:
 
 
 def test_onnx_compile_run_matches_onnxruntime(tmp_path, capsys):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
     from workbench.models.runtime import alloc_pages, copy_weights
     path = _onnx_mlp(tmp_path / "tiny.onnx")
     out = tmp_path / "art"
@@ -262,7 +262,7 @@ def test_onnx_compile_run_matches_onnxruntime(tmp_path, capsys):
 
 
 def test_cli_onnx_op_tvm_cannot_import(tmp_path, capsys):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper
     graph = helper.make_graph([helper.make_node("Celu", ["x"], ["y"], name="my_celu")], "celu",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
