@@ -14,6 +14,11 @@ the compiler, so the bundle leaves weights.bin out and `unpack_bundle` regenerat
 bit (checked against the manifest's sha256). Latency does not depend on weight values. mlp and
 tiny_transformer keep the zoo's own weights (under 3 MB) so the GPU tests can compare with the NumPy
 reference. The .so files hold CUDA source, which xz compresses ~30x.
+
+Untuned by default: these artifacts are the baseline the GPU tests and the other benchmarks compare against,
+so they must not change when the tuning database (data/tuning) does. `--tuning auto|DIR` compiles with the
+database instead (a zoo model may then switch to its conv lowering, e.g. resnet50 -> resnet50-matmul) and, unless
+--out/--bundle are given, writes to .gpu/artifacts-tuned and .gpu/artifacts-tuned.tar.xz, leaving the baseline.
 """
 from __future__ import annotations
 
@@ -26,24 +31,28 @@ SOURCE_WEIGHTS = ("mlp", "tiny_transformer")       # small: keep the zoo's weigh
 CPU_TOO = ("mlp", "tiny_transformer")
 
 
-def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool):
+def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool,
+          tuning: str | None = None):
+    """Compile <out>/<model>_<target> (untuned unless `tuning` is "auto" or a database directory), or keep an
+    existing artifact built the same way (a tuned artifact is always rebuilt: the database may have changed)."""
     from workbench.models import zoo
     from workbench.models.artifact import Artifact, ArtifactError
     from workbench.models.compiler import compile_model
     d = out / f"{model}_{target}"
     weights = "source" if model in SOURCE_WEIGHTS else "synthetic"
-    if not force and (d / "manifest.json").is_file():
+    if not force and tuning is None and (d / "manifest.json").is_file():
         try:
             art = Artifact.open(d)
             m = art.manifest
             if (list(art.batch_sizes) == sorted(batch_sizes) and (m["arch"] == arch or target == "cpu")
-                    and (m["weights"]["generator"] is None) == (weights == "source")):
+                    and (m["weights"]["generator"] is None) == (weights == "source")
+                    and m.get("tuning") is None and m["name"] == model):
                 return art, 0.0
         except ArtifactError:
             pass
     t0 = time.perf_counter()
     art = compile_model(zoo.get(model, seed=seed), d, batch_sizes=batch_sizes, target=target, arch=arch,
-                        weights=weights, seed=seed, overwrite=True)
+                        weights=weights, seed=seed, overwrite=True, tuning=tuning)
     return art, time.perf_counter() - t0
 
 
@@ -53,25 +62,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,2,4,8,16")
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / ".gpu" / "artifacts"))
-    p.add_argument("--bundle", default=str(ROOT / ".gpu" / "artifacts.tar.xz"))
+    p.add_argument("--out", default=None, help="default .gpu/artifacts (.gpu/artifacts-tuned with --tuning)")
+    p.add_argument("--bundle", default=None,
+                   help="default .gpu/artifacts.tar.xz (.gpu/artifacts-tuned.tar.xz with --tuning)")
     p.add_argument("--force", action="store_true", help="recompile even if an up-to-date artifact exists")
+    p.add_argument("--tuning", default="none", metavar="none|auto|DIR",
+                   help="none (default): TVM's default schedules, the stable baseline; auto: the tuning database "
+                        "in data/tuning (or $WORKBENCH_TUNING_DB); DIR: another database (CUDA artifacts only)")
     a = p.parse_args(argv)
     from workbench.models import zoo
     from workbench.models.artifact import pack_bundle
+    tuning = None if a.tuning == "none" else a.tuning
+    if tuning not in (None, "auto") and not Path(tuning).is_dir():
+        p.error(f"--tuning {tuning}: no such tuning database directory (use none, auto or a directory)")
+    suffix = "" if tuning is None else "-tuned"
+    out = Path(a.out or ROOT / ".gpu" / f"artifacts{suffix}")
+    bundle_path = a.bundle or str(ROOT / ".gpu" / f"artifacts{suffix}.tar.xz")
     models = zoo.names() if a.models == "all" else [m for m in a.models.split(",") if m]
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, "cuda") for m in models] + [(m, "cpu") for m in models if m in CPU_TOO]
     dirs = []
     for model, target in jobs:
-        art, secs = build(model, target, out, batch_sizes, a.arch, a.seed, a.force)
+        art, secs = build(model, target, out, batch_sizes, a.arch, a.seed, a.force,
+                          tuning if target == "cuda" else None)
         size = sum(f.stat().st_size for f in art.path.iterdir())
-        print(f"{art.path}: {'up to date' if secs == 0 else f'compiled in {secs:.0f} s'}, {size / 1e6:.1f} MB",
-              flush=True)
+        tuned = art.manifest.get("tuning")
+        print(f"{art.path}: {'up to date' if secs == 0 else f'compiled in {secs:.0f} s'}, {size / 1e6:.1f} MB"
+              + (f", tuned ({art.manifest['name']}, from {tuned['database']})" if tuned else ""), flush=True)
         dirs.append(art.path)
-    bundle = pack_bundle(dirs, a.bundle)
+    bundle = pack_bundle(dirs, bundle_path)
     print(f"wrote {bundle} ({bundle.stat().st_size / 1e6:.1f} MB): carry it with the device tool, e.g. "
           f"carry=['{bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle}', '.device-site']")
     return 0

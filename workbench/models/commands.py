@@ -51,13 +51,32 @@ def resolve_source(model: str, seed: int = 0):
     return zoo.get(model, seed=seed)
 
 
+def parse_tuning(text: str | None, no_tuning: bool = False) -> str | None:
+    """--tuning auto|none|DIR (and --no-tuning) -> compile_model's `tuning`: "auto", None or a directory."""
+    from workbench.cli import UserError
+    if no_tuning:
+        if text not in (None, "auto", "none"):
+            raise UserError(f"--no-tuning contradicts --tuning {text}: pass one of them")
+        return None
+    if text is None or text == "auto":
+        return "auto"
+    if text == "none":
+        return None
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--tuning {text!r}: no such tuning database directory; pass auto (data/tuning or "
+                        f"$WORKBENCH_TUNING_DB), none, or a directory holding <target>-<arch>/<model>.json files")
+    return str(path)
+
+
 def _compile(args) -> int:
     from workbench.models.compiler import compile_model
+    tuning = parse_tuning(args.tuning, args.no_tuning)
     source = resolve_source(args.model, args.seed)
     art = compile_model(source, args.out, batch_sizes=parse_batch_sizes(args.batch_sizes), target=args.target,
                         arch=args.arch, page_size=parse_bytes(args.page_size), overwrite=args.overwrite,
                         weights=args.weights, seed=args.seed, precompile_cubins=args.precompile_cubins,
-                        cubin_cache_dir=args.cubin_cache,
+                        cubin_cache_dir=args.cubin_cache, tuning=tuning, precision=args.precision,
                         progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
     print(summary(art))
     return 0
@@ -100,7 +119,25 @@ def inspect_dict(art) -> dict:
                           "compile_seconds": m["batches"][str(b)].get("compile_seconds")}
                       for b in art.batch_sizes},
         "files": files, "measurements": art.measurements,
+        "precision": {b: (m["batches"][str(b)].get("variant") or {}).get("precision", "fp32")
+                      for b in art.batch_sizes},
+        "tuning": m.get("tuning"),
     }
+
+
+def _tuning_line(d: dict) -> str:
+    """What chose the kernels: TVM's defaults, a given variant, or the database (file, lowering, batches)."""
+    precisions = sorted(set(d["precision"].values()))
+    t = d["tuning"]
+    if not t:
+        return f"TVM default schedules, {'/'.join(precisions)}"
+    if not t.get("database"):
+        return f"given variant {json.dumps(t.get('variant'))[:120]}"
+    src = ", ".join(f"b{b}<-b{e.get('from_batch')}" + (f" ({e['measured_p50_ms']:.2f} ms)" if e.get("measured_p50_ms")
+                                                          else "") for b, e in (t.get("batches") or {}).items())
+    return (f"{t['database']}: lowering {t.get('lowering')}, {'/'.join(precisions)}"
+            + (f", asked for {t['requested']}" if t.get("requested") and t["requested"] != d["name"] else "")
+            + f"; {src}")
 
 
 def summary(art) -> str:
@@ -113,6 +150,7 @@ def summary(art) -> str:
         f"{d['name']}  ({d['path']})",
         f"  source     {src_text}",
         f"  target     {d['target']}{' ' + d['arch'] if d['arch'] else ''}   TVM {d['tvm_version']}",
+        f"  kernels    {_tuning_line(d)}",
         "  inputs     " + ", ".join(f"{t['name']} {t['dtype']}[N, {', '.join(map(str, t['shape']))}]".replace(
             "[N, ]", "[N]") for t in d["inputs"]),
         "  outputs    " + ", ".join(f"{t['name']} {t['dtype']}[N, {', '.join(map(str, t['shape']))}]".replace(
@@ -151,6 +189,15 @@ def register(sub) -> None:
                    help="--target cuda: also compile the kernels with NVRTC into the cubin cache now")
     c.add_argument("--cubin-cache", default=None, help="cubin cache directory (default $WORKBENCH_CUBIN_CACHE "
                                                        "or ~/.cache/workbench/cubin)")
+    c.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="--target cuda: fp16 = fp16 matmul/conv inputs with fp32 accumulation and outputs (tensor "
+                        "cores, like torch's fp16 autocast; outputs agree with fp32 to ~1e-2 of their scale). "
+                        "Needs apache-tvm-ffi<0.1.15")
+    c.add_argument("--tuning", default="auto", metavar="auto|none|DIR",
+                   help="where kernel choices come from for --target cuda: auto (default) = the measured tuning "
+                        "database in data/tuning (or $WORKBENCH_TUNING_DB); none = TVM's default schedules; DIR = "
+                        "another database. A zoo model may switch to its conv lowering (e.g. resnet50-matmul)")
+    c.add_argument("--no-tuning", action="store_true", help="same as --tuning none")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=_compile)
     i = sub.add_parser("inspect", help="summarise an artifact directory")

@@ -69,12 +69,25 @@ def make_target(target: str, arch: str | None = None):
     raise CompileError(f"unknown target {target!r}: use --target cpu or --target cuda")
 
 
-def lower(mod, tgt):
-    """Run the Relax pipeline tvm.compile would run (the CUDA one schedules kernels with dlight)."""
+def lower(mod, tgt, variant=None, applied: dict | None = None):
+    """Run the Relax pipeline tvm.compile would run (the CUDA one schedules kernels with dlight).
+
+    variant (tuning.Variant, GPU targets): precision (fp16: ToMixedPrecision first), kernel schedules
+    (schedules.relax_pipeline) and relax's CUDA-graph rewrite; None or the default variant runs TVM's default
+    pipeline unchanged. `applied` collects kernel name -> per-kernel choice used."""
+    import tvm
     from tvm import relax
-    pipeline = relax.get_default_pipeline(tgt) if "gpu" in tgt.keys else relax.get_pipeline("default")
-    with tgt:
-        return pipeline(mod)
+    gpu = "gpu" in tgt.keys
+    if variant is None or not gpu or (variant.is_default and not variant.schedule.kernels):
+        pipeline = relax.get_default_pipeline(tgt) if gpu else relax.get_pipeline("default")
+        with tgt:
+            return pipeline(mod)
+    from workbench.models import schedules
+    mod = schedules.mixed_precision(mod, variant.precision)
+    pipeline = schedules.relax_pipeline(tgt, variant.schedule, applied)
+    with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": bool(variant.cuda_graph)}):
+        with tgt:
+            return pipeline(mod)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,17 +282,68 @@ def _check_signature(where: str, func, inputs: Sequence[TensorSpec], b: int,
                                f"{want[1]}{list(want[0])}")
 
 
+def resolve_tuning(source: ModelSource, batch_sizes: Sequence[int], target: str, arch: str,
+                   tuning="auto", precision: str = "fp32", variant=None):
+    """(source, {batch: Variant or None}, manifest record or None): what `compile_model` compiles.
+
+    variant (tuning.Variant): use it for every batch size (the database is not read). Otherwise, for a zoo
+    model and `tuning` "auto" (data/tuning or $WORKBENCH_TUNING_DB) or a database directory, the database's
+    variants for (model, target/arch, precision); a zoo model asked for in its default (direct) form is
+    switched to the lowering the database found fastest (the artifact is then named e.g. resnet50-matmul: its
+    weights are laid out for that lowering). tuning None/False/"none": TVM's default pipeline (and `precision`).
+    Variants and fp16 are CUDA-only (the CPU pipeline compiles fp32 with TVM's defaults)."""
+    from workbench.models import tuning as tdb
+    if precision not in ("fp32", "fp16"):
+        raise CompileError(f"unknown precision {precision!r}: use fp32 or fp16")
+    if precision != "fp32" and target != "cuda":
+        raise CompileError(f"precision {precision} is for --target cuda only: the {target} pipeline compiles fp32")
+    if isinstance(tuning, str) and tuning.lower() in ("none", "off"):
+        tuning = None
+    if variant is not None:
+        if not isinstance(variant, tdb.Variant):
+            raise CompileError(f"variant must be a workbench.models.tuning.Variant, got {type(variant).__name__}")
+        if target != "cuda":
+            raise CompileError(f"compile variants are for --target cuda only, not {target!r}")
+        return source, {b: variant for b in batch_sizes}, {"variant": variant.to_json(), "database": None}
+    fallback = tdb.Variant(precision=precision) if precision != "fp32" else None
+    kind, _, name = source.origin.partition(":")
+    if not tuning or kind != "zoo":
+        return source, {b: fallback for b in batch_sizes}, None
+    from workbench.models import zoo
+    base, lowering = zoo.split_name(name)
+    directory = None if tuning == "auto" or tuning is True else tuning
+    if directory is not None and not Path(directory).is_dir():
+        raise CompileError(f"tuning database directory {directory} does not exist: pass an existing directory, "
+                           f"'auto' (data/tuning) or None")
+    zinfo = (source.architecture or {}).get("zoo") or {}
+    explicit = lowering != "direct" or not zinfo          # a lowering asked for by name, or cannot re-get
+    p = tdb.plan(base, target, arch if target == "cuda" else None, batch_sizes, precision,
+                 lowering=lowering if explicit else None, directory=directory)
+    if p is None:
+        if fallback is not None and lowering != "direct":
+            fallback = tdb.Variant(lowering=lowering, precision=precision)
+        return source, {b: fallback for b in batch_sizes}, None
+    if p.lowering != lowering:
+        source = zoo.get(base, seed=int(zinfo.get("seed", 0)), conv=p.lowering)
+    record = p.to_json()
+    record["requested"] = name
+    return source, dict(p.variants), record
+
+
 def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                   target: str = "cpu", arch: str = "sm_90", page_size: int = DEFAULT_PAGE_SIZE,
                   overwrite: bool = False, weights: str = "source", seed: int | None = None,
                   precompile_cubins: bool = False, cubin_cache_dir: str | Path | None = None,
-                  progress: Callable[[str], None] | None = None) -> Artifact:
+                  progress: Callable[[str], None] | None = None, tuning="auto", precision: str = "fp32",
+                  variant=None) -> Artifact:
     """Compile `source` for every batch size into the artifact directory `out_dir` and return it opened.
 
     target: "cpu" (llvm, generic x86-64) or "cuda" ({"kind": "cuda", "arch": arch}, host llvm; no GPU needed).
     weights: "source" (the model's own weights) or "synthetic" (a seeded numpy generator: weights.bin can then
     be regenerated anywhere, see artifact.regenerate_weights). The artifact is built in a temporary directory
     beside out_dir and renamed into place, so a failed compile leaves nothing behind.
+    tuning / precision / variant: how kernels are chosen (see `resolve_tuning`); the manifest's "tuning"
+    records what was applied (None: TVM's default pipeline).
     """
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
@@ -294,6 +358,15 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
     if not isinstance(page_size, int) or page_size < ALIGNMENT or page_size % ALIGNMENT:
         raise CompileError(f"page size {page_size!r} must be a positive multiple of {ALIGNMENT} bytes")
     say = progress or (lambda msg: None)
+    try:
+        source, variants, tuning_record = resolve_tuning(source, bs, target, arch, tuning, precision, variant)
+    except ArtifactError:
+        raise
+    except ValueError as e:               # ScheduleError and friends: a bad variant
+        raise CompileError(f"tuning: {e}") from None
+    if tuning_record is not None:
+        say(f"tuned variants from {tuning_record['database'] or 'the given variant'}: "
+            + ", ".join(f"b{b} {v.describe()}" for b, v in variants.items() if v is not None))
 
     import tvm
     from tvm import relax
@@ -321,7 +394,8 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
                 function_name, func = main_function(mod)
                 _check_signature(where, func, source.inputs, b, specs)
                 outs = output_types(func)
-                low = lower(mod, tgt)
+                applied: dict = {}
+                low = lower(mod, tgt, variants.get(b), applied)
                 peak, _, alloc_total = plan_memory(low[function_name])
                 scratch = kernel_scratch_bytes(low)
                 workspace = peak + scratch
@@ -354,6 +428,10 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
                 "workspace_alloc_bytes": int(alloc_total + scratch),
                 "compile_seconds": round(seconds, 3),
             }
+            if variants.get(b) is not None:
+                entry["variant"] = variants[b].to_json()
+                entry["variant"]["schedule"].pop("kernels", None)
+                entry["tuned_kernels"] = len(applied)
             if sources:
                 entry["cuda_source_sha256"] = [hashlib.sha256(s.encode()).hexdigest() for s in sources]
                 cubins[str(b)] = sources
@@ -374,6 +452,7 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
                         "generator": ({"name": SYNTHETIC_GENERATOR, "seed": int(seed or 0)}
                                       if weights == "synthetic" else None)},
             "architecture": _jsonable(source.architecture),
+            "tuning": _tuning_summary(tuning_record),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_manifest(tmp, manifest)
@@ -389,6 +468,20 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Artifact.open(out)
+
+
+def _tuning_summary(record: dict | None) -> dict | None:
+    """The manifest's record of tuning: where the variants came from, without the per-kernel maps (their
+    count per batch is in batches[b].tuned_kernels)."""
+    if record is None:
+        return None
+    out = {k: v for k, v in record.items() if k != "batches"}
+    if "batches" in record:
+        out["batches"] = {b: {k: v for k, v in e.items() if k != "variant"} for b, e in record["batches"].items()}
+    if "variant" in out:
+        out["variant"] = {**out["variant"], "schedule": {k: v for k, v in out["variant"]["schedule"].items()
+                                                         if k != "kernels"}}
+    return out
 
 
 def _jsonable(x):

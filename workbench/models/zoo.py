@@ -559,6 +559,7 @@ def get(name: str, seed: int = 0, conv: str | None = None) -> ModelSource:
     arch = analyze(make_module(1), num_inputs=len(entry.inputs))
     arch["description"] = entry.description + (", convs lowered to matmul (NHWC)" if lowering == "matmul" else "")
     arch["conv_lowering"] = lowering if "matmul" in entry.lowerings else None
+    arch["zoo"] = {"model": base, "lowering": lowering, "seed": int(seed)}   # lets the compiler re-get it
     if entry.published:
         arch["published"] = dict(entry.published)
     return ModelSource(name=full_name, origin=f"zoo:{full_name}", inputs=entry.inputs, make_module=make_module,

@@ -1,0 +1,384 @@
+"""Build the kernel-quality candidates here (full TVM, no GPU) for `bench.kernel_quality` to measure on the GPU.
+
+    python -m bench.build_kernel_candidates [--round 1] [--out .gpu/kq] [--bundle .gpu/kq.tar.xz]
+                                            [--models resnet50,mobilenet_v2,bert_base,resnet18] [--no-kernels]
+
+Two kinds of candidates, all for {"kind": "cuda", "arch": "sm_90"}:
+- whole models: a zoo model at one batch size compiled with one `tuning.Variant` (conv lowering, precision,
+  global schedule settings, relax CUDA-graph rewrite) -> models/<id>.so, measured end to end and checked
+  against the NumPy reference;
+- kernels: every matmul-like kernel (and every short-reduction kernel: depthwise convs) of a model variant,
+  scheduled once per choice of the search space (dlight Matmul configs, SmallReduction block sizes), many per
+  module -> kernels/<job>_<n>.so, measured one kernel at a time; the winners per kernel key become
+  per-kernel choices in the tuning database.
+Plus refs/<model>.npz: the NumPy (float64) reference outputs of 16 inputs for the zoo's seeded weights; the GPU
+script regenerates inputs and weights from their seeds (kernel_quality.reference_inputs, zoo.init_weight,
+both checked by sha256) instead of carrying them.
+
+Incremental: a candidate whose .json exists is not rebuilt (--force rebuilds). Compiles run one at a time
+(one core). fp16 candidates need a tvm-ffi whose serializer works (schedules.check_tensorize_support):
+run with PYTHONPATH=<dir with apache-tvm-ffi 0.1.14.post1> if the venv has 0.1.15.x; they are skipped
+otherwise. Then carry the bundle: carry=['.device-site', '.gpu/kq.tar.xz'].
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "sm_90"
+REF_SAMPLES = 16
+REF_SEED = 1234
+WEIGHT_SEED = 0
+KERNELS_PER_MODULE = 40
+
+# The search space of dlight's Matmul rule (fp32, SIMT): overrides of its CUDA config. x is the M (row) axis,
+# y the N axis; a tile is (vthread*block*micro)_x by _y, block_x*block_y threads: d 32x64 (dlight's), a 64x64,
+# b/c 128x128 (k 8/16), e 64x128, f 128x64, h 32x32 (64 threads), i 16x128 (small M), k 64x128 with vthreads.
+MATMUL_CONFIGS: dict[str, dict] = {
+    "d": {},                                                                                   # 32x64, 128 thr
+    "a": dict(block_size_x=16, block_size_y=16, micro_size_x=4, micro_size_y=4, micro_size_k=16, vector_size=4),
+    "b": dict(block_size_x=16, block_size_y=16, micro_size_x=8, micro_size_y=8, micro_size_k=8, vector_size=4),
+    "c": dict(block_size_x=16, block_size_y=16, micro_size_x=8, micro_size_y=8, micro_size_k=16, vector_size=4),
+    "e": dict(block_size_x=16, block_size_y=16, micro_size_x=4, micro_size_y=8, micro_size_k=16, vector_size=4),
+    "f": dict(block_size_x=16, block_size_y=16, micro_size_x=8, micro_size_y=4, micro_size_k=16, vector_size=4),
+    "h": dict(block_size_x=8, block_size_y=8, micro_size_x=4, micro_size_y=4, micro_size_k=16, vector_size=4),
+    "i": dict(block_size_x=8, block_size_y=32, micro_size_x=2, micro_size_y=4, micro_size_k=16, vector_size=4),
+    "k": dict(block_size_x=8, block_size_y=16, vthread_x=2, vthread_y=2, micro_size_x=4, micro_size_y=4,
+              micro_size_k=16, vector_size=4),
+}
+SMALL_REDUCTION_THREADS = (64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class ModelCandidate:
+    model: str                    # base zoo name
+    batch: int
+    label: str                    # e.g. fp32-a, fp16, fp32-sr256-a, fp32-cg
+    variant: dict                 # tuning.Variant JSON
+
+    @property
+    def lowering(self) -> str:
+        return self.variant["lowering"]
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}{'-matmul' if self.lowering == 'matmul' else ''}_b{self.batch}_{self.label}"
+
+
+def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, sr: int | None = None,
+             cuda_graph: bool = False) -> dict:
+    sched: dict = {}
+    if matmul:
+        sched["matmul"] = dict(MATMUL_CONFIGS[matmul])
+    if sr:
+        sched["small_reduction"] = sr
+    return {"lowering": lowering, "precision": precision, "cuda_graph": cuda_graph, "schedule": sched}
+
+
+def round1(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Whole-model candidates and kernel-search jobs (model, lowering, batch) of the first round."""
+    cands: list[ModelCandidate] = []
+
+    def add(model, b, label, **kw):
+        cands.append(ModelCandidate(model, b, label, _variant(**kw)))
+
+    for model in ("resnet50", "resnet18"):
+        for lw in ("direct", "matmul"):
+            for b in (1, 16):
+                add(model, b, "fp32", lowering=lw)
+                add(model, b, "fp32-a", lowering=lw, matmul="a")
+                if b == 16:
+                    add(model, b, "fp32-b", lowering=lw, matmul="b")
+                if model == "resnet50":
+                    add(model, b, "fp16", lowering=lw, precision="fp16")
+        if model == "resnet50":
+            add(model, 1, "fp32-cg", lowering="matmul", cuda_graph=True)
+    for lw in ("direct", "matmul"):
+        for b in (1, 16):
+            add("mobilenet_v2", b, "fp32", lowering=lw)
+            add("mobilenet_v2", b, "fp32-sr256", lowering=lw, sr=256)
+            add("mobilenet_v2", b, "fp32-sr256-a", lowering=lw, sr=256, matmul="a")
+            add("mobilenet_v2", b, "fp16-sr256", lowering=lw, precision="fp16", sr=256)
+    for b in (1, 16):
+        add("bert_base", b, "fp32", lowering="direct")
+        add("bert_base", b, "fp32-a", lowering="direct", matmul="a")
+        add("bert_base", b, "fp32-b", lowering="direct", matmul="b")
+        add("bert_base", b, "fp16", lowering="direct", precision="fp16")
+    add("bert_base", 1, "fp32-cg", lowering="direct", cuda_graph=True)
+    jobs = [(m, lw, b) for m in ("resnet50", "mobilenet_v2") for lw in ("direct", "matmul") for b in (1, 16)]
+    jobs += [("bert_base", "direct", b) for b in (1, 16)]
+    keep = set(models)
+    return [c for c in cands if c.model in keep], [j for j in jobs if j[0] in keep]
+
+
+def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Whole models composed from the round-1 kernel winners (bench/results/kernel_quality.json from `pick`):
+    per (model, lowering, batch) measured by the kernel search, the per-kernel choices on top of (a) TVM's
+    default rules and (b) the best global settings round 1 measured for that model/lowering/batch."""
+    winners = results["picked"]["kernel_winners"]
+    rows = [r for r in results["models"] if "tvm" in r and (r.get("numerics") or {}).get("pass")
+            and not r["variant"].get("cuda_graph")]
+    cands: list[ModelCandidate] = []
+    for job in sorted({w["job"] for w in winners.values()}):
+        name, _, b = job.rpartition("_b")
+        model, lowering = (name[:-len("-matmul")], "matmul") if name.endswith("-matmul") else (name, "direct")
+        if model not in models:
+            continue
+        kmap = {k: w["choice"] for k, w in winners.items() if w["job"] == job}
+        base = {"lowering": lowering, "precision": "fp32", "cuda_graph": False, "schedule": {"kernels": kmap}}
+        cands.append(ModelCandidate(model, int(b), "fp32-k", base))
+        same = [r for r in rows if r["model"] == model and r["batch"] == int(b) and r["variant"]["precision"] ==
+                "fp32" and r["variant"]["lowering"] == lowering]
+        if same:
+            best = min(same, key=lambda r: r["tvm"]["p50_ms"])
+            sched = {k: v for k, v in best["variant"]["schedule"].items() if k != "kernels"}
+            if sched:
+                cands.append(ModelCandidate(model, int(b), "fp32-k-" + best["label"].split("-", 1)[-1],
+                                            {**base, "schedule": {**sched, "kernels": kmap}}))
+    return cands, []
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _target():
+    from workbench.models.compiler import make_target
+    return make_target("cuda", ARCH)
+
+
+def _sig(func) -> list[list]:
+    from workbench.models.compiler import _tensor_sig, _ty
+    return [[list(s), d] for s, d in (_tensor_sig(_ty(p)) for p in func.params)]
+
+
+def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
+    meta_path = out / "models" / f"{c.id}.json"
+    if meta_path.is_file() and not force:
+        return json.loads(meta_path.read_text())
+    from tvm import relax
+    from workbench.models import schedules, zoo
+    from workbench.models.compiler import cuda_sources, lower, main_function
+    from workbench.models.tuning import Variant
+    v = Variant.from_json(c.variant)
+    if v.precision == "fp16" and not schedules.tensorize_supported():
+        print(f"  skip {c.id}: fp16 needs apache-tvm-ffi<0.1.15 (see schedules.check_tensorize_support)")
+        return None
+    tgt = _target()
+    src = zoo.get(c.model, seed=WEIGHT_SEED, conv=c.lowering if c.lowering != "direct" else None)
+    t0 = time.perf_counter()
+    mod = src.make_module(c.batch)
+    fname, func = main_function(mod)
+    applied: dict = {}
+    low = lower(mod, tgt, v, applied)
+    ex = relax.build(low, tgt, relax_pipeline=None)
+    so = out / "models" / f"{c.id}.so"
+    so.parent.mkdir(parents=True, exist_ok=True)
+    ex.export_library(str(so))
+    secs = time.perf_counter() - t0
+    sources = cuda_sources(ex)
+    meta = {"id": c.id, "model": c.model, "name": src.name, "batch": c.batch, "label": c.label,
+            "variant": c.variant, "so": f"models/{so.name}", "function": fname,
+            "cuda_source_sha256": [hashlib.sha256(s.encode()).hexdigest() for s in sources],
+            "kernels": sum(s.count("extern \"C\" __global__") for s in sources),
+            "tensor_core": any("wmma::mma_sync" in s or "mma.sync" in s for s in sources),
+            "signature": _sig(low[fname]), "num_inputs": len(src.inputs), "compile_s": round(secs, 2),
+            "so_bytes": so.stat().st_size}
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def build_kernel_job(model: str, lowering: str, b: int, out: Path, force: bool, seen: set[str]) -> dict:
+    """All measurable kernels of one model variant and batch, scheduled with every applicable choice."""
+    job = f"{model}{'-matmul' if lowering == 'matmul' else ''}_b{b}"
+    meta_path = out / "kernels" / f"{job}.json"
+    if meta_path.is_file() and not force:
+        meta = json.loads(meta_path.read_text())
+        seen.update(k["key"] for k in meta["kernels"])
+        return meta
+    import tvm
+    from workbench.models import schedules, zoo
+    tgt = _target()
+    src = zoo.get(model, seed=WEIGHT_SEED, conv=lowering if lowering != "direct" else None)
+    t0 = time.perf_counter()
+    (out / "kernels").mkdir(parents=True, exist_ok=True)
+    fused = schedules.fuse(src.make_module(b), tgt)
+    kernels = schedules.kernels(fused, tgt)
+    entries, funcs, modules = [], {}, []
+
+    def flush():
+        if not funcs:
+            return
+        n = len(modules)
+        so = out / "kernels" / f"{job}_{n}.so"
+        ex = tvm.compile(tvm.IRModule(dict(funcs)), target=tgt)
+        ex.export_library(str(so))
+        from workbench.models.compiler import cuda_sources
+        srcs = cuda_sources(ex)
+        modules.append({"so": f"kernels/{so.name}", "functions": sorted(funcs),
+                        "cuda_source_sha256": [hashlib.sha256(s.encode()).hexdigest() for s in srcs]})
+        funcs.clear()
+
+    for k in kernels:
+        if k.key in seen:
+            continue
+        if k.default_rule == "matmul":
+            choices = [{"rule": "matmul", "config": dict(cfg), "label": lab} for lab, cfg in MATMUL_CONFIGS.items()]
+        elif k.default_rule == "general_reduction":
+            choices = [{"rule": "default", "label": "default"}] + [
+                {"rule": "small_reduction", "threads": t, "label": f"sr{t}"} for t in SMALL_REDUCTION_THREADS]
+        else:
+            continue
+        scheduled = schedules.candidate_schedules(k, tgt, [{kk: vv for kk, vv in c.items() if kk != "label"}
+                                                          for c in choices])
+        if k.default_rule == "general_reduction" and all(s is None for s in scheduled[1:]):
+            continue                          # a long reduction (softmax, layernorm): not a SmallReduction kernel
+        seen.add(k.key)
+        rec = k.describe()
+        rec["choices"] = []
+        if len(funcs) + len(choices) > KERNELS_PER_MODULE:
+            flush()
+        for c, f in zip(choices, scheduled):
+            sym = None
+            if f is not None:
+                sym = f"k{k.key}_{c['label']}"
+                funcs[sym] = f.with_attr("global_symbol", sym)
+            rec["choices"].append({**c, "symbol": sym, "module": len(modules)})
+        entries.append(rec)
+    flush()
+    meta = {"job": job, "model": model, "lowering": lowering, "batch": b, "kernels": entries, "modules": modules,
+            "all_kernels": [k.describe() for k in kernels], "build_s": round(time.perf_counter() - t0, 1)}
+    meta_path.write_text(json.dumps(meta) + "\n")
+    return meta
+
+
+def build_refs(model: str, out: Path, force: bool) -> dict:
+    """16 inputs, the NumPy reference outputs, and what regenerates the weights (seed, shapes, scales)."""
+    from workbench.models import zoo
+    from workbench.models.reference import reference_forward
+    path = out / "refs" / f"{model}.npz"
+    meta_path = out / "refs" / f"{model}.json"
+    if meta_path.is_file() and path.is_file() and not force:
+        return json.loads(meta_path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = zoo.get(model, seed=WEIGHT_SEED)
+    canonical = zoo.canonical_shapes(model)
+    entry = zoo._ZOO[model]
+    weights = src.weights()
+    h = hashlib.sha256()
+    for _, w in weights:
+        h.update(np.ascontiguousarray(w).tobytes())
+    from bench.kernel_quality import reference_inputs
+    spec = src.inputs[0]
+    high = zoo.TRANSFORMER_CONFIGS[model].vocab if model in zoo.TRANSFORMER_CONFIGS else None
+    x = reference_inputs(spec.to_json(), REF_SAMPLES, REF_SEED, high)
+    t0 = time.perf_counter()
+    y = np.concatenate([reference_forward(model, [x[i:i + 4]], weights) for i in range(0, REF_SAMPLES, 4)])
+    np.savez(path, y=y)                   # the inputs are regenerated from the seed (random floats do not compress)
+    lowered = {}
+    if "matmul" in entry.lowerings:
+        lowered["matmul"] = [[n, list(w.shape)] for n, w in zoo.get(model, seed=WEIGHT_SEED, conv="matmul").weights()]
+    meta = {"model": model, "seed": WEIGHT_SEED, "weights_sha256": h.hexdigest(),
+            "canonical": [[n, list(s), float(entry.scale(n))] for n, s in canonical.items()],
+            "lowered": lowered, "ref": f"refs/{path.name}", "input": spec.to_json(), "samples": REF_SAMPLES,
+            "input_seed": REF_SEED, "input_high": high, "x_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+            "ref_seconds": round(time.perf_counter() - t0, 1), "ref_abs_max": float(np.abs(y).max())}
+    meta_path.write_text(json.dumps(meta) + "\n")
+    return meta
+
+
+def pack(out: Path, bundle: Path) -> Path:
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    tmp = bundle.with_name(f".{bundle.name}.tmp-{os.getpid()}")
+    with tarfile.open(tmp, "w:xz", preset=6) as tar:
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                tar.add(p, arcname=str(p.relative_to(out)))
+    os.replace(tmp, bundle)
+    return bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
+    p.add_argument("--round", type=int, default=1, choices=[1, 2])
+    p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
+                   help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
+    p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
+    p.add_argument("--out", default=str(ROOT / ".gpu" / "kq"))
+    p.add_argument("--bundle", default=str(ROOT / ".gpu" / "kq.tar.xz"))
+    p.add_argument("--no-kernels", action="store_true", help="whole-model candidates and references only")
+    p.add_argument("--no-models", action="store_true", help="kernel candidates and references only")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
+    a = p.parse_args(argv)
+    models = [m for m in a.models.split(",") if m]
+    if a.round == 1:
+        cands, jobs = round1(models)
+    else:
+        cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
+    out = Path(a.out)
+    if a.dry_run:
+        for c in cands:
+            print(c.id, json.dumps(c.variant))
+        for j in jobs:
+            print("kernels", j)
+        return 0
+    from workbench.models import schedules
+    import tvm_ffi
+    print(f"tvm-ffi {tvm_ffi.__version__}; tensor cores (fp16) buildable: {schedules.tensorize_supported()}",
+          flush=True)
+    t_all = time.perf_counter()
+    refs = {}
+    for m in models:
+        t0 = time.perf_counter()
+        refs[m] = build_refs(m, out, a.force)
+        print(f"refs {m}: {time.perf_counter() - t0:.1f} s", flush=True)
+    built = []
+    if not a.no_models:
+        for i, c in enumerate(cands):
+            t0 = time.perf_counter()
+            meta = build_model(c, out, a.force)
+            if meta is not None:
+                built.append(meta)
+                print(f"[{i + 1}/{len(cands)}] {c.id}: {meta['kernels']} kernels, compile {meta['compile_s']} s "
+                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    kjobs = []
+    if not a.no_kernels:
+        seen: set[str] = set()
+        for m, lw, b in jobs:
+            t0 = time.perf_counter()
+            meta = build_kernel_job(m, lw, b, out, a.force, seen)
+            kjobs.append(meta)
+            n = sum(len([c for c in k["choices"] if c["symbol"]]) for k in meta["kernels"])
+            print(f"kernels {meta['job']}: {len(meta['kernels'])} kernels, {n} schedules in "
+                  f"{len(meta['modules'])} modules ({time.perf_counter() - t0:.1f} s)", flush=True)
+    import tvm
+    manifest = {"format": "workbench-kq-candidates", "version": 1, "round": a.round, "arch": ARCH,
+                "tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": refs,
+                "candidates": built, "kernel_jobs": [{k: v for k, v in j.items() if k != "all_kernels"}
+                                                     for j in kjobs],
+                "matmul_configs": MATMUL_CONFIGS,
+                # compile time of everything in the bundle (incremental runs skip what exists): the tuning cost
+                "build_s": round(sum(c["compile_s"] for c in built) + sum(j["build_s"] for j in kjobs)
+                                 + sum(r["ref_seconds"] for r in refs.values()), 1),
+                "this_run_s": round(time.perf_counter() - t_all, 1)}
+    (out / "manifest.json").write_text(json.dumps(manifest) + "\n")
+    t0 = time.perf_counter()
+    bundle = pack(out, Path(a.bundle))
+    print(f"wrote {bundle} ({bundle.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s; "
+          f"carry=['.device-site', '{bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle}']")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

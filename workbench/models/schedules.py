@@ -1,0 +1,443 @@
+"""Kernel schedules for the CUDA pipeline, with the knobs that tuning turns.
+
+TVM 0.27's default CUDA pipeline schedules every fused kernel with dlight rules (Matmul, GEMV, Reduction,
+GeneralReduction, Fallback) using fixed parameters. This module exposes them:
+- `ScheduleSpec`: what tuning chooses (JSON-able): a global override of the dlight Matmul config, the
+  `SmallReduction` rule on/off with its block size, and per-kernel choices keyed by `kernel_key`;
+- `SmallReduction`: a rule for reductions too short to share between threads (a 3x3 depthwise conv reduces
+  over 9 values): one thread per output, the reduction unrolled in registers. dlight's GeneralReduction gives
+  such a kernel one thread block per output (MobileNetV2 b16: 12x slower than torch);
+- `kernel_key(func)`: a stable id of an unscheduled kernel (structural hash of its TIR, which includes the
+  shapes), so a choice measured for one kernel applies wherever the same kernel appears;
+- `relax_pipeline(target, spec, precision)`: the default CUDA pipeline with `ApplyTunedSchedule` in place of
+  dlight's ApplyDefaultSchedule, optionally after `ToMixedPrecision` (fp16 inputs to matmul/conv, fp32
+  accumulation and outputs: the analogue of torch's fp16 autocast);
+- `candidate_schedules(func, target, choices)`: one scheduled PrimFunc per choice, for measuring kernels alone.
+
+Tensor cores (fp16): dlight's Matmul rule tensorizes fp16 matmuls with M, N, K > 64 through wmma intrinsics.
+`s_tir::Tensorize` deep-copies the intrinsic through tvm-ffi's JSON graph serializer, which segfaults in
+apache-tvm-ffi 0.1.15.x on any object with a DataType field (0.1.14.x works; the built .so files are
+bit-identical): `check_tensorize_support()` probes for it in a subprocess so a compile fails with a clear error
+instead of a crash. Needs the full TVM (compiler side only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+# dlight's Matmul config for CUDA in TVM 0.27 (dl.gpu.Matmul.get_configs): a 32x64 tile, 128 threads.
+MATMUL_FIELDS = ("block_size_x", "block_size_y", "vthread_x", "vthread_y", "micro_size_x", "micro_size_y",
+                 "micro_size_k", "vector_size", "unroll", "use_shared", "storage_align", "inner_x")
+DEFAULT_SMALL_REDUCTION_MAX = 64          # longest reduction SmallReduction takes (3x3 depthwise = 9, 5x5 = 25)
+PRECISIONS = ("fp32", "fp16")
+RULES = ("default", "matmul", "small_reduction")
+
+
+class ScheduleError(ValueError):
+    """A schedule choice that cannot be used (unknown rule or field); the message names it and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What tuning chooses
+# ---------------------------------------------------------------------------------------------------------
+
+def check_matmul_config(cfg: dict | None, where: str = "matmul config") -> dict | None:
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict):
+        raise ScheduleError(f"{where} must be an object of dlight Matmul.Config fields, got {cfg!r}")
+    bad = sorted(set(cfg) - set(MATMUL_FIELDS))
+    if bad:
+        raise ScheduleError(f"{where}: unknown field(s) {', '.join(bad)}; valid: {', '.join(MATMUL_FIELDS)}")
+    for k, v in cfg.items():
+        if k in ("use_shared", "storage_align", "inner_x"):
+            if not isinstance(v, bool):
+                raise ScheduleError(f"{where}: {k} must be true or false, got {v!r}")
+        elif not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "unroll" else 1):
+            raise ScheduleError(f"{where}: {k} must be a positive integer, got {v!r}")
+    return dict(cfg)
+
+
+def check_choice(choice: dict, where: str = "kernel choice") -> dict:
+    """A per-kernel choice: {"rule": "default"} | {"rule": "matmul", "config": {...}} |
+    {"rule": "small_reduction", "threads": n}."""
+    if not isinstance(choice, dict) or choice.get("rule") not in RULES:
+        raise ScheduleError(f"{where}: {choice!r} needs a 'rule' among {', '.join(RULES)}")
+    rule = choice["rule"]
+    if rule == "matmul":
+        check_matmul_config(choice.get("config") or {}, f"{where} config")
+    if rule == "small_reduction":
+        t = choice.get("threads")
+        if not isinstance(t, int) or t < 32 or t > 1024 or t % 32:
+            raise ScheduleError(f"{where}: threads must be a multiple of 32 in [32, 1024], got {t!r}")
+    return dict(choice)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """How to schedule a model's kernels. Empty = TVM's default dlight schedules."""
+    matmul: dict | None = None                    # overrides of dlight's CUDA Matmul config, for every matmul
+    small_reduction: int | None = None            # threads per block of SmallReduction (None: rule off)
+    kernels: dict[str, dict] = field(default_factory=dict)   # kernel_key -> choice (check_choice)
+
+    def __post_init__(self):
+        check_matmul_config(self.matmul, "schedule.matmul")
+        if self.small_reduction is not None:
+            check_choice({"rule": "small_reduction", "threads": self.small_reduction}, "schedule.small_reduction")
+        for k, c in self.kernels.items():
+            check_choice(c, f"schedule.kernels[{k}]")
+
+    @property
+    def is_default(self) -> bool:
+        return self.matmul is None and self.small_reduction is None and not self.kernels
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.matmul is not None:
+            out["matmul"] = dict(self.matmul)
+        if self.small_reduction is not None:
+            out["small_reduction"] = self.small_reduction
+        if self.kernels:
+            out["kernels"] = {k: dict(v) for k, v in sorted(self.kernels.items())}
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "ScheduleSpec":
+        d = d or {}
+        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels"})
+        if bad:
+            raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: matmul, small_reduction, "
+                                f"kernels")
+        return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _rule_classes():
+    """The rule classes, built on first use (they subclass dlight's, which need the TVM compiler)."""
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+    from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+
+    class ConfiguredMatmul(dl.gpu.Matmul):
+        """dlight's Matmul rule with some fields of its CUDA config replaced (tensor-core paths unchanged)."""
+
+        def __init__(self, overrides: dict | None = None):
+            self.overrides = dict(overrides or {})
+
+        def get_configs(self, target):
+            cfg = super().get_configs(target)
+            return dataclasses.replace(cfg, **self.overrides) if self.overrides else cfg
+
+    class SmallReduction(GPUScheduleRule):
+        """One thread per output for kernels whose reductions are all short (constant extent product <=
+        `max_reduction`), e.g. depthwise convolutions; the reduction is unrolled. Same structure as dlight's
+        Fallback, with a chosen block size."""
+
+        def __init__(self, threads: int = 256, max_reduction: int = DEFAULT_SMALL_REDUCTION_MAX):
+            self.threads = threads
+            self.max_reduction = max_reduction
+
+        def apply(self, func, target, _):
+            from tvm import tirx
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or not any(i.is_reduction() for i in infos):
+                return None
+            for info in infos:
+                if not info.is_reduction():
+                    continue
+                n = 1
+                for it in info.iters:
+                    if it.kind == "R":
+                        if not isinstance(it.dom, (int, tirx.IntImm)):
+                            return None
+                        n *= int(it.dom)
+                if n > self.max_reduction:
+                    return None
+            infos = try_inline(sch, infos)
+            if len(infos) == 2 and infos[0].is_reduction() and infos[1].is_injective():
+                # reduction + elementwise epilogue (bias, activation): each thread computes its output in a
+                # register and applies the epilogue; the intermediate never reaches global memory
+                red, epi = infos[0].block_rv, infos[1].block_rv
+                bx, tx = sch.split(sch.fuse(*sch.get_loops(epi)), factors=[None, self.threads])
+                sch.bind(bx, "blockIdx.x")
+                sch.bind(tx, "threadIdx.x")
+                sch.compute_at(red, tx, preserve_unit_loops=True)
+                sch.set_scope(red, 0, "local")
+                inner = sch.get_loops(red)[2:]
+                for lp in inner:
+                    sch.unroll(lp)
+                # no decompose_reduction (the fused bindings are not quasi-affine for it): the init runs under
+                # "first reduction step", which unrolling turns into straight-line code
+                return sch
+            if len(infos) != 1 or not infos[0].is_reduction():
+                return None
+            block = infos[0].block_rv
+            s_loops, r_loops, o_loops = [], [], []
+            for lp, kind in zip(sch.get_loops(block), infos[0].dom_kind()):
+                {"S": s_loops, "R": r_loops, "O": o_loops}[kind].append(lp)
+            if o_loops:
+                return None
+            if not s_loops:
+                s_loops.append(sch.add_unit_loop(block))
+            sch.reorder(*s_loops, *r_loops)
+            bx, tx = sch.split(sch.fuse(*s_loops), factors=[None, self.threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            for lp in r_loops:
+                sch.unroll(lp)
+            if r_loops:
+                sch.decompose_reduction(block, r_loops[0])
+            return sch
+
+    return ConfiguredMatmul, SmallReduction
+
+
+def matmul_rule(overrides: dict | None = None):
+    return _rule_classes()[0](check_matmul_config(overrides))
+
+
+def small_reduction_rule(threads: int = 256, max_reduction: int = DEFAULT_SMALL_REDUCTION_MAX):
+    return _rule_classes()[1](threads, max_reduction)
+
+
+def default_rules(spec: ScheduleSpec | None = None) -> list:
+    """dlight's CUDA rule list (relax.backend.cuda.legalize_passes), with the spec's global settings."""
+    from tvm.s_tir import dlight as dl
+    spec = spec or ScheduleSpec()
+    rules = [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
+    if spec.small_reduction is not None:
+        rules.append(small_reduction_rule(spec.small_reduction))
+    return rules + [dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def choice_rule(choice: dict, spec: ScheduleSpec | None = None):
+    """The rule a per-kernel choice names (None for "default": use the spec's rule list)."""
+    choice = check_choice(choice)
+    if choice["rule"] == "matmul":
+        base = dict((spec.matmul if spec else None) or {})
+        base.update(choice.get("config") or {})
+        return matmul_rule(base)
+    if choice["rule"] == "small_reduction":
+        return small_reduction_rule(choice["threads"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------
+
+def kernel_key(func) -> str:
+    """Stable id of an unscheduled TIR kernel: its structural hash (shapes and dtypes included)."""
+    import tvm_ffi
+    return f"{tvm_ffi.structural_hash(func) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def apply_rules(func, target, rules: Iterable):
+    """The first schedule a rule gives for `func` (or None)."""
+    from tvm import s_tir
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a rule that cannot schedule this kernel passes it on, as in dlight
+            sch = None
+        if isinstance(sch, list):
+            sch = sch[0] if sch else None
+        if sch is not None:
+            assert isinstance(sch, s_tir.Schedule)
+            return sch
+    return None
+
+
+def _apply_tuned(mod, spec: ScheduleSpec, target, applied: dict | None = None):
+    from tvm import tirx
+    rules = default_rules(spec)
+    updated = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
+            continue
+        tgt = func.attrs["target"] if func.attrs is not None and "target" in func.attrs else target
+        sch = None
+        choice = spec.kernels.get(kernel_key(func)) if spec.kernels else None
+        if choice is not None:
+            rule = choice_rule(choice, spec)
+            if rule is not None:
+                sch = apply_rules(func, tgt, [rule])
+            if applied is not None:
+                applied[gv.name_hint] = choice if (sch is not None or rule is None) else {"rule": "default",
+                                                                                         "note": "choice failed"}
+        if sch is None:
+            sch = apply_rules(func, tgt, rules)
+        if sch is not None:
+            updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    for gv, f in updated.items():
+        mod[gv] = f
+    return mod
+
+
+def apply_tuned_schedule(spec: ScheduleSpec, applied: dict | None = None):
+    """A module pass: schedule every unscheduled PrimFunc by its per-kernel choice if `spec` has one, else by
+    the (configured) dlight rules. `applied` (optional) collects kernel name -> choice used."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="ApplyTunedSchedule")
+    def _pass(mod, _ctx):
+        from tvm.target import Target
+        return _apply_tuned(mod, spec, Target.current(allow_none=False), applied)
+
+    return _pass
+
+
+def fusion_passes(target) -> list:
+    """The CUDA pipeline up to (not including) scheduling: the kernels these produce are what `kernel_key`
+    identifies, so the candidate builder and the compiler must use exactly these."""
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda      # (relax.pipeline's dispatcher misses 2 of 4)
+    return cuda.library_dispatch_passes(target) + [
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+        relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def mixed_precision(mod, precision: str):
+    """fp16: matmul/conv inputs in fp16, fp32 accumulation and outputs (relax ToMixedPrecision)."""
+    if precision not in PRECISIONS:
+        raise ScheduleError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp16":
+        from tvm import relax
+        check_tensorize_support()
+        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    return mod
+
+
+def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | None = None):
+    """The default relax CUDA pipeline (relax.backend.cuda.get_default_pipeline) scheduling with `spec`."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline as cuda
+    spec = spec or ScheduleSpec()
+
+    @tvm.transform.module_pass(opt_level=0, name="TunedCUDAPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                fusion_passes(target) + [apply_tuned_schedule(spec, applied)]
+                + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def fuse(mod, target, precision: str = "fp32"):
+    """The relax module after fusion (kernels unscheduled), as the pipeline sees it before scheduling."""
+    import tvm
+    mod = mixed_precision(mod, precision)
+    with target:
+        return tvm.transform.Sequential(fusion_passes(target))(mod)
+
+
+@dataclass
+class Kernel:
+    """One unscheduled kernel of a fused module, with what is needed to run it alone."""
+    name: str
+    key: str
+    func: Any
+    params: list[tuple[tuple[int, ...], str]]      # (shape, dtype) of every buffer parameter, in order
+    outputs: list[int]                              # indices of the parameters the kernel writes
+    default_rule: str                               # which dlight rule schedules it by default
+
+    def describe(self) -> dict:
+        return {"name": self.name, "key": self.key, "params": [[list(s), d] for s, d in self.params],
+                "outputs": self.outputs, "default_rule": self.default_rule}
+
+
+def _written_params(func) -> list[int]:
+    """Indices of the parameters a kernel stores to (in TVM 0.27 a parameter is a tensor-typed Var whose
+    name is the name of the buffer the body stores to)."""
+    import tvm_ffi
+    from tvm import tirx
+    stored: set[str] = set()
+    tvm_ffi.structural_walk(func.body, [(tirx.BufferStore, lambda node: stored.add(node.buffer.name))],
+                            order="post")
+    return [i for i, p in enumerate(func.params) if p.name in stored]
+
+
+def kernels(fused_mod, target) -> list[Kernel]:
+    """The kernels of a fused module (see `fuse`), in name order, with their default rule."""
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+    names = [("matmul", matmul_rule()), ("gemv", dl.gpu.GEMV()), ("reduction", dl.gpu.Reduction()),
+             ("general_reduction", dl.gpu.GeneralReduction()), ("fallback", dl.gpu.Fallback())]
+    out = []
+    with target:
+        for gv, f in sorted(fused_mod.functions_items(), key=lambda kv: kv[0].name_hint):
+            if not isinstance(f, tirx.PrimFunc):
+                continue
+            params = []
+            for p in f.params:
+                if not hasattr(p, "shape"):
+                    params = None
+                    break
+                try:
+                    params.append((tuple(int(d) for d in p.shape), str(p.dtype)))
+                except (TypeError, ValueError):
+                    params = None
+                    break
+            if params is None:
+                continue                                # symbolic shapes or scalar params: not measurable alone
+            rule = "none"
+            for rn, r in names:
+                if apply_rules(f, target, [r]) is not None:
+                    rule = rn
+                    break
+            out.append(Kernel(gv.name_hint, kernel_key(f), f, params, _written_params(f), rule))
+    return out
+
+
+def candidate_schedules(kernel: Kernel, target, choices: list[dict], spec: ScheduleSpec | None = None) -> list:
+    """One scheduled PrimFunc (or None where the rule does not apply) per choice."""
+    out = []
+    with target:
+        for c in choices:
+            rule = choice_rule(c, spec)
+            rules = [rule] if rule is not None else default_rules(spec)
+            sch = apply_rules(kernel.func, target, rules)
+            out.append(None if sch is None else sch.mod["main"].with_attr("tirx.is_scheduled", True))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tvm-ffi serializer check (tensor cores)
+# ---------------------------------------------------------------------------------------------------------
+
+_PROBE = "import tvm; tvm.ir.save_json(tvm.ir.PrimType('float32'))"
+
+
+@functools.lru_cache(maxsize=None)
+def tensorize_supported() -> bool:
+    """Whether this TVM + tvm-ffi can serialize IR (Tensorize needs it); probed in a subprocess because the
+    broken combination segfaults."""
+    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=120)
+    return r.returncode == 0
+
+
+def check_tensorize_support() -> None:
+    if not tensorize_supported():
+        import tvm_ffi
+        raise ScheduleError(
+            f"fp16 (tensor-core) kernels cannot be compiled with apache-tvm-ffi {tvm_ffi.__version__}: its JSON "
+            f"serializer crashes on IR with DataType fields, which TVM's Tensorize uses (segfault). Install "
+            f"'apache-tvm-ffi<0.1.15' (0.1.14.post1 works with apache-tvm 0.27; the compiled .so files are "
+            f"identical), or compile with precision fp32")
