@@ -35,6 +35,7 @@ from workbench.worker.page_cache import Allocation
 
 ALIGN = 256
 H2D, D2H = 1, 2     # cudaMemcpyKind
+STAGE_BELOW = 4 << 20   # pageable inputs smaller than this go through pinned staging (see copy_input)
 
 
 class CUDAUnavailable(RuntimeError):
@@ -259,9 +260,11 @@ class CUDADevice(Device):
                    io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
         """Enqueue the input copy on this GPU's input stream and return at once: the exec stream waits for it
         on the GPU (`_Staged.done`), and its duration is read from events after the exec (`input_timing`).
-        An input already in pinned memory (the process worker's shared memory) is copied from where it lies;
-        a pageable one (a notebook's array) is first staged at `host_offset` of the pinned host io arena
-        (measured: a pageable cudaMemcpyAsync of 600 KB took ~280 us on the H200's host, staging ~60 us)."""
+        An input already in pinned memory (the process worker's shared memory) is copied from where it lies.
+        A small pageable one (a notebook's array) is first staged at `host_offset` of the pinned host io arena
+        (measured on the H200's host: a pageable cudaMemcpyAsync of 600 KB ~280 us, staging ~60 us); a large
+        one is copied by the driver from where it lies (pageable H2D runs at 14.6 GB/s there, a host memcpy
+        into pinned memory at 5.8-8 GB/s)."""
         cp = self.cp
         with cp.cuda.Device(self.devices[gpu]):
             stream = self._stream("inputs", gpu)
@@ -275,8 +278,8 @@ class CUDADevice(Device):
                 dst = io.data.ptr + off
                 if inputs is not None:
                     x = np.ascontiguousarray(inputs[i])
-                    if self._is_pinned(x):
-                        keep.append(x)       # must live until the DMA has read it
+                    if nb >= STAGE_BELOW or self._is_pinned(x):
+                        keep.append(x)       # a pinned source must live until the DMA has read it
                         src = x.ctypes.data
                     else:
                         self.host_io[hoff:hoff + nb] = x.reshape(-1).view(np.uint8)
