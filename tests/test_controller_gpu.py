@@ -17,7 +17,7 @@ def artifact(name):
     for d in SEARCH:
         if (d / name / "manifest.json").is_file():
             return d / name
-    pytest.skip(f"artifact {name} not in {[str(d) for d in SEARCH]}: run `python -m bench.build_gpu_artifacts` "
+    pytest.fail(f"artifact {name} not in {[str(d) for d in SEARCH]}: run `python -m bench.build_gpu_artifacts` "
                 f"on the build machine and carry .gpu/ to the GPU machine")
 
 
@@ -52,7 +52,7 @@ def controller(models):
 
 @pytest.mark.gpu
 def test_outputs_reach_the_right_request_on_the_gpu():
-    from workbench.models import zoo
+    from workbench.models.artifact import Artifact
     from workbench.models.reference import reference_forward
     clock, ctl, rec, ids = controller({"mlp_cuda": 2})
     try:
@@ -61,7 +61,8 @@ def test_outputs_reach_the_right_request_on_the_gpu():
         w = Waiter(len(xs))
         rids = [ctl.submit(ids["mlp_cuda"][i % 2], inputs=x, slo=1000 * MS, callback=w) for i, x in enumerate(xs)]
         assert w.done.wait(120)
-        weights = zoo.get("mlp").weights()
+        art = Artifact.open(artifact("mlp_cuda"))          # the weights the GPU ran with (no compiler here)
+        weights = [(t.name, a) for t, a in zip(art.tensors, art.weight_arrays())]
         for rid, x in zip(rids, xs):
             o = w.out[rid]
             assert o.status == "success", o.message
@@ -91,6 +92,51 @@ def test_resnet50_copies_poisson_on_the_gpu():
         assert inf.height > 0 and (inf["gpu_clock"] > 0).all()
         late = rec.requests().filter((pl.col("status") == "success") & (pl.col("completion") > pl.col("deadline")))
         assert late.height == 0
+    finally:
+        ctl.close()
+        clock.close()
+
+
+@pytest.mark.gpu
+def test_cuda_process_worker_killed_is_reloaded_and_serves_again():
+    """The CUDA executor process killed with SIGKILL: requests in flight end with error once, the controller
+    hears the restart, loads the model from disk again (its weights too, on demand) and serves on the GPU."""
+    import signal
+    import time
+    from workbench.clock import RealClock
+    from workbench.controller import Controller
+    from workbench.worker.config import WorkerConfig
+    from workbench.worker.process import ProcessWorker
+    clock = RealClock()
+    ctl = Controller(clock)
+    restarts = []
+    try:
+        cfg = WorkerConfig.load(None, weights_cache_size="8 GiB", io_pool_size="256 MiB",
+                                workspace_pool_size="2 GiB", host_io_pool_size="256 MiB")
+        ctl.add_worker(lambda cb: ProcessWorker("cuda", cfg, cb, num_gpus=1, on_restart=restarts.append))
+        ids = ctl.load_model(str(artifact("mlp_cuda")), 2)
+        ctl.wait_ready(300)
+        x = np.zeros(128, np.float32)
+
+        def batch(n, slo_ms):
+            w = Waiter(n)
+            for i in range(n):
+                ctl.submit(ids[i % 2], inputs=x, slo=slo_ms * MS, callback=w)
+            return w
+        first = batch(20, 5000)
+        assert first.done.wait(120) and {o.status for o in first.out.values()} == {"success"}
+        os.kill(ctl.workers[0].pid, signal.SIGKILL)
+        during = batch(10, 3000)
+        assert during.done.wait(120)
+        end = time.monotonic() + 300
+        while (not restarts or any(g.failed for g in ctl.gpus)) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert restarts == [1] and not any(g.failed for g in ctl.gpus), (ctl.gpus, ctl.summary())
+        after = batch(20, 5000)
+        assert after.done.wait(120) and {o.status for o in after.out.values()} == {"success"}, \
+            [o.message for o in after.out.values() if o.status != "success"][:3]
+        assert all(set(w.calls.values()) == {1} for w in (first, during, after))
+        assert ctl.summary()["worker_restarts"] == 1
     finally:
         ctl.close()
         clock.close()

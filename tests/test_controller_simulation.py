@@ -59,3 +59,20 @@ def test_cli_simulate(capsys):
     assert "clockwork:" in out and "goodput" in out
     assert cli(["simulate", "--models", "resnet50:x"]) == 2
     assert "NAME[:COPIES]" in capsys.readouterr().err
+
+
+def test_telemetry_rows_follow_the_recorder_schema():
+    """The controller writes rows positionally (Recorder.add_*_row): its column order must be the schema's."""
+    import polars as pl
+    from workbench.controller.controller import _ACTION_FIELDS, _REQUEST_FIELDS
+    from workbench.telemetry.recorder import ACTION_FIELDS, REQUEST_FIELDS, Recorder
+    assert _REQUEST_FIELDS == REQUEST_FIELDS and _ACTION_FIELDS == ACTION_FIELDS
+    rec = Recorder()
+    simulate({"resnet50": 4}, duration_s=0.5, recorder=rec, workload=lambda ids: Poisson(ids, rate=400, slo_ms=50))
+    acts = rec.actions()
+    inf = acts.filter(pl.col("type") == "INFER")
+    assert (inf["gpu_clock_before"] > 0).all() and (inf["copies_loaded"] >= 1).all()
+    assert (inf["requests_queued"] >= 0).all()
+    reqs = rec.requests()
+    assert reqs.height > 100 and set(reqs["status"]) <= {"success", "dropped"}
+    assert (reqs.filter(pl.col("status") == "success")["latency"] > 0).all()

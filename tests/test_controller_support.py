@@ -79,3 +79,111 @@ def exec_overlaps(actions):
 
 
 __all__ = ["make", "Outcomes", "submit_at", "exec_overlaps", "MS", "WorkerConfig", "ControllerConfig"]
+
+
+class FaultyWorker:
+    """A real EmulatedWorker behind a faulty link, for fault tests (same constructor as EmulatedWorker).
+
+    - `hold(t0, t1)`: the worker hangs from t0 to t1: every result it produces in that window is held back and
+      delivered, in order, at t1 (t1 = None: never; the worker has stopped answering).
+    - `delay(fn)`: `fn(result) -> ns` extra delay for each result (a slow link, a stalled process).
+    - `crash_at(t)`: the worker dies at t, as `ProcessWorker` reports it: every action not yet answered gets one
+      RUNTIME_ERROR, a fresh worker (no models, empty caches) replaces it, then `on_restart(restarts)`."""
+
+    def __init__(self, clock, num_gpus, profile, config, on_result, seed=0):
+        self.clock, self.on_result, self.seed = clock, on_result, seed
+        self._args = (num_gpus, profile, config)
+        self.num_gpus = num_gpus
+        self.on_restart = None
+        self.restarts = 0
+        self.gen = 0
+        self.holds = []               # (t0, t1 or None)
+        self.delay_fn = None
+        self.undelivered = {}         # action id -> action submitted and not yet answered to the controller
+        self.delivered = 0
+        self.inner = self._new_inner()
+
+    def _new_inner(self):
+        from workbench.worker.emulated import EmulatedWorker
+        n, profile, config = self._args
+        return EmulatedWorker(self.clock, n, profile, config, lambda r, g=self.gen: self._produced(g, r),
+                              seed=self.seed + 1000 * self.gen)
+
+    def hold(self, t0, t1=None):
+        self.holds.append((t0, t1))
+
+    def delay(self, fn):
+        self.delay_fn = fn
+
+    def crash_at(self, t):
+        self.clock.call_at(t, self.crash)
+
+    def submit(self, action):
+        self.undelivered[action.id] = action
+        self.inner.submit(action)
+
+    def _produced(self, gen, r):
+        if gen != self.gen:
+            return                     # from a crashed generation: already answered with RUNTIME_ERROR
+        now = self.clock.now()
+        t = now + (self.delay_fn(r) if self.delay_fn else 0)
+        for t0, t1 in self.holds:
+            if t0 <= now and (t1 is None or now < t1):
+                t = max(t, 1 << 62) if t1 is None else max(t, t1)
+        if t >= 1 << 62:
+            return                     # never answered
+        if t > now:
+            self.clock.call_at(t, self._deliver, gen, r)
+        else:
+            self._deliver(gen, r)
+
+    def _deliver(self, gen, r):
+        if gen != self.gen or self.undelivered.pop(r.id, None) is None:
+            return
+        self.delivered += 1
+        self.on_result(r)
+
+    def crash(self):
+        from workbench.contract import Status, error
+        now = self.clock.now()
+        old, self.gen = self.inner, self.gen + 1
+        dead, self.undelivered = self.undelivered, {}
+        old.close()                    # its SHUTTING_DOWN answers belong to the dead generation: dropped
+        for a in dead.values():
+            self.on_result(error(a, Status.RUNTIME_ERROR, "executor process died (test crash)", now, now))
+        self.inner = self._new_inner()
+        self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart(self.restarts)
+
+    def state(self):
+        return self.inner.state()
+
+    def close(self):
+        self.inner.close()
+
+
+def check_view_matches_workers(ctl):
+    """The controller's placement and page accounting agree with what each worker's cache really holds."""
+    for w, worker in enumerate(ctl.workers):
+        st = worker.state()
+        for g in ctl.worker_gpus[w]:
+            gs = st["gpus"][g.local]
+            if g.failed:
+                continue
+            assert sorted(g.loaded) == gs["models"], (g, sorted(g.loaded), gs["models"])
+            assert not g.loading
+            assert g.free_pages == gs["free_pages"], (g, g.free_pages, gs["free_pages"])
+
+
+def check_quiet(ctl):
+    """Nothing left in flight or planned anywhere, every counter back to zero."""
+    assert ctl._actions == {} or all(r.type.name == "GET_WORKER_STATE" for r in ctl._actions.values()), \
+        list(ctl._actions.values())[:3]
+    for g in ctl.gpus:
+        assert g.exec.jobs == {} and g.pcie.jobs == {}, g
+        assert g.infers_outstanding == 0 and g.loads_outstanding == 0 and not g.busy_models, g
+        assert g.free_pages == g.total_pages - sum(m.num_pages for m in [*g.loaded.values(), *g.loading.values()])
+
+
+__all__ += ["FaultyWorker", "check_view_matches_workers", "check_quiet"]

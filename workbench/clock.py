@@ -35,6 +35,10 @@ class Clock:
     def call_soon(self, fn: Callable, *args) -> Timer:
         return self.call_at(self.now(), fn, *args)
 
+    def post(self, t: int, fn: Callable, *args) -> None:
+        """`call_at` without a handle (it cannot be cancelled): cheaper where nothing needs to cancel."""
+        self.call_at(t, fn, *args)
+
     def close(self) -> None:
         pass
 
@@ -58,20 +62,33 @@ class VirtualClock(Clock):
         heapq.heappush(self._heap, (timer.t, timer.seq, timer))
         return timer
 
+    def post(self, t: int, fn: Callable, *args) -> None:
+        """An event without a Timer: (t, seq, fn, args) goes on the heap as is (t: int ns)."""
+        now = self._now
+        heapq.heappush(self._heap, (t if t > now else now, next(self._seq), fn, args))
+
     def pending(self) -> int:
-        return sum(not e[2].cancelled for e in self._heap)
+        return sum(len(e) == 4 or not e[2].cancelled for e in self._heap)
 
     def run_until(self, t_end: int | None = None, max_events: int | None = None) -> int:
         """Run events with time <= t_end (all if None); leaves now = t_end when given. Returns events run."""
         heap, n = self._heap, 0
-        while heap and (t_end is None or heap[0][0] <= t_end):
-            timer = heapq.heappop(heap)[2]
-            if timer.cancelled:
-                continue
-            self._now = timer.t
-            timer.fn(*timer.args)
+        pop = heapq.heappop
+        limit = (1 << 63) if t_end is None else t_end
+        most = (1 << 63) if max_events is None else max_events
+        while heap and heap[0][0] <= limit:
+            e = pop(heap)
+            if len(e) == 4:             # post(): (t, seq, fn, args)
+                self._now = e[0]
+                e[2](*e[3])
+            else:
+                timer = e[2]
+                if timer.cancelled:
+                    continue
+                self._now = timer.t
+                timer.fn(*timer.args)
             n += 1
-            if max_events is not None and n >= max_events:
+            if n >= most:
                 break
         if t_end is not None and (max_events is None or n < max_events):
             self._now = max(self._now, t_end)

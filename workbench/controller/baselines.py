@@ -183,6 +183,10 @@ class QueueingBaseline(Policy):
                 while ln.q:
                     self.ctl.finalize(ln.q.popleft(), ERROR, now, f"worker {g.worker} gpu {g.local} failed")
 
+    def on_gpu_revived(self, g: GPUState, now: int) -> None:
+        self._retry_loads(now)
+        self._pump(g, now)
+
     # -- loads
     def _want(self, m: ModelState, g: GPUState, now: int) -> None:
         self.want_load[(m.id, g.index)] = (m, g)

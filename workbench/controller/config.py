@@ -29,6 +29,9 @@ class ControllerConfig:
     # needs slack: a watchdog that itself fires late (the process stalled) waits another grace instead.
     grace: int = 100 * MS
     failed_after: int = 3              # unanswered actions in a row before a GPU is taken out of service
+    # A worker whose GPU was taken out of service is asked for its state (GetWorkerState) every probe_interval
+    # until it answers; the answer brings the GPU back, with what its cache really holds.
+    probe_interval: int = 1000 * MS
     retry_window_errors: bool = True   # requeue requests whose Infer could not start in time (if still feasible)
     startup_timeout: int = 60_000 * MS  # LoadModelFromDisk / GetWorkerState window
 

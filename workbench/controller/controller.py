@@ -15,9 +15,23 @@ through `submit`, `_on_result` and `_on_timer`; the actions to send and the call
 while the lock is held and delivered after it is released, so a worker or client never runs inside it.
 In virtual time there are no threads and no wall time: the same seed gives the same outcomes.
 
-Timers: the controller keeps its own heap of (time, seq, kind, obj) for request deadlines and action
+Faults: an action unanswered long after it should have ended is given up (its watchdog); `failed_after` of
+them in a row take the GPU out of service. The controller then probes the worker (GetWorkerState every
+`probe_interval`) and brings the GPU back when it answers, with the placement its cache really holds. A worker
+that restarts (ProcessWorker's `on_restart`, or `worker_restarted(w)`) has lost its models and cache: its GPUs
+are taken out of service, the models are loaded from disk again, and the GPUs come back empty. Results that
+arrive after their watchdog, or that belong to a GPU's previous life (its `epoch`), never touch the current
+placement directly: if they changed the worker's cache, the controller re-reads the worker's state.
+
+Timers: the controller keeps its own timer entries (time, seq, kind, obj) for request deadlines and action
 watchdogs and arms one clock timer for the earliest; entries whose request or action finished are dropped
-lazily, in bulk. Policy wake-ups (`call_at`) go straight to the clock.
+lazily, in bulk. Entries that come in time order (deadlines per SLO, Infer watchdogs per GPU) wait in FIFOs,
+the rest in a heap; they are merged by (time, seq), so the order is the one a single heap would give. Policy
+wake-ups (`call_at`) go straight to the clock.
+
+Speed: `submit`, `send_infer` and the success path of an Infer result are written out for the common case
+(a ready model, an SLO it can meet, no inputs to check; a successful batch); everything else takes the general
+path. A virtual clock needs no thread bookkeeping in `_flush`.
 """
 from __future__ import annotations
 
@@ -26,6 +40,7 @@ import itertools
 import json
 import math
 import threading
+from threading import get_ident
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
@@ -42,9 +57,19 @@ from workbench.controller.requests import (DONE, ERROR, INFLIGHT, QUEUED, REJECT
                                            RequestOutcome)
 from workbench.controller.state import GPUState, ModelState
 
-DEADLINE, WATCHDOG, CALL = 0, 1, 2
+DEADLINE, WATCHDOG, PROBE_DUE = 0, 1, 2
 
 _TYPE_NAMES = {t: t.name for t in ActionType}
+_REQUEST_FIELDS = ("request_id", "model_id", "model", "worker", "gpu", "batch_size", "arrival", "deadline",
+                   "completion", "slo", "status", "latency", "cold_start", "message", "action_id", "slo_factor")
+_ACTION_FIELDS = ("action_id", "worker", "gpu", "type", "model_id", "batch_size", "earliest", "latest", "sent",
+                  "planned_begin", "planned_end", "predicted_duration", "completed", "measured_begin",
+                  "measured_end", "measured_duration", "gpu_clock", "status", "status_name", "gpu_clock_before",
+                  "requests_queued", "copies_loaded", "message")
+_INFER = ActionType.INFER
+_new = object.__new__
+_tuple_new = tuple.__new__
+_setattr = object.__setattr__
 _STATUS_NAMES = {s: s.name for s in Status}
 
 
@@ -55,7 +80,7 @@ class ControllerError(RuntimeError):
 class ActionRecord:
     """An action in flight, with what the controller planned for it."""
     __slots__ = ("id", "type", "worker", "gpu", "model", "reqs", "batch_size", "earliest", "latest", "sent",
-                 "planned_begin", "planned_end", "predicted", "done", "extra")
+                 "planned_begin", "planned_end", "predicted", "done", "extra", "epoch", "queued", "copies")
 
     def __init__(self, aid: int, atype: ActionType, worker: int, gpu: GPUState | None, model: ModelState | None,
                  earliest: int, latest: int, sent: int, planned_begin: int, predicted: int):
@@ -74,6 +99,25 @@ class ActionRecord:
         self.predicted = predicted
         self.done = False
         self.extra: Any = None
+        self.epoch = gpu.epoch if gpu is not None else 0
+        self.queued = -1            # requests queued for the model when the action was made (telemetry)
+        self.copies = -1            # GPUs holding the model ready then
+
+
+PROBE = "probe"      # ActionRecord.extra of a GetWorkerState that probes a worker (not a start-up one)
+
+
+class WorkerInfo:
+    """What the controller tracks per worker for recovery."""
+    __slots__ = ("disk_loads", "probe", "again", "reloading", "gen", "probe_timer_at")
+
+    def __init__(self) -> None:
+        self.disk_loads: list[LoadModelFromDisk] = []   # to replay after a restart
+        self.probe: ActionRecord | None = None          # the GetWorkerState probe in flight
+        self.again = False          # the cache changed behind the probe in flight: probe again when it answers
+        self.reloading: set[int] = set()   # disk_loads (indices) not yet loaded again after a restart
+        self.gen = 0                # restarts seen
+        self.probe_timer_at = -1    # a probe is due at this time (-1: none planned)
 
 
 def make_policy(policy: str | Policy, **kw: Any) -> Policy:
@@ -95,6 +139,9 @@ class Controller:
         self.clock = clock
         self.config = config or ControllerConfig()
         self.recorder = recorder
+        # rows as tuples in schema order where the recorder takes them (Recorder.add_request_row/add_action_row)
+        self._request_row = getattr(recorder, "add_request_row", None)
+        self._action_row = getattr(recorder, "add_action_row", None)
         self.policy = make_policy(policy, **policy_options)
         self._lock = threading.RLock()
         self._ready_cv = threading.Condition(self._lock)
@@ -107,19 +154,40 @@ class Controller:
         self._rid = itertools.count()
         self._aid = itertools.count(1)
         self._actions: dict[int, ActionRecord] = {}
-        self._timers: list = []
+        self._lost: dict[int, ActionRecord] = {}   # given up by their watchdog; a late answer may still come
+        self._winfo: list[WorkerInfo] = []
+        self._flushing: set[int] = set()           # threads inside _flush (it is not re-entered)
+        self._in_flush = False
+        if clock.virtual:
+            self._flush = self._flush_virtual
+        self._timers: list = []                    # (time, seq, kind, obj): watchdogs and other timers
+        # FIFOs of timer entries that come in time order, merged with the heap by (time, seq): request deadlines
+        # per SLO (key: the slo) and Infer watchdogs per GPU (key: -1 - gpu index)
+        self._fifos: dict[int, deque] = {}
         self._tseq = itertools.count()
         self._armed_at: int | None = None
-        self._armed_timer = None
+        self._arm_gen = 0                # the armed timer's generation: older ones are cancelled
         self._outbox: deque = deque()
         self._callbacks: deque = deque()
         self._startup_pending = 0
         self._startup_errors: list[str] = []
-        self.stats: Counter[str] = Counter()
+        self._stats: Counter[str] = Counter()
+        self._admitted = 0              # counted apart from _stats: the hot path avoids the Counter
+        self._default_slo = self.config.default_slo
+        self._grace = self.config.grace
+        self._buffer = self.config.buffer
         self.errors: list[str] = []     # internal errors (bugs) detected, e.g. a scheduling loop
         self.max_slo = 0
         self.closed = False
         self.policy.attach(self)
+
+    @property
+    def stats(self) -> Counter:
+        """Counts of final statuses ("success", ...), "admitted" requests and controller events."""
+        st = self._stats
+        if self._admitted:
+            st["admitted"] = self._admitted
+        return st
 
     # ====================================================================================== set-up
     def add_worker(self, make: Callable[[Callable[[Result], None]], Any]) -> int:
@@ -129,9 +197,18 @@ class Controller:
             if self.models:
                 raise ControllerError("add every worker before load_model(): models are loaded on all workers")
             idx = len(self.workers)
-            worker = make(lambda result, _w=idx: self._on_result(_w, result))
+            worker = make(self._on_result)   # results name their action, and the action its worker
             self.workers.append(worker)
             self.worker_gpus.append([])
+            self._winfo.append(WorkerInfo())
+            if hasattr(worker, "on_restart"):       # ProcessWorker: tell us when its executor was replaced
+                prev = worker.on_restart
+
+                def restarted(n: int, _w: int = idx, _prev: Any = prev) -> None:
+                    self.worker_restarted(_w)
+                    if _prev is not None:
+                        _prev(n)
+                worker.on_restart = restarted
             now = self.clock.now()
             self._startup_pending += 1
             self._send_control(idx, GetWorkerState(id=next(self._aid), earliest=0, latest=FOREVER), now)
@@ -162,6 +239,7 @@ class Controller:
                 self._startup_pending += 1
                 a = LoadModelFromDisk(id=next(self._aid), earliest=0, latest=FOREVER, model_id=first, path=path,
                                       copies=copies, max_batch_size=c.max_batch, max_exec_duration=c.max_exec)
+                self._winfo[w].disk_loads.append(a)
                 self._send_control(w, a, now)
         self._flush()
         return list(range(first, first + copies))
@@ -198,10 +276,9 @@ class Controller:
             for rec in list(self._actions.values()):
                 for r in rec.reqs:
                     self.finalize(r, ERROR, now, "controller closed")
-            if self._armed_timer is not None:
-                self._armed_timer.cancel()
+            self._arm_gen += 1
         self._flush()
-        for w in self.workers:
+        for w in self.workers:   # their last answers (SHUTTING_DOWN) release what is in flight, nothing more
             w.close()
 
     # ====================================================================================== client API
@@ -209,7 +286,29 @@ class Controller:
                callback: Callable[[RequestOutcome], Any] | None = None) -> int:
         """Submit one request; returns its id. Never raises for a bad request: it ends with status rejected."""
         with self._lock:
-            rid = self._submit(model_id, inputs, slo, slo_factor, callback)
+            m = self.models.get(model_id) if type(model_id) is int else None
+            s = self._default_slo if slo is None else slo
+            # the common case (a ready model, an int SLO it can meet, no inputs to check), straight through
+            if m is not None and type(s) is int and inputs is None and slo_factor is None and m.ready \
+                    and s >= m.min_slo and not self.closed:
+                slo = s
+                now = self.clock.now()
+                rid = next(self._rid)
+                r = Request(rid, m, now, slo, 0.0, None, callback, self._buffer)
+                r.cold = not m.loaded
+                self._admitted += 1
+                if slo > self.max_slo:
+                    self.max_slo = slo
+                # request deadlines: one FIFO per SLO (they come in deadline order), merged with the timer heap
+                dq = self._fifos.get(slo)
+                t = r.deadline
+                if dq and dq[-1][0] <= t:
+                    dq.append((t, next(self._tseq), DEADLINE, r))
+                else:
+                    self._push_deadline(r)
+                self.policy.on_request(r, now)
+            else:
+                rid = self._submit(model_id, inputs, slo, slo_factor, callback)
         if self._outbox or self._callbacks:
             self._flush()
         return rid
@@ -241,10 +340,10 @@ class Controller:
             self._reject(r, now, "controller is closed")
             return rid
         r.cold = not m.loaded
-        self.stats["admitted"] += 1
+        self._admitted += 1
         if slo > self.max_slo:
             self.max_slo = slo
-        self._push_timer(r.deadline, DEADLINE, r)
+        self._push_deadline(r)
         self.policy.on_request(r, now)
         return rid
 
@@ -279,7 +378,7 @@ class Controller:
         r.status = REJECTED
         r.completion = now
         r.message = message
-        self.stats[REJECTED] += 1
+        self._stats[REJECTED] += 1
         self._record_request(r)
         if r.callback is not None:   # later, from the clock: a client that resubmits on rejection cannot recurse
             self.clock.call_soon(_call_back, r.callback, r.outcome())
@@ -296,7 +395,7 @@ class Controller:
         r.message = message
         r.outputs = outputs
         r.inputs = None
-        self.stats[status] += 1
+        self._stats[status] += 1
         self.policy.on_finalized(r, prev, now)
         if self.recorder is not None:
             self._record_request(r)
@@ -309,12 +408,14 @@ class Controller:
             return
         g = r.gpu
         m = r.model
-        self.recorder.add_request(
-            request_id=r.id, model_id=m.id if m is not None else -1, model=m.name if m is not None else "",
-            worker=g.worker if g is not None else -1, gpu=g.local if g is not None else -1,
-            batch_size=r.batch_size, arrival=r.arrival, deadline=r.deadline, completion=r.completion, slo=r.slo,
-            status=r.status, latency=r.completion - r.arrival, cold_start=bool(r.cold and g is not None),
-            message=r.message, action_id=r.action_id, slo_factor=r.slo_factor)
+        row = (r.id, m.id if m is not None else -1, m.name if m is not None else "",
+               g.worker if g is not None else -1, g.local if g is not None else -1, r.batch_size, r.arrival,
+               r.deadline, r.completion, r.slo, r.status, r.completion - r.arrival, bool(r.cold and g is not None),
+               r.message, r.action_id, r.slo_factor)
+        if self._request_row is not None:     # the recorder's positional fast path (schema column order)
+            self._request_row(row)
+        else:
+            self.recorder.add_request(**dict(zip(_REQUEST_FIELDS, row)))
 
     # ====================================================================================== sending actions
     def send_infer(self, g: GPUState, m: ModelState, reqs: list[Request], predicted: int, begin: int,
@@ -322,25 +423,47 @@ class Controller:
         """Send an Infer of `reqs` (model m) to g, planned to run [begin, begin + predicted]."""
         aid = next(self._aid)
         n = len(reqs)
-        inputs = _batch_inputs(reqs)
-        action = Infer(id=aid, earliest=earliest, latest=latest, model_id=m.id, gpu=g.local, batch_size=n,
-                       inputs=inputs, expected_duration=predicted)
-        rec = ActionRecord(aid, ActionType.INFER, g.worker, g, m, earliest, latest, now, begin, predicted)
+        inputs = None
+        for r in reqs:
+            if r.inputs is not None:
+                inputs = _batch_inputs(reqs)
+                break
+        action = _new(Infer)     # a frozen dataclass, built without its (slow) generated __init__
+        _setattr(action, "__dict__", {"id": aid, "earliest": earliest, "latest": latest, "model_id": m.id,
+                                      "gpu": g.local, "batch_size": n, "inputs": inputs,
+                                      "expected_duration": predicted})
+        rec = ActionRecord(aid, _INFER, g.worker, g, m, earliest, latest, now, begin, predicted)
         rec.reqs = reqs
         rec.batch_size = n
+        rec.queued = m.n_queued
+        rec.copies = len(m.loaded)
         for r in reqs:
             if r.state != DONE:   # baselines still run requests whose deadline passed
                 r.state = INFLIGHT
                 r.gpu = g
                 r.batch_size = n
                 r.action_id = aid
-        g.exec.add(aid, predicted, begin)
+        ex = g.exec
+        jobs = ex.jobs
+        if not jobs:
+            ex.work_begin = begin
+        jobs[aid] = predicted
+        ex.total += predicted
         g.infers_outstanding += 1
         bm = g.busy_models
-        bm[m.id] = bm.get(m.id, 0) + 1
-        if m.id in g.loaded:
-            g.loaded.move_to_end(m.id)
-        self._track(rec, action)
+        mid = m.id
+        bm[mid] = bm.get(mid, 0) + 1
+        loaded = g.loaded
+        if mid in loaded:
+            loaded.move_to_end(mid)
+        self._actions[aid] = rec
+        t = (latest if latest < FOREVER else (now if now > begin else begin)) + predicted + self._grace
+        dq = self._fifos.get(-1 - g.index)         # watchdogs per GPU come (nearly always) in time order
+        if dq and dq[-1][0] <= t:
+            dq.append((t, next(self._tseq), WATCHDOG, rec))
+        else:
+            self._push_watchdog(t, rec, -1 - g.index)
+        self._outbox.append((self.workers[g.worker], action))
         return rec
 
     def send_load(self, g: GPUState, m: ModelState, predicted: int, begin: int, earliest: int, latest: int,
@@ -349,7 +472,10 @@ class Controller:
         action = LoadWeights(id=aid, earliest=earliest, latest=latest, model_id=m.id, gpu=g.local,
                              expected_duration=predicted)
         rec = ActionRecord(aid, ActionType.LOAD_WEIGHTS, g.worker, g, m, earliest, latest, now, begin, predicted)
+        rec.queued = m.n_queued
+        rec.copies = len(m.loaded)
         g.pcie.add(aid, predicted, begin)
+        g.placing[m.id] = g.placing.get(m.id, 0) + 1
         self._track(rec, action)
         return rec
 
@@ -357,15 +483,18 @@ class Controller:
         aid = next(self._aid)
         action = EvictWeights(id=aid, earliest=0, latest=FOREVER, model_id=m.id, gpu=g.local)
         rec = ActionRecord(aid, ActionType.EVICT_WEIGHTS, g.worker, g, m, 0, FOREVER, now, now, 0)
+        g.placing[m.id] = g.placing.get(m.id, 0) + 1
         self._track(rec, action)
         return rec
 
-    def _send_control(self, w: int, action: Action, now: int) -> None:
+    def _send_control(self, w: int, action: Action, now: int, extra: Any = None, timeout: int | None = None
+                      ) -> ActionRecord:
         rec = ActionRecord(action.id, action.type, w, None, None, action.earliest, action.latest, now, now, 0)
-        rec.extra = action
+        rec.extra = action if extra is None else extra
         self._actions[action.id] = rec
-        self._push_timer(now + self.config.startup_timeout, WATCHDOG, rec)
+        self._push_timer(now + (self.config.startup_timeout if timeout is None else timeout), WATCHDOG, rec)
         self._outbox.append((self.workers[w], action))
+        return rec
 
     def _track(self, rec: ActionRecord, action: Action) -> None:
         self._actions[rec.id] = rec
@@ -377,15 +506,63 @@ class Controller:
     def call_at(self, t: int, fn: Callable, arg: Any = None) -> None:
         """Run `fn(arg, now)` under the lock at time t (policy wake-ups: straight on the clock, they are
         usually the earliest thing pending and would otherwise re-arm the controller's timer each time)."""
-        self.clock.call_at(t, self._run_call, fn, arg)
+        self.clock.post(t, self._run_call, fn, arg)
 
     def _run_call(self, fn: Callable, arg: Any) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            fn(arg, self.clock.now())
-        if self._outbox or self._callbacks:
-            self._flush()
+        try:
+            with self._lock:
+                if self.closed:
+                    return
+                fn(arg, self.clock.now())
+        finally:
+            if self._outbox or self._callbacks:
+                self._flush()
+
+    def _push_deadline(self, r: Request) -> None:
+        self._push_fifo(r.slo, r.deadline, DEADLINE, r)
+
+    def _push_watchdog(self, t: int, rec: ActionRecord, key: int) -> None:
+        self._push_fifo(key, t, WATCHDOG, rec)
+
+    def _push_fifo(self, key: int, t: int, kind: int, obj: Any) -> None:
+        dq = self._fifos.get(key)
+        if dq is None:
+            dq = self._fifos[key] = deque()
+        if dq and dq[-1][0] > t:          # out of time order: the heap takes it
+            self._push_timer(t, kind, obj)
+            return
+        dq.append((t, next(self._tseq), kind, obj))
+        if self._armed_at is None or t < self._armed_at:
+            self._arm(t)
+
+    def _next_due(self, now: int) -> tuple | None:
+        """Pop the earliest (time, seq) entry due by now from the timer heap and the deadline FIFOs."""
+        timers = self._timers
+        best = timers[0] if timers and timers[0][0] <= now else None
+        src = None
+        for dq in self._fifos.values():
+            if dq:
+                e = dq[0]
+                if e[0] <= now and (best is None or e < best):
+                    best, src = e, dq
+        if best is None:
+            return None
+        if src is None:
+            return heapq.heappop(timers)
+        return src.popleft()
+
+    def _first_pending(self) -> int | None:
+        """Drop finished entries at the fronts; the time of the earliest one left."""
+        timers = self._timers
+        while timers and _finished(timers[0]):
+            heapq.heappop(timers)
+        t = timers[0][0] if timers else None
+        for dq in self._fifos.values():
+            while dq and _finished(dq[0]):
+                dq.popleft()
+            if dq and (t is None or dq[0][0] < t):
+                t = dq[0][0]
+        return t
 
     def _push_timer(self, t: int, kind: int, obj: Any) -> None:
         heapq.heappush(self._timers, (t, next(self._tseq), kind, obj))
@@ -393,42 +570,43 @@ class Controller:
             self._arm(t)
 
     def _arm(self, t: int) -> None:
-        """One clock timer, at the earliest entry."""
-        if self._armed_timer is not None:
-            self._armed_timer.cancel()
+        """One clock timer, at the earliest entry (the one armed before is cancelled by its generation)."""
+        self._arm_gen = gen = self._arm_gen + 1
         self._armed_at = t
-        self._armed_timer = self.clock.call_at(t, self._on_timer)
+        self.clock.post(t, self._on_timer, gen)
 
-    def _on_timer(self) -> None:
-        with self._lock:
-            self._armed_at = None
-            self._armed_timer = None
-            now = self.clock.now()
-            timers = self._timers
-            calls = 0
-            while timers and timers[0][0] <= now:
-                t, _, kind, obj = heapq.heappop(timers)
-                if kind == DEADLINE:
-                    if obj.state != DONE:
-                        self._deadline(obj, now)
-                elif kind == CALL:
-                    calls += 1
-                    if calls > 100_000:   # a policy wake-up that keeps re-arming itself at the same time
-                        raise self.internal_error(f"scheduling loop: {getattr(obj[0], '__qualname__', obj[0])} "
-                                                  f"ran 100000 times at t={now} without time advancing")
-                    obj[0](obj[1], now)
-                elif not obj.done:
-                    if now - t > self.config.grace // 2:   # we ran late ourselves (a stalled process):
-                        self._push_timer(now + self.config.grace, WATCHDOG, obj)   # the worker may have too
-                    else:
-                        self._watchdog(obj, now)
-            # entries whose request or action is already finished need no wake-up: drop them in bulk
-            while timers and _finished(timers[0]):
-                heapq.heappop(timers)
-            if timers and not self.closed and (self._armed_at is None or timers[0][0] < self._armed_at):
-                self._arm(timers[0][0])
-        if self._outbox or self._callbacks:
-            self._flush()
+    def _on_timer(self, gen: int) -> None:
+        try:
+            with self._lock:
+                if gen != self._arm_gen:
+                    return
+                self._armed_at = None
+                now = self.clock.now()
+                try:
+                    while True:
+                        e = self._next_due(now)
+                        if e is None:
+                            break
+                        t, _, kind, obj = e
+                        if kind == DEADLINE:
+                            if obj.state != DONE:
+                                self._deadline(obj, now)
+                        elif kind == PROBE_DUE:
+                            self._probe_due(obj, now)
+                        elif not obj.done:
+                            if now - t > self.config.grace // 2:   # we ran late ourselves (a stalled process):
+                                self._push_timer(now + self.config.grace, WATCHDOG, obj)   # the worker may have too
+                            else:
+                                self._watchdog(obj, now)
+                finally:
+                    # Re-arm even if a handler failed: a controller without its timer would never give up on a
+                    # lost result or tell a client its deadline passed. Finished entries are dropped in bulk.
+                    first = self._first_pending()
+                    if first is not None and not self.closed and (self._armed_at is None or first < self._armed_at):
+                        self._arm(first)
+        finally:
+            if self._outbox or self._callbacks:
+                self._flush()
 
     def _deadline(self, r: Request, now: int) -> None:
         if r.state == QUEUED:
@@ -439,59 +617,323 @@ class Controller:
             self.finalize(r, TIMEOUT, now, "deadline passed before the result arrived")
 
     def _watchdog(self, rec: ActionRecord, now: int) -> None:
-        """The worker has not answered an action long after it should have: treat it as failed."""
+        """The worker has not answered an action long after it should have: treat it as failed (it is kept in
+        `_lost`, so that a late answer is still recognised)."""
         self._actions.pop(rec.id, None)
         rec.done = True
-        self.stats["watchdog"] += 1
+        self._stats["watchdog"] += 1
+        lost = self._lost
+        lost[rec.id] = rec
+        if len(lost) > 100_000:            # answers that never come: forget the oldest
+            del lost[next(iter(lost))]
         msg = (f"worker {rec.worker} did not answer {_TYPE_NAMES[rec.type]} action {rec.id} within "
                f"{(now - rec.sent) / 1e6:.1f} ms")
         g = rec.gpu
-        if rec.type in (ActionType.GET_WORKER_STATE, ActionType.LOAD_MODEL_FROM_DISK):
+        t = rec.type
+        if rec.extra is PROBE:
+            self._record_action(rec, None, now, status=int(Status.RUNTIME_ERROR), status_name="NO_ANSWER")
+            self._probe_answered(rec, None, now)
+            return
+        if isinstance(rec.extra, tuple):   # a reload after a restart
+            self._record_action(rec, None, now, status=int(Status.RUNTIME_ERROR), status_name="NO_ANSWER")
+            self._reload_result(rec, None, now)
+            return
+        if t in (ActionType.GET_WORKER_STATE, ActionType.LOAD_MODEL_FROM_DISK):
             self._startup_failed(rec, msg)
-        elif rec.type == ActionType.INFER:
+        elif t == ActionType.INFER:
             g.exec.error(rec.id)
             self._infer_finished(rec)
             for r in rec.reqs:
                 self.finalize(r, ERROR, now, msg)
-            self.policy.on_infer_done(rec, None, now)
-        elif rec.type == ActionType.LOAD_WEIGHTS:
+            if not self.closed:
+                self.policy.on_infer_done(rec, None, now)
+        elif t == ActionType.LOAD_WEIGHTS:
             g.pcie.error(rec.id)
-            self.policy.on_load_done(rec, None, now)
-        elif rec.type == ActionType.EVICT_WEIGHTS:
-            self.policy.on_evict_done(rec, False, now)
+            self._placed(rec)
+            if rec.epoch == g.epoch and not self.closed:
+                self.policy.on_load_done(rec, None, now)
+        elif t == ActionType.EVICT_WEIGHTS:
+            self._placed(rec)
+            if not self.closed:
+                self.policy.on_evict_done(rec, False, now)
         self._record_action(rec, None, now, status=int(Status.RUNTIME_ERROR), status_name="NO_ANSWER")
-        if g is not None and rec.type != ActionType.EVICT_WEIGHTS:
+        if g is not None and t != ActionType.EVICT_WEIGHTS:
             g.timeouts += 1
-            if g.timeouts >= self.config.failed_after and not g.failed:
-                g.failed = True
-                self.stats["gpus_failed"] += 1
-                self.policy.on_gpu_failed(g, now)
+            if g.timeouts >= self.config.failed_after and not g.failed and not self.closed:
+                self._take_out(g, "no answer", now)
+
+    # ====================================================================================== recovery
+    def _take_out(self, g: GPUState, reason: str, now: int) -> None:
+        """Take g out of service: nothing more is planned there; its placement is forgotten (what its cache
+        really holds is read back from the worker when it is brought back)."""
+        g.failed = True
+        g.reason = reason
+        g.epoch += 1
+        self._stats["gpus_failed"] += 1
+        self.policy.on_gpu_failed(g, now)
+        if reason == "no answer":
+            self._probe(g.worker, now)
+
+    def worker_restarted(self, w: int) -> None:
+        """Worker w lost its models and cache (its executor process was replaced): forget its placement, take
+        its GPUs out of service, load the models from disk again; the GPUs come back once that is done.
+        Called by ProcessWorker's `on_restart` (wired by add_worker); any thread."""
+        with self._lock:
+            if self.closed:
+                return
+            now = self.clock.now()
+            wi = self._winfo[w]
+            wi.gen += 1
+            self._stats["worker_restarts"] += 1
+            for g in self.worker_gpus[w]:
+                if g.failed:
+                    g.epoch += 1
+                    g.reason = "restart"
+                else:
+                    self._take_out(g, "restart", now)
+                g.timeouts = 0
+            for aid in [aid for aid, rec in self._lost.items() if rec.worker == w]:
+                del self._lost[aid]          # the old process is gone: these answers will never come
+            wi.probe = None
+            wi.again = False
+            wi.reloading = set(range(len(wi.disk_loads)))
+            for i in sorted(wi.reloading):
+                self._send_reload(w, i, now)
+            if not wi.reloading:
+                self._probe(w, now)
+        self._flush()
+
+    def _send_reload(self, w: int, i: int, now: int) -> None:
+        wi = self._winfo[w]
+        a = wi.disk_loads[i]
+        again = LoadModelFromDisk(id=next(self._aid), earliest=0, latest=FOREVER, model_id=a.model_id, path=a.path,
+                                  copies=a.copies, max_batch_size=a.max_batch_size,
+                                  max_exec_duration=a.max_exec_duration)
+        self._send_control(w, again, now, extra=(i, wi.gen))
+
+    def _reload_result(self, rec: ActionRecord, result: Result | None, now: int) -> None:
+        i, gen = rec.extra
+        w = rec.worker
+        wi = self._winfo[w]
+        if gen != wi.gen or self.closed or i not in wi.reloading:   # from before a later restart, or a duplicate
+            return
+        # INVALID_MODEL_ID: the ids are in use, i.e. an earlier attempt (given up by its watchdog) did load them
+        if result is not None and (result.ok or result.status == Status.INVALID_MODEL_ID):
+            wi.reloading.discard(i)
+            if not wi.reloading:
+                self._probe(w, now)
+            return
+        why = f"{result.status.name}: {result.message}" if result is not None else "no answer"
+        self._stats["reload_errors"] += 1
+        a = wi.disk_loads[i]
+        for g in self.worker_gpus[w]:
+            g.reason = f"restart: loading {a.path!r} again failed ({why})"
+        self._probe_later(w, now + self.config.probe_interval, "reload")
+
+    def _probe(self, w: int, now: int) -> None:
+        """Ask worker w for its state (at most one probe in flight; if one is, ask again after it)."""
+        wi = self._winfo[w]
+        if self.closed:
+            return
+        if wi.probe is not None:
+            wi.again = True
+            return
+        self._stats["probes"] += 1
+        a = GetWorkerState(id=next(self._aid), earliest=0, latest=FOREVER)
+        wi.probe = self._send_control(w, a, now, extra=PROBE, timeout=self.config.probe_interval)
+
+    def _probe_later(self, w: int, t: int, what: Any) -> None:
+        wi = self._winfo[w]
+        if 0 <= wi.probe_timer_at <= t:
+            return
+        wi.probe_timer_at = t
+        self._push_timer(t, PROBE_DUE, (w, what, t))
+
+    def _probe_due(self, obj: tuple, now: int) -> None:
+        w, what, t = obj
+        wi = self._winfo[w]
+        if wi.probe_timer_at != t or self.closed:
+            return
+        wi.probe_timer_at = -1
+        if what == "reload":                   # load again what has not been loaded since the restart
+            for i in sorted(wi.reloading):
+                self._send_reload(w, i, now)
+        else:
+            self._probe(w, now)
+
+    def _needs_probe(self, w: int) -> bool:
+        return any(g.failed for g in self.worker_gpus[w]) and not self._winfo[w].reloading
+
+    def _probe_answered(self, rec: ActionRecord, result: Result | None, now: int) -> None:
+        """A probe's answer (None: its watchdog gave up). Bring the worker's GPUs back with the placement its
+        cache reports, unless the cache may have changed since the probe was sent (probe again first)."""
+        w = rec.worker
+        wi = self._winfo[w]
+        if wi.probe is not rec:                # superseded (a restart) or already given up
+            if result is not None and self._needs_probe(w):
+                self._probe(w, now)            # a late answer: the worker answers again
+            return
+        wi.probe = None
+        if self.closed:
+            return
+        if result is None or not result.ok:
+            if wi.again or self._needs_probe(w):
+                wi.again = False
+                if result is None:
+                    self._probe(w, now)        # the watchdog already waited probe_interval
+                else:
+                    self._probe_later(w, now + self.config.probe_interval, PROBE)
+            return
+        if wi.again:                           # a result that changed the cache arrived meanwhile
+            wi.again = False
+            self._probe(w, now)
+            return
+        if wi.reloading:
+            return
+        gpus = {int(gs["gpu"]): gs for gs in result.state.get("gpus", ())}
+        for g in self.worker_gpus[w]:
+            gs = gpus.get(g.local)
+            if gs is not None:
+                self._reconcile(g, gs, now)
+
+    def _reconcile(self, g: GPUState, gs: dict, now: int) -> None:
+        """Make the view of g agree with what its cache holds (models with a load or evict in flight are left
+        to their results), and bring g back into service if it was out."""
+        held = set(int(m) for m in gs.get("models", ()))
+        placing = g.placing
+        pol = self.policy
+        for mid in list(g.loaded):
+            if mid not in held and mid not in placing:
+                pol.forget(g.loaded[mid], g, now)
+                self._stats["placement_repaired"] += 1
+        for mid in sorted(held):
+            m = self.models.get(mid)
+            if m is None or mid in g.loaded or mid in placing or not m.ready:
+                continue
+            if g.free_pages >= m.num_pages:
+                pol.adopt(m, g, now)
+            else:
+                self.send_evict(g, m, now)     # no room for it in our accounting: free it
+            self._stats["placement_repaired"] += 1
+        if g.failed:
+            g.failed = False
+            g.reason = ""
+            g.timeouts = 0
+            self._stats["gpus_revived"] += 1
+            pol.on_gpu_revived(g, now)
+
+    def _placed(self, rec: ActionRecord) -> None:
+        """A LoadWeights/EvictWeights is no longer in flight (answered or given up)."""
+        p = rec.gpu.placing
+        mid = rec.model.id
+        left = p.get(mid, 0) - 1
+        if left > 0:
+            p[mid] = left
+        else:
+            p.pop(mid, None)
+
+    def _late_result(self, rec: ActionRecord, result: Result, now: int) -> None:
+        """An answer after the watchdog gave up on the action: the worker is alive; if the action changed its
+        cache, re-read the worker's state."""
+        self._stats["late_results"] += 1
+        w = rec.worker
+        if rec.extra is PROBE:
+            self._probe_answered(rec, result, now)
+            return
+        if isinstance(rec.extra, tuple):
+            self._reload_result(rec, result, now)
+            return
+        g = rec.gpu
+        if g is None:
+            return
+        g.timeouts = 0
+        if result.ok and rec.type in (ActionType.LOAD_WEIGHTS, ActionType.EVICT_WEIGHTS):
+            self._probe(w, now)
+        elif self._needs_probe(w):
+            self._probe(w, now)
 
     # ====================================================================================== results
-    def _on_result(self, w: int, result: Result) -> None:
-        with self._lock:
-            now = self.clock.now()
-            rec = self._actions.pop(result.id, None)
-            if rec is None:   # answered after its watchdog gave up on it, or not ours
-                self.stats["late_results"] += 1
-            else:
+    def _on_result(self, result: Result) -> None:
+        try:
+            with self._lock:
+                rec = self._actions.pop(result.id, None)
+                now = self.clock.now()
+                if rec is None:   # answered after its watchdog gave up on it, or not ours
+                    rec = self._lost.pop(result.id, None)
+                    if rec is None:
+                        self._stats["late_results"] += 1
+                    elif not self.closed:
+                        self._late_result(rec, result, now)
+                    return
                 rec.done = True
                 t = rec.type
-                if t == ActionType.INFER:
-                    self._infer_result(rec, result, now)
+                if t is _INFER:
+                    if result.status == 0 and not self.closed:
+                        self._infer_ok(rec, result, now)
+                    else:
+                        self._infer_result(rec, result, now)
                 elif t == ActionType.LOAD_WEIGHTS:
                     self._load_result(rec, result, now)
                 elif t == ActionType.EVICT_WEIGHTS:
-                    self.policy.on_evict_done(rec, result.ok, now)
+                    self._evict_result(rec, result, now)
+                elif rec.extra is PROBE:
                     self._record_action(rec, result, now)
+                    self._probe_answered(rec, result, now)
+                elif isinstance(rec.extra, tuple):
+                    self._record_action(rec, result, now)
+                    self._reload_result(rec, result, now)
                 elif t == ActionType.LOAD_MODEL_FROM_DISK:
                     self._model_result(rec, result, now)
                 elif t == ActionType.GET_WORKER_STATE:
                     self._state_result(rec, result, now)
                 if rec.gpu is not None:
                     rec.gpu.timeouts = 0
-        if self._outbox or self._callbacks:
-            self._flush()
+        finally:
+            if self._outbox or self._callbacks:
+                self._flush()
+
+    def _infer_ok(self, rec: ActionRecord, result: Result, now: int) -> None:
+        """A successful Infer (the common case of _infer_result, with its steps inlined)."""
+        g = rec.gpu
+        m = rec.model
+        mid = m.id
+        g.infers_outstanding -= 1
+        bm = g.busy_models
+        left = bm[mid] - 1
+        if left:
+            bm[mid] = left
+        else:
+            del bm[mid]
+        ex = result.exec
+        g.exec.success(rec.id, ex.end)
+        clk = (result.gpu_clock_before + result.gpu_clock) // 2
+        if clk > 0:
+            g.clock = clk
+        m.est.add_exec(m.pad(rec.batch_size), ex.duration, clk)
+        reqs = rec.reqs
+        if result.outputs:
+            outs = split_outputs(result, rec.batch_size)
+            for i, r in enumerate(reqs):
+                if r.state == DONE:
+                    continue
+                if now <= r.deadline:
+                    self.finalize(r, SUCCESS, now, "", outs[i])
+                else:
+                    self.finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the "
+                                                   f"deadline")
+        else:
+            finalize = self.finalize
+            for r in reqs:
+                if r.state == DONE:
+                    continue
+                if now <= r.deadline:
+                    finalize(r, SUCCESS, now)
+                else:
+                    finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the "
+                                              f"deadline")
+        if self.recorder is not None:
+            self._record_action(rec, result, now)
+        self.policy.on_infer_done(rec, result, now)
 
     def _infer_finished(self, rec: ActionRecord) -> None:
         g = rec.gpu
@@ -525,24 +967,42 @@ class Controller:
                                                    f"deadline")
         else:
             g.exec.error(rec.id)
-            again = self.policy.retry(rec, result, now)
+            again = self.policy.retry(rec, result, now) if not self.closed else []
             msg = (f"worker {rec.worker} gpu {g.local}: {_STATUS_NAMES.get(result.status, result.status)}: "
                    f"{result.message}")
             for r in rec.reqs:
                 if r.state != DONE and r not in again:
                     self.finalize(r, ERROR, now, msg)
         self._record_action(rec, result, now)
-        self.policy.on_infer_done(rec, result, now)
+        if not self.closed:
+            self.policy.on_infer_done(rec, result, now)
 
     def _load_result(self, rec: ActionRecord, result: Result, now: int) -> None:
         g = rec.gpu
+        self._placed(rec)
         if result.ok:
             g.pcie.success(rec.id, result.timing.end)
             rec.model.est.add_load(result.timing.duration)
         else:
             g.pcie.error(rec.id)
         self._record_action(rec, result, now)
+        if self.closed:
+            return
+        if rec.epoch != g.epoch:      # sent before g's view was reset: the worker's cache says what happened
+            if result.ok:
+                self._probe(rec.worker, now)
+            return
         self.policy.on_load_done(rec, result, now)
+
+    def _evict_result(self, rec: ActionRecord, result: Result, now: int) -> None:
+        g = rec.gpu
+        self._placed(rec)
+        self._record_action(rec, result, now)
+        if self.closed:
+            return
+        if rec.epoch != g.epoch and result.ok:
+            self._probe(rec.worker, now)
+        self.policy.on_evict_done(rec, result.ok, now)
 
     def _state_result(self, rec: ActionRecord, result: Result, now: int) -> None:
         w = rec.worker
@@ -619,7 +1079,8 @@ class Controller:
         if self.recorder is None:
             return
         g = rec.gpu
-        mb = me = md = clk = 0
+        mb = me = md = clk = clk0 = 0
+        message = ""
         if result is not None:
             st = int(result.status)
             name = _STATUS_NAMES.get(result.status, str(st))
@@ -627,34 +1088,73 @@ class Controller:
             if t is not None:
                 mb, me, md = t.begin, t.end, t.duration
             clk = getattr(result, "gpu_clock", 0)
+            clk0 = getattr(result, "gpu_clock_before", 0)
+            message = result.message
         else:
             st, name = int(status), status_name or ""
         latest = rec.latest if rec.latest < FOREVER else -1
-        self.recorder.add_action(
-            action_id=rec.id, worker=rec.worker, gpu=g.local if g is not None else -1, type=_TYPE_NAMES[rec.type],
-            model_id=rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1),
-            batch_size=rec.batch_size, earliest=rec.earliest, latest=latest, sent=rec.sent,
-            planned_begin=rec.planned_begin, planned_end=rec.planned_end, predicted_duration=rec.predicted,
-            completed=now, measured_begin=mb, measured_end=me, measured_duration=md, gpu_clock=clk,
-            status=st, status_name=name)
+        row = (rec.id, rec.worker, g.local if g is not None else -1, _TYPE_NAMES[rec.type],
+               rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1), rec.batch_size,
+               rec.earliest, latest, rec.sent, rec.planned_begin, rec.planned_end, rec.predicted, now, mb, me, md,
+               clk, st, name, clk0, rec.queued, rec.copies, message)
+        if self._action_row is not None:
+            self._action_row(row)
+        else:
+            self.recorder.add_action(**dict(zip(_ACTION_FIELDS, row)))
 
     # ====================================================================================== delivery
     def _flush(self) -> None:
-        """Send queued actions, then call queued callbacks, outside the lock."""
+        """Send queued actions, then call queued callbacks, outside the lock. Never re-entered on one thread:
+        a worker that answers inside `submit` (a closed one does) or a callback that submits again only queues
+        more for the loop below, so a long queue is delivered iteratively, not by recursion."""
+        me = get_ident()
+        flushing = self._flushing
+        if me in flushing:
+            return
+        flushing.add(me)
+        try:
+            self._deliver()
+        finally:
+            flushing.discard(me)
+
+    def _flush_virtual(self) -> None:
+        """_flush for a virtual clock (one thread: a flag instead of the set of flushing threads)."""
+        if self._in_flush:
+            return
+        self._in_flush = True
+        try:
+            self._deliver()
+        finally:
+            self._in_flush = False
+
+    def _deliver(self) -> None:
         out = self._outbox
-        while out:
-            try:
-                worker, action = out.popleft()
-            except IndexError:
-                break
-            worker.submit(action)
         cbs = self._callbacks
-        while cbs:
-            try:
-                r = cbs.popleft()
-            except IndexError:
-                break
-            _call_back(r.callback, r.outcome())
+        while out or cbs:
+            while out:
+                try:
+                    worker, action = out.popleft()
+                except IndexError:
+                    break
+                try:
+                    worker.submit(action)
+                except Exception:  # noqa: BLE001 - its watchdog gives the action up; keep delivering
+                    import traceback
+                    traceback.print_exc()
+            while cbs:
+                try:
+                    r = cbs.popleft()
+                except IndexError:
+                    break
+                cb = r.callback
+                m = r.model
+                try:
+                    cb(_tuple_new(RequestOutcome, (r.id, m.id if m is not None else -1, r.status, r.arrival,
+                                                   r.completion, r.completion - r.arrival, r.deadline,
+                                                   r.outputs, r.message)))
+                except Exception:  # noqa: BLE001 - a client's bug must not stop the controller
+                    import traceback
+                    traceback.print_exc()
 
     def internal_error(self, message: str) -> ControllerError:
         """Record a bug the controller detected in itself (its callers may swallow the exception: a worker's

@@ -7,6 +7,7 @@ valid when a GPU's clock changes. Weight loads use the same window over raw dura
 """
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import deque
 
 
@@ -25,7 +26,7 @@ def percentile(values: list[int], p: float) -> float:
 
 class SlidingEstimate:
     """p-th percentile of the last `window` samples; `value` is in ns x MHz (or ns when clock=1)."""
-    __slots__ = ("samples", "p", "value")
+    __slots__ = ("samples", "p", "value", "_at", "_sorted")
 
     def __init__(self, window: int = 10, p: float = 0.99, seed: float | None = None):
         if window < 1:
@@ -33,15 +34,31 @@ class SlidingEstimate:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"estimate percentile must be in [0, 1], got {p}")
         self.samples: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []          # the samples, sorted (kept so, not re-sorted per sample)
         self.p = p
         self.value = 0.0
+        # per number of samples n: (lo, rank - lo) of `percentile`, or None where it returns the maximum
+        at = _AT.get((p, window))
+        if at is None:
+            at = _AT[(p, window)] = [None] + [_interp(p, n) for n in range(1, window + 1)]
+        self._at = at
         if seed is not None and seed > 0:
             self.add(seed)
 
     def add(self, sample: float) -> None:
         samples = self.samples
+        s = self._sorted
+        if len(samples) == samples.maxlen:
+            del s[bisect_left(s, samples[0])]
         samples.append(sample)
-        self.value = percentile(list(samples), self.p) if len(samples) > 1 else float(sample)
+        insort(s, sample)
+        n = len(s)
+        if n == 1:
+            self.value = float(sample)
+            return
+        at = self._at[n]
+        # the same arithmetic as percentile(), so estimates do not depend on which is used
+        self.value = float(s[-1]) if at is None else s[at[0]] + at[1] * (s[at[0] + 1] - s[at[0]])
 
     @property
     def known(self) -> bool:
@@ -49,6 +66,15 @@ class SlidingEstimate:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+_AT: dict[tuple[float, int], list] = {}
+
+
+def _interp(p: float, n: int) -> tuple[int, float] | None:
+    rank = p * (n - 1)
+    lo = int(rank)
+    return None if lo >= n - 1 else (lo, rank - lo)
 
 
 class ModelEstimates:

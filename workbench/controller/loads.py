@@ -52,14 +52,20 @@ class LoadTracker:
 
     # ------------------------------------------------------------------------------------ demand
     def add_request(self, r: Request, m: ModelState, now: int, exec_slo: int, weights_slo: int) -> None:
-        self.check(now)
-        size = max(m.b1_ns, MIN_SIZE) * self.capacity    # unprofiled models still create demand
-        r.exec_size = size // max(exec_slo, 1)
-        r.lw_size = size // max(weights_slo, 1)
-        heapq.heappush(self.expiry, (now + weights_slo, next(self._seq), r))
-        m.outstanding_exec += r.exec_size
-        m.outstanding_lw += r.lw_size
-        self._changed(m)
+        exp = self.expiry
+        if exp and exp[0][0] < now:
+            self.check(now)
+        b1 = m.b1_ns
+        size = (b1 if b1 > MIN_SIZE else MIN_SIZE) * self.capacity    # unprofiled models still create demand
+        r.exec_size = ex = size // (exec_slo if exec_slo > 1 else 1)
+        r.lw_size = lw = size // (weights_slo if weights_slo > 1 else 1)
+        heapq.heappush(exp, (now + weights_slo, next(self._seq), r))
+        m.outstanding_exec += ex
+        m.outstanding_lw += lw
+        self._distribute(m)
+        if not m.stale:
+            m.stale = True
+            self.stale.append(m)
 
     def executing(self, reqs: list[Request], m: ModelState, g: GPUState) -> None:
         """The requests were sent to g: their load demand ends; m was used on g."""
@@ -69,7 +75,9 @@ class LoadTracker:
             r.lw_size = 0
         m.outstanding_lw -= lw
         m.last_used = next(self._used)
-        self._stale(m)             # exec demand (what _distribute spreads) is unchanged
+        if not m.stale:            # exec demand (what _distribute spreads) is unchanged
+            m.stale = True
+            self.stale.append(m)
 
     def release(self, reqs: list[Request], m: ModelState) -> None:
         """The requests are finalised: all their remaining demand ends."""

@@ -59,7 +59,22 @@ class Policy:
         pass
 
     def on_gpu_failed(self, g: "GPUState", now: int) -> None:
-        pass
+        """g is out of service: plan nothing more there and forget its placement (`state.unload` /
+        `state.finish_load(.., False)` for what it held or was loading)."""
+
+    def on_gpu_revived(self, g: "GPUState", now: int) -> None:
+        """g is back in service (its placement, as its worker reported it, has been adopted)."""
+
+    def adopt(self, m: "ModelState", g: "GPUState", now: int) -> None:
+        """g's worker reports m's weights in g's cache, which the controller did not know: m is loaded there."""
+        from workbench.controller import state
+        state.begin_load(m, g)
+        state.finish_load(m, g, True)
+
+    def forget(self, m: "ModelState", g: "GPUState", now: int) -> None:
+        """g's worker reports no weights of m, which the controller believed loaded there."""
+        from workbench.controller import state
+        state.unload(m, g)
 
     def summary(self) -> dict:
         return {}

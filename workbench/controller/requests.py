@@ -14,8 +14,7 @@ Every request ends with exactly one final status (the controller finalises it on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 SUCCESS = "success"
 TIMEOUT = "timeout"
@@ -30,9 +29,9 @@ INFLIGHT = 1    # part of an Infer action that has been sent
 DONE = 2        # finalised (status set, callback queued)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestOutcome:
-    """What the client's callback receives, exactly once, no later than the request's deadline."""
+class RequestOutcome(NamedTuple):
+    """What the client's callback receives, exactly once, no later than the request's deadline (an immutable
+    record; a NamedTuple because the controller builds one per request)."""
     request_id: int
     model_id: int
     status: str
@@ -46,6 +45,9 @@ class RequestOutcome:
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
+
+
+_tuple_new = tuple.__new__
 
 
 class Request:
@@ -79,9 +81,10 @@ class Request:
         self.skipped = False
 
     def outcome(self) -> RequestOutcome:
-        return RequestOutcome(self.id, self.model.id if self.model is not None else -1, self.status,
-                              self.arrival, self.completion, self.completion - self.arrival, self.deadline,
-                              self.outputs, self.message)
+        m = self.model
+        return _tuple_new(RequestOutcome, (self.id, m.id if m is not None else -1, self.status, self.arrival,
+                                           self.completion, self.completion - self.arrival, self.deadline,
+                                           self.outputs, self.message))
 
     def __repr__(self) -> str:
         return (f"Request({self.id}, model={getattr(self.model, 'id', None)}, arrival={self.arrival}, "

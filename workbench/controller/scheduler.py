@@ -19,6 +19,8 @@ Infer scheduling, per GPU:
   finish it, else dropped at once with status dropped (the client is told; INFER5 dropped silently). The
   scan runs from the earliest deadline, not INFER4's inverted reverse scan (§8.7).
 - Every result re-anchors the GPU's timeline (tracker.Timeline) and feeds the estimates.
+- The most common case, a request for a model with nothing else queued, held by one GPU with room in its plan,
+  is dispatched in one step (`_dispatch_alone`), with exactly the effects of queueing and scheduling it.
 
 Loads: a pass runs at once when a request arrives for a model with no copy anywhere, and otherwise at most
 every `load_interval` while some model has positive load priority (loads.LoadTracker); each GPU, least
@@ -90,30 +92,72 @@ class ClockworkPolicy(Policy):
     # ====================================================================================== requests
     def on_request(self, r: Request, now: int) -> None:
         m = r.model
-        b1 = m.b1_ns
-        exec_slo = r.exec_deadline - r.arrival
-        weights_slo = max(min(self.max_lw_slo, r.slo - (m.est.load_ns() + b1 + self.buffer + self.sa)),
-                          self.sa + self.buffer)
-        self.tracker.add_request(r, m, now, exec_slo, weights_slo)
+        est = m.est
+        sa_buf = self.sa + self.buffer
+        weights_slo = r.slo - (int(est.load.value) + m.b1_ns + sa_buf)
+        if weights_slo > self.max_lw_slo:
+            weights_slo = self.max_lw_slo
+        if weights_slo < sa_buf:
+            weights_slo = sa_buf
+        self.tracker.add_request(r, m, now, r.exec_deadline - r.arrival, weights_slo)
         q = m.queue
-        heapq.heappush(q, (r.exec_deadline, r.id, r))
-        m.n_queued += 1
-        if q[0][2] is r:
-            self._requeue(m)
-            self._run_dirty(now)
+        loaded = m.loaded
+        if not q and len(loaded) == 1 and not self._dirty and not self._scheduling and not loaded[0].heap \
+                and not loaded[0].failed and self._dispatch_alone(r, m, loaded[0], now):
+            pass
+        else:
+            heapq.heappush(q, (r.exec_deadline, r.id, r))
+            m.n_queued += 1
+            if q[0][2] is r:
+                self._requeue(m)
+                if self._dirty:
+                    self._run_dirty(now)
         if not m.holding:
             self._load_pass(now)            # cold: no copy anywhere, decide now
         elif self._load_timer_at is None and self.tracker.priority(m) > 0:
             self._kick_loads(now)           # the GPUs holding m are overloaded: consider a replica soon
 
+    def _dispatch_alone(self, r: Request, m: ModelState, g: GPUState, now: int) -> bool:
+        """The common case of a request arriving, done in one step: m has no other request queued, one GPU
+        holds it, that GPU has nothing else to schedule and room in its plan, and r can make its deadline
+        there. Exactly what queueing r, `_requeue`, `_schedule` and `_serve` would do then; False (nothing
+        done) when the case does not apply."""
+        free_at = g.exec.available(now)
+        if free_at >= now + self.sa:
+            return False
+        est = m.est
+        table = est._tables.get(g.clock)
+        if table is None:
+            table = est.exec_table(g.clock)
+        if table[0] > r.exec_deadline - free_at:
+            return False
+        m.version += 2              # _requeue before and after the batch
+        m.n_queued += 1
+        self._dispatch(g, m, [r], table[0], free_at, now)
+        return True
+
     def queued_requests(self) -> list[Request]:
         return [e[2] for m in self.ctl.models.values() for e in m.queue if e[2].state == QUEUED]
 
     def on_finalized(self, r: Request, prev_state: int, now: int) -> None:
+        m = r.model
         if prev_state == QUEUED:
-            r.model.n_queued -= 1
-        if r.exec_size or r.lw_size:
-            self.tracker.release([r], r.model)
+            m.n_queued -= 1
+        ex = r.exec_size
+        lw = r.lw_size
+        if ex or lw:                        # LoadTracker.release([r], m), inlined
+            r.exec_size = 0
+            r.lw_size = 0
+            tr = self.tracker
+            if ex:
+                m.outstanding_exec -= ex
+                m.outstanding_lw -= lw
+                tr._changed(m)
+            else:
+                m.outstanding_lw -= lw
+                if not m.stale:
+                    m.stale = True
+                    tr.stale.append(m)
 
     # ====================================================================================== infer scheduling
     def _requeue(self, m: ModelState) -> None:
@@ -126,11 +170,16 @@ class ClockworkPolicy(Policy):
             return
         ed = q[0][0]
         ver = m.version
+        est = m.est
+        dirty = self._dirty
         for g in m.loaded:
             if g.failed:
                 continue
-            heapq.heappush(g.heap, (ed - m.est.exec_table(g.clock)[0], next(self._seq), ver, m))
-            self._dirty[g.index] = g
+            t = est._tables.get(g.clock)
+            if t is None:
+                t = est.exec_table(g.clock)
+            heapq.heappush(g.heap, (ed - t[0], next(self._seq), ver, m))
+            dirty[g.index] = g
 
     def _run_dirty(self, now: int) -> None:
         if self._scheduling:
@@ -139,13 +188,14 @@ class ClockworkPolicy(Policy):
         try:
             dirty = self._dirty
             rounds = 0
+            schedule = self._schedule
             while dirty:
                 rounds += 1
                 if rounds > 10_000:   # GPUs handing the same work back and forth without time advancing
                     raise self.ctl.internal_error(f"scheduling loop at t={now}: GPUs {sorted(dirty)} keep "
                                                   f"rescheduling")
                 idx = next(iter(dirty))
-                self._schedule(dirty.pop(idx), now)
+                schedule(dirty.pop(idx), now)
         finally:
             self._scheduling = False
 
@@ -155,22 +205,23 @@ class ClockworkPolicy(Policy):
         heap = g.heap
         limit = now + self.sa
         loaded = g.loaded
+        ex = g.exec
         idle = 0
         while heap:
-            free_at = g.exec.available(now)
+            free_at = ex.available(now)
             if free_at >= limit:
                 # Enough planned. The next result (the head's) will schedule again, and batches dispatched then
                 # start at free_at just the same, with more requests to choose from; only if the GPU would run
                 # dry before an action sent at that result could start, wake up when the backlog falls below
                 # schedule_ahead instead (Clockwork's scheduler threads poll for that moment).
-                if free_at - g.exec.head_end() < self.future + self.wake_margin:
+                if free_at - ex.head_end() < self.future + self.wake_margin:
                     self._wake(g, free_at - self.sa + 1)
                 return
             _, _, ver, m = heapq.heappop(heap)
             if ver != m.version or m.id not in loaded:
                 continue
             self._serve(g, m, free_at, now)
-            if free_at == g.exec.available(now):          # nothing sent: m handed back to this GPU again
+            if free_at == ex.available(now):          # nothing sent: m handed back to this GPU again
                 idle += 1
                 if idle > 10_000:
                     raise self.ctl.internal_error(f"scheduling loop at t={now}: gpu {g.index} keeps getting "
@@ -184,7 +235,6 @@ class ClockworkPolicy(Policy):
         q = m.queue
         table = m.est.exec_table(g.clock)
         sizes = m.batch_sizes
-        ctl = self.ctl
         while True:
             while q and q[0][2].state != QUEUED:
                 heapq.heappop(q)
@@ -275,7 +325,9 @@ class ClockworkPolicy(Policy):
     def _dispatch(self, g: GPUState, m: ModelState, reqs: list[Request], predicted: int, free_at: int,
                   now: int) -> None:
         m.n_queued -= len(reqs)
-        latest = max(now + self.future + self.sa, free_at + self.sa)
+        latest = now + self.future + self.sa
+        if free_at + self.sa > latest:
+            latest = free_at + self.sa
         self.ctl.send_infer(g, m, reqs, predicted, free_at, now, latest, now)
         self.tracker.executing(reqs, m, g)
         self.counters["batches"] += 1
@@ -318,7 +370,7 @@ class ClockworkPolicy(Policy):
     # ====================================================================================== results
     def retry(self, rec, result: Result, now: int) -> list[Request]:
         m, g = rec.model, rec.gpu
-        if result.status in NOT_LOADED and m.id in g.loaded:   # our view of g was wrong: repair it
+        if result.status in NOT_LOADED and m.id in g.loaded and rec.epoch == g.epoch:   # our view was wrong
             self.tracker.unload(m, g)
             self.counters["repaired_placement"] += 1
         if not self.ctl.config.retry_window_errors or result.status not in RETRYABLE:
@@ -342,9 +394,10 @@ class ClockworkPolicy(Policy):
 
     def on_infer_done(self, rec, result, now: int) -> None:
         g = rec.gpu
-        if not g.failed:
+        if not g.failed and g.heap:     # (with nothing in its heap, scheduling g does nothing)
             self._dirty[g.index] = g
-        self._run_dirty(now)
+        if self._dirty and not self._scheduling:
+            self._run_dirty(now)
 
     def on_load_done(self, rec, result: Result | None, now: int) -> None:
         m, g = rec.model, rec.gpu
@@ -380,6 +433,25 @@ class ClockworkPolicy(Policy):
         g.heap.clear()
         self._run_dirty(now)
         self._kick_loads(now)
+
+    def on_gpu_revived(self, g: GPUState, now: int) -> None:
+        for m in list(g.loaded.values()):   # adopted while g was out: give g their queues' fronts
+            self._requeue(m)
+        self._dirty[g.index] = g
+        self._run_dirty(now)
+        self._kick_loads(now)
+
+    def adopt(self, m: ModelState, g: GPUState, now: int) -> None:
+        self.tracker.begin_load(m, g)
+        self.tracker.finish_load(m, g, True)
+        if not g.failed:
+            self._requeue(m)
+
+    def forget(self, m: ModelState, g: GPUState, now: int) -> None:
+        self.tracker.unload(m, g)
+        self._requeue(m)
+        if m.n_queued and not m.holding:
+            self._kick_loads(now)
 
     # ====================================================================================== loads
     def _kick_loads(self, now: int) -> None:

@@ -79,9 +79,12 @@ class GPUState:
         self.wake_at = -1           # time of the pending wake-up (-1: none)
         self.outstanding = 0.0      # LoadTracker: exec demand allocated here (ns, capacity-normalised)
         self.weight = 0.0
-        self.failed = False
+        self.failed = False         # out of service (its worker stopped answering, or restarted)
+        self.reason = ""            # why it is out of service
+        self.epoch = 0              # bumped when the controller's view of g is reset (failure, restart)
         self.timeouts = 0           # consecutive actions without an answer
         self.busy_models: dict[int, int] = {}
+        self.placing: dict[int, int] = {}   # model id -> LoadWeights/EvictWeights in flight (any epoch)
 
     def __repr__(self) -> str:
         return f"GPU({self.worker}.{self.local}, pages {self.free_pages}/{self.total_pages})"

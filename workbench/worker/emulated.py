@@ -4,9 +4,11 @@ the real workers, because it is the same code; only the device differs.
 
 It owns no threads: executors are driven by `clock.call_at`, so it runs in real time on a `RealClock` (callbacks
 on the clock's thread) and deterministically in virtual time on a `VirtualClock` (same seed and actions, same
-results). Models are loaded by profile name ("profile:resnet50": no files, so thousands of instances cost
-nothing) or from an artifact directory (sizes from its manifest, durations from its measurements.json, or
-from the profile entry of the same model name)."""
+results). In virtual time (without task telemetry) it runs a lean copy of that state machine with the same
+events and results, several times cheaper (`_Lean`, at the end of this file). Models are loaded by profile
+name ("profile:resnet50": no files, so thousands of instances cost nothing) or from an artifact directory
+(sizes from its manifest, durations from its measurements.json, or from the profile entry of the same model
+name)."""
 from __future__ import annotations
 
 import random
@@ -15,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from workbench.clock import Clock
-from workbench.contract import LoadModelFromDisk, Result, Timing
+from workbench.contract import Action, LoadModelFromDisk, Result, Timing
 from workbench.worker.base import Device, InvalidModelPath, ModelEntry, Worker, entry_from_artifact
 from workbench.worker.config import WorkerConfig
 from workbench.worker.measurements import read_measurements
@@ -133,8 +135,682 @@ class EmulatedWorker(Worker):
 
     def __init__(self, clock: Clock, num_gpus: int = 1, profile: Profile | str = "h200",
                  config: WorkerConfig | None = None, on_result: Callable[[Result], None] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, lean: bool | None = None):
+        """`lean`: run the lean state machine (default: on a virtual clock without task telemetry)."""
         prof = profile if isinstance(profile, Profile) else Profile.load(profile)
         self.profile = prof
         super().__init__(EmulatedDevice(prof, num_gpus, seed), num_gpus, config,
                          on_result or (lambda r: None), clock)
+        if lean is None:
+            lean = bool(getattr(clock, "virtual", False)) and not self.config.telemetry
+        if lean and self.config.telemetry:
+            raise ValueError("the lean emulated worker records no task telemetry: use lean=False with "
+                             "telemetry = true")
+        self._lean = _Lean(self) if lean else None
+        if self._lean is not None and type(self).submit is EmulatedWorker.submit:
+            self.submit = self._lean.submit      # an instance attribute: no dispatch through submit() below
+
+    def submit(self, action: Action) -> None:
+        if self._lean is not None:
+            self._lean.submit(action)
+        else:
+            super().submit(action)
+
+    def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
+        else:
+            super().close()
+
+
+# ================================================================================================ lean path
+# In virtual time the emulated worker runs a lean copy of the state machine of base.py/executor.py: the same
+# queues (per GPU weights/inputs/exec/outputs, worker-wide disk/control), the same (eligible, order) priority,
+# windows, checks, pools, page cache, random draws and status codes, and the same clock events in the same
+# order (a wake-up when an idle queue gets an eligible head, one event when each task's work ends). So its
+# results are identical to the general path's for the same actions and seed (tests/test_worker_emulated.py
+# compares them), at a fraction of the cost: no locks, no task classes, no per-task wrappers, results built
+# without the dataclass constructors, pools that count bytes instead of placing ranges while placement
+# cannot matter (_Pool).
+
+import heapq as _heapq
+from math import exp as _exp
+from workbench.contract import (FOREVER as _FOREVER, ActionType as _AT, ClearCacheResult as _ClearCacheResult,
+                                EvictWeightsResult as _EvictWeightsResult, GetWorkerStateResult as _GWSResult,
+                                InferResult as _InferResult, LoadModelFromDiskResult as _LMResult,
+                                LoadWeightsResult as _LoadWeightsResult, Status as _S, error as _error)
+from workbench.worker.base import ModelCopy as _ModelCopy
+from workbench.worker.page_cache import InsufficientCache as _InsufficientCache
+from workbench.worker.pools import MemoryPool as _MemoryPool, PoolExhausted as _PoolExhausted
+
+_new = object.__new__
+_setattr = object.__setattr__
+
+
+def _timing(begin: int, end: int, duration: int) -> Timing:
+    t = _new(Timing)
+    _setattr(t, "__dict__", {"begin": begin, "end": end, "duration": duration})
+    return t
+
+
+class _Pool:
+    """A MemoryPool (same sizes, alignment, errors) that answers alloc/free by counting bytes while the
+    answer cannot depend on where ranges are placed: with `live` allocations the free space is split into at
+    most live + 1 ranges, so `free >= length * (live + 1)` guarantees a fit. Otherwise it replays the operations
+    since the pool was last empty (the range allocator's state depends on nothing older) into a real
+    MemoryPool and runs exactly until the pool is empty again."""
+    __slots__ = ("name", "size", "used", "live", "log", "real", "offsets", "_next")
+    ALIGN = 256
+    MAX_LOG = 4096
+    exact_switches = 0                      # times any pool had to place ranges exactly (tests read it)
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+        self.used = 0
+        self.live: dict[int, int] = {}      # handle -> aligned length
+        self.log: list[tuple[int, int]] = []   # (handle, length) allocs and (handle, 0) frees since empty
+        self.real: _MemoryPool | None = None
+        self.offsets: dict[int, int] = {}    # handle -> offset in `real`
+        self._next = 0
+
+    @property
+    def allocations(self) -> int:
+        return len(self.live)
+
+    def alloc(self, nbytes: int) -> int:
+        length = -(-nbytes // 256) * 256
+        if length < 256:
+            length = 256
+        live = self.live
+        if self.real is None:
+            if length <= self.size and self.size - self.used >= length * (len(live) + 1) \
+                    and len(self.log) < self.MAX_LOG:
+                h = self._next = self._next + 1
+                live[h] = length
+                self.used += length
+                self.log.append((h, length))
+                return h
+            self._go_exact()
+        off = self.real.alloc(nbytes)          # raises PoolExhausted exactly as the general path does
+        h = self._next = self._next + 1
+        live[h] = length
+        self.offsets[h] = off
+        self.used += length
+        return h
+
+    def free(self, h: int) -> None:
+        length = self.live.pop(h)
+        self.used -= length
+        if self.real is None:
+            self.log.append((h, 0))
+            if not self.live:
+                self.log.clear()
+        else:
+            self.real.free(self.offsets.pop(h))
+            if not self.live:
+                self.real = None
+                self.offsets.clear()
+
+    def _go_exact(self) -> None:
+        _Pool.exact_switches += 1
+        real = _MemoryPool(self.name, self.size)
+        offs: dict[int, int] = {}
+        for h, length in self.log:
+            if length:
+                offs[h] = real.alloc(length)
+            else:
+                real.free(offs.pop(h))
+        self.real, self.offsets = real, offs
+        self.log.clear()
+
+    def clear(self) -> None:
+        self.__init__(self.name, self.size)
+
+    def state(self) -> dict:
+        return {"size": self.size, "used": self.used, "allocations": len(self.live)}
+
+
+# task kinds; the queue a kind runs on: per GPU 0..3 (weights, inputs, exec, outputs), worker-wide disk/control
+_LOAD, _EVICT, _CIN, _EXEC, _COUT, _DISK, _CTRL, _IMM = range(8)
+_KIND_NAME = ("weights", "weights", "inputs", "exec", "outputs", "disk", "control", "control")
+_QUEUE = (0, 0, 1, 2, 3, -1, -2, -2)
+_TOO_LATE = (_S.LOAD_WEIGHTS_TOO_LATE, _S.EVICT_WEIGHTS_TOO_LATE, _S.COPY_INPUT_TOO_LATE, _S.EXEC_TOO_LATE,
+             _S.COPY_OUTPUT_TOO_LATE, _S.COULD_NOT_START_IN_TIME, _S.COULD_NOT_START_IN_TIME,
+             _S.COULD_NOT_START_IN_TIME)
+_TOO_EARLY = (_S.LOAD_WEIGHTS_TOO_EARLY, _S.EVICT_WEIGHTS_TOO_EARLY, _S.COPY_INPUT_TOO_EARLY, _S.EXEC_TOO_EARLY,
+              _S.COPY_OUTPUT_TOO_EARLY, _S.COULD_NOT_START_IN_TIME, _S.COULD_NOT_START_IN_TIME,
+              _S.COULD_NOT_START_IN_TIME)
+_FIRST_KIND = {_AT.LOAD_WEIGHTS: _LOAD, _AT.EVICT_WEIGHTS: _EVICT, _AT.INFER: _CIN,
+               _AT.LOAD_MODEL_FROM_DISK: _DISK, _AT.CLEAR_CACHE: _CTRL, _AT.GET_WORKER_STATE: _CTRL}
+
+
+class _Task:
+    """One task of an action (the general path's Task subclasses in one record)."""
+    __slots__ = ("kind", "a", "received", "eligible", "latest", "seq", "gpu", "status", "message", "track",
+                 "m", "entry", "batch", "io", "host", "ws", "version", "cin", "ex", "clk", "alloc", "gm",
+                 "err", "info")
+
+    def __init__(self, kind: int, a: Any, received: int, eligible: int, latest: int, seq: int):
+        self.kind, self.a, self.received, self.eligible, self.latest, self.seq = \
+            kind, a, received, eligible, latest, seq
+        self.io = self.host = self.ws = -1
+        self.alloc = self.entry = self.m = None
+
+
+class _Queue:
+    """One executor queue: a heap of (eligible, seq, task), at most one task running."""
+    __slots__ = ("heap", "busy", "wake", "wake_at", "wake_gen", "closed")
+
+    def __init__(self) -> None:
+        self.heap: list = []
+        self.busy: _Task | None = None
+        self.wake = False         # a wake-up is pending (at wake_at); wake_gen tells it from cancelled ones
+        self.wake_at = 0
+        self.wake_gen = 0
+        self.closed = False
+
+
+class _Lean:
+    """The lean state machine of one EmulatedWorker (virtual time). Owns nothing the worker's general state
+    does not: models, entries, outstanding, per-GPU page caches, pools and `loading` sets are the worker's."""
+
+    def __init__(self, w: "EmulatedWorker"):
+        self.w = w
+        self.clock = w.clock
+        self.post = w.clock.post      # events are cancelled by generation (wake_gen) or identity (busy)
+        self.dev: EmulatedDevice = w.device
+        self.rngs = self.dev.rngs
+        prof = self.dev.profile
+        self.load_sigma = prof.load_sigma
+        self.copy_lat = prof.copy_latency_ns
+        self.h2d = prof.h2d_bytes_per_s
+        self.d2h = prof.d2h_bytes_per_s
+        self.sm_clock = prof.sm_clock_mhz
+        cfg = w.config
+        self.lead_in = cfg.copy_input_lead_in
+        self.allow_zero = cfg.allow_zero_size_inputs
+        for st in w.gpus:                       # byte-counting pools with the general pools' sizes
+            st.io = _Pool(st.io.name, st.io.size)
+            st.workspace = _Pool(st.workspace.name, st.workspace.size)
+        w.host_io = _Pool(w.host_io.name, w.host_io.size)
+        self.host_io = w.host_io
+        self.queues = [[_Queue() for _ in range(4)] for _ in w.gpus]
+        self.disk = _Queue()
+        self.control = _Queue()
+        self.outbox: list = []
+        self.seq = 0
+        self.num_gpus = w.num_gpus
+        self._infer_info: dict = {}             # (entry, n) -> what an Infer of n samples needs, see _info
+        self._dists: dict = {}                  # (entry, batch) -> exec duration distribution
+
+    # ---------------------------------------------------------------------------------------- queues
+    def queue(self, t: _Task) -> _Queue:
+        q = _QUEUE[t.kind]
+        if q >= 0:
+            return self.queues[t.gpu][q]
+        return self.disk if q == -1 else self.control
+
+    def submit(self, a: Any) -> None:
+        if not isinstance(a, Action):
+            raise TypeError(f"submit() takes a workbench.contract Action, got {type(a).__name__}")
+        w = self.w
+        now = self.clock.now()
+        if w.closed:
+            r = _error(a, _S.SHUTTING_DOWN, "worker is closed", now, now)
+            w.results_delivered += 1
+            w._call(r)
+            return
+        if a.type is _AT.INFER and type(a.id) is int and a.id >= 0 and type(a.earliest) is int \
+                and type(a.latest) is int and type(a.model_id) is int and type(a.gpu) is int \
+                and 0 <= a.gpu < self.num_gpus and type(a.batch_size) is int:
+            problem = None                  # what _malformed finds for a well-formed Infer
+        else:
+            problem = w._malformed(a)
+        outstanding = w.outstanding
+        self.seq += 1
+        if problem is None and a.id in outstanding:
+            t = _Task(_IMM, a, now, 0, _FOREVER, self.seq)
+            t.status, t.message, t.track = _S.INVALID_ACTION, f"action id {a.id} is already in flight", False
+        else:
+            outstanding[a.id] = a
+            kind = _FIRST_KIND.get(a.type) if problem is None else None
+            if kind is None:
+                t = _Task(_IMM, a, now, 0, _FOREVER, self.seq)
+                t.status, t.message = problem if problem is not None else \
+                    (_S.INVALID_ACTION, f"unknown action type {type(a).__name__}")
+                t.track = True
+            elif kind == _CIN:
+                e = a.earliest - self.lead_in
+                t = _Task(_CIN, a, now, e if e > 0 else 0, a.latest, self.seq)
+                t.gpu = a.gpu
+            else:
+                t = _Task(kind, a, now, a.earliest, a.latest, self.seq)
+                if kind <= _EVICT:
+                    t.gpu = a.gpu
+        q = self.queue(t)
+        heap = q.heap
+        _heapq.heappush(heap, (t.eligible, t.seq, t))
+        if q.busy is None and heap[0][2] is t:
+            self._wake(q, t.eligible)
+
+    def _wake(self, q: _Queue, t: int) -> None:
+        if q.wake:
+            if q.wake_at <= t:
+                return
+        q.wake = True
+        q.wake_at = t
+        q.wake_gen = gen = q.wake_gen + 1
+        self.post(t, self._on_wake, q, gen)
+
+    def _on_wake(self, q: _Queue, gen: int) -> None:
+        if gen != q.wake_gen:       # cancelled (superseded by an earlier wake-up, or closed)
+            return
+        q.wake = False
+        out = self._kick(q, self.clock.now())
+        if self.outbox:
+            out = out + self.outbox
+            self.outbox.clear()
+        if out:
+            self.deliver(out)
+
+    def _kick(self, q: _Queue, now: int) -> list:
+        out: list = []
+        heap = q.heap
+        while heap and q.busy is None and not q.closed:
+            t = heap[0][2]
+            if t.eligible > now:
+                self._wake(q, t.eligible)
+                break
+            _heapq.heappop(heap)
+            try:
+                r = self.begin(t, now)
+            except Exception as e:  # noqa: BLE001 - a worker bug still ends the action with one result
+                r = self._bug(t, e)
+            if r is not None:
+                out.append(r)
+                continue
+            d = self.run(t, now)
+            q.busy = t
+            self.post(now + d, self._on_done, q, t, now, d)
+        return out
+
+    def _on_done(self, q: _Queue, t: _Task, begin: int, d: int) -> None:
+        if q.busy is not t:
+            return
+        q.busy = None
+        try:
+            r = self.finish(t, begin, d)
+        except Exception as e:  # noqa: BLE001
+            r = self._bug(t, e)
+        out = [r] if r is not None else []
+        out += self._kick(q, self.clock.now())
+        if self.outbox:
+            out += self.outbox
+            self.outbox.clear()
+        if out:
+            self.deliver(out)
+
+    def hand_on(self, t: _Task, now: int) -> Result | None:
+        if self.w.closed:
+            self.cleanup(t)
+            return self.fail(t, _S.SHUTTING_DOWN, "worker closed during the action")
+        q = self.queue(t)
+        heap = q.heap
+        _heapq.heappush(heap, (t.eligible, t.seq, t))
+        if q.busy is None and heap[0][2] is t:
+            if t.eligible <= now:
+                self.outbox.extend(self._kick(q, now))
+            else:
+                self._wake(q, t.eligible)
+        return None
+
+    def deliver(self, results: list) -> None:
+        w = self.w
+        outstanding = w.outstanding
+        ok = []
+        for r in results:
+            if "_untracked" in r.__dict__ or outstanding.pop(r.id, None) is not None:
+                ok.append(r)
+            else:
+                import traceback
+                traceback.print_stack()
+                print(f"worker bug: second result for action {r.id} ({r.status.name}) dropped")
+        w.results_delivered += len(ok)
+        call = w._call
+        for r in ok:
+            call(r)
+
+    # ---------------------------------------------------------------------------------------- tasks
+    def fail(self, t: _Task, status: _S, message: str) -> Result:
+        now = self.clock.now()
+        return _error(t.a, status, message, t.received, now)
+
+    def _bug(self, t: _Task, e: Exception) -> Result:
+        import traceback
+        traceback.print_exc()
+        try:
+            self.cleanup(t)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        return self.fail(t, _S.RUNTIME_ERROR, f"worker error in the {_KIND_NAME[t.kind]} task: "
+                                              f"{type(e).__name__}: {e}")
+
+    def _window(self, t: _Task, now: int) -> Result | None:
+        if now > t.latest:
+            return self.fail(t, _TOO_LATE[t.kind], f"{_KIND_NAME[t.kind]} task could not start by latest="
+                                                    f"{t.latest} (now {now}, {(now - t.latest) / 1e6:.3f} ms late)")
+        if now < t.eligible:
+            return self.fail(t, _TOO_EARLY[t.kind], f"{_KIND_NAME[t.kind]} task started before it was eligible "
+                                                     f"at {t.eligible}")
+        return None
+
+    def release(self, t: _Task) -> None:
+        if t.io >= 0:
+            self.w.gpus[t.gpu].io.free(t.io)
+            t.io = -1
+        if t.host >= 0:
+            self.host_io.free(t.host)
+            t.host = -1
+
+    def cleanup(self, t: _Task) -> None:
+        k = t.kind
+        if k == _LOAD:
+            if t.alloc is not None and not t.alloc.freed:
+                st = self.w.gpus[t.gpu]
+                st.loading.discard(id(t.alloc))
+                st.cache.free(t.alloc)
+        elif k == _EXEC:
+            if t.ws >= 0:
+                self.w.gpus[t.gpu].workspace.free(t.ws)
+                t.ws = -1
+            self.release(t)
+        elif k == _CIN or k == _COUT:
+            self.release(t)
+        elif k == _DISK:
+            if t.entry is not None:
+                self.dev.release_model(t.entry)
+                t.entry = None
+
+    def begin(self, t: _Task, now: int) -> Result | None:
+        k = t.kind
+        if now > t.latest or now < t.eligible:
+            r = self._window(t, now)
+            if k == _EXEC or k == _COUT:
+                self.release(t)
+            return r
+        a = t.a
+        w = self.w
+        if k == _CIN:
+            m = w.models.get(a.model_id)
+            if m is None:
+                return self.fail(t, _S.COPY_INPUT_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this worker")
+            e = m.entry
+            n = a.batch_size
+            info = self._infer_info.get((e, n))
+            if info is None:
+                info = self._infer_info[(e, n)] = self._info(e, n)
+            b = info[0]
+            if b is None:
+                return self.fail(t, _S.COPY_INPUT_INVALID_BATCH_SIZE,
+                                 f"batch size {a.batch_size} for model {a.model_id} ({e.name}): compiled batch "
+                                 f"sizes are {list(e.batch_sizes)}; use 1..{e.batch_sizes[-1]}")
+            if a.inputs is not None or not self.allow_zero:
+                r = self._check_inputs(t, e, a)
+                if r is not None:
+                    return r
+            try:
+                t.io = w.gpus[t.gpu].io.alloc(info[1])
+            except _PoolExhausted as ex:
+                return self.fail(t, _S.COPY_INPUT_IO_POOL_EXHAUSTED, str(ex))
+            try:
+                t.host = self.host_io.alloc(info[2])
+            except _PoolExhausted as ex:
+                self.release(t)
+                return self.fail(t, _S.COPY_INPUT_HOST_ALLOC, str(ex))
+            t.m, t.entry, t.batch, t.info = m, e, b, info
+            return None
+        if k == _EXEC:
+            gm = t.m.gpus[t.gpu]
+            if gm.weights is None:
+                self.release(t)
+                return self.fail(t, _S.EXEC_WEIGHTS_MISSING, f"model {a.model_id} has no weights on gpu {a.gpu}: "
+                                                             f"send LoadWeights first")
+            try:
+                t.ws = w.gpus[t.gpu].workspace.alloc(t.entry.workspace_bytes[t.batch])
+            except _PoolExhausted as ex:
+                self.release(t)
+                return self.fail(t, _S.EXEC_WORKSPACE_POOL_EXHAUSTED, str(ex))
+            t.version = gm.version
+            return None
+        if k == _COUT:
+            try:
+                t.host = self.host_io.alloc(t.info[3])
+            except _PoolExhausted as ex:
+                self.release(t)
+                return self.fail(t, _S.COPY_OUTPUT_HOST_ALLOC, str(ex))
+            return None
+        if k == _LOAD:
+            m = w.models.get(a.model_id)
+            if m is None:
+                return self.fail(t, _S.LOAD_WEIGHTS_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this "
+                                                                   f"worker")
+            st = w.gpus[a.gpu]
+            g = m.gpus[a.gpu]
+            g.version += 1
+            if g.weights is not None:
+                st.cache.free(g.weights)
+                g.weights, g.binding = None, None
+            try:
+                t.alloc = st.cache.alloc(m.entry.runs)
+            except _InsufficientCache as e:
+                return self.fail(t, _S.LOAD_WEIGHTS_INSUFFICIENT_CACHE, f"model {a.model_id} on gpu {a.gpu}: {e}")
+            st.loading.add(id(t.alloc))
+            t.version = g.version
+            t.gm = g
+            t.m = m
+            return None
+        if k == _EVICT:
+            m = w.models.get(a.model_id)
+            if m is None:
+                return self.fail(t, _S.EVICT_WEIGHTS_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this "
+                                                                    f"worker")
+            g = m.gpus[a.gpu]
+            if g.weights is None:
+                return self.fail(t, _S.EVICT_WEIGHTS_NOT_IN_CACHE, f"model {a.model_id} has no weights on gpu "
+                                                                   f"{a.gpu}")
+            g.version += 1
+            w.gpus[a.gpu].cache.free(g.weights)
+            g.weights, g.binding = None, None
+            return None
+        if k == _IMM:
+            r = self.fail(t, t.status, t.message)
+            if not t.track:
+                _setattr(r, "_untracked", True)
+            return r
+        if k == _CTRL:
+            if a.type == _AT.CLEAR_CACHE:
+                for m in w.models.values():
+                    for gi, gm in enumerate(m.gpus):
+                        gm.version += 1
+                        if gm.weights is not None:
+                            w.gpus[gi].cache.free(gm.weights)
+                            gm.weights, gm.binding = None, None
+                return _ClearCacheResult(id=a.id, action_type=a.type, received=t.received, sent=now)
+            return _GWSResult(id=a.id, action_type=a.type, received=t.received, sent=now, state=w.state())
+        # _DISK
+        taken = [i for i in range(a.model_id, a.model_id + a.copies) if i in w.models]
+        if taken:
+            return self.fail(t, _S.INVALID_MODEL_ID, f"model ids {taken[:5]}{'...' if len(taken) > 5 else ''} "
+                                                     f"are already in use (copies {a.model_id}..{a.model_id + a.copies - 1})")
+        return None
+
+    def _info(self, e: Any, n: int) -> tuple:
+        """(padded batch or None, io bytes, host bytes in, host bytes out, copy-in ns, copy-out ns) for n."""
+        b = e.padded_batch_size(n) if n >= 1 else None
+        if b is None:
+            return (None,) * 6
+        return (b, e.io_bytes[b], e.host_bytes(n), e.host_bytes(n, outputs=True),
+                self.copy_lat + int(e.input_bytes * n / self.h2d * 1e9),
+                self.copy_lat + int(e.output_bytes * n / self.d2h * 1e9))
+
+    def _check_inputs(self, t: _Task, e: Any, a: Any) -> Result | None:
+        if a.inputs is None:
+            return self.fail(t, _S.COPY_INPUT_INVALID_INPUT, "no inputs given and allow_zero_size_inputs is "
+                                                            "false in the worker config")
+        if not isinstance(a.inputs, (tuple, list)) or not all(isinstance(x, np.ndarray) for x in a.inputs):
+            return self.fail(t, _S.COPY_INPUT_INVALID_INPUT, "inputs must be a tuple of numpy arrays")
+        if e.inputs is None:
+            bad = [x.shape for x in a.inputs if x.ndim == 0 or x.shape[0] != a.batch_size]
+            if bad:
+                return self.fail(t, _S.COPY_INPUT_BAD_SIZES, f"inputs {bad} do not have batch_size {a.batch_size} "
+                                                            f"rows")
+            return None
+        if len(a.inputs) != len(e.inputs):
+            return self.fail(t, _S.COPY_INPUT_INVALID_INPUT, f"model {e.name} takes {len(e.inputs)} input(s) "
+                                                            f"{[s.name for s in e.inputs]}, got {len(a.inputs)}")
+        for x, spec in zip(a.inputs, e.inputs):
+            if x.dtype != np.dtype(spec.dtype):
+                return self.fail(t, _S.COPY_INPUT_INVALID_INPUT, f"input {spec.name!r} of {e.name} must be "
+                                                                f"{spec.dtype}, got {x.dtype}")
+            want = (a.batch_size, *spec.shape)
+            if tuple(x.shape) != want:
+                return self.fail(t, _S.COPY_INPUT_BAD_SIZES, f"input {spec.name!r} of {e.name} must have shape "
+                                                            f"{want} for batch_size {a.batch_size}, got {x.shape}")
+        return None
+
+    def run(self, t: _Task, now: int) -> int:
+        """Start t's work at now; its duration (the task ends at now + duration)."""
+        k = t.kind
+        if k == _CIN:
+            return t.info[4]
+        if k == _EXEC:
+            key = (t.entry, t.batch)
+            dist = self._dists.get(key)
+            if dist is None:
+                ed = t.entry.handle.exec[t.batch]
+                # ExecDist.draw without the call: (p50, sigma) when it draws a lognormal, else the dist itself
+                dist = self._dists[key] = ed if (ed.samples_ns or ed.sigma <= 0) else (ed.p50_ns, ed.sigma)
+            if type(dist) is tuple:
+                d = int(dist[0] * _exp(dist[1] * self.rngs[t.gpu].gauss(0.0, 1.0)))
+                return d if d > 1 else 1
+            return dist.draw(self.rngs[t.gpu])
+        if k == _COUT:
+            return t.info[5]
+        if k == _LOAD:
+            d = t.m.entry.handle.weights_load_ns
+            if self.load_sigma > 0:
+                d = max(1, int(d * np.exp(self.load_sigma * self.rngs[t.gpu].gauss(0.0, 1.0))))
+            return d
+        if k == _EVICT:
+            return 0
+        # _DISK
+        try:
+            t.entry, timing = self.dev.open_model(t.a, now)
+            t.err = None
+        except InvalidModelPath as e:
+            t.err = (_S.INVALID_PATH, str(e))
+            timing = _timing(now, now, 0)
+        t.cin = timing
+        return timing.end - now
+
+    def finish(self, t: _Task, begin: int, d: int) -> Result | None:
+        k = t.kind
+        w = self.w
+        a = t.a
+        end = begin + d
+        if k == _CIN:
+            t.cin = (begin, end, d)
+            self.host_io.free(t.host)
+            t.host = -1
+            self.seq += 1               # the same record goes on as the Infer's exec task
+            t.kind, t.eligible, t.latest, t.seq = _EXEC, a.earliest, a.latest, self.seq
+            return self.hand_on(t, end)
+        if k == _EXEC:
+            if t.ws >= 0:
+                w.gpus[t.gpu].workspace.free(t.ws)
+                t.ws = -1
+            t.ex = (begin, end, d)
+            if t.m.gpus[t.gpu].version != t.version:
+                self.release(t)
+                return self.fail(t, _S.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
+                                 f"weights of model {a.model_id} on gpu {a.gpu} were evicted or reloaded during exec")
+            self.seq += 1               # ... and as its output copy
+            t.kind, t.eligible, t.latest, t.seq = _COUT, 0, _FOREVER, self.seq
+            return self.hand_on(t, end)
+        if k == _COUT:
+            self.release(t)
+            r = _new(_InferResult)
+            clk = self.sm_clock
+            cb, ce, cd = t.cin
+            eb, ee, edur = t.ex
+            _setattr(r, "__dict__", {"id": a.id, "action_type": a.type, "status": _S.SUCCESS, "message": "",
+                                     "received": t.received, "sent": end, "gpu": a.gpu,
+                                     "batch_size": a.batch_size, "copy_input": _timing(cb, ce, cd),
+                                     "exec": _timing(eb, ee, edur), "copy_output": _timing(begin, end, d),
+                                     "gpu_clock_before": clk, "gpu_clock": clk, "outputs": None})
+            return r
+        if k == _LOAD:
+            st = w.gpus[a.gpu]
+            st.loading.discard(id(t.alloc))
+            if t.gm.version != t.version:
+                st.cache.free(t.alloc)
+                return self.fail(t, _S.LOAD_WEIGHTS_CONCURRENT_MODIFICATION,
+                                 f"model {a.model_id} on gpu {a.gpu} was evicted or reloaded during the load")
+            t.gm.weights, t.gm.binding = t.alloc, None
+            return _LoadWeightsResult(id=a.id, action_type=a.type, received=t.received, sent=end,
+                                      timing=_timing(begin, end, d))
+        if k == _EVICT:
+            return _EvictWeightsResult(id=a.id, action_type=a.type, received=t.received, sent=end,
+                                       timing=_timing(begin, end, d))
+        # _DISK
+        timing = t.cin
+        if t.err is not None:
+            return self.fail(t, *t.err)
+        e = t.entry
+        keep = tuple(b for b in e.batch_sizes
+                     if b <= a.max_batch_size and (e.exec_ns.get(b, 0) <= a.max_exec_duration))
+        taken = [i for i in range(a.model_id, a.model_id + a.copies) if i in w.models]
+        if not keep or taken:
+            self.dev.release_model(e)
+            if taken:
+                return self.fail(t, _S.INVALID_MODEL_ID, f"model ids {taken[:5]} were taken during the load")
+            return self.fail(t, _S.INVALID_ACTION, f"{e.name}: no batch size of {list(e.batch_sizes)} is <= "
+                                                   f"max_batch_size {a.max_batch_size} with exec <= "
+                                                   f"max_exec_duration {a.max_exec_duration} ns")
+        e.batch_sizes = keep
+        w.entries.append(e)
+        ids = tuple(range(a.model_id, a.model_id + a.copies))
+        for i in ids:
+            w.models[i] = _ModelCopy(i, e, w.num_gpus)
+        return _LMResult(
+            id=a.id, action_type=a.type, received=t.received, sent=end, model_ids=ids,
+            batch_sizes=keep, input_bytes=e.input_bytes, output_bytes=e.output_bytes, weights_bytes=e.weights_bytes,
+            num_pages=e.num_pages, page_size=e.page_size, weights_load_ns=e.weights_load_ns,
+            exec_ns=tuple(e.exec_ns.get(b, 0) for b in keep), timing=timing)
+
+    # ---------------------------------------------------------------------------------------- close
+    def close(self) -> None:
+        w = self.w
+        if w.closed:
+            return
+        w.closed = True
+        queues = [q for qs in self.queues for q in qs] + [self.disk, self.control]
+        out = []
+        for q in queues:
+            tasks = [e[2] for e in q.heap]
+            q.heap = []
+            if q.busy is not None:       # its end event finds the queue no longer busy with it
+                tasks.append(q.busy)
+                q.busy = None
+            if q.wake:
+                q.wake_gen += 1
+                q.wake = False
+            for t in tasks:
+                self.cleanup(t)
+                out.append(self.fail(t, _S.SHUTTING_DOWN, "worker closed before the action ran"))
+        self.deliver(out)
+        for q in queues:
+            q.closed = True
+        now = self.clock.now()
+        self.deliver([_error(a, _S.SHUTTING_DOWN, "worker closed", now, now) for a in w.outstanding.values()])
+        self.dev.close()
