@@ -868,7 +868,7 @@ class Controller:
                 rec.done = True
                 t = rec.type
                 if t is _INFER:
-                    if result.status == 0 and not self.closed:
+                    if result.status == 0:
                         self._infer_ok(rec, result, now)
                     else:
                         self._infer_result(rec, result, now)
@@ -893,17 +893,10 @@ class Controller:
                 self._flush()
 
     def _infer_ok(self, rec: ActionRecord, result: Result, now: int) -> None:
-        """A successful Infer (the common case of _infer_result, with its steps inlined)."""
+        """A successful Infer: the hot path, written out."""
         g = rec.gpu
         m = rec.model
-        mid = m.id
-        g.infers_outstanding -= 1
-        bm = g.busy_models
-        left = bm[mid] - 1
-        if left:
-            bm[mid] = left
-        else:
-            del bm[mid]
+        self._infer_finished(rec)
         ex = result.exec
         g.exec.success(rec.id, ex.end)
         clk = (result.gpu_clock_before + result.gpu_clock) // 2
@@ -911,29 +904,22 @@ class Controller:
             g.clock = clk
         m.est.add_exec(m.pad(rec.batch_size), ex.duration, clk)
         reqs = rec.reqs
-        if result.outputs:
-            outs = split_outputs(result, rec.batch_size)
-            for i, r in enumerate(reqs):
-                if r.state == DONE:
-                    continue
-                if now <= r.deadline:
-                    self.finalize(r, SUCCESS, now, "", outs[i])
-                else:
-                    self.finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the "
-                                                   f"deadline")
-        else:
-            finalize = self.finalize
-            for r in reqs:
-                if r.state == DONE:
-                    continue
-                if now <= r.deadline:
+        outs = split_outputs(result, rec.batch_size) if result.outputs else None
+        finalize = self.finalize
+        for i, r in enumerate(reqs):
+            if r.state == DONE:
+                continue
+            if now <= r.deadline:
+                if outs is None:
                     finalize(r, SUCCESS, now)
                 else:
-                    finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the "
-                                              f"deadline")
+                    finalize(r, SUCCESS, now, "", outs[i])
+            else:
+                finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the deadline")
         if self.recorder is not None:
             self._record_action(rec, result, now)
-        self.policy.on_infer_done(rec, result, now)
+        if not self.closed:
+            self.policy.on_infer_done(rec, result, now)
 
     def _infer_finished(self, rec: ActionRecord) -> None:
         g = rec.gpu
@@ -946,33 +932,18 @@ class Controller:
             del bm[rec.model.id]
 
     def _infer_result(self, rec: ActionRecord, result: Result, now: int) -> None:
-        g = rec.gpu
-        m = rec.model
-        self._infer_finished(rec)
         if result.status == 0:
-            ex = result.exec
-            g.exec.success(rec.id, ex.end)
-            clk = (result.gpu_clock_before + result.gpu_clock) // 2
-            if clk > 0:
-                g.clock = clk
-            m.est.add_exec(m.pad(rec.batch_size), ex.duration, clk)
-            outs = split_outputs(result, rec.batch_size) if result.outputs else None
-            for i, r in enumerate(rec.reqs):
-                if r.state == DONE:
-                    continue
-                if now <= r.deadline:
-                    self.finalize(r, SUCCESS, now, "", outs[i] if outs else None)
-                else:
-                    self.finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the "
-                                                   f"deadline")
-        else:
-            g.exec.error(rec.id)
-            again = self.policy.retry(rec, result, now) if not self.closed else []
-            msg = (f"worker {rec.worker} gpu {g.local}: {_STATUS_NAMES.get(result.status, result.status)}: "
-                   f"{result.message}")
-            for r in rec.reqs:
-                if r.state != DONE and r not in again:
-                    self.finalize(r, ERROR, now, msg)
+            self._infer_ok(rec, result, now)
+            return
+        g = rec.gpu
+        self._infer_finished(rec)
+        g.exec.error(rec.id)
+        again = self.policy.retry(rec, result, now) if not self.closed else []
+        msg = (f"worker {rec.worker} gpu {g.local}: {_STATUS_NAMES.get(result.status, result.status)}: "
+               f"{result.message}")
+        for r in rec.reqs:
+            if r.state != DONE and r not in again:
+                self.finalize(r, ERROR, now, msg)
         self._record_action(rec, result, now)
         if not self.closed:
             self.policy.on_infer_done(rec, result, now)
