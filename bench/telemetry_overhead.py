@@ -1,160 +1,490 @@
-"""Telemetry recording overhead per request.
+"""Telemetry recording overhead: ns per row for each Recorder API, and the slowdown of a virtual-time simulation
+with recording on vs off, measured side by side.
 
-    python -m bench.telemetry_overhead [--requests 200000] [--repeats 5]
+    python -m bench.telemetry_overhead [--rows 200000] [--pairs 9] [--duration 20] [--rate 2000] [--instructions]
 
-1. Micro: ns per `Recorder.add_request` / `add_action` with full rows (as the controller sends them), the
-   bare cost of a Python call with the same keyword arguments alongside, and the background conversion cost.
-2. Side by side: the same virtual-time experiment (real controller + emulated H200 worker, Poisson arrivals)
-   with recorder=None, with an in-memory Recorder and with a spilling Recorder (Parquet parts on disk),
-   alternating, several repeats; the wall time per request and the difference.
+(a) Micro: ns per call with full rows as the controller sends them (16 request columns, 23 action columns):
+    the keyword API `add_request(**row)` / `add_action(**row)`, the positional fast path `add_request_row(t)` /
+    `add_action_row(t)`, the floors (a do-nothing function taking the same keywords; a bare `list.append`),
+    the conversion to polars per row (done in the background thread, in chunks) and the total per row with the
+    background conversion running alongside (append + conversion, everything a row costs the process).
+(b) Side by side: one fixed virtual-time simulation (controller + one emulated H200 worker with 2 GPUs,
+    15 ResNet-50 copies, Poisson arrivals, `workbench.controller.simulation.simulate`), run with recording off
+    and with each way of recording on, interleaved in rounds (the order rotates every round); each round gives
+    one ratio on/off per variant, and the figure is the median over the rounds. An extra "off" run per round
+    (off vs off) shows the noise of the machine; a "gather only" run (the controller builds each row, the
+    recorder drops it) separates the controller's share from the recorder's. Wall and process CPU time (all
+    threads, so the background conversion counts) are both reported; recorder.close() (the last conversion,
+    and the Parquet writes when spilling) is included. If the controller does not call `add_*_row` itself, a
+    small local adapter re-writes its two telemetry methods for the positional variants (checked to record
+    exactly the frames the controller's own calls do). The "keywords" variant hides the positional methods, so
+    the controller falls back to `add_request(**row)`.
+(c) With --instructions: instructions per simulated request under valgrind (deterministic: a shared machine's
+    noise does not reach it), from two run lengths per variant so that fixed costs cancel.
 Writes bench/results/telemetry_overhead.json and .md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
-REQ = dict(request_id=1, model_id=2, model="resnet50", worker=0, gpu=0, batch_size=4, arrival=1_000_000,
-           deadline=101_000_000, completion=9_000_000, slo=100_000_000, status="success", latency=8_000_000,
-           cold_start=False, message="")
-ACT = dict(action_id=1, worker=0, gpu=0, type="INFER", model_id=3, batch_size=4, earliest=1, latest=2, sent=3,
-           planned_begin=4, planned_end=5, predicted_duration=6, completed=7, measured_begin=8, measured_end=9,
-           measured_duration=10, gpu_clock=1980, status=0, status_name="SUCCESS")
+BEFORE = {"add_request_ns": 2235, "add_action_ns": 2959, "sim_overhead_pct": 14.3,
+          "source": "bench/results/telemetry_overhead.md of commit e549d7b (column-list recorder, keyword calls)"}
 
 
-def micro(n: int) -> dict:
-    from workbench.telemetry import Recorder
+# ------------------------------------------------------------------------------------------------ (a) micro
+def _rows(n: int) -> tuple[list[dict], list[dict]]:
+    """Realistic rows: ids and times vary, strings and small ints repeat (as in a run)."""
+    reqs, acts = [], []
+    for i in range(n):
+        t = 1_000_000_000 + 37_000 * i
+        reqs.append(dict(request_id=i, model_id=i % 15, model="resnet50", worker=0, gpu=i % 2, batch_size=1 << (i % 4),
+                         arrival=t, deadline=t + 100_000_000, completion=t + 9_000_000 + i % 1000, slo=100_000_000,
+                         status="success" if i % 50 else "timeout", latency=9_000_000 + i % 1000,
+                         cold_start=i % 1000 == 0, message="", action_id=i // 3, slo_factor=0.0))
+        acts.append(dict(action_id=i, worker=0, gpu=i % 2, type="INFER" if i % 20 else "LOAD_WEIGHTS",
+                         model_id=i % 15, batch_size=1 << (i % 4), earliest=t, latest=t + 5_000_000, sent=t - 10_000,
+                         planned_begin=t + 1000, planned_end=t + 2_001_000, predicted_duration=2_000_000,
+                         completed=t + 2_100_000, measured_begin=t + 1500, measured_end=t + 2_050_000,
+                         measured_duration=2_048_500, gpu_clock=1980, status=0, status_name="SUCCESS",
+                         gpu_clock_before=1980, requests_queued=i % 7, copies_loaded=1, message=""))
+    return reqs, acts
 
-    def bare(**row):
+
+def _best_ns(n: int, repeats: int, setup: Callable[[], Any], loop: Callable[[Any], None],
+             after: Callable[[Any], None] = lambda s: None) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        s = setup()
+        t = time.perf_counter_ns()
+        loop(s)
+        best = min(best, (time.perf_counter_ns() - t) / n)
+        after(s)
+    return best
+
+
+def micro(n: int, repeats: int = 5) -> dict:
+    from workbench.telemetry.recorder import ACTION_FIELDS, REQUEST_FIELDS, Recorder
+
+    reqs, acts = _rows(n)
+    req_t = [tuple(r[f] for f in REQUEST_FIELDS) for r in reqs]
+    act_t = [tuple(a[f] for f in ACTION_FIELDS) for a in acts]
+    probe = Recorder()
+    probe.close()
+    out: dict[str, float] = {"chunk_rows": probe.chunk_rows}
+
+    def kw_floor(**row: Any) -> None:
         return None
 
-    out = {}
-    for name, fn_of, row in (("bare_call", lambda r: bare, REQ), ("add_request", lambda r: r.add_request, REQ),
-                             ("add_action", lambda r: r.add_action, ACT)):
-        best = float("inf")
-        for _ in range(3):
-            rec = Recorder(chunk_rows=10**9)   # no background conversion during the timed loop
-            fn = fn_of(rec)
-            t = time.perf_counter_ns()
-            for i in range(n):
-                fn(**row)
-            best = min(best, (time.perf_counter_ns() - t) / n)
-            if name != "bare_call":
-                t = time.perf_counter_ns()
-                rec.flush()
-                out[f"{name}_convert_ns"] = (time.perf_counter_ns() - t) / n
-            rec.close()
-        out[f"{name}_ns"] = best
-    # with the default chunking, the background thread converts while the loop runs (shares the GIL)
-    rec = Recorder()
-    t = time.perf_counter_ns()
-    for i in range(n):
-        rec.add_request(**REQ)
-    rec.flush()
-    out["add_request_with_conversion_ns"] = (time.perf_counter_ns() - t) / n
-    rec.close()
+    held = lambda: Recorder(chunk_rows=1 << 40)   # noqa: E731 - no conversion during the timed loop
+    close = lambda r: r.close()                   # noqa: E731
+    out["kwargs_floor_ns"] = _best_ns(n, repeats, lambda: None, lambda s: [kw_floor(**r) for r in reqs])
+    out["append_floor_ns"] = _best_ns(n, repeats, list, lambda s: [s.append(t) for t in req_t])
+    out["loop_floor_ns"] = _best_ns(n, repeats, lambda: None, lambda s: [None for t in req_t])
+    for kind, rows, tuples in (("request", reqs, req_t), ("action", acts, act_t)):
+        add, add_row = f"add_{kind}", f"add_{kind}_row"
+        out[f"{add}_ns"] = _best_ns(n, repeats, held, lambda r: [getattr(r, add)(**x) for x in rows], close)
+        out[f"{add_row}_ns"] = _best_ns(n, repeats, held, lambda r: [getattr(r, add_row)(t) for t in tuples],
+                                        close)
+
+        # conversion alone, in chunks of the default size, as the background thread does it
+        def converted(r: Recorder, tuples: list = tuples, add_row: str = add_row) -> float:
+            f, step, spent = getattr(r, add_row), r.chunk_rows, 0
+            for i in range(0, n, step):
+                for t in tuples[i:i + step]:
+                    f(t)
+                t0 = time.perf_counter_ns()
+                r.flush()
+                spent += time.perf_counter_ns() - t0
+            return spent / n
+
+        def chunked() -> Recorder:
+            return Recorder()
+
+        out[f"{kind}_convert_ns"] = min(_once(chunked, converted) for _ in range(repeats))
+        # everything a row costs the process: append + background conversion (sharing the GIL) + the last flush
+        out[f"{add_row}_with_conversion_ns"] = _best_ns(
+            n, repeats, Recorder, lambda r: ([getattr(r, add_row)(t) for t in tuples], r.flush()), close)
     return out
 
 
-def experiment(recorder_kind: str, duration_s: float, rate: float, spill_dir: str | None) -> tuple[float, int]:
-    from workbench.clock import VirtualClock
+def _once(setup: Callable[[], Any], fn: Callable[[Any], float]) -> float:
+    s = setup()
+    try:
+        return fn(s)
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------------------------- (b) side by side
+def positional_adapter() -> dict[str, Callable] | None:
+    """The controller's `_record_request` / `_record_action` re-written for the positional API, or None when the
+    controller already calls it (or no longer has these methods: then the adapter cannot be built)."""
+    import workbench.controller.controller as cm
+
+    src = inspect.getsource(cm.Controller)
+    if "add_request_row" in src:
+        return None
+    names = cm.__dict__
+    if not all(k in names for k in ("_STATUS_NAMES", "_TYPE_NAMES", "FOREVER")) or \
+            not all(hasattr(cm.Controller, m) for m in ("_record_request", "_record_action")):
+        raise RuntimeError("the controller's telemetry methods changed: update positional_adapter() in "
+                           "bench/telemetry_overhead.py (or switch the controller to add_request_row)")
+    status_names, type_names, forever = cm._STATUS_NAMES, cm._TYPE_NAMES, cm.FOREVER
+
+    def record_request(self: Any, r: Any) -> None:
+        rec = self.recorder
+        if rec is None:
+            return
+        g, m = r.gpu, r.model
+        if g is None:
+            worker = gpu = -1
+        else:
+            worker, gpu = g.worker, g.local
+        rec.add_request_row((r.id, -1 if m is None else m.id, "" if m is None else m.name, worker, gpu,
+                             r.batch_size, r.arrival, r.deadline, r.completion, r.slo, r.status,
+                             r.completion - r.arrival, bool(r.cold and g is not None), r.message, r.action_id,
+                             r.slo_factor))
+
+    def record_action(self: Any, rec: Any, result: Any, now: int, status: int | None = None,
+                      status_name: str | None = None) -> None:
+        recorder = self.recorder
+        if recorder is None:
+            return
+        g = rec.gpu
+        mb = me = md = clk = 0
+        if result is not None:
+            st = int(result.status)
+            name = status_names.get(result.status, str(st))
+            t = getattr(result, "exec", None) or getattr(result, "timing", None)
+            if t is not None:
+                mb, me, md = t.begin, t.end, t.duration
+            clk = getattr(result, "gpu_clock", 0)
+        else:
+            st, name = int(status), status_name or ""
+        recorder.add_action_row((
+            rec.id, rec.worker, -1 if g is None else g.local, type_names[rec.type],
+            rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1), rec.batch_size,
+            rec.earliest, rec.latest if rec.latest < forever else -1, rec.sent, rec.planned_begin, rec.planned_end,
+            rec.predicted, now, mb, me, md, clk, st, name, 0, -1, -1, ""))
+
+    return {"_record_request": record_request, "_record_action": record_action}
+
+
+@contextlib.contextmanager
+def patched(methods: dict[str, Callable] | None) -> Iterator[None]:
     from workbench.controller.controller import Controller
-    from workbench.telemetry import Recorder
-    from workbench.worker.emulated import EmulatedWorker
+
+    saved = {k: Controller.__dict__[k] for k in (methods or {})}
+    try:
+        for k, f in (methods or {}).items():
+            setattr(Controller, k, f)
+        yield
+    finally:
+        for k, f in saved.items():
+            setattr(Controller, k, f)
+
+
+class DiscardingRecorder:
+    """Takes rows and drops them: with it, what recording costs is only the caller gathering the values."""
+
+    def add_request_row(self, values: tuple) -> None:
+        pass
+
+    def add_action_row(self, values: tuple) -> None:
+        pass
+
+    def add_request(self, **row: Any) -> None:
+        pass
+
+    def add_action(self, **row: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class KeywordOnly:
+    """A Recorder seen through its keyword methods only: the controller then records with `add_request(**row)`
+    / `add_action(**row)` (how it recorded before the positional path existed)."""
+
+    def __init__(self) -> None:
+        from workbench.telemetry.recorder import Recorder
+
+        self.inner = Recorder()
+        self.add_request, self.add_action = self.inner.add_request, self.inner.add_action
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def simulation(variant: str, a: argparse.Namespace, tmp: Path | None, adapter: dict | None) -> dict:
+    """One run; returns wall and CPU seconds (recorder.close() included), requests and rows."""
+    from workbench.controller.simulation import simulate
+    from workbench.telemetry.recorder import Recorder
     from workbench.workload import Poisson
 
-    clock = VirtualClock()
-    rec = None
-    if recorder_kind == "memory":
+    rec: Any = None
+    if variant == "keywords":
+        rec = KeywordOnly()
+    elif variant == "positional":
         rec = Recorder()
-    elif recorder_kind == "spill":
-        rec = Recorder(spill_dir, flush_interval_s=1.0)
-    ctl = Controller(clock, policy="clockwork", recorder=rec)
-    ctl.add_worker(lambda cb: EmulatedWorker(clock, 2, "h200", None, cb))
-    ids = ctl.load_model("profile:resnet50", copies=15)
-    ctl.wait_ready()
-    w = Poisson(ids, rate=rate, slo_ms=100, seed=7)
-    t = time.perf_counter()
-    w.start(ctl, clock, duration_s=duration_s)
-    clock.run_until(clock.now() + int((duration_s + 1) * 1e9))
-    if rec is not None:
-        rec.close()   # everything converted (and written) counts
-    wall = time.perf_counter() - t
-    ctl.close()
-    return wall, w.submitted
+    elif variant == "gather_only":
+        rec = DiscardingRecorder()
+    elif variant == "positional_spill":
+        rec = Recorder(Path(tmp or tempfile.gettempdir()) / f"spill-{os.getpid()}-{time.monotonic_ns()}",
+                       flush_interval_s=1.0)
+    with patched(adapter if variant in ("positional", "positional_spill", "gather_only") else None):
+        res = simulate({"resnet50": 15}, num_gpus=2, workers=1, duration_s=a.duration, seed=a.seed,
+                       workload=lambda ids: Poisson(ids, rate=a.rate, slo_ms=100, seed=7), recorder=rec)
+        w0, c0 = time.perf_counter(), time.process_time()
+        rows = (0, 0)
+        if rec is not None:
+            rec.close()
+        inner = rec.inner if isinstance(rec, KeywordOnly) else rec
+        if isinstance(inner, Recorder):
+            rows = (inner.num_requests, inner.num_actions)
+        wall, cpu = res.wall_s + time.perf_counter() - w0, res.cpu_s + time.process_time() - c0
+    if variant == "positional_spill":
+        shutil.rmtree(rec.spill_dir, ignore_errors=True)
+    return {"wall_s": wall, "cpu_s": cpu, "requests": res.submitted, "request_rows": rows[0], "action_rows": rows[1]}
 
 
+def check_adapter(a: argparse.Namespace, adapter: dict | None) -> str:
+    """The adapter must record exactly what the controller's own calls record (same deterministic run)."""
+    if adapter is None:
+        return "not needed: the controller calls the positional API itself"
+    from workbench.controller.simulation import simulate
+    from workbench.telemetry.recorder import Recorder
+    from workbench.workload import Poisson
+
+    frames = []
+    for methods in (None, adapter):
+        rec = Recorder()
+        with patched(methods):
+            simulate({"resnet50": 15}, num_gpus=2, workers=1, duration_s=1.0, seed=a.seed,
+                     workload=lambda ids: Poisson(ids, rate=a.rate, slo_ms=100, seed=7), recorder=rec)
+        rec.close()
+        frames.append((rec.requests(), rec.actions()))
+    (r0, a0), (r1, a1) = frames
+    if not (r0.height and a0.height and r0.equals(r1) and a0.equals(a1)):
+        raise RuntimeError("the positional adapter records different rows than the controller: update "
+                           "positional_adapter() in bench/telemetry_overhead.py")
+    return f"checked: identical frames ({r0.height:,} request rows, {a0.height:,} action rows in a 1 s run)"
+
+
+def side_by_side(a: argparse.Namespace) -> dict:
+    adapter = positional_adapter()
+    check = check_adapter(a, adapter)
+    native = adapter is None
+    variants = ["off", "off_again", "gather_only", "positional", "positional_spill", "keywords"]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        simulation("off", argparse.Namespace(**{**vars(a), "duration": 1.0}), tmp, adapter)   # warm up
+        for k in range(a.pairs):
+            order = variants[k % len(variants):] + variants[:k % len(variants)]   # rotate: no fixed position
+            for v in order:
+                runs[v].append(simulation(v, a, tmp, adapter))
+    out: dict[str, Any] = {"adapter": "none needed: the controller calls add_*_row itself" if native
+                           else "a local adapter stands in for the controller's telemetry methods",
+                           "adapter_check": check, "runs": runs, "variants": {}}
+    off = runs["off"]
+    n_req = off[0]["requests"]
+    best_off = min(r["cpu_s"] for r in off)
+    for v in variants:
+        if v == "off":
+            continue
+        rw = [r["wall_s"] / o["wall_s"] for r, o in zip(runs[v], off)]
+        rc = [r["cpu_s"] / o["cpu_s"] for r, o in zip(runs[v], off)]
+        best = min(r["cpu_s"] for r in runs[v])
+        out["variants"][v] = {
+            "wall_ratio_median": statistics.median(rw), "cpu_ratio_median": statistics.median(rc),
+            "wall_ratios": rw, "cpu_ratios": rc,
+            "cpu_ns_per_request_median": (statistics.median(rc) - 1) * best_off / n_req * 1e9,
+            "cpu_ratio_of_best": best / best_off, "cpu_ns_per_request_best": (best - best_off) / n_req * 1e9,
+            "request_rows": runs[v][0]["request_rows"], "action_rows": runs[v][0]["action_rows"]}
+    out["requests"] = n_req
+    out["off_wall_s_median"] = statistics.median(r["wall_s"] for r in off)
+    out["off_cpu_s_median"] = statistics.median(r["cpu_s"] for r in off)
+    return out
+
+
+def instructions(a: argparse.Namespace) -> dict:
+    """Instructions executed per simulated request (valgrind's callgrind: deterministic, immune to the noise of
+    a shared machine, blind to cache effects): each variant at two durations; the difference divided by the
+    difference in requests cancels start-up and fixed costs."""
+    import re
+    import subprocess
+    import sys
+
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    variants = ["off", "gather_only", "positional", "keywords"]
+    out: dict[str, Any] = {"durations_s": list(a.instr_durations), "variants": {}}
+    points: dict[str, list] = {v: [] for v in variants}
+    for v in variants:   # both lengths back to back: each slope comes from one version of the code
+        for dur in a.instr_durations:
+            cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
+                   "bench.telemetry_overhead", "--one", v, "--duration", str(dur), "--rate", str(a.rate),
+                   "--seed", str(a.seed)]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": "0"})   # same code paths every run
+            ir = int(re.search(r"Collected\s*:\s*(\d+)", p.stderr).group(1))
+            points[v].append((json.loads(p.stdout.strip().splitlines()[-1])["requests"], ir))
+            print(f"  {v} {dur:g} s: {points[v][-1][0]:,} requests, {ir:,} instructions", flush=True)
+    for v, ((n0, i0), (n1, i1)) in points.items():
+        out["variants"][v] = {"points": points[v], "per_request": (i1 - i0) / (n1 - n0)}
+    base = out["variants"]["off"]["per_request"]
+    for v, x in out["variants"].items():
+        x["ratio"] = x["per_request"] / base
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.telemetry_overhead", description=__doc__.split("\n")[0])
-    p.add_argument("--requests", type=int, default=200_000, help="rows for the micro benchmark")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--duration", type=float, default=20.0, help="simulated seconds per experiment")
-    p.add_argument("--rate", type=float, default=2000.0, help="requests/s offered in the experiment")
+    p.add_argument("--rows", type=int, default=200_000, help="rows per micro measurement")
+    p.add_argument("--pairs", type=int, default=9, help="rounds of the side-by-side simulation (>= 5)")
+    p.add_argument("--duration", type=float, default=20.0, help="simulated seconds per run")
+    p.add_argument("--rate", type=float, default=2000.0, help="requests/s offered in the simulation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-sim", action="store_true", help="micro benchmark only")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count instructions per simulated request under valgrind (several minutes)")
+    p.add_argument("--instr-durations", type=float, nargs=2, default=(1.0, 3.0), metavar=("SHORT", "LONG"),
+                   help="simulated seconds of the two runs per variant under valgrind")
+    p.add_argument("--one", choices=["off", "gather_only", "positional", "keywords"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.one:   # one simulation, for the instruction count
+        r = simulation(a.one, a, None, positional_adapter() if a.one != "keywords" else None)
+        print(json.dumps(r))
+        return 0
+    if a.pairs < 5 and not a.skip_sim:
+        p.error("--pairs must be >= 5 (the figure is a median of pairs)")
 
-    m = micro(a.requests)
-    walls: dict[str, list[float]] = {"none": [], "memory": [], "spill": []}
-    n_req = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        experiment("none", 1.0, a.rate, None)   # warm imports and caches
-        for r in range(a.repeats):
-            for kind in ("none", "memory", "spill"):
-                wall, n_req = experiment(kind, a.duration, a.rate, os.path.join(tmp, f"{kind}{r}"))
-                walls[kind].append(wall)
-    med = {k: statistics.median(v) for k, v in walls.items()}
-    per_req = {k: v / n_req * 1e9 for k, v in med.items()}
-    res = {
-        "micro": m,
-        "experiment": {"requests": n_req, "duration_s": a.duration, "rate": a.rate, "repeats": a.repeats,
-                       "wall_s": walls, "median_wall_s": med, "ns_per_request": per_req,
-                       "recording_ns_per_request_memory": per_req["memory"] - per_req["none"],
-                       "recording_ns_per_request_spill": per_req["spill"] - per_req["none"],
-                       "overhead_pct_memory": 100 * (med["memory"] / med["none"] - 1),
-                       "overhead_pct_spill": 100 * (med["spill"] / med["none"] - 1)},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "command": "python -m bench.telemetry_overhead",
-    }
+    m = micro(a.rows)
+    sim = None if a.skip_sim else side_by_side(a)
+    instr = instructions(a) if a.instructions else None
+    res = {"micro_ns": m, "simulation": sim, "instructions": instr, "before": BEFORE,
+           "config": {"rows": a.rows, "pairs": a.pairs, "duration_s": a.duration, "rate": a.rate, "seed": a.seed},
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                       "load_average": os.getloadavg()[0]},
+           "command": "python -m bench.telemetry_overhead"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "telemetry_overhead.json").write_text(json.dumps(res, indent=1) + "\n")
-    e = res["experiment"]
-    md = f"""# Telemetry recording overhead (`{res['command']}`)
-
-Machine: {os.cpu_count()} CPUs (shared with other work: medians of {a.repeats} alternating repeats).
-
-## Per call (best of 3, {a.requests:,} calls, full rows as the controller sends them)
-| call | ns |
-| --- | --- |
-| bare Python call with the same 14 keyword arguments (the floor) | {m['bare_call_ns']:.0f} |
-| `add_request` | {m['add_request_ns']:.0f} |
-| `add_action` (19 columns) | {m['add_action_ns']:.0f} |
-| conversion to polars, per request row (background thread) | {m['add_request_convert_ns']:.0f} |
-| `add_request` with the background conversion running alongside | {m['add_request_with_conversion_ns']:.0f} |
-
-## Side by side: controller + emulated H200 (2 GPUs), 15 ResNet-50 copies, Poisson {a.rate:g} r/s, {a.duration:g} s simulated
-{e['requests']:,} requests per run (each also makes about one action row).
-
-| recording | median wall s | ns per request |
-| --- | --- | --- |
-| none | {med['none']:.3f} | {per_req['none']:,.0f} |
-| in memory | {med['memory']:.3f} | {per_req['memory']:,.0f} |
-| spilling Parquet parts to disk | {med['spill']:.3f} | {per_req['spill']:,.0f} |
-
-Recording costs {e['recording_ns_per_request_memory']:,.0f} ns per request in memory
-({e['overhead_pct_memory']:+.1f}% of the simulated run) and {e['recording_ns_per_request_spill']:,.0f} ns when spilling
-({e['overhead_pct_spill']:+.1f}%), conversion and writing included.
-"""
+    md = report(res)
     (RESULTS / "telemetry_overhead.md").write_text(md)
     print(md)
     return 0
+
+
+NAMES = {"off_again": "off again (the noise: off vs off)",
+         "gather_only": "controller gathers each row's values into a tuple, the recorder drops it",
+         "positional": "positional fast path, in memory",
+         "positional_spill": "positional fast path, spilling Parquet parts every 1 s",
+         "keywords": "keyword calls `add_request(**row)` (the controller's fallback), in memory"}
+
+
+def report(res: dict) -> str:
+    m, sim, ins, c = res["micro_ns"], res["simulation"], res["instructions"], res["config"]
+    lines = [f"# Telemetry recording overhead (`{res['command']}`)", "",
+             f"Machine: {res['machine']['cpus']} CPUs, load average {res['machine']['load_average']:.1f} at the end "
+             f"(shared with other work). Python {res['machine']['python']}.", ""] + summary(res) + [
+             f"## (a) Per row (best of 5, {c['rows']:,} rows, full rows as the controller sends them)", "",
+             "| API | request row (16 columns) ns | action row (23 columns) ns |", "| --- | --- | --- |",
+             f"| `add_request_row(t)` / `add_action_row(t)`: the positional fast path (hot path only) | "
+             f"{m['add_request_row_ns']:.0f} | {m['add_action_row_ns']:.0f} |",
+             f"| `add_request(**row)` / `add_action(**row)`: keywords (hot path only) | {m['add_request_ns']:.0f} | "
+             f"{m['add_action_ns']:.0f} |",
+             f"| conversion to polars, per row (background thread, chunks of {m['chunk_rows']:,}) | "
+             f"{m['request_convert_ns']:.0f} | {m['action_convert_ns']:.0f} |",
+             f"| positional call + background conversion running alongside (all a row costs the process) | "
+             f"{m['add_request_row_with_conversion_ns']:.0f} | {m['add_action_row_with_conversion_ns']:.0f} |",
+             "", f"Floors: a do-nothing function called with the 16 keywords {m['kwargs_floor_ns']:.0f} ns; a bare "
+             f"`list.append` of the tuple {m['append_floor_ns']:.0f} ns (the loop alone {m['loop_floor_ns']:.0f} ns). "
+             f"Before this change (column lists): `add_request` {BEFORE['add_request_ns']} ns, `add_action` "
+             f"{BEFORE['add_action_ns']} ns.", ""]
+    if sim is not None:
+        v = sim["variants"]
+        lines += [f"## (b) Side by side: simulation with recording on vs off ({c['pairs']} rounds, order rotated)", "",
+                  f"Controller + one emulated H200 worker (2 GPUs), 15 ResNet-50 copies, Poisson {c['rate']:g} r/s, "
+                  f"{c['duration_s']:g} s simulated: {sim['requests']:,} requests, "
+                  f"{v['positional']['request_rows']:,} request rows and {v['positional']['action_rows']:,} action "
+                  f"rows per run. Recording off: median {sim['off_wall_s_median']:.2f} s wall, "
+                  f"{sim['off_cpu_s_median']:.2f} s CPU ({sim['off_cpu_s_median'] / sim['requests'] * 1e9:,.0f} ns "
+                  f"CPU per request). Each round gives a ratio on/off per variant; recorder.close() included. "
+                  f"Positional variants: {sim['adapter']}"
+                  + ("." if "none needed" in sim["adapter"] else f" ({sim['adapter_check']}).") + "", "",
+                  "| recording | wall on/off, median | CPU on/off, median | CPU on/off, best vs best | "
+                  "CPU ratios per round |", "| --- | --- | --- | --- | --- |"]
+        for key in ("off_again", "gather_only", "positional", "positional_spill", "keywords"):
+            if key in v:
+                x = v[key]
+                lines.append(f"| {NAMES[key]} | {x['wall_ratio_median']:.3f} | {x['cpu_ratio_median']:.3f} | "
+                             f"{x['cpu_ratio_of_best']:.3f} | {', '.join(f'{r:.3f}' for r in x['cpu_ratios'])} |")
+        pos = v["positional"]
+        lines += ["", f"Expected from (a): {pos['request_rows']:,} request rows x "
+                  f"{m['add_request_row_with_conversion_ns']:.0f} ns + {pos['action_rows']:,} action rows x "
+                  f"{m['add_action_row_with_conversion_ns']:.0f} ns = "
+                  f"{_expected_ns(m, pos) / sim['requests']:,.0f} ns per request for the recorder, "
+                  f"{100 * _expected_ns(m, pos) / 1e9 / sim['off_cpu_s_median']:.2f}% of the run with recording off; "
+                  f"the controller's gathering of the values comes on top (the gather-only row).", ""]
+    if ins is not None:
+        iv = ins["variants"]
+        lines += ["## Instructions per simulated request (valgrind callgrind; deterministic)", "",
+                  f"Each variant run at {ins['durations_s'][0]:g} s and {ins['durations_s'][1]:g} s simulated; "
+                  "instructions per request from the difference (start-up and fixed costs cancel). Immune to the "
+                  "noise of the shared machine; cache effects are not counted.", "",
+                  "| recording | instructions per request | vs off |", "| --- | --- | --- |"]
+        for key in ("off", "gather_only", "positional", "keywords"):
+            if key in iv:
+                lines.append(f"| {NAMES.get(key, 'off')} | {iv[key]['per_request']:,.0f} | "
+                             f"{100 * (iv[key]['ratio'] - 1):+.2f}% |")
+        if "gather_only" in iv:
+            own = iv["positional"]["per_request"] - iv["gather_only"]["per_request"]
+            lines += ["", f"The recorder's own share (positional minus gather-only): {own:,.0f} instructions per "
+                      f"request, {100 * own / iv['off']['per_request']:.2f}% of the simulation.", ""]
+    lines += [f"Before this change, recording cost +{BEFORE['sim_overhead_pct']}% of the same simulation "
+              f"({BEFORE['source']})."]
+    return "\n".join(lines) + "\n"
+
+
+def summary(res: dict) -> list[str]:
+    m, sim, ins = res["micro_ns"], res["simulation"], res["instructions"]
+    out = [f"Summary: the positional fast path costs the caller {m['add_request_row_ns']:.0f} ns per request row "
+           f"(keywords: {m['add_request_ns']:.0f} ns; before: {BEFORE['add_request_ns']} ns)"]
+    if sim is not None:
+        v = sim["variants"]
+        out[-1] += (f"; the simulation with recording on takes {v['positional']['cpu_ratio_median']:.3f}x the CPU "
+                    f"time of recording off (median of {res['config']['pairs']} pairs; off vs off: "
+                    f"{v['off_again']['cpu_ratio_median']:.3f}, spread "
+                    f"{min(v['off_again']['cpu_ratios']):.3f}-{max(v['off_again']['cpu_ratios']):.3f})")
+    if ins is not None:
+        iv = ins["variants"]
+        own = iv["positional"]["per_request"] - iv["gather_only"]["per_request"]
+        out[-1] += (f"; by instruction count (deterministic) recording adds {100 * (iv['positional']['ratio'] - 1):+.2f}% "
+                    f"to the simulation: the recorder's own work {100 * own / iv['off']['per_request']:+.2f}%, the "
+                    f"controller gathering the values {100 * (iv['gather_only']['ratio'] - 1):+.2f}%")
+    return [out[-1] + ".", ""]
+
+
+def _expected_ns(m: dict, v: dict) -> float:
+    return v["request_rows"] * m["add_request_row_with_conversion_ns"] + \
+        v["action_rows"] * m["add_action_row_with_conversion_ns"]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 Measures, on a synthetic day file in the real layout (workbench.workload.azure_synth):
 - open: validate every row and column (header, field counts, non-negative integers) and total each function;
 - one hour of counts (60 minute columns of every function), and the whole day's counts;
-- replay generation: arrivals produced per second by AzureReplay (no controller: arrivals only).
+- replay generation: arrivals produced per second by AzureReplay into a `Sink` (which answers each request on the
+  clock), and into a do-nothing controller (the replay's own cost per arrival: generation, one clock event and
+  the submit call), next to the clock's own floor (one event per arrival and nothing else).
 Writes bench/results/trace_reader.json and .md.
 """
 from __future__ import annotations
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         clock.run()
         replay_s = time.perf_counter() - t
         arrivals = len(sink.arrivals)
+        null_s = min(_replay_null(tr, scale) for _ in range(2))
+        floor_ns = _clock_floor_ns(arrivals)
         res = {
             "functions": rows, "kept_functions": tr.num_functions, "file_bytes": size,
             "invocations_in_day": invocations, "generate_s": gen_s,
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             "counts_one_hour_s": hour_s, "counts_full_day_s": day_s, "counts_full_day_rows_per_s": rows / day_s,
             "replay_arrivals": arrivals, "replay_s": replay_s, "replay_arrivals_per_s": arrivals / replay_s,
             "replay_note": "arrivals generated and submitted to a Sink (no controller); includes clock overhead",
+            "replay_null_s": null_s, "replay_null_ns_per_arrival": null_s / arrivals * 1e9,
+            "clock_floor_ns_per_event": floor_ns,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "command": "python -m bench.trace_reader" + (f" --functions {a.functions}" if a.functions != 46_000 else ""),
         }
@@ -93,10 +99,52 @@ Best of 2-3 runs.
 | counts of one hour (60 columns, all functions) | {hour_s:.2f} | |
 | counts of the whole day (1,440 columns) | {day_s:.2f} | {res['counts_full_day_rows_per_s']:,.0f} rows/s |
 | replay: {arrivals:,} arrivals (10 minutes, scale {scale:.3g}) into a Sink | {replay_s:.2f} | {res['replay_arrivals_per_s']:,.0f} arrivals/s |
+| the same replay into a do-nothing controller (the replay's own cost) | {null_s:.2f} | {null_s / arrivals * 1e9:,.0f} ns per arrival |
+
+The replay's own cost includes one virtual-clock event per arrival; the clock alone costs {floor_ns:,.0f} ns per event
+here (a timer that re-arms itself with nothing else to do).
 """
     (RESULTS / "trace_reader.md").write_text(md)
     print(md)
     return 0
+
+
+class _NullController:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def submit(self, model_id, inputs=None, slo=None, slo_factor=None, callback=None) -> int:
+        self.n += 1
+        return self.n
+
+
+def _replay_null(tr, scale: float) -> float:
+    from workbench.clock import VirtualClock
+    from workbench.workload import AzureReplay
+
+    clock = VirtualClock()
+    w = AzureReplay(tr, 4000, scale=scale, interval_s=1.0, start_minute=600, minutes=10, seed=1)
+    t = time.perf_counter()
+    w.start(_NullController(), clock)
+    clock.run()
+    return time.perf_counter() - t
+
+
+def _clock_floor_ns(n: int) -> float:
+    from workbench.clock import VirtualClock
+
+    clock = VirtualClock()
+    left = [n]
+
+    def tick() -> None:
+        left[0] -= 1
+        if left[0] > 0:
+            clock.call_at(clock.now() + 1000, tick)
+
+    clock.call_at(0, tick)
+    t = time.perf_counter()
+    clock.run()
+    return (time.perf_counter() - t) / n * 1e9
 
 
 if __name__ == "__main__":

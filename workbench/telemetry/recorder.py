@@ -1,8 +1,26 @@
-"""`Recorder`: one row per request and per action, cheap on the controller's hot path.
+"""`Recorder`: one row per request and per action, essentially free on the controller's hot path.
 
-`add_request(**row)` / `add_action(**row)` only check the keys and append each value to a per-column list under
-one lock. Every `chunk_rows` rows the lists are swapped out (O(1) under the lock) and a background thread turns
-them into a polars DataFrame, so the hot path never waits for a conversion or a disk write.
+Two ways to add a row (both thread-safe, both keep rows in call order):
+
+- Positional fast path, for the controller: `add_request_row(values)` / `add_action_row(values)`, where `values`
+  is a tuple of *every* column in schema order (`REQUEST_FIELDS` / `ACTION_FIELDS`, i.e. `REQUEST_COLUMNS` /
+  `ACTION_COLUMNS` in `workbench.telemetry.schema`, optional columns included: 16 request values, 23 action
+  values). The call checks the length (a wrong one raises `TelemetryError` at once, recording nothing) and
+  extends one flat list with the values: no per-column work and no lock (the extend is atomic). The types are
+  checked when the rows are converted (see below): a value of the wrong type becomes null and is reported as a
+  `TelemetryError` naming the column and the value, raised by the next `flush()` / `requests()` / `actions()` /
+  `write()` / `close()`.
+- Keyword path, for everyone else: `add_request(**row)` / `add_action(**row)` fill in the defaults of optional
+  columns and check the names at once (an unknown or missing required column raises `TelemetryError` and
+  records nothing), then extend the same list. A subclass that overrides `add_request` / `add_action` (e.g. to
+  be notified of each row) also sees the rows given positionally: they are routed through its override.
+
+The pending values are kept flat, not as row tuples: the caller's tuple dies at once, so recording holds no
+garbage-collected objects (thousands of held tuples would make Python's cyclic GC run several times more often,
+which costs the whole process more than the recording itself). Every `chunk_rows` rows the pending values are
+handed to a background thread, which takes them off the front of the list (the hot path keeps extending it
+meanwhile) and converts them to a polars DataFrame, column i being the strided slice `values[i::width]`. The hot
+path never waits for a conversion or a disk write. (`python -m bench.telemetry_overhead` measures all this.)
 
 With `spill_dir`, the converted chunks are also written to Parquet part files (`requests.part-00000.parquet`, ...)
 every `spill_rows` rows or `flush_interval_s` seconds, each written to a temporary name and renamed, so a run
@@ -24,38 +42,43 @@ from workbench.telemetry.schema import ACTION_COLUMNS, REQUEST_COLUMNS, REQUIRED
 
 REQUESTS_FILE = "requests.parquet"
 ACTIONS_FILE = "actions.parquet"
+REQUEST_FIELDS: tuple[str, ...] = tuple(c.name for c in REQUEST_COLUMNS)
+"""The order of the values `Recorder.add_request_row` takes (16 columns)."""
+ACTION_FIELDS: tuple[str, ...] = tuple(c.name for c in ACTION_COLUMNS)
+"""The order of the values `Recorder.add_action_row` takes (23 columns)."""
+_REQUEST_WIDTH, _ACTION_WIDTH = len(REQUEST_FIELDS), len(ACTION_FIELDS)
 
 
 class TelemetryError(ValueError):
-    """A row that does not fit the schema (unknown/missing column, value of the wrong type)."""
+    """A row that does not fit the schema (unknown/missing column, wrong number of values, value of the wrong
+    type)."""
 
 
 class _Table:
-    """The pending column lists of one row kind plus its converted chunks. Guarded by the recorder's lock."""
+    """One row kind: the pending values (extended by the hot path) and the converted chunks. Everything but
+    `values` is guarded by the recorder's lock."""
 
-    def __init__(self, name: str, columns: tuple[Column, ...]):
+    def __init__(self, name: str, columns: tuple[Column, ...], chunk_rows: int = 4096):
         self.name = name
         self.columns = columns
-        self.keys = frozenset(c.name for c in columns)
+        self.names = tuple(c.name for c in columns)
+        self.width = len(columns)
+        self.template = {c.name: c.default for c in columns}    # in column order: {**template, **row} keeps it
+        self.keys = frozenset(self.names)
         self.required = frozenset(c.name for c in columns if c.default is REQUIRED)
         self.schema = {c.name: c.dtype for c in columns}
-        self.names = tuple(c.name for c in columns)
-        self.defaults = tuple(c.default for c in columns)
+        self.values: list = []            # pending rows, flat: row r is values[r * width:(r + 1) * width]; only
+        self.chunk_rows = chunk_rows      #   ever extended by whole rows and cut from the front by the converter
+        self.limit = chunk_rows * self.width   # len(values) at which the hot path hands them to the thread
+        self.taken = 0                    # rows being converted right now
         self.frames: list[pl.DataFrame] = []      # every converted chunk, in order
         self.unwritten: list[pl.DataFrame] = []   # converted chunks not yet in a part file (spill only)
         self.unwritten_rows = 0
         self.parts: list[Path] = []
-        self._fresh_lists()
 
-    def _fresh_lists(self) -> None:
-        self.lists: list[list] = [[] for _ in self.columns]   # one list per column, in column order
-        self.appends = tuple(lst.append for lst in self.lists)  # bound methods: no lookups on the hot path
-        self.n = 0
-
-    def swap(self) -> tuple[list[list], int]:
-        lists, n = self.lists, self.n
-        self._fresh_lists()
-        return lists, n
+    @property
+    def pending(self) -> int:
+        return len(self.values) // self.width
 
     def bad_row(self, row: dict) -> TelemetryError:
         unknown = sorted(set(row) - self.keys)
@@ -65,23 +88,37 @@ class _Table:
             parts.append(f"unknown column(s) {unknown}")
         if missing:
             parts.append(f"missing required column(s) {missing}")
-        return TelemetryError(f"telemetry {self.name} row: {'; '.join(parts)} "
-                              f"(columns: {[c.name for c in self.columns]})")
+        return TelemetryError(f"telemetry {self.name} row: {'; '.join(parts)} (columns: {list(self.names)})")
 
-    def to_frame(self, lists: list[list], n: int) -> tuple[pl.DataFrame, TelemetryError | None]:
-        """The chunk as a frame, plus an error naming the first value of the wrong type (that value becomes
-        null, so the other rows are kept)."""
-        cols, err = [], None
-        for c, values in zip(self.columns, lists):
+    def as_tuple(self, values: Any) -> tuple:
+        """`values` as a tuple of the right length, or a TelemetryError naming what is wrong."""
+        try:
+            t = tuple(values)
+        except TypeError:
+            t = None
+        if t is None or len(t) != self.width:
+            what = f"a {type(values).__name__}" if t is None else f"{len(t)} values"
+            raise TelemetryError(f"telemetry {self.name} row: got {what}; add_{self.name}_row takes a tuple of all "
+                                 f"{self.width} columns in schema order {list(self.names)} (nothing recorded)")
+        return t
+
+    def to_frame(self, values: list, start: int = 0, stop: int | None = None
+                 ) -> tuple[pl.DataFrame, TelemetryError | None]:
+        """The whole rows in flat `values[start:stop]` as a frame, plus an error naming the first value of the
+        wrong type (that value becomes null, so the other rows are kept)."""
+        k, err = self.width, None
+        stop = len(values) if stop is None else stop
+        cols = []
+        for i, c in enumerate(self.columns):
+            col = values[start + i:stop:k]
             try:
-                cols.append(pl.Series(c.name, values, dtype=c.dtype))
+                cols.append(pl.Series(c.name, col, dtype=c.dtype))
             except Exception as e:  # noqa: BLE001 - name the column and the offending value
-                bad = next((v for v in values if v is not None and not _fits(v, c.dtype)), None)
+                bad = next((v for v in col if v is not None and not _fits(v, c.dtype)), None)
                 err = err or TelemetryError(
                     f"telemetry {self.name} column {c.name!r}: value {bad!r} ({type(bad).__name__}) is not "
                     f"{c.dtype}; pass {c.dtype} values ({str(e).splitlines()[0]})")
-                cols.append(pl.Series(c.name, [v if _fits(v, c.dtype) else None for v in values],
-                                      dtype=c.dtype))
+                cols.append(pl.Series(c.name, [v if _fits(v, c.dtype) else None for v in col], dtype=c.dtype))
         return pl.DataFrame(cols), err
 
     def empty(self) -> pl.DataFrame:
@@ -104,12 +141,15 @@ class Recorder:
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-        self.chunk_rows = int(chunk_rows)
+        self.chunk_rows = max(1, int(chunk_rows))
         self.spill_rows = int(spill_rows)
         self.flush_interval_s = float(flush_interval_s)
-        self._lock = threading.Lock()
-        self._req = _Table("request", REQUEST_COLUMNS)
-        self._act = _Table("action", ACTION_COLUMNS)
+        self._lock = threading.Lock()           # bookkeeping (frames, counts, thread start)
+        self._convert_lock = threading.Lock()   # one conversion at a time, so chunks stay in order
+        self._req = _Table("request", REQUEST_COLUMNS, self.chunk_rows)
+        self._act = _Table("action", ACTION_COLUMNS, self.chunk_rows)
+        self._req_values = self._req.values     # the hot path's lists (never replaced)
+        self._act_values = self._act.values
         self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -117,34 +157,67 @@ class Recorder:
         if self.spill_dir is not None:   # timed flushes need the thread from the start
             self._start_thread()
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        # A subclass that hooks the keyword methods (e.g. to be told of every row) must see positional rows too.
+        if cls.add_request is not Recorder.add_request and cls.add_request_row is Recorder.add_request_row:
+            cls.add_request_row = Recorder._request_row_via_keywords   # type: ignore[method-assign]
+        if cls.add_action is not Recorder.add_action and cls.add_action_row is Recorder.add_action_row:
+            cls.add_action_row = Recorder._action_row_via_keywords     # type: ignore[method-assign]
+
     # ------------------------------------------------------------------------------------------ hot path
+    def add_request_row(self, values: tuple) -> None:
+        """One request row: a tuple of all `REQUEST_FIELDS` in order (types checked when converted)."""
+        if type(values) is not tuple or len(values) != _REQUEST_WIDTH:
+            values = self._req.as_tuple(values)
+        pending = self._req_values
+        pending += values   # one C call: atomic, so concurrent rows never interleave
+        if len(pending) >= self._req.limit:
+            self._due(self._req)
+
+    def add_action_row(self, values: tuple) -> None:
+        """One action row: a tuple of all `ACTION_FIELDS` in order (types checked when converted)."""
+        if type(values) is not tuple or len(values) != _ACTION_WIDTH:
+            values = self._act.as_tuple(values)
+        pending = self._act_values
+        pending += values
+        if len(pending) >= self._act.limit:
+            self._due(self._act)
+
     def add_request(self, **row: Any) -> None:
+        """One request row by column name; optional columns may be left out. Raises TelemetryError (recording
+        nothing) for an unknown or missing required column."""
         t = self._req
-        keys = row.keys()
-        if not (keys <= t.keys and t.required <= keys):
+        merged = {**t.template, **row}   # defaults filled in, column order kept; unknown names go last
+        if len(merged) != t.width or not row.keys() >= t.required:
             raise t.bad_row(row)
-        get = row.get
-        with self._lock:
-            for append, value in zip(t.appends, map(get, t.names, t.defaults)):
-                append(value)
-            t.n += 1
-            if t.n >= self.chunk_rows:
-                self._q.put((t, *t.swap()))
-                self._ensure_thread()
+        pending = self._req_values
+        pending += tuple(merged.values())
+        if len(pending) >= t.limit:
+            self._due(t)
 
     def add_action(self, **row: Any) -> None:
+        """One action row by column name (see `add_request`)."""
         t = self._act
-        keys = row.keys()
-        if not (keys <= t.keys and t.required <= keys):
+        merged = {**t.template, **row}
+        if len(merged) != t.width or not row.keys() >= t.required:
             raise t.bad_row(row)
-        get = row.get
-        with self._lock:
-            for append, value in zip(t.appends, map(get, t.names, t.defaults)):
-                append(value)
-            t.n += 1
-            if t.n >= self.chunk_rows:
-                self._q.put((t, *t.swap()))
-                self._ensure_thread()
+        pending = self._act_values
+        pending += tuple(merged.values())
+        if len(pending) >= t.limit:
+            self._due(t)
+
+    def _request_row_via_keywords(self, values: tuple) -> None:
+        self.add_request(**dict(zip(self._req.names, self._req.as_tuple(values))))
+
+    def _action_row_via_keywords(self, values: tuple) -> None:
+        self.add_action(**dict(zip(self._act.names, self._act.as_tuple(values))))
+
+    def _due(self, t: _Table) -> None:
+        """A chunk is ready: hand it to the background thread (and stop asking until it has been taken)."""
+        t.limit = len(t.values) + self.chunk_rows * t.width
+        self._q.put(t)
+        self._ensure_thread()
 
     # ------------------------------------------------------------------------------------------- reading
     def requests(self) -> pl.DataFrame:
@@ -157,16 +230,15 @@ class Recorder:
 
     @property
     def num_requests(self) -> int:
-        with self._lock:
-            return self._req.n + sum(f.height for f in self._req.frames) + self._queued_rows(self._req)
+        return self._count(self._req)
 
     @property
     def num_actions(self) -> int:
-        with self._lock:
-            return self._act.n + sum(f.height for f in self._act.frames) + self._queued_rows(self._act)
+        return self._count(self._act)
 
-    def _queued_rows(self, t: _Table) -> int:
-        return sum(item[2] for item in list(self._q.queue) if isinstance(item, tuple) and item[0] is t)
+    def _count(self, t: _Table) -> int:
+        with self._lock:
+            return t.pending + t.taken + sum(f.height for f in t.frames)
 
     def _frame(self, t: _Table) -> pl.DataFrame:
         self.flush()
@@ -184,16 +256,19 @@ class Recorder:
 
     def flush(self) -> None:
         """Convert every pending row (and, with spill_dir, write due part files). Raises a deferred error."""
-        with self._lock:
-            for t in (self._req, self._act):
-                if t.n:
-                    self._q.put((t, *t.swap()))
+        for t in (self._req, self._act):
+            if t.values:
+                self._q.put(t)
         if self._q.unfinished_tasks:
             if self._closed:   # rows added after close(): no thread any more, convert them here
                 self._drain_inline()
             else:
+                # wait for what is queued now, not for an empty queue: producers adding rows flat out would
+                # keep a join() waiting forever (the live charts' snapshots would stall under load)
+                done = threading.Event()
                 self._ensure_thread()
-                self._q.join()
+                self._q.put(done)
+                done.wait()
         self._raise_deferred()
 
     def _drain_inline(self) -> None:
@@ -203,13 +278,10 @@ class Recorder:
             except queue.Empty:
                 return
             try:
-                if isinstance(item, tuple):
-                    t, lists, n = item
-                    df, err = t.to_frame(lists, n)
-                    if err is not None and self._error is None:
-                        self._error = err
-                    with self._lock:
-                        t.frames.append(df)
+                if isinstance(item, _Table):
+                    self._convert(item)
+                elif isinstance(item, threading.Event):
+                    item.set()
             finally:
                 self._q.task_done()
 
@@ -233,11 +305,12 @@ class Recorder:
         except TelemetryError as e:
             deferred = e
         finally:
-            if self._thread is not None:   # stop it before touching the part files
+            with self._lock:
+                thread, self._thread, self._closed = self._thread, None, True
+            if thread is not None:   # stop it before touching the part files
                 self._q.put(None)
-                self._thread.join(timeout=30)
-                self._thread = None
-            self._closed = True
+                thread.join(timeout=30)
+        self._drain_inline()   # anything queued behind the stop marker
         if self.spill_dir is not None:
             self._write_parts(force=True)
             try:
@@ -261,14 +334,45 @@ class Recorder:
     # ------------------------------------------------------------------------------- background thread
     def _ensure_thread(self) -> None:
         if self._thread is None and not self._closed:
-            self._start_thread()
+            with self._lock:
+                if self._thread is None and not self._closed:
+                    self._start_thread()
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="workbench-telemetry", daemon=True)
         self._thread.start()
 
+    def _convert(self, t: _Table) -> None:
+        """Take every row pending in `t` off the front of its list (one cut, so a backlog costs no repeated
+        shifting of the rest) and convert them, `chunk_rows` per frame (bigger chunks convert slower: the strided
+        column slices stop fitting in the CPU caches)."""
+        with self._convert_lock:
+            k = t.width
+            with self._lock:
+                pending = t.values
+                n = len(pending) // k
+                taken = pending[:n * k]
+                del pending[:n * k]   # the hot path only appends whole rows: these are the first n
+                t.taken = n
+            try:
+                for r0 in range(0, n, self.chunk_rows):
+                    r1 = min(n, r0 + self.chunk_rows)
+                    df, err = t.to_frame(taken, r0 * k, r1 * k)
+                    if err is not None and self._error is None:
+                        self._error = err
+                    with self._lock:
+                        t.frames.append(df)
+                        t.taken -= r1 - r0
+                        if self.spill_dir is not None:
+                            t.unwritten.append(df)
+                            t.unwritten_rows += df.height
+            finally:
+                with self._lock:
+                    t.taken = 0
+                t.limit = self.chunk_rows * k   # rows that came meanwhile: the next one hands them over if due
+
     def _loop(self) -> None:
-        # Items: (table, lists, n) = convert a chunk; "write" = write part files now; None = stop.
+        # Items: a _Table = convert its pending rows; "write" = write part files now; None = stop.
         last_write = time.monotonic()
         while True:
             timeout = None
@@ -277,30 +381,24 @@ class Recorder:
             try:
                 item = self._q.get(timeout=timeout)
             except queue.Empty:
-                # timed flush: queue the rows still in the lists behind the chunks already queued (keeps
+                # timed flush: convert the rows still pending (behind the chunks already queued, which keeps
                 # the order), then a marker that writes the part files once they are converted
-                with self._lock:
-                    for t in (self._req, self._act):
-                        if t.n:
-                            self._q.put((t, *t.swap()))
+                for t in (self._req, self._act):
+                    if t.values:
+                        self._q.put(t)
                 self._q.put("write")
                 last_write = time.monotonic()
                 continue
             try:
                 if item is None:
                     return
+                if isinstance(item, threading.Event):   # a flush() waiting for everything queued before it
+                    item.set()
+                    continue
                 if item == "write":
                     self._write_parts(force=True)
                     continue
-                t, lists, n = item
-                df, err = t.to_frame(lists, n)
-                if err is not None and self._error is None:
-                    self._error = err
-                with self._lock:
-                    t.frames.append(df)
-                    if self.spill_dir is not None:
-                        t.unwritten.append(df)
-                        t.unwritten_rows += df.height
+                self._convert(item)
                 if self.spill_dir is not None:
                     due = time.monotonic() - last_write >= self.flush_interval_s
                     if self._write_parts(force=due) or due:   # chunks arriving all the time: still timed

@@ -94,6 +94,16 @@ class _NotifyingRecorder(Recorder):
         if self.on_row is not None:
             self.on_row()
 
+    def add_request_row(self, values: tuple) -> None:     # the controller's positional fast path
+        super().add_request_row(values)
+        if self.on_row is not None:
+            self.on_row()
+
+    def add_action_row(self, values: tuple) -> None:
+        super().add_action_row(values)
+        if self.on_row is not None:
+            self.on_row()
+
 
 def cuda_devices() -> tuple[int, str]:
     """(number of CUDA devices, "" or why none are usable)."""

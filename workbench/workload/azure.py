@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from workbench.workload.azure_trace import AzureTrace
-from workbench.workload.base import NS, OpenLoop, as_id_list
+from workbench.workload.base import NS, Block, OpenLoop, as_id_list
 
 SPREADS = ("poisson", "uniform", "even")
 MAPPINGS = ("clockwork", "round_robin")
@@ -102,7 +102,8 @@ class AzureReplay(OpenLoop):
         order = np.argsort(offs, kind="stable")
         return (t_start + offs[order].astype(np.int64)), self.model_of[fn[order]]
 
-    def _arrivals(self) -> Iterator[tuple]:
+    def _blocks(self) -> Iterator[Block]:
+        slo, factor = self.slo, self.slo_factor
         for c0 in range(0, self.minutes, self.chunk):
             n_min = min(self.chunk, self.minutes - c0)
             block = self.trace.counts(self.start_minute + c0, n_min)
@@ -111,5 +112,5 @@ class AzureReplay(OpenLoop):
                 if self.t_end is not None and t_start >= self.t_end:
                     return
                 times, models = self._minute(block[:, j], t_start)
-                for t, m in zip(times.tolist(), models.tolist()):
-                    yield t, m, self.slo, self.slo_factor
+                if times.size:
+                    yield times.tolist(), models.tolist(), [slo] * times.size, [factor] * times.size

@@ -8,6 +8,7 @@ its deadline, and in virtual time an instant refusal would otherwise make the lo
 time advancing."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 from workbench.workload.base import MS, Workload, as_id_list
@@ -48,22 +49,24 @@ class ClosedLoop(Workload):
         self.client_max_in_flight = [0] * self.clients
 
     def _begin(self) -> None:
+        self._callbacks = [functools.partial(self._completed, c) for c in range(self.clients)]
         for c in range(self.clients):
             for _ in range(self.concurrency):
                 delay = int(self.rng.uniform(0, self.stagger_ns)) if self.stagger_ns else 0
                 self.clock.call_at(self.t0 + delay, self._issue, c)
 
     def _issue(self, c: int) -> None:
-        if not self._active(self.clock.now()):
+        if self.stopped or (self.t_end is not None and self.clock.now() >= self.t_end):
             return
         if self.max_requests is not None and self.submitted >= self.max_requests:
             return
         models = self.client_models[c]
         model_id = models[self._cursor[c] % len(models)]
         self._cursor[c] += 1
-        self.client_in_flight[c] += 1
-        self.client_max_in_flight[c] = max(self.client_max_in_flight[c], self.client_in_flight[c])
-        if not self._submit(model_id, self.slo, self.slo_factor, callback=lambda o, c=c: self._completed(c, o)):
+        n = self.client_in_flight[c] = self.client_in_flight[c] + 1
+        if n > self.client_max_in_flight[c]:
+            self.client_max_in_flight[c] = n
+        if not self._submit(model_id, self.slo, self.slo_factor, callback=self._callbacks[c]):
             self.clock.call_soon(self._free_slot, c, self.backoff_ns or MS)   # refused: retry after a pause
 
     def _completed(self, c: int, outcome: Any) -> None:
@@ -75,12 +78,16 @@ class ClosedLoop(Workload):
             else:
                 hold = int(getattr(outcome, "deadline", 0) or 0) - int(getattr(outcome, "arrival", 0) or 0)
             hold = max(hold, MS)
-        self.clock.call_soon(self._free_slot, c, hold)   # may run on another thread: react on the clock's
+        if self.clock.virtual:   # one thread: react now (saves a clock event per request)
+            self._free_slot(c, hold)
+        else:                    # may run on another thread: react on the clock's
+            self.clock.call_soon(self._free_slot, c, hold)
 
     def _free_slot(self, c: int, hold: int = 0) -> None:
         self.client_in_flight[c] -= 1
         gap = self.think_ns if self.think == "fixed" else int(self.rng.exponential(self.think_ns))
-        gap = max(gap, hold)
+        if hold > gap:
+            gap = hold
         if gap == 0:
             self._issue(c)
         else:

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from workbench.workload.base import OpenLoop, as_id_list, poisson_times
+from workbench.workload.base import Block, OpenLoop, as_id_list, poisson_times
 
 
 class Poisson(OpenLoop):
@@ -39,12 +39,12 @@ class Poisson(OpenLoop):
         if not self.total_rate > 0:
             raise ValueError(f"{self.kind}: the total rate must be > 0")
 
-    def _arrivals(self) -> Iterator[tuple[int, int, int | None, float | None]]:
+    def _blocks(self) -> Iterator[Block]:
         ids = np.asarray(self.models, dtype=np.int64)
         p = self.rates / self.total_rate
         uniform = bool(np.all(p == p[0]))
+        slo, factor = self.slo, self.slo_factor
         for times in poisson_times(self.rng, self.total_rate, self.t0):
             idx = self.rng.integers(0, len(ids), size=times.size) if uniform \
                 else self.rng.choice(len(ids), size=times.size, p=p)
-            for t, m in zip(times.tolist(), ids[idx].tolist()):
-                yield t, m, self.slo, self.slo_factor
+            yield times.tolist(), ids[idx].tolist(), [slo] * times.size, [factor] * times.size

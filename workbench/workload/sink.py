@@ -4,16 +4,14 @@ concurrency) and its own overhead without a serving system behind it; it makes n
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from workbench.clock import Clock
 
 
-@dataclass(frozen=True)
-class SinkOutcome:
+class SinkOutcome(NamedTuple):   # a tuple: cheap to build once per request (a frozen dataclass was not)
     request_id: int
     model_id: int
     status: str
@@ -45,7 +43,8 @@ class Sink:
             rid = len(self.arrivals)
             self.arrivals.append((now, model_id, slo, slo_factor))
             self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.in_flight > self.max_in_flight:
+                self.max_in_flight = self.in_flight
             lat = int(self.rng.exponential(self.latency_ns)) if self.exponential else self.latency_ns
         deadline = now + (slo or 0)
         self.clock.call_at(now + lat, self._finish, rid, model_id, now, deadline, callback)
