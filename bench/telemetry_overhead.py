@@ -15,10 +15,8 @@ with recording on vs off, measured side by side.
     (off vs off) shows the noise of the machine; a "gather only" run (the controller builds each row, the
     recorder drops it) separates the controller's share from the recorder's. Wall and process CPU time (all
     threads, so the background conversion counts) are both reported; recorder.close() (the last conversion,
-    and the Parquet writes when spilling) is included. If the controller does not call `add_*_row` itself, a
-    small local adapter re-writes its two telemetry methods for the positional variants (checked to record
-    exactly the frames the controller's own calls do). The "keywords" variant hides the positional methods, so
-    the controller falls back to `add_request(**row)`.
+    and the Parquet writes when spilling) is included. The controller records with `add_*_row`; the
+    "keywords" variant hides the positional methods, so the controller falls back to `add_request(**row)`.
 (c) With --instructions: instructions per simulated request under valgrind (deterministic: a shared machine's
     noise does not reach it), from two run lengths per variant so that fixed costs cancel.
 Writes bench/results/telemetry_overhead.json and .md.
@@ -26,8 +24,6 @@ Writes bench/results/telemetry_overhead.json and .md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import json
 import os
 import platform
@@ -36,7 +32,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -130,74 +126,6 @@ def _once(setup: Callable[[], Any], fn: Callable[[Any], float]) -> float:
 
 
 # ------------------------------------------------------------------------------------- (b) side by side
-def positional_adapter() -> dict[str, Callable] | None:
-    """The controller's `_record_request` / `_record_action` re-written for the positional API, or None when the
-    controller already calls it (or no longer has these methods: then the adapter cannot be built)."""
-    import workbench.controller.controller as cm
-
-    src = inspect.getsource(cm.Controller)
-    if "add_request_row" in src:
-        return None
-    names = cm.__dict__
-    if not all(k in names for k in ("_STATUS_NAMES", "_TYPE_NAMES", "FOREVER")) or \
-            not all(hasattr(cm.Controller, m) for m in ("_record_request", "_record_action")):
-        raise RuntimeError("the controller's telemetry methods changed: update positional_adapter() in "
-                           "bench/telemetry_overhead.py (or switch the controller to add_request_row)")
-    status_names, type_names, forever = cm._STATUS_NAMES, cm._TYPE_NAMES, cm.FOREVER
-
-    def record_request(self: Any, r: Any) -> None:
-        rec = self.recorder
-        if rec is None:
-            return
-        g, m = r.gpu, r.model
-        if g is None:
-            worker = gpu = -1
-        else:
-            worker, gpu = g.worker, g.local
-        rec.add_request_row((r.id, -1 if m is None else m.id, "" if m is None else m.name, worker, gpu,
-                             r.batch_size, r.arrival, r.deadline, r.completion, r.slo, r.status,
-                             r.completion - r.arrival, bool(r.cold and g is not None), r.message, r.action_id,
-                             r.slo_factor))
-
-    def record_action(self: Any, rec: Any, result: Any, now: int, status: int | None = None,
-                      status_name: str | None = None) -> None:
-        recorder = self.recorder
-        if recorder is None:
-            return
-        g = rec.gpu
-        mb = me = md = clk = 0
-        if result is not None:
-            st = int(result.status)
-            name = status_names.get(result.status, str(st))
-            t = getattr(result, "exec", None) or getattr(result, "timing", None)
-            if t is not None:
-                mb, me, md = t.begin, t.end, t.duration
-            clk = getattr(result, "gpu_clock", 0)
-        else:
-            st, name = int(status), status_name or ""
-        recorder.add_action_row((
-            rec.id, rec.worker, -1 if g is None else g.local, type_names[rec.type],
-            rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1), rec.batch_size,
-            rec.earliest, rec.latest if rec.latest < forever else -1, rec.sent, rec.planned_begin, rec.planned_end,
-            rec.predicted, now, mb, me, md, clk, st, name, 0, -1, -1, ""))
-
-    return {"_record_request": record_request, "_record_action": record_action}
-
-
-@contextlib.contextmanager
-def patched(methods: dict[str, Callable] | None) -> Iterator[None]:
-    from workbench.controller.controller import Controller
-
-    saved = {k: Controller.__dict__[k] for k in (methods or {})}
-    try:
-        for k, f in (methods or {}).items():
-            setattr(Controller, k, f)
-        yield
-    finally:
-        for k, f in saved.items():
-            setattr(Controller, k, f)
-
-
 class DiscardingRecorder:
     """Takes rows and drops them: with it, what recording costs is only the caller gathering the values."""
 
@@ -231,7 +159,7 @@ class KeywordOnly:
         self.inner.close()
 
 
-def simulation(variant: str, a: argparse.Namespace, tmp: Path | None, adapter: dict | None) -> dict:
+def simulation(variant: str, a: argparse.Namespace, tmp: Path | None) -> dict:
     """One run; returns wall and CPU seconds (recorder.close() included), requests and rows."""
     from workbench.controller.simulation import simulate
     from workbench.telemetry.recorder import Recorder
@@ -247,61 +175,32 @@ def simulation(variant: str, a: argparse.Namespace, tmp: Path | None, adapter: d
     elif variant == "positional_spill":
         rec = Recorder(Path(tmp or tempfile.gettempdir()) / f"spill-{os.getpid()}-{time.monotonic_ns()}",
                        flush_interval_s=1.0)
-    with patched(adapter if variant in ("positional", "positional_spill", "gather_only") else None):
-        res = simulate({"resnet50": 15}, num_gpus=2, workers=1, duration_s=a.duration, seed=a.seed,
-                       workload=lambda ids: Poisson(ids, rate=a.rate, slo_ms=100, seed=7), recorder=rec)
-        w0, c0 = time.perf_counter(), time.process_time()
-        rows = (0, 0)
-        if rec is not None:
-            rec.close()
-        inner = rec.inner if isinstance(rec, KeywordOnly) else rec
-        if isinstance(inner, Recorder):
-            rows = (inner.num_requests, inner.num_actions)
-        wall, cpu = res.wall_s + time.perf_counter() - w0, res.cpu_s + time.process_time() - c0
+    res = simulate({"resnet50": 15}, num_gpus=2, workers=1, duration_s=a.duration, seed=a.seed,
+                   workload=lambda ids: Poisson(ids, rate=a.rate, slo_ms=100, seed=7), recorder=rec)
+    w0, c0 = time.perf_counter(), time.process_time()
+    rows = (0, 0)
+    if rec is not None:
+        rec.close()
+    inner = rec.inner if isinstance(rec, KeywordOnly) else rec
+    if isinstance(inner, Recorder):
+        rows = (inner.num_requests, inner.num_actions)
+    wall, cpu = res.wall_s + time.perf_counter() - w0, res.cpu_s + time.process_time() - c0
     if variant == "positional_spill":
         shutil.rmtree(rec.spill_dir, ignore_errors=True)
     return {"wall_s": wall, "cpu_s": cpu, "requests": res.submitted, "request_rows": rows[0], "action_rows": rows[1]}
 
 
-def check_adapter(a: argparse.Namespace, adapter: dict | None) -> str:
-    """The adapter must record exactly what the controller's own calls record (same deterministic run)."""
-    if adapter is None:
-        return "not needed: the controller calls the positional API itself"
-    from workbench.controller.simulation import simulate
-    from workbench.telemetry.recorder import Recorder
-    from workbench.workload import Poisson
-
-    frames = []
-    for methods in (None, adapter):
-        rec = Recorder()
-        with patched(methods):
-            simulate({"resnet50": 15}, num_gpus=2, workers=1, duration_s=1.0, seed=a.seed,
-                     workload=lambda ids: Poisson(ids, rate=a.rate, slo_ms=100, seed=7), recorder=rec)
-        rec.close()
-        frames.append((rec.requests(), rec.actions()))
-    (r0, a0), (r1, a1) = frames
-    if not (r0.height and a0.height and r0.equals(r1) and a0.equals(a1)):
-        raise RuntimeError("the positional adapter records different rows than the controller: update "
-                           "positional_adapter() in bench/telemetry_overhead.py")
-    return f"checked: identical frames ({r0.height:,} request rows, {a0.height:,} action rows in a 1 s run)"
-
-
 def side_by_side(a: argparse.Namespace) -> dict:
-    adapter = positional_adapter()
-    check = check_adapter(a, adapter)
-    native = adapter is None
     variants = ["off", "off_again", "gather_only", "positional", "positional_spill", "keywords"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        simulation("off", argparse.Namespace(**{**vars(a), "duration": 1.0}), tmp, adapter)   # warm up
+        simulation("off", argparse.Namespace(**{**vars(a), "duration": 1.0}), tmp)   # warm up
         for k in range(a.pairs):
             order = variants[k % len(variants):] + variants[:k % len(variants)]   # rotate: no fixed position
             for v in order:
-                runs[v].append(simulation(v, a, tmp, adapter))
-    out: dict[str, Any] = {"adapter": "none needed: the controller calls add_*_row itself" if native
-                           else "a local adapter stands in for the controller's telemetry methods",
-                           "adapter_check": check, "runs": runs, "variants": {}}
+                runs[v].append(simulation(v, a, tmp))
+    out: dict[str, Any] = {"runs": runs, "variants": {}}
     off = runs["off"]
     n_req = off[0]["requests"]
     best_off = min(r["cpu_s"] for r in off)
@@ -370,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", choices=["off", "gather_only", "positional", "keywords"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:   # one simulation, for the instruction count
-        r = simulation(a.one, a, None, positional_adapter() if a.one != "keywords" else None)
+        r = simulation(a.one, a, None)
         print(json.dumps(r))
         return 0
     if a.pairs < 5 and not a.skip_sim:
@@ -427,8 +326,7 @@ def report(res: dict) -> str:
                   f"rows per run. Recording off: median {sim['off_wall_s_median']:.2f} s wall, "
                   f"{sim['off_cpu_s_median']:.2f} s CPU ({sim['off_cpu_s_median'] / sim['requests'] * 1e9:,.0f} ns "
                   f"CPU per request). Each round gives a ratio on/off per variant; recorder.close() included. "
-                  f"Positional variants: {sim['adapter']}"
-                  + ("." if "none needed" in sim["adapter"] else f" ({sim['adapter_check']}).") + "", "",
+                  f"The controller records with the positional API itself.", "",
                   "| recording | wall on/off, median | CPU on/off, median | CPU on/off, best vs best | "
                   "CPU ratios per round |", "| --- | --- | --- | --- | --- |"]
         for key in ("off_again", "gather_only", "positional", "positional_spill", "keywords"):
