@@ -3,16 +3,8 @@ answered twice, nobody hears after their deadline, and the GPU timelines stay us
 import polars as pl
 import pytest
 
-from test_controller_support import MS, ControllerConfig, Outcomes, WorkerConfig, exec_overlaps, make, submit_at
+from test_controller_support import MS, ControllerConfig, Outcomes, WorkerConfig, arrivals, exec_overlaps, make
 from workbench.worker.emulated import EmulatedWorker
-
-
-def arrivals(clock, ctl, ids, out, n, gap, slo=100 * MS, t0=None):
-    rids = []
-    t0 = clock.now() if t0 is None else t0
-    for i in range(n):
-        submit_at(clock, ctl, t0 + i * gap, ids[i % len(ids)], out, rids, slo=slo)
-    return rids
 
 
 def test_worker_errors_end_requests_with_error_once():

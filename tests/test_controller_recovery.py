@@ -7,16 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_controller_support import (MS, ControllerConfig, FaultyWorker, Outcomes, check_quiet,
-                                     check_view_matches_workers, exec_overlaps, make, submit_at)
-
-
-def arrivals(clock, ctl, ids, out, n, gap, slo=100 * MS, t0=None):
-    rids = []
-    t0 = clock.now() if t0 is None else t0
-    for i in range(n):
-        submit_at(clock, ctl, t0 + i * gap, ids[i % len(ids)], out, rids, slo=slo)
-    return rids
+from test_controller_support import (MS, ControllerConfig, FaultyWorker, Outcomes, arrivals, check_quiet,
+                                     check_view_matches_workers, exec_overlaps, make)
 
 
 def served_by(rec, worker, after):

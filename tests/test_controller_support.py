@@ -63,6 +63,15 @@ def submit_at(clock, ctl, t, model_id, out, ids_out, **kw):
     clock.call_at(t, go)
 
 
+
+def arrivals(clock, ctl, ids, out, n, gap, slo=100 * MS, t0=None):
+    """n requests `gap` apart from t0 (default now), round-robin over `ids`; returns their ids."""
+    rids = []
+    t0 = clock.now() if t0 is None else t0
+    for i in range(n):
+        submit_at(clock, ctl, t0 + i * gap, ids[i % len(ids)], out, rids, slo=slo)
+    return rids
+
 def exec_overlaps(actions):
     """(worker, gpu, a, b) for every pair of successful Infer execs that overlap on one GPU."""
     df = actions.filter((actions["type"] == "INFER") & (actions["status"] == 0)).sort("measured_begin")

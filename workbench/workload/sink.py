@@ -4,23 +4,12 @@ concurrency) and its own overhead without a serving system behind it; it makes n
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 
 from workbench.clock import Clock
-
-
-class SinkOutcome(NamedTuple):   # a tuple: cheap to build once per request (a frozen dataclass was not)
-    request_id: int
-    model_id: int
-    status: str
-    arrival: int
-    completion: int
-    latency: int
-    deadline: int
-    outputs: Any = None
-    message: str = ""
+from workbench.controller.requests import RequestOutcome   # what a client hears, from a Sink too
 
 
 class Sink:
@@ -37,7 +26,7 @@ class Sink:
         self._lock = threading.Lock()
 
     def submit(self, model_id: int, inputs: Any = None, slo: int | None = None, slo_factor: float | None = None,
-               callback: Callable[[SinkOutcome], None] | None = None) -> int:
+               callback: Callable[[RequestOutcome], None] | None = None) -> int:
         now = self.clock.now()
         with self._lock:
             rid = len(self.arrivals)
@@ -55,7 +44,7 @@ class Sink:
         with self._lock:
             self.in_flight -= 1
         if callback is not None:
-            callback(SinkOutcome(rid, model_id, self.status, arrival, now, now - arrival, deadline))
+            callback(RequestOutcome(rid, model_id, self.status, arrival, now, now - arrival, deadline))
 
     def times(self) -> np.ndarray:
         return np.array([a[0] for a in self.arrivals], dtype=np.int64)
