@@ -255,20 +255,14 @@ class Recorder:
         return frames[0]
 
     def flush(self) -> None:
-        """Convert every pending row (and, with spill_dir, write due part files). Raises a deferred error."""
+        """Convert every row recorded so far (in the caller's thread: waiting for the background queue instead
+        would wait for rows that producers keep adding, and stall a live chart's snapshot under load); with
+        spill_dir, also write the part files that are due. Raises a deferred error."""
         for t in (self._req, self._act):
             if t.values:
-                self._q.put(t)
-        if self._q.unfinished_tasks:
-            if self._closed:   # rows added after close(): no thread any more, convert them here
-                self._drain_inline()
-            else:
-                # wait for what is queued now, not for an empty queue: producers adding rows flat out would
-                # keep a join() waiting forever (the live charts' snapshots would stall under load)
-                done = threading.Event()
-                self._ensure_thread()
-                self._q.put(done)
-                done.wait()
+                self._convert(t)   # after any conversion in progress (its lock): frames stay in order
+        if self.spill_dir is not None:
+            self._write_parts(force=False)   # each part's name is reserved under the lock: writers never clash
         self._raise_deferred()
 
     def _drain_inline(self) -> None:
@@ -280,8 +274,6 @@ class Recorder:
             try:
                 if isinstance(item, _Table):
                     self._convert(item)
-                elif isinstance(item, threading.Event):
-                    item.set()
             finally:
                 self._q.task_done()
 
@@ -392,9 +384,6 @@ class Recorder:
             try:
                 if item is None:
                     return
-                if isinstance(item, threading.Event):   # a flush() waiting for everything queued before it
-                    item.set()
-                    continue
                 if item == "write":
                     self._write_parts(force=True)
                     continue
