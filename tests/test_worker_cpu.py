@@ -263,3 +263,28 @@ def test_measurements_json_feeds_load_model_results(cpu, mlp_artifact, tmp_path)
         clock.run()
     assert out[2].timing.duration == pytest.approx(12_345, rel=0.1)
     assert out[3].exec.duration in (500, 520, 900)
+
+
+def test_inputs_off_the_fast_path_take_the_full_check(cpu, mlp_artifact):
+    """Inputs that are not exactly a tuple of plain arrays of the precomputed signature are judged by the full
+    check: accepted when it accepts them (same outputs), refused with its status otherwise; results are the
+    same InferResult objects either way."""
+    from workbench.contract import InferResult, encode
+    cpu.do(LoadModelFromDisk(id=1, model_id=0, path=str(mlp_artifact)))
+    cpu.do(LoadWeights(id=2, model_id=0, gpu=0))
+    x = np.random.default_rng(3).standard_normal((3, 128)).astype(np.float32)
+    ref = cpu.do(Infer(id=10, model_id=0, batch_size=3, inputs=(x,)))      # padded to batch 4
+    assert ref.ok and type(ref) is InferResult and ref.outputs[0].shape == (3, 10)
+    np.testing.assert_allclose(ref.outputs[0], reference(mlp_artifact, x), rtol=1e-4, atol=1e-5)
+    rebuilt = InferResult(**{k: getattr(ref, k) for k in ref.__dataclass_fields__})
+    assert encode(rebuilt) == encode(ref)
+    for i, inputs in enumerate(([x], (x.view(np.matrix),))):               # a list; an ndarray subclass
+        r = cpu.do(Infer(id=20 + i, model_id=0, batch_size=3, inputs=inputs))
+        assert r.ok, r.message
+        np.testing.assert_array_equal(r.outputs[0], ref.outputs[0])
+    bad = {30: ((x.tolist(),), Status.COPY_INPUT_INVALID_INPUT), 31: ((x, x), Status.COPY_INPUT_INVALID_INPUT),
+           32: ((x[:2],), Status.COPY_INPUT_BAD_SIZES), 33: ((x.astype(np.float64),), Status.COPY_INPUT_INVALID_INPUT)}
+    for i, (inputs, status) in bad.items():
+        r = cpu.do(Infer(id=i, model_id=0, batch_size=3, inputs=inputs))
+        assert r.status == status, (i, r.status, r.message)
+    assert cpu.check_consistency() == []

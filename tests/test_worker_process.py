@@ -19,7 +19,8 @@ from workbench.contract import (ActionType, ClearCache, ClearCacheResult, ErrorR
                                 Timing, decode, encode)
 from workbench.worker.config import WorkerConfig
 from workbench.worker.cpu import CPUWorker
-from workbench.worker.host import fast_decode, fast_encode
+from workbench.worker.host import (compact_infer, compact_infer_result, fast_decode, fast_encode,
+                                   infer_from_compact, infer_result_from_compact)
 from workbench.worker.process import ProcessWorker, WorkerProcessError, _Flight, start_worker
 from result_collector import Collector
 
@@ -107,6 +108,33 @@ def test_fast_codec_gives_the_contracts_values(obj):
     assert type(fast) is type(slow) and encode(fast) == encode(slow)
     if hasattr(slow, "status"):
         assert type(fast.status) is Status and type(fast.action_type) is ActionType
+
+
+@pytest.mark.parametrize("obj", [o for o in samples() if type(o) in (Infer, InferResult)], ids=lambda o: str(o.id))
+def test_compact_forms_decode_to_what_the_dict_form_gives(obj):
+    """The hot path's flat tuples (Infer with inputs, InferResult with outputs in shared memory) give objects
+    equal to those of the dict form, with the same field types."""
+    if type(obj) is Infer:
+        v, arrays = compact_infer(obj), obj.inputs
+        fast = infer_from_compact(v, arrays)
+        slow = fast_decode({**fast_encode(obj, skip="inputs"), "inputs": list(arrays) if arrays else None})
+    else:
+        v, arrays = compact_infer_result(obj), obj.outputs
+        fast = infer_result_from_compact(v, arrays)
+        slow = fast_decode({**fast_encode(obj, skip="outputs"), "outputs": list(arrays) if arrays else None})
+        assert type(fast.status) is Status and type(fast.action_type) is ActionType
+        assert type(fast.exec) is Timing and fast.exec == obj.exec
+    assert type(fast) is type(slow) and encode(fast) == encode(slow) == encode(obj)
+    assert {k: type(x) for k, x in fast.__dict__.items()} == {k: type(x) for k, x in slow.__dict__.items()}
+
+
+def test_compact_forms_are_only_for_the_exact_classes():
+    class Sub(Infer):
+        pass
+    assert compact_infer(Sub(id=1)) is None and compact_infer(GetWorkerState(id=1)) is None
+    assert compact_infer_result(ErrorResult(id=1, action_type=ActionType.INFER)) is None
+    with pytest.raises(ValueError, match="compact Infer has 2 values"):
+        infer_from_compact((1, 2), None)
 
 
 def test_fast_decode_rejects_what_decode_rejects():

@@ -74,6 +74,18 @@ class ModelEntry:
     def __post_init__(self) -> None:
         self._sizes = {False: tuple(s.nbytes for s in self.inputs) if self.inputs is not None else (self.input_bytes,),
                        True: tuple(s.nbytes for s in self.outputs) if self.outputs is not None else (self.output_bytes,)}
+        self._plans: dict[int, InferPlan] = {}
+
+    def plan(self, n: int) -> "InferPlan | None":
+        """What an Infer of n samples needs that never changes for this model (None: no compiled batch size
+        fits n). Built on first use, once the model is registered (its batch sizes are final by then)."""
+        p = self._plans.get(n)
+        if p is None:
+            b = self.padded_batch_size(n) if n >= 1 else None
+            if b is None:
+                return None
+            p = self._plans[n] = InferPlan(self, n, b)
+        return p
 
     def host_bytes(self, n: int, outputs: bool = False) -> int:
         """Host io bytes for n samples of the inputs (or outputs), each tensor 256-byte aligned."""
@@ -85,6 +97,22 @@ class ModelEntry:
             if b >= n:
                 return b
         return None
+
+
+class InferPlan:
+    """Per (model, batch of n samples): the padded batch size, the pool sizes to take, and the inputs'
+    signature ((dtype, shape), ...) that a well-formed Infer matches exactly (one cheap comparison per input;
+    anything else takes the full check, which names the problem)."""
+    __slots__ = ("n", "batch", "io_bytes", "host_in", "host_out", "workspace", "signature")
+
+    def __init__(self, e: ModelEntry, n: int, b: int):
+        self.n, self.batch = n, b
+        self.io_bytes = e.io_bytes[b]
+        self.host_in = e.host_bytes(n)
+        self.host_out = e.host_bytes(n, outputs=True)
+        self.workspace = e.workspace_bytes.get(b)
+        self.signature = (None if e.inputs is None else
+                          tuple((np.dtype(s.dtype), (n, *s.shape)) for s in e.inputs))
 
 
 def _align(n: int, a: int = 256) -> int:
@@ -133,11 +161,43 @@ def entry_from_artifact(art: Any, path: str) -> ModelEntry:
         exec_ns={b: meas.exec[b].p50_ns for b in bs if meas and b in meas.exec})
 
 
+class StagedViews:
+    """A device's views of staged inputs per (gpu, io offset, model, batch): the io pool hands the same offsets
+    out again and again, so the views (and the TVM tensors over them) are made once, not per Infer. Bounded:
+    emptied when full (views are cheap to remake; they hold no memory of their own)."""
+    __slots__ = ("_d", "limit")
+
+    def __init__(self, limit: int = 4096):
+        self._d: dict = {}
+        self.limit = limit
+
+    def get(self, key: tuple) -> Any:
+        return self._d.get(key)
+
+    def put(self, key: tuple, value: Any) -> Any:
+        if len(self._d) >= self.limit:
+            self._d.clear()
+        self._d[key] = value
+        return value
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def vm_functions(loaded: Any) -> dict[int, Any]:
+    """batch size -> the loaded VM function of a LoadedArtifact (workbench.models.runtime), for devices that call
+    it directly; {} if that runtime does not expose them (the device then goes through `loaded.run`)."""
+    fns = getattr(loaded, "_fns", None)
+    return dict(fns) if isinstance(fns, dict) else {}
+
+
 class MonotonicClock(Clock):
     """Real time without a timer thread, for workers whose executors are threads (CPU, CUDA)."""
 
-    def now(self) -> int:
-        return time.monotonic_ns()
+    now = staticmethod(time.monotonic_ns)   # real time, read without a Python frame (the hot path reads it often)
 
     def call_at(self, t: int, fn: Callable, *args):
         raise NotImplementedError("MonotonicClock has no timers: use RealClock")
@@ -291,7 +351,7 @@ class Worker:
                 deliver_now = True
             else:
                 deliver_now = False
-                problem = self._malformed(action)
+                problem = None if _well_formed_infer(action, self.num_gpus) else self._malformed(action)
                 if problem is None and action.id in self.outstanding:
                     problem = (Status.INVALID_ACTION, f"action id {action.id} is already in flight")
                     task: Task = _Immediate(self, action, now, *problem, track=False)
@@ -412,6 +472,9 @@ class Worker:
         return None
 
     def _first_task(self, a: Action, now: int) -> Task:
+        make = _FIRST_TASK.get(type(a))
+        if make is not None:
+            return make(self, a, now)
         if isinstance(a, LoadWeights):
             return LoadWeightsTask(self, a, now)
         if isinstance(a, EvictWeights):
@@ -434,7 +497,7 @@ class Worker:
         if self.closed:
             task.cleanup()
             return task.fail(Status.SHUTTING_DOWN, "worker closed during the action")
-        return self._executor_for(task).submit(task, inline=True)
+        return self.gpus[task.action.gpu].executors[task.kind].submit(task, inline=True)  # type: ignore[attr-defined]
 
     def _deliver(self, results: list[Result]) -> None:
         """Hand results to on_result, outside the lock; each action id is answered exactly once."""
@@ -615,16 +678,19 @@ class EvictTask(ActionTask):
                                   timing=timing)
 
 
+_NO_TIMING = Timing()
+
+
 class _InferState:
     """What an Infer holds while it moves through its three tasks."""
-    __slots__ = ("model", "entry", "batch", "io_offset", "staged", "copy_input", "exec", "outputs", "clock_before",
-                 "clock_after", "host_offset")
+    __slots__ = ("model", "entry", "batch", "plan", "io_offset", "staged", "copy_input", "exec", "outputs",
+                 "clock_before", "clock_after", "host_offset")
 
     def __init__(self) -> None:
         self.io_offset = -1
         self.host_offset = -1
         self.staged = self.outputs = None
-        self.copy_input = self.exec = Timing()
+        self.copy_input = self.exec = _NO_TIMING
         self.clock_before = self.clock_after = 0
 
 
@@ -658,30 +724,30 @@ class CopyInputTask(InferTask):
 
     def begin(self, now: int) -> Result | None:
         a: Infer = self.action
-        if (r := self.check_window(now)) is not None:
-            return r
-        m = self.copy(a.model_id)
+        if now > self.latest or now < self.eligible:
+            return self.check_window(now)
+        m = self.w.models.get(a.model_id)
         if m is None:
             return self.fail(Status.COPY_INPUT_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this worker")
         e = m.entry
-        b = e.padded_batch_size(a.batch_size) if a.batch_size >= 1 else None
-        if b is None:
+        plan = e.plan(a.batch_size)
+        if plan is None:
             return self.fail(Status.COPY_INPUT_INVALID_BATCH_SIZE,
                              f"batch size {a.batch_size} for model {a.model_id} ({e.name}): compiled batch sizes "
                              f"are {list(e.batch_sizes)}; use 1..{e.batch_sizes[-1]}")
-        if (r := self._check_inputs(e, a)) is not None:
+        if not _matches(a.inputs, plan.signature) and (r := self._check_inputs(e, a)) is not None:
             return r
-        st = self.w.gpus[a.gpu]
+        s = self.s
         try:
-            self.s.io_offset = st.io.alloc(e.io_bytes[b])
+            s.io_offset = self.w.gpus[a.gpu].io.alloc(plan.io_bytes)
         except PoolExhausted as ex:
             return self.fail(Status.COPY_INPUT_IO_POOL_EXHAUSTED, str(ex))
         try:
-            self.s.host_offset = self.w.host_io.alloc(e.host_bytes(a.batch_size))
+            s.host_offset = self.w.host_io.alloc(plan.host_in)
         except PoolExhausted as ex:
             self.release()
             return self.fail(Status.COPY_INPUT_HOST_ALLOC, str(ex))
-        self.s.model, self.s.entry, self.s.batch = m, e, b
+        s.model, s.entry, s.batch, s.plan = m, e, plan.batch, plan
         return None
 
     def _check_inputs(self, e: ModelEntry, a: Infer) -> Result | None:
@@ -744,16 +810,18 @@ class ExecTask(InferTask):
 
     def begin(self, now: int) -> Result | None:
         a: Infer = self.action
-        if (r := self.check_window(now)) is not None:
+        if now > self.latest or now < self.eligible:
             self.release()
-            return r
+            return self.check_window(now)
         g = self.s.model.gpus[a.gpu]
         if g.weights is None:
             self.release()
             return self.fail(Status.EXEC_WEIGHTS_MISSING, f"model {a.model_id} has no weights on gpu {a.gpu}: "
                                                           f"send LoadWeights first")
         try:
-            self.workspace = self.w.gpus[a.gpu].workspace.alloc(self.s.entry.workspace_bytes[self.s.batch])
+            ws = self.s.plan.workspace
+            self.workspace = self.w.gpus[a.gpu].workspace.alloc(
+                ws if ws is not None else self.s.entry.workspace_bytes[self.s.batch])
         except PoolExhausted as ex:
             self.release()
             return self.fail(Status.EXEC_WORKSPACE_POOL_EXHAUSTED, str(ex))
@@ -783,21 +851,24 @@ class ExecTask(InferTask):
 
     def finish(self, timing: Timing) -> Result | None:
         a: Infer = self.action
-        self._free_workspace()
+        s, w = self.s, self.w
+        if self.workspace >= 0:
+            w.gpus[a.gpu].workspace.free(self.workspace)
+            self.workspace = -1
         self.binding = None
-        self.s.exec = timing
-        self.s.copy_input = self.w.device.input_timing(self.s.copy_input, self.s.staged)
-        if self.s.model.gpus[a.gpu].version != self.version:
+        s.exec = timing
+        device = w.device
+        s.copy_input = device.input_timing(s.copy_input, s.staged)
+        if s.model.gpus[a.gpu].version != self.version:
             self.release()
             return self.fail(Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
                              f"weights of model {a.model_id} on gpu {a.gpu} were evicted or reloaded during exec")
-        self.s.staged = None
-        if self.w.device.async_exec:   # the exec brought the outputs to the host already: no third task
-            s = self.s
-            out_timing, outputs = self.w.device.copy_output(a.gpu, s.entry, s.outputs, a.batch_size, -1, 0)
+        s.staged = None
+        if device.async_exec:   # the exec brought the outputs to the host already: no third task
+            out_timing, outputs = device.copy_output(a.gpu, s.entry, s.outputs, a.batch_size, -1, 0)
             self.release()
             return infer_result(self, out_timing, outputs)
-        return self.w.hand_on(CopyOutputTask(self))
+        return w.hand_on(CopyOutputTask(self))
 
     def cleanup(self) -> None:
         self._free_workspace()
@@ -816,11 +887,11 @@ class CopyOutputTask(InferTask):
         self.s = prev.s
 
     def begin(self, now: int) -> Result | None:
-        if (r := self.check_window(now)) is not None:
+        if now > self.latest or now < self.eligible:
             self.release()
-            return r
+            return self.check_window(now)
         try:
-            self.s.host_offset = self.w.host_io.alloc(self.s.entry.host_bytes(self.action.batch_size, outputs=True))
+            self.s.host_offset = self.w.host_io.alloc(self.s.plan.host_out)
         except PoolExhausted as ex:
             self.release()
             return self.fail(Status.COPY_OUTPUT_HOST_ALLOC, str(ex))
@@ -839,13 +910,49 @@ class CopyOutputTask(InferTask):
         return infer_result(self, timing, outputs)
 
 
+_new = object.__new__
+_setattr = object.__setattr__
+_SUCCESS = Status.SUCCESS
+
+
 def infer_result(task: InferTask, copy_output: Timing, outputs: Any) -> InferResult:
+    """The InferResult, built in one step: the same object InferResult(...) gives (equal, same fields, same
+    types; a frozen dataclass's __init__ sets each of its 15 fields with a separate call)."""
     a: Infer = task.action
     s = task.s
-    return InferResult(id=a.id, action_type=a.type, received=task.received, sent=task.w.clock.now(),
-                       gpu=a.gpu, batch_size=a.batch_size, copy_input=s.copy_input, exec=s.exec,
-                       copy_output=copy_output, gpu_clock_before=s.clock_before, gpu_clock=s.clock_after,
-                       outputs=outputs)
+    r = _new(InferResult)
+    _setattr(r, "__dict__", {
+        "id": a.id, "action_type": a.type, "status": _SUCCESS, "message": "", "received": task.received,
+        "sent": task.w.clock.now(), "gpu": a.gpu, "batch_size": a.batch_size, "copy_input": s.copy_input,
+        "exec": s.exec, "copy_output": copy_output, "gpu_clock_before": s.clock_before, "gpu_clock": s.clock_after,
+        "outputs": outputs})
+    return r
+
+
+def make_timing(begin: int, end: int, duration: int) -> Timing:
+    """Timing(begin, end, duration) without the frozen dataclass's per-field __init__ calls (hot path)."""
+    t = _new(Timing)
+    _setattr(t, "__dict__", {"begin": begin, "end": end, "duration": duration})
+    return t
+
+
+def _matches(inputs: Any, signature: tuple | None) -> bool:
+    """True when `inputs` is a tuple of exactly the plain numpy arrays the signature says (dtype and shape):
+    then the full check (`CopyInputTask._check_inputs`) would pass; False says nothing (run the full check)."""
+    if type(inputs) is not tuple or signature is None or len(inputs) != len(signature):
+        return False
+    for x, (dt, shape) in zip(inputs, signature):
+        if type(x) is not np.ndarray or x.shape != shape or x.dtype != dt:
+            return False
+    return True
+
+
+def _well_formed_infer(a: Action, num_gpus: int) -> bool:
+    """True for an Infer whose fields are exactly of the types Worker._malformed accepts (it would find no
+    problem); False says nothing (run _malformed)."""
+    return (type(a) is Infer and type(a.id) is int and a.id >= 0 and type(a.earliest) is int
+            and type(a.latest) is int and type(a.model_id) is int and type(a.gpu) is int and 0 <= a.gpu < num_gpus
+            and type(a.batch_size) is int)
 
 
 class LoadModelTask(ActionTask):
@@ -934,3 +1041,9 @@ class ControlTask(ActionTask):
             return ClearCacheResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now())
         return GetWorkerStateResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(),
                                     state=self.w.state())
+
+
+# exact action type -> its first task (subclasses of the action types go through Worker._first_task's isinstance chain)
+_FIRST_TASK: dict[type, Callable[[Worker, Any, int], Task]] = {
+    LoadWeights: LoadWeightsTask, EvictWeights: EvictTask, Infer: CopyInputTask, LoadModelFromDisk: LoadModelTask,
+    ClearCache: ControlTask, GetWorkerState: ControlTask}

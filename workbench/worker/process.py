@@ -37,7 +37,8 @@ from typing import Any, Callable, Sequence
 
 from workbench.contract import Action, ErrorResult, Infer, Result, Status, error
 from workbench.worker.config import WorkerConfig
-from workbench.worker.host import Channel, SharedIO, fast_decode, fast_encode, read_arrays, shm_bytes, write_arrays
+from workbench.worker.host import (Channel, SharedIO, compact_infer, fast_decode, fast_encode, infer_result_from_compact,
+                                   read_arrays, shm_bytes, write_arrays)
 from workbench.worker.pools import MemoryPool, PoolExhausted
 
 DEFAULT_SHM_BYTES = 64 << 20   # per direction; Infers whose arrays do not fit are sent inline
@@ -242,6 +243,9 @@ class ProcessWorker:
                     flight.slot = -1          # shared memory full: this one goes inline
                 if flight.slot >= 0:
                     refs = write_arrays(self._shm.inputs, flight.slot, a.inputs)
+                    v = compact_infer(a)
+                    if v is not None:
+                        return Channel.frame(("A", v, refs))
                     return Channel.frame(("a", fast_encode(a, skip="inputs"), refs))
             return Channel.frame(("a", fast_encode(a), refs))
         except Exception as e:  # noqa: BLE001 - unsendable (e.g. unpicklable field): the action's error result
@@ -479,7 +483,9 @@ class ProcessWorker:
                     return "died"
                 for m in msgs:
                     try:
-                        if m[0] == "r":
+                        if m[0] == "R":
+                            self._compact_result(m[1], m[2])
+                        elif m[0] == "r":
                             self._result(m[1], m[2])
                         elif m[0] == "closed":
                             self._finish_close(gen)
@@ -523,6 +529,25 @@ class ProcessWorker:
         except Exception as e:  # noqa: BLE001 - a result we cannot read is a bug: say which action
             print(f"ProcessWorker: undecodable result for action {d.get('id')!r}: {e}", file=sys.stderr)
             return
+        self._answer(r, problem)
+
+    def _compact_result(self, v: tuple, refs: Any) -> None:
+        """An InferResult in compact form, its outputs in the shared ring (host.py)."""
+        problem, outputs = "", None
+        arrays, end = refs
+        try:
+            outputs = tuple(read_arrays(self._shm.outputs, arrays, copy=True))
+        except Exception as e:  # noqa: BLE001 - answered as the action's error below
+            problem = f"outputs could not be read from shared memory: {type(e).__name__}: {e}"
+        self._shm.read_pos.value = end
+        try:
+            r = infer_result_from_compact(v, outputs)
+        except Exception as e:  # noqa: BLE001 - a result we cannot read is a bug: say which action
+            print(f"ProcessWorker: undecodable result for action {v[0] if v else None!r}: {e}", file=sys.stderr)
+            return
+        self._answer(r, problem)
+
+    def _answer(self, r: Result, problem: str) -> None:
         if problem:
             r = ErrorResult(id=r.id, action_type=r.action_type, status=Status.RUNTIME_ERROR, message=problem,
                             received=r.received, sent=r.sent)
