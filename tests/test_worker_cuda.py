@@ -161,7 +161,8 @@ def test_memory_outside_the_cache_stays_bounded_as_models_grow(gpu_worker):
     for k in range(32):   # 32 separately loaded models: kernels loaded once each
         assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=1000 * k, path=path, copies=50)).ok
         assert w.do(lambda i: LoadWeights(id=i, model_id=1000 * k, gpu=0)).ok
-        assert w.do(lambda i: Infer(id=i, model_id=1000 * k, gpu=0, batch_size=16)).ok
+        for _ in range(2):   # the VM's first run, then a CUDA graph (the GPU's exec slot is allocated once)
+            assert w.do(lambda i: Infer(id=i, model_id=1000 * k, gpu=0, batch_size=16)).ok
         assert w.do(lambda i: EvictWeights(id=i, model_id=1000 * k, gpu=0)).ok
         used.append(gpu_used(w))
     per_model = (used[-1] - used[0]) / 31
@@ -169,7 +170,7 @@ def test_memory_outside_the_cache_stays_bounded_as_models_grow(gpu_worker):
           f"{used[-1] / 2**20:.1f} MiB after 32 ({per_model / 2**20:.2f} MiB per model)")
     assert per_model < 4 * 2**20, f"{per_model / 2**20:.2f} MiB per loaded model"
     before = gpu_used(w)
-    for c in range(1, 50):   # copies share kernels: inferring on 49 more copies costs nothing
+    for c in range(1, 50):   # copies share kernels, and a copy's graphs go with its weights: 49 more cost nothing
         assert w.do(lambda i: LoadWeights(id=i, model_id=c, gpu=0)).ok
         assert w.do(lambda i: Infer(id=i, model_id=c, gpu=0, batch_size=16)).ok
         assert w.do(lambda i: EvictWeights(id=i, model_id=c, gpu=0)).ok
@@ -220,3 +221,68 @@ def test_bert_with_a_contiguous_page_run(gpu_worker):
     ref = reference_forward("bert_base", ids, [(t.name, a) for t, a in zip(art.tensors, art.weight_arrays())])
     np.testing.assert_allclose(r.outputs[0], ref, rtol=5e-3, atol=5e-3)
     assert w.check_consistency() == []
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_the_vm_exactly_and_follow_weights_that_move(gpu_worker):
+    """An exec replayed as a CUDA graph gives the VM's outputs bit for bit, reads each Infer's new inputs, and
+    after an evict and a load into other pages runs on the new pages (a new graph), never the old addresses."""
+    path = artifact("resnet50_cuda")
+    w = gpu_worker
+    stats = w.device.graph_stats
+    assert w.device.graphs, "CUDA graphs are on by default"
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(path), copies=2)).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+    rng = np.random.default_rng(3)
+    x, y = (rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(2))
+
+    def infer(model, inp):
+        r = w.do(lambda i: Infer(id=i, model_id=model, gpu=0, batch_size=2, inputs=(inp,)))
+        assert r.ok, r.message
+        return r.outputs[0]
+
+    vm_x = infer(0, x)                      # the model's first exec: through the VM (its kernels load)
+    assert stats["launches"] == 0
+    np.testing.assert_array_equal(infer(0, x), vm_x)          # captured, replayed: bit-identical
+    assert stats["captures"] == 1 and stats["launches"] == 1 and stats["failures"] == 0
+    vm_y_expected = infer(0, y)                               # the graph reads the new inputs
+    assert stats["launches"] == 2
+    assert not np.array_equal(vm_y_expected, vm_x)
+    # move the weights: copy 1 takes copy 0's pages, copy 0 is loaded again elsewhere
+    def first_page(model):
+        return w.models[model].gpus[0].binding.pages[0].data.ptr
+
+    old = first_page(0)
+    assert w.do(lambda i: EvictWeights(id=i, model_id=0, gpu=0)).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=1, gpu=0)).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+    assert first_page(1) == old and first_page(0) != old
+    for model in (0, 1, 0, 1):
+        np.testing.assert_array_equal(infer(model, x), vm_x)
+    np.testing.assert_array_equal(infer(0, y), vm_y_expected)
+    assert stats["failures"] == 0
+    # overwrite the pages copy 0 used to hold: a graph still pointing there would now give wrong outputs
+    assert w.do(lambda i: EvictWeights(id=i, model_id=1, gpu=0)).ok
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=7, path=str(artifact("resnet18_cuda")))).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=7, gpu=0)).ok
+    assert w.do(lambda i: Infer(id=i, model_id=7, gpu=0, batch_size=1)).ok
+    np.testing.assert_array_equal(infer(0, x), vm_x)
+    assert w.check_consistency() == []
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_off_runs_the_vm(tmp_path):
+    from workbench.worker.cuda import CUDAWorker
+    col = Collector()
+    w = CUDAWorker(WorkerConfig.load(None, cuda_graphs=False, **CFG), col, num_gpus=1)
+    try:
+        w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(artifact("mlp_cuda"))))
+        assert col.wait(1).ok
+        w.submit(LoadWeights(id=2, model_id=0, gpu=0))
+        assert col.wait(2).ok
+        for i in range(3, 8):
+            w.submit(Infer(id=i, model_id=0, gpu=0, batch_size=4))
+            assert col.wait(i).ok
+        assert not w.device.graphs and w.device.graph_stats == {"launches": 0, "captures": 0, "failures": 0}
+    finally:
+        w.close()

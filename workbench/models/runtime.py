@@ -15,7 +15,7 @@ Many bindings (model copies in different pages) share one LoadedArtifact: kernel
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -72,6 +72,9 @@ class WeightBinding:
     pages: list
     device: Any
     signature: tuple = ()         # ((shape, dtype), ...) of the weights: a binding fits models with the same one
+    # what a device made for this binding that bakes in the weights' addresses (the CUDA worker's graphs): it
+    # lives and dies with the binding
+    launch_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 class LoadedArtifact:

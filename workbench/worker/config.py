@@ -33,6 +33,7 @@ class WorkerConfig:
     log_dir: str
     allow_zero_size_inputs: bool
     copy_input_lead_in: int          # ns
+    cuda_graphs: bool = True         # CUDA worker: replay each exec as a CUDA graph (worker/cuda_graphs.py)
     source: str = "defaults"         # where the values came from (files, in order), for messages
 
     @property
@@ -76,6 +77,7 @@ class WorkerConfig:
             log_dir=str(v["log_dir"]),
             allow_zero_size_inputs=_parse_bool(v["allow_zero_size_inputs"], "allow_zero_size_inputs", source),
             copy_input_lead_in=_parse_duration(v["copy_input_lead_in"], "copy_input_lead_in", source),
+            cuda_graphs=_parse_bool(v["cuda_graphs"], "cuda_graphs", source),
             source=source)
         if cfg.page_size <= 0:
             raise ConfigError(f"{source}: page_size must be > 0, got {cfg.page_size}")

@@ -28,13 +28,14 @@ import numpy as np
 
 from workbench.clock import Clock
 from workbench.contract import LoadModelFromDisk, Result, Timing
-from workbench.worker.base import (Device, ModelEntry, MonotonicClock, Worker, entry_from_artifact, open_artifact,
-                                   used_bytes_per_run)
+from workbench.worker.base import (Device, ModelEntry, MonotonicClock, StagedViews, Worker, entry_from_artifact,
+                                   make_timing, open_artifact, used_bytes_per_run, vm_functions)
 from workbench.worker.config import WorkerConfig
+from workbench.worker import cuda_graphs
 from workbench.worker.page_cache import Allocation
 
 ALIGN = 256
-H2D, D2H = 1, 2     # cudaMemcpyKind
+H2D, D2H, D2D = 1, 2, 3     # cudaMemcpyKind
 STAGE_BELOW = 4 << 20   # pageable inputs smaller than this go through pinned staging (see copy_input)
 
 
@@ -85,20 +86,35 @@ class SMClock:
 class CUDAModel:
     """Shared by all copies of a model: pinned host weights (once), kernels loaded once per GPU, and how many
     bytes of each page run are used (the unused tail of the last page is not transferred)."""
-    __slots__ = ("artifact", "loaded", "host_weights", "host_mem", "run_bytes")
+    __slots__ = ("artifact", "loaded", "host_weights", "host_mem", "run_bytes", "fns", "out_layout", "slot_views", "warm")
 
     def __init__(self, artifact: Any, loaded: dict[int, Any], host_weights: np.ndarray, host_mem: Any,
                  run_bytes: dict[int, int]):
         self.artifact, self.loaded, self.host_weights, self.host_mem = artifact, loaded, host_weights, host_mem
         self.run_bytes = run_bytes
+        self.fns = {g: vm_functions(lo) for g, lo in loaded.items()}   # per GPU: batch size -> VM function
+        self.slot_views: dict[tuple, Any] = {}                            # (gpu, (entry, batch, slot)) -> _IOViews
+        self.warm: set[tuple[int, int]] = set()                           # (gpu, batch) run once through the VM
+        self.out_layout: dict[int, tuple] = {}                           # per batch size, see _out_layout
+
+
+class _IOViews:
+    """The inputs of one (GPU, io offset, model, batch) in the io arena: device pointers and byte sizes, cupy
+    views and TVM views of them. Fixed memory, so made once and reused by every Infer staged there."""
+    __slots__ = ("ptrs", "full", "arrays", "tvm")
+
+    def __init__(self, ptrs: list, full: list, arrays: list, tvm_args: tuple):
+        self.ptrs, self.full, self.arrays, self.tvm = ptrs, full, arrays, tvm_args
 
 
 class _Staged:
-    """Inputs enqueued for an exec: device views, the events around their copy, the host sources kept alive."""
-    __slots__ = ("arrays", "start", "done", "keep")
+    """Inputs enqueued for an exec: their place (`views`: cupy `arrays`, TVM `tvm`), the events around their
+    copy, the host sources kept alive."""
+    __slots__ = ("views", "arrays", "tvm", "start", "done", "keep")
 
-    def __init__(self, arrays: list, start: Any, done: Any, keep: list):
-        self.arrays, self.start, self.done, self.keep = arrays, start, done, keep
+    def __init__(self, views: _IOViews, start: Any, done: Any, keep: list):
+        self.views, self.arrays, self.tvm, self.start, self.done, self.keep = (views, views.arrays, views.tvm, start,
+                                                                               done, keep)
 
 
 class _Fetched:
@@ -135,7 +151,12 @@ class CUDADevice(Device):
         self._free_events: list = []
         self._exec_streams: list[Any] = []      # per GPU: execs launch from any thread (one in flight per GPU)
         self._exec_events: list[tuple] = []     # per GPU: (start, end, outputs fetched)
+        self.views = StagedViews()               # (gpu, io offset, entry, batch) -> _IOViews
         self.page_size = 0
+        self.graphs = False                      # replay execs as CUDA graphs (config cuda_graphs; cuda_graphs.py)
+        self._capture_streams: list[Any] = []    # per GPU: where graphs are captured (nothing runs there)
+        self._slots: list[Any] = []              # per GPU: the exec slot graphs read their inputs from
+        self.graph_stats = {"launches": 0, "captures": 0, "failures": 0}
 
     # -- setup
     def gpu_memory_info(self, gpu: int) -> tuple[int, int]:
@@ -165,11 +186,15 @@ class CUDADevice(Device):
                 self._out.append(None)
                 self._exec_streams.append(self._new_stream(0))
                 self._exec_events.append((cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()))
+                self._capture_streams.append(self._new_stream(0))
+                self._slots.append(None)
+        self.graphs = cfg.cuda_graphs and cuda_graphs.record_external() is not None
         self.host_io_mem = cp.cuda.alloc_pinned_memory(cfg.host_io_pool_size)
         self.host_io = np.frombuffer(self.host_io_mem, np.uint8, cfg.host_io_pool_size)
         self.host_io_ptr = self.host_io.ctypes.data
         import tvm
-        self.tvm = tvm
+        import tvm_ffi
+        self.tvm, self._ffi = tvm, tvm_ffi
 
     def _new_stream(self, priority: int):
         try:
@@ -266,17 +291,20 @@ class CUDADevice(Device):
         one is copied by the driver from where it lies (pageable H2D runs at 14.6 GB/s there, a host memcpy
         into pinned memory at 5.8-8 GB/s)."""
         cp = self.cp
+        rt = cp.cuda.runtime
         with cp.cuda.Device(self.devices[gpu]):
             stream = self._stream("inputs", gpu)
             start, done = self._event_pair()
-            io = self.io[gpu]
+            views = self.views.get((gpu, io_offset, entry, batch))
+            if views is None:
+                views = self._io_views(gpu, entry, batch, io_offset)
             t0 = time.monotonic_ns()
-            arrays, keep, off, hoff = [], [], io_offset, host_offset
+            keep, hoff, sptr = [], host_offset, stream.ptr
             start.record(stream)
             for i, spec in enumerate(entry.inputs):
-                nb, full = spec.nbytes * n, spec.nbytes * batch
-                dst = io.data.ptr + off
+                dst, full = views.ptrs[i], views.full[i]
                 if inputs is not None:
+                    nb = spec.nbytes * n
                     x = np.ascontiguousarray(inputs[i])
                     if nb >= STAGE_BELOW or self._is_pinned(x):
                         keep.append(x)       # a pinned source must live until the DMA has read it
@@ -285,16 +313,44 @@ class CUDADevice(Device):
                         self.host_io[hoff:hoff + nb] = x.reshape(-1).view(np.uint8)
                         src = self.host_io_ptr + hoff
                         hoff += -(-nb // ALIGN) * ALIGN
-                    cp.cuda.runtime.memcpyAsync(dst, src, nb, H2D, stream.ptr)
+                    rt.memcpyAsync(dst, src, nb, H2D, sptr)
                 else:
                     nb = 0                   # generated input: zeros
                 if full > nb:
-                    cp.cuda.runtime.memsetAsync(dst + nb, 0, full - nb, stream.ptr)
-                arrays.append(cp.ndarray((batch, *spec.shape), spec.dtype, io.data + off))
-                off += -(-full // ALIGN) * ALIGN
+                    rt.memsetAsync(dst + nb, 0, full - nb, sptr)
             done.record(stream)
             t1 = time.monotonic_ns()
-        return Timing(t0, t1, t1 - t0), _Staged(arrays, start, done, keep)
+        return make_timing(t0, t1, t1 - t0), _Staged(views, start, done, keep)
+
+    def _io_views(self, gpu: int, entry: ModelEntry, batch: int, io_offset: int) -> _IOViews:
+        """Make (once per place) the views of (entry, batch)'s inputs at io_offset of this GPU's io arena: cupy
+        arrays, and the zero-copy TVM views LoadedArtifact.run would make of them (256-byte aligned, contiguous)."""
+        return self.views.put((gpu, io_offset, entry, batch), self._views_at(self.io[gpu].data, io_offset, entry, batch))
+
+    def _views_at(self, base: Any, offset: int, entry: ModelEntry, batch: int) -> _IOViews:
+        cp, tvm = self.cp, self.tvm
+        ptrs, full, arrays, off = [], [], [], offset
+        for spec in entry.inputs:
+            nb = spec.nbytes * batch
+            ptrs.append(base.ptr + off)
+            full.append(nb)
+            arrays.append(cp.ndarray((batch, *spec.shape), spec.dtype, base + off))
+            off += -(-nb // ALIGN) * ALIGN
+        return _IOViews(ptrs, full, arrays, tuple(tvm.runtime.from_dlpack(a) for a in arrays))
+
+    def _slot_views(self, gpu: int, entry: ModelEntry, batch: int) -> _IOViews:
+        """Views of (entry, batch)'s inputs in this GPU's exec slot: the one place graphs read inputs from (one
+        exec per GPU at a time), so a graph does not depend on where the io pool staged an Infer's inputs.
+        The slot grows to the largest inputs seen (its address is part of every graph's key)."""
+        need = sum(-(-s.nbytes * batch // ALIGN) * ALIGN for s in entry.inputs)
+        slot = self._slots[gpu]
+        if slot is None or slot.mem.size < need:
+            slot = self._slots[gpu] = self.cp.cuda.alloc(max(need, 1 << 20))   # views of the old slot keep it alive
+        key = (entry, batch, slot.ptr)
+        views = entry.handle.slot_views.get((gpu, key))
+        if views is None:
+            views = entry.handle.slot_views[(gpu, key)] = self._views_at(slot, 0, entry, batch)
+        return views
 
     def _is_pinned(self, x: np.ndarray) -> bool:
         try:
@@ -314,7 +370,7 @@ class CUDADevice(Device):
             return timing
         ns = int(round(self.cp.cuda.get_elapsed_time(staged.start, staged.done) * 1e6))   # both events are done
         self._free_events.append((staged.start, staged.done))
-        return Timing(timing.begin, timing.begin + ns, ns)
+        return make_timing(timing.begin, timing.begin + ns, ns)
 
     def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,
                 now: int) -> tuple[Timing, Any, int, int]:
@@ -326,29 +382,68 @@ class CUDADevice(Device):
         exec executor), so the per-GPU events and buffer are this exec's until `wait_exec` returns."""
         cp = self.cp
         d = self.devices[gpu]
+        m = entry.handle
+        fn = m.fns[gpu].get(batch)
+        layout = m.out_layout.get(batch)
+        if layout is None:
+            layout = self._out_layout(entry, batch)
+        total, spans = layout
         with cp.cuda.Device(d):
             stream = self._exec_streams[gpu]
+            sptr = stream.ptr
             start, end, fetched = self._exec_events[gpu]
+            buf = self._out_buffer(gpu, total)
+            if self.graphs and fn is not None and (gpu, batch) in m.warm:
+                slot = self._slot_views(gpu, entry, batch)
+                key = (batch, slot.ptrs[0] if slot.ptrs else 0, buf.ctypes.data)
+                graph = binding.launch_cache.get(key)
+                if graph is None:        # the first exec of this copy and batch size since its weights loaded
+                    graph = self._capture(gpu, key, fn, slot, binding, m.loaded[gpu].device, buf, spans)
+                if graph is not cuda_graphs.NO_GRAPH:
+                    t0 = time.monotonic_ns()
+                    stream.wait_event(staged.done)
+                    for src, dst, nb in zip(staged.views.ptrs, slot.ptrs, staged.views.full):
+                        cp.cuda.runtime.memcpyAsync(dst, src, nb, D2D, sptr)
+                    graph[0].launch(stream)            # records `start` itself, after the wait and the copies
+                    self.graph_stats["launches"] += 1
+                    return gpu, batch, t0, buf, spans
+            m.warm.add((gpu, batch))     # (kernels are loaded on a function's first call: not during a capture)
             t0 = time.monotonic_ns()
             stream.wait_event(staged.done)
             start.record(stream)
-            outs = entry.handle.loaded[gpu].run(batch, staged.arrays, binding, stream=stream)
+            if fn is not None:
+                # LoadedArtifact.run without its per-call checks, which hold by construction here (the staged
+                # views have the spec's shapes and dtypes; the binding was made by this model's bind_weights),
+                # and without converting inputs and outputs (TVM views of the io arena are cached in _IOViews)
+                with self._ffi.use_raw_stream(m.loaded[gpu].device, sptr):
+                    out = fn(*staged.tvm, *binding.tensors)
+                outs = list(out) if not hasattr(out, "shape") else [out]
+            else:
+                outs = m.loaded[gpu].run(batch, staged.arrays, binding, stream=stream)
             end.record(stream)
-            specs, total = entry.outputs, 0
-            for spec in specs:
-                total += -(-spec.nbytes * batch // ALIGN) * ALIGN
-            buf = self._out_buffer(gpu, total)
-            base = ptr = buf.ctypes.data
-            spans = []
-            for o, spec in zip(outs, specs):
-                with stream:                 # a non-contiguous output would be copied on this stream
-                    o = cp.ascontiguousarray(o)
-                nb = spec.nbytes * batch
-                cp.cuda.runtime.memcpyAsync(ptr, o.data.ptr, nb, D2H, stream.ptr)
-                spans.append((ptr - base, nb, spec))
-                ptr += -(-nb // ALIGN) * ALIGN
+            base = buf.ctypes.data
+            for o, (off, nb, _spec) in zip(outs, spans):
+                if fn is not None and o.is_contiguous():
+                    src = o.data_ptr()
+                else:
+                    with stream:             # a non-contiguous output would be copied on this stream
+                        o = cp.ascontiguousarray(o if fn is None else cp.from_dlpack(o))
+                    src = o.data.ptr
+                cp.cuda.runtime.memcpyAsync(base + off, src, nb, D2H, sptr)
             fetched.record(stream)
         return gpu, batch, t0, buf, spans
+
+    @staticmethod
+    def _out_layout(entry: ModelEntry, batch: int) -> tuple[int, list]:
+        """(bytes, [(offset, nbytes, spec)]) of the outputs of a batch in the pinned output buffer, each
+        256-byte aligned (made once per model and batch size)."""
+        spans, off = [], 0
+        for spec in entry.outputs:
+            nb = spec.nbytes * batch
+            spans.append((off, nb, spec))
+            off += -(-nb // ALIGN) * ALIGN
+        layout = entry.handle.out_layout[batch] = (off, spans)
+        return layout
 
     def wait_exec(self, launched: Any) -> tuple[Timing, Any, int, int]:
         """Wait once for the exec and its output copy; the outputs leave as numpy arrays (`_Fetched`)."""
@@ -364,7 +459,29 @@ class CUDADevice(Device):
         host = [buf[o:o + nb].view(spec.dtype).reshape((batch, *spec.shape)).copy() for o, nb, spec in spans]
         exec_ns = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
         out_ns = int(round(cp.cuda.get_elapsed_time(end, fetched) * 1e6))
-        return Timing(t0, t1 - out_ns, exec_ns), _Fetched(host, Timing(t1 - out_ns, t1, out_ns)), before, after
+        return (make_timing(t0, t1 - out_ns, exec_ns), _Fetched(host, make_timing(t1 - out_ns, t1, out_ns)),
+                before, after)
+
+    def _capture(self, gpu: int, key: tuple, fn: Any, slot: _IOViews, binding: Any, tvm_device: Any,
+                 buf: np.ndarray, spans: list) -> Any:
+        """Capture (on a side stream: nothing runs) the graph of this model copy and batch size reading the exec
+        slot; NO_GRAPH, remembered, if the model cannot be captured (it then runs through the VM)."""
+        stream = self._capture_streams[gpu]
+
+        def launch() -> list:
+            with self._ffi.use_raw_stream(tvm_device, stream.ptr):
+                out = fn(*slot.tvm, *binding.tensors)
+            return list(out) if not hasattr(out, "shape") else [out]
+
+        cache = cuda_graphs.cache_for(binding)
+        try:
+            graph = cuda_graphs.capture(self.cp, stream, launch, self._exec_events[gpu], buf.ctypes.data, spans)
+            self.graph_stats["captures"] += 1
+        except Exception:  # noqa: BLE001 - the VM path stays correct; counted in graph_stats
+            graph = cuda_graphs.NO_GRAPH
+            self.graph_stats["failures"] += 1
+        cache[key] = graph
+        return graph
 
     def _out_buffer(self, gpu: int, nbytes: int) -> np.ndarray:
         """This GPU's pinned output buffer (used by its exec thread only), grown to the largest exec's outputs."""
@@ -381,11 +498,13 @@ class CUDADevice(Device):
         return outputs.timing, tuple(h[:n] for h in outputs.host)
 
     def close(self) -> None:
+        self.views.clear()
         self.cache.clear()
         self.cache_mem.clear()
         self.io.clear()
         self.io_mem.clear()
         self._out.clear()
+        self._slots.clear()
         self.host_io = self.host_io_mem = None
 
 
