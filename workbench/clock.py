@@ -43,13 +43,23 @@ class Clock:
         pass
 
 
+_END = (1 << 127, -1, None, None)   # VirtualClock's heap sentinel: after every event (times are < 2**63)
+
+
 class VirtualClock(Clock):
-    """Discrete-event time. Nothing happens until `run()`/`run_until()` is called; time jumps event to event."""
+    """Discrete-event time. Nothing happens until `run()`/`run_until()` is called; time jumps event to event.
+
+    Every event is one heap entry `(t, seq, fn, args)`: `seq` (a counter) breaks ties in posting order, so the
+    order is fully determined and tuples compare in C without reaching `fn`. A cancellable `call_at` event
+    carries its Timer in place of the arguments and `fn` None (the loop skips it once cancelled). The heap's
+    bottom is a sentinel later than any time, so the loop needs no emptiness test. `_heap` and `_seq` are never
+    replaced: the lean emulated worker pushes `(t, next(_seq), fn, args)` with t >= now onto them directly
+    (exactly what `post` does, without the call)."""
     virtual = True
 
     def __init__(self, start: int = 0):
         self._now = start
-        self._heap: list[tuple[int, int, Timer]] = []
+        self._heap: list[tuple] = [_END]
         self._seq = itertools.count()
         self.events_run = 0
 
@@ -57,9 +67,11 @@ class VirtualClock(Clock):
         return self._now
 
     def call_at(self, t: int, fn: Callable, *args) -> Timer:
-        timer = Timer(max(int(t), self._now), next(self._seq), fn, args)
-        # (t, seq, timer): tuples compare in C, a Timer.__lt__ call per comparison was most of the heap's cost
-        heapq.heappush(self._heap, (timer.t, timer.seq, timer))
+        t = int(t)
+        if t < self._now:
+            t = self._now
+        timer = Timer(t, next(self._seq), fn, args)
+        heapq.heappush(self._heap, (t, timer.seq, None, timer))
         return timer
 
     def post(self, t: int, fn: Callable, *args) -> None:
@@ -68,31 +80,44 @@ class VirtualClock(Clock):
         heapq.heappush(self._heap, (t if t > now else now, next(self._seq), fn, args))
 
     def pending(self) -> int:
-        return sum(len(e) == 4 or not e[2].cancelled for e in self._heap)
+        return sum(e[2] is not None or not e[3].cancelled for e in self._heap if e is not _END)
 
     def run_until(self, t_end: int | None = None, max_events: int | None = None) -> int:
         """Run events with time <= t_end (all if None); leaves now = t_end when given. Returns events run."""
         heap, n = self._heap, 0
         pop = heapq.heappop
         limit = (1 << 63) if t_end is None else t_end
-        most = (1 << 63) if max_events is None else max_events
-        while heap and heap[0][0] <= limit:
-            e = pop(heap)
-            if len(e) == 4:             # post(): (t, seq, fn, args)
-                self._now = e[0]
-                e[2](*e[3])
-            else:
-                timer = e[2]
-                if timer.cancelled:
+        if max_events is None:
+            # the hot loop: nothing per event beyond the pop, the time and the call
+            try:
+                while heap[0][0] <= limit:
+                    t, _, fn, args = pop(heap)
+                    if fn is None:          # call_at(): a Timer, maybe cancelled
+                        if args.cancelled:
+                            continue
+                        fn, args = args.fn, args.args
+                    self._now = t
+                    n += 1
+                    fn(*args)
+            finally:
+                self.events_run += n
+            if t_end is not None and self._now < t_end:
+                self._now = t_end
+            return n
+        while heap[0][0] <= limit and n < max_events:
+            t, _, fn, args = pop(heap)
+            if fn is None:
+                if args.cancelled:
                     continue
-                self._now = timer.t
-                timer.fn(*timer.args)
+                fn, args = args.fn, args.args
+            self._now = t
             n += 1
-            if n >= most:
-                break
-        if t_end is not None and (max_events is None or n < max_events):
-            self._now = max(self._now, t_end)
-        self.events_run += n
+            try:
+                fn(*args)
+            finally:
+                self.events_run += 1
+        if t_end is not None and n < max_events and self._now < t_end:
+            self._now = t_end
         return n
 
     run = run_until

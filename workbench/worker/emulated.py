@@ -171,13 +171,18 @@ class EmulatedWorker(Worker):
 # results are identical to the general path's for the same actions and seed (tests/test_worker_emulated.py
 # compares them), at a fraction of the cost: no locks, no task classes, no per-task wrappers, results built
 # without the dataclass constructors, pools that count bytes instead of placing ranges while placement
-# cannot matter (_Pool).
+# cannot matter (_Pool). An Infer's three stages have their common case written out (_kick_in, _on_done,
+# _begin_exec: an Infer whose (model, n) was seen before, pools with room as counted, an idle next queue), with
+# the same steps in the same order as the general methods, and events go straight onto a VirtualClock's heap.
 
 import heapq as _heapq
-from math import exp as _exp
+import itertools as _itertools
+from functools import partial as _partial
+from math import cos as _cos, exp as _exp, log as _log, sin as _sin, sqrt as _sqrt
+from workbench.clock import VirtualClock as _VirtualClock
 from workbench.contract import (FOREVER as _FOREVER, ActionType as _AT, ClearCacheResult as _ClearCacheResult,
                                 EvictWeightsResult as _EvictWeightsResult, GetWorkerStateResult as _GWSResult,
-                                InferResult as _InferResult, LoadModelFromDiskResult as _LMResult,
+                                Infer as _Infer, InferResult as _InferResult, LoadModelFromDiskResult as _LMResult,
                                 LoadWeightsResult as _LoadWeightsResult, Status as _S, error as _error)
 from workbench.worker.base import ModelCopy as _ModelCopy
 from workbench.worker.page_cache import InsufficientCache as _InsufficientCache
@@ -185,6 +190,31 @@ from workbench.worker.pools import MemoryPool as _MemoryPool, PoolExhausted as _
 
 _new = object.__new__
 _setattr = object.__setattr__
+_heappush = _heapq.heappush
+_heappop = _heapq.heappop
+_TWOPI = 2.0 * 3.141592653589793
+
+
+def _gauss_inline_matches() -> bool:
+    """Whether the exec draw written out in _Lean._begin_exec is this Python's random.Random.gauss(0.0, 1.0)
+    (the same values and the same state after: it keeps gauss' second value in `gauss_next` as gauss does)."""
+    a, b = random.Random(12345), random.Random(12345)
+    for i in range(64):
+        if i % 7 == 3:
+            a.random(), b.random()
+        z = b.gauss_next
+        b.gauss_next = None
+        if z is None:
+            x2pi = b.random() * _TWOPI
+            g2rad = _sqrt(-2.0 * _log(1.0 - b.random()))
+            z = _cos(x2pi) * g2rad
+            b.gauss_next = _sin(x2pi) * g2rad
+        if a.gauss(0.0, 1.0) != z or a.getstate() != b.getstate():
+            return False
+    return True
+
+
+_GAUSS_INLINE = _gauss_inline_matches()
 
 
 def _timing(begin: int, end: int, duration: int) -> Timing:
@@ -288,26 +318,57 @@ class _Task:
     """One task of an action (the general path's Task subclasses in one record)."""
     __slots__ = ("kind", "a", "received", "eligible", "latest", "seq", "gpu", "status", "message", "track",
                  "m", "entry", "batch", "io", "host", "ws", "version", "cin", "ex", "clk", "alloc", "gm",
-                 "err", "info")
+                 "err", "info", "plan")
 
     def __init__(self, kind: int, a: Any, received: int, eligible: int, latest: int, seq: int):
         self.kind, self.a, self.received, self.eligible, self.latest, self.seq = \
             kind, a, received, eligible, latest, seq
         self.io = self.host = self.ws = -1
-        self.alloc = self.entry = self.m = None
+        self.alloc = self.entry = self.m = self.plan = None
+
+
+class _Plan:
+    """What every Infer of one (model id, n samples) needs, worked out once (the model id of a loaded model
+    always names the same entry): its pool lengths as the pools align them, durations and exec distribution."""
+    __slots__ = ("m", "entry", "batch", "info", "io_n", "io_len", "hin_n", "hin_len", "hout_n", "hout_len",
+                 "ws_n", "ws_len", "cin_d", "cout_d", "dist")
+
+    def __init__(self, m: Any, e: Any, info: tuple, dist: Any):
+        self.m, self.entry, self.batch, self.info = m, e, info[0], info
+        self.io_n, self.io_len = info[1], _aligned(info[1])
+        self.hin_n, self.hin_len = info[2], _aligned(info[2])
+        self.hout_n, self.hout_len = info[3], _aligned(info[3])
+        self.ws_n = e.workspace_bytes[info[0]]
+        self.ws_len = _aligned(self.ws_n)
+        self.cin_d, self.cout_d = info[4], info[5]
+        self.dist = dist
+
+
+def _aligned(nbytes: int) -> int:
+    """The length _Pool.alloc takes for nbytes."""
+    length = -(-nbytes // 256) * 256
+    return length if length >= 256 else 256
+
+
+class _Lane:
+    """One GPU's queues, pools and random stream (what its Infers' stages use)."""
+    __slots__ = ("gpu", "wq", "inq", "exq", "outq", "io", "ws", "rng")
 
 
 class _Queue:
-    """One executor queue: a heap of (eligible, seq, task), at most one task running."""
-    __slots__ = ("heap", "busy", "wake", "wake_at", "wake_gen", "closed")
+    """One executor queue: a heap of (eligible, seq, task), at most one task running. `role`: which queue of
+    _QUEUE (0..3 per GPU: weights, inputs, exec, outputs; -1 disk, -2 control); `lane`: its GPU's, if any."""
+    __slots__ = ("heap", "busy", "wake", "wake_at", "wake_gen", "closed", "role", "lane")
 
-    def __init__(self) -> None:
+    def __init__(self, role: int, lane: _Lane | None = None) -> None:
         self.heap: list = []
         self.busy: _Task | None = None
         self.wake = False         # a wake-up is pending (at wake_at); wake_gen tells it from cancelled ones
         self.wake_at = 0
         self.wake_gen = 0
         self.closed = False
+        self.role = role
+        self.lane = lane
 
 
 class _Lean:
@@ -334,14 +395,32 @@ class _Lean:
             st.workspace = _Pool(st.workspace.name, st.workspace.size)
         w.host_io = _Pool(w.host_io.name, w.host_io.size)
         self.host_io = w.host_io
-        self.queues = [[_Queue() for _ in range(4)] for _ in w.gpus]
-        self.disk = _Queue()
-        self.control = _Queue()
+        self.queues = []
+        for g, st in enumerate(w.gpus):
+            lane = _Lane()
+            lane.gpu, lane.io, lane.ws, lane.rng = g, st.io, st.workspace, self.rngs[g]
+            qs = [_Queue(r, lane) for r in range(4)]
+            lane.wq, lane.inq, lane.exq, lane.outq = qs
+            self.queues.append(qs)
+        self.disk = _Queue(-1)
+        self.control = _Queue(-2)
         self.outbox: list = []
         self.seq = 0
         self.num_gpus = w.num_gpus
         self._infer_info: dict = {}             # (entry, n) -> what an Infer of n samples needs, see _info
         self._dists: dict = {}                  # (entry, batch) -> exec duration distribution
+        self._plans: dict = {}                  # (model id, n) -> _Plan, for loaded models
+        clock = w.clock
+        self.now = clock.now
+        # posting an event: _push((t, _cnext(), fn, args)) with t >= now. On a VirtualClock straight onto its
+        # heap (what its post() does, without the call); on any other clock through post().
+        if isinstance(clock, _VirtualClock) and type(clock).post is _VirtualClock.post:
+            self._push = _partial(_heappush, clock._heap)
+            self._cnext = clock._seq.__next__
+        else:
+            post = clock.post
+            self._push = lambda e: post(e[0], e[2], *e[3])
+            self._cnext = _itertools.count().__next__
 
     # ---------------------------------------------------------------------------------------- queues
     def queue(self, t: _Task) -> _Queue:
@@ -351,6 +430,35 @@ class _Lean:
         return self.disk if q == -1 else self.control
 
     def submit(self, a: Any) -> None:
+        # a well-formed Infer with a fresh id, straight onto its GPU's input queue (what _submit does for it)
+        w = self.w
+        if type(a) is _Infer and not w.closed:
+            aid, g = a.id, a.gpu
+            outstanding = w.outstanding
+            if type(aid) is int and aid >= 0 and type(a.earliest) is int and type(a.latest) is int \
+                    and type(a.model_id) is int and type(g) is int and 0 <= g < self.num_gpus \
+                    and type(a.batch_size) is int and aid not in outstanding:
+                outstanding[aid] = a
+                self.seq = seq = self.seq + 1
+                e = a.earliest - self.lead_in
+                if e < 0:
+                    e = 0
+                now = self.now()
+                t = _Task(_CIN, a, now, e, a.latest, seq)
+                t.gpu = g
+                q = self.queues[g][1]
+                heap = q.heap
+                _heappush(heap, (e, seq, t))
+                if q.busy is None and heap[0][2] is t and not (q.wake and q.wake_at <= e):
+                    q.wake = True                              # _wake(q, e)
+                    q.wake_at = e
+                    q.wake_gen = gen = q.wake_gen + 1
+                    self._push((e if e > now else now, self._cnext(), self._on_wake, (q, gen)))
+                return
+        self._submit(a)
+
+    def _submit(self, a: Any) -> None:
+        """Any action, the general way."""
         if not isinstance(a, Action):
             raise TypeError(f"submit() takes a workbench.contract Action, got {type(a).__name__}")
         w = self.w
@@ -406,7 +514,7 @@ class _Lean:
         if gen != q.wake_gen:       # cancelled (superseded by an earlier wake-up, or closed)
             return
         q.wake = False
-        out = self._kick(q, self.clock.now())
+        out = self._kick_in(q, self.now()) if q.role == 1 else self._kick(q, self.now())
         if self.outbox:
             out = out + self.outbox
             self.outbox.clear()
@@ -421,7 +529,15 @@ class _Lean:
             if t.eligible > now:
                 self._wake(q, t.eligible)
                 break
-            _heapq.heappop(heap)
+            _heappop(heap)
+            if t.plan is not None and t.kind == _EXEC:      # an Infer's exec: begins (and posts its end) there
+                try:
+                    r = self._begin_exec(q, t, now)
+                except Exception as e:  # noqa: BLE001
+                    r = self._bug(t, e)
+                if r is not None:
+                    out.append(r)
+                continue
             try:
                 r = self.begin(t, now)
             except Exception as e:  # noqa: BLE001 - a worker bug still ends the action with one result
@@ -434,10 +550,231 @@ class _Lean:
             self.post(now + d, self._on_done, q, t, now, d)
         return out
 
+    def _kick_in(self, q: _Queue, now: int) -> list:
+        """_kick for an input copy queue: an Infer whose plan is known and whose pools have room as counted
+        starts here (what begin() and run() do for it); anything else goes through begin()."""
+        out: list = []
+        heap = q.heap
+        while heap and q.busy is None and not q.closed:
+            t = heap[0][2]
+            if t.eligible > now:
+                self._wake(q, t.eligible)
+                break
+            _heappop(heap)
+            a = t.a
+            p = self._plans.get((a.model_id, a.batch_size))
+            if p is not None and now <= t.latest and a.inputs is None and self.allow_zero:
+                lane = q.lane
+                io = lane.io
+                host = self.host_io
+                n = p.io_len
+                m = p.hin_len
+                if io.real is None and host.real is None and n <= io.size and m <= host.size \
+                        and io.size - io.used >= n * (len(io.live) + 1) and len(io.log) < 4096 \
+                        and host.size - host.used >= m * (len(host.live) + 1) and len(host.log) < 4096:
+                    # _Pool.alloc on both, counted (the general path takes the same two allocations)
+                    io._next = h = io._next + 1
+                    io.live[h] = n
+                    io.used += n
+                    io.log.append((h, n))
+                    t.io = h
+                    host._next = h = host._next + 1
+                    host.live[h] = m
+                    host.used += m
+                    host.log.append((h, m))
+                    t.host = h
+                    t.m, t.entry, t.batch, t.info, t.plan = p.m, p.entry, p.batch, p.info, p
+                    d = p.cin_d
+                    q.busy = t
+                    self._push((now + d, self._cnext(), self._on_done, (q, t, now, d)))
+                    continue
+            try:
+                r = self.begin(t, now)
+            except Exception as e:  # noqa: BLE001 - a worker bug still ends the action with one result
+                r = self._bug(t, e)
+            if r is not None:
+                out.append(r)
+                continue
+            d = t.info[4]
+            q.busy = t
+            self._push((now + d, self._cnext(), self._on_done, (q, t, now, d)))
+        return out
+
     def _on_done(self, q: _Queue, t: _Task, begin: int, d: int) -> None:
         if q.busy is not t:
             return
         q.busy = None
+        if t.plan is not None and not self.w.closed:
+            # An Infer that began its input copy ends a stage, the worker open: the steps of finish(),
+            # hand_on(), _kick() and deliver() written out for it, in their order (the same events posted in
+            # the same order, the same results in the same order), the pools' counted case and an idle next
+            # queue taken straight through.
+            now = begin + d
+            lane = q.lane
+            k = t.kind
+            res = r = None
+            if k == _CIN:
+                try:
+                    a = t.a
+                    t.cin = (begin, now, d)
+                    host = self.host_io
+                    h = t.host
+                    if host.real is None:
+                        live = host.live
+                        host.used -= live.pop(h)
+                        if live:
+                            host.log.append((h, 0))
+                        else:
+                            host.log.clear()
+                    else:
+                        host.free(h)
+                    t.host = -1
+                    self.seq = seq = self.seq + 1     # the same record goes on as the Infer's exec task
+                    el = a.earliest
+                    t.kind, t.eligible, t.latest, t.seq = _EXEC, el, a.latest, seq
+                    xq = lane.exq
+                    if xq.busy is None and not xq.heap and el <= now:
+                        res = self._begin_exec(xq, t, now)    # what _kick(xq) does with t alone in it
+                    else:
+                        heap = xq.heap
+                        _heappush(heap, (el, seq, t))
+                        if xq.busy is None and heap[0][2] is t:
+                            if el <= now:
+                                self.outbox.extend(self._kick(xq, now))
+                            else:
+                                self._wake(xq, el)
+                except Exception as e:  # noqa: BLE001
+                    r = self._bug(t, e)
+                if r is None and res is None and not q.heap and not self.outbox:
+                    return
+                out = [r] if r is not None else []
+                if q.heap:
+                    out += self._kick_in(q, now)
+            elif k == _EXEC:
+                try:
+                    h = t.ws
+                    if h >= 0:
+                        ws = lane.ws
+                        if ws.real is None:
+                            live = ws.live
+                            ws.used -= live.pop(h)
+                            if live:
+                                ws.log.append((h, 0))
+                            else:
+                                ws.log.clear()
+                        else:
+                            ws.free(h)
+                        t.ws = -1
+                    t.ex = (begin, now, d)
+                    if t.m.gpus[lane.gpu].version != t.version:
+                        self.release(t)
+                        a = t.a
+                        r = self.fail(t, _S.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
+                                      f"weights of model {a.model_id} on gpu {a.gpu} were evicted or reloaded "
+                                      f"during exec")
+                    else:
+                        self.seq = seq = self.seq + 1     # ... and as its output copy
+                        t.kind, t.eligible, t.latest, t.seq = _COUT, 0, _FOREVER, seq
+                        oq = lane.outq
+                        if oq.busy is None and not oq.heap and now <= _FOREVER:
+                            # begin() + run() of the output copy, at the head of its idle queue
+                            host = self.host_io
+                            p = t.plan
+                            n = p.hout_len
+                            if host.real is None and n <= host.size and len(host.log) < 4096 \
+                                    and host.size - host.used >= n * (len(host.live) + 1):
+                                host._next = h = host._next + 1
+                                host.live[h] = n
+                                host.used += n
+                                host.log.append((h, n))
+                                t.host = h
+                            else:
+                                try:
+                                    t.host = host.alloc(p.hout_n)
+                                except _PoolExhausted as ex:
+                                    self.release(t)
+                                    res = self.fail(t, _S.COPY_OUTPUT_HOST_ALLOC, str(ex))
+                            if res is None:
+                                d = p.cout_d
+                                oq.busy = t
+                                self._push((now + d, self._cnext(), self._on_done, (oq, t, now, d)))
+                        else:
+                            heap = oq.heap
+                            _heappush(heap, (0, seq, t))
+                            if oq.busy is None and heap[0][2] is t:
+                                self.outbox.extend(self._kick(oq, now))
+                except Exception as e:  # noqa: BLE001
+                    r = self._bug(t, e)
+                if r is None and res is None and not q.heap and not self.outbox:
+                    return
+                out = [r] if r is not None else []
+                if q.heap:
+                    out += self._kick(q, now)
+            else:                                       # _COUT
+                try:
+                    h = t.io
+                    if h >= 0:                          # release(t): its io buffer, then its host staging
+                        io = lane.io
+                        if io.real is None:
+                            live = io.live
+                            io.used -= live.pop(h)
+                            if live:
+                                io.log.append((h, 0))
+                            else:
+                                io.log.clear()
+                        else:
+                            io.free(h)
+                        t.io = -1
+                    h = t.host
+                    if h >= 0:
+                        host = self.host_io
+                        if host.real is None:
+                            live = host.live
+                            host.used -= live.pop(h)
+                            if live:
+                                host.log.append((h, 0))
+                            else:
+                                host.log.clear()
+                        else:
+                            host.free(h)
+                        t.host = -1
+                    a = t.a
+                    r = _new(_InferResult)
+                    clk = self.sm_clock
+                    cb, ce, cd = t.cin
+                    eb, ee, ed = t.ex
+                    ci = _new(Timing)
+                    _setattr(ci, "__dict__", {"begin": cb, "end": ce, "duration": cd})
+                    ex = _new(Timing)
+                    _setattr(ex, "__dict__", {"begin": eb, "end": ee, "duration": ed})
+                    co = _new(Timing)
+                    _setattr(co, "__dict__", {"begin": begin, "end": now, "duration": d})
+                    _setattr(r, "__dict__", {"id": a.id, "action_type": a.type, "status": _S.SUCCESS, "message": "",
+                                             "received": t.received, "sent": now, "gpu": a.gpu,
+                                             "batch_size": a.batch_size, "copy_input": ci, "exec": ex,
+                                             "copy_output": co, "gpu_clock_before": clk, "gpu_clock": clk,
+                                             "outputs": None})
+                except Exception as e:  # noqa: BLE001
+                    r = self._bug(t, e)
+                if not q.heap and not self.outbox:
+                    w = self.w                          # deliver([r])
+                    if w.outstanding.pop(r.id, None) is not None:
+                        w.results_delivered += 1
+                        w._call(r)
+                    else:
+                        self.deliver([r])
+                    return
+                out = [r]
+                if q.heap:
+                    out += self._kick(q, now)
+            if res is not None:
+                out.append(res)
+            if self.outbox:
+                out += self.outbox
+                self.outbox.clear()
+            if out:
+                self.deliver(out)
+            return
         try:
             r = self.finish(t, begin, d)
         except Exception as e:  # noqa: BLE001
@@ -449,6 +786,57 @@ class _Lean:
             self.outbox.clear()
         if out:
             self.deliver(out)
+
+    def _begin_exec(self, xq: _Queue, t: _Task, now: int) -> Result | None:
+        """begin() + run() of an Infer's exec task at the head of its idle queue; posts its end. A failure
+        result, or None."""
+        if now > t.latest or now < t.eligible:
+            r = self._window(t, now)
+            self.release(t)
+            return r
+        lane = xq.lane
+        gm = t.m.gpus[lane.gpu]
+        if gm.weights is None:
+            self.release(t)
+            return self.fail(t, _S.EXEC_WEIGHTS_MISSING, f"model {t.a.model_id} has no weights on gpu {t.a.gpu}: "
+                                                         f"send LoadWeights first")
+        p = t.plan
+        ws = lane.ws
+        n = p.ws_len
+        if ws.real is None and n <= ws.size and ws.size - ws.used >= n * (len(ws.live) + 1) and len(ws.log) < 4096:
+            ws._next = h = ws._next + 1
+            ws.live[h] = n
+            ws.used += n
+            ws.log.append((h, n))
+            t.ws = h
+        else:
+            try:
+                t.ws = ws.alloc(p.ws_n)
+            except _PoolExhausted as ex:
+                self.release(t)
+                return self.fail(t, _S.EXEC_WORKSPACE_POOL_EXHAUSTED, str(ex))
+        t.version = gm.version
+        dist = p.dist
+        if type(dist) is tuple:
+            rng = lane.rng
+            if _GAUSS_INLINE:                   # rng.gauss(0.0, 1.0), as random.Random computes it
+                z = rng.gauss_next
+                rng.gauss_next = None
+                if z is None:
+                    x2pi = rng.random() * _TWOPI
+                    g2rad = _sqrt(-2.0 * _log(1.0 - rng.random()))
+                    z = _cos(x2pi) * g2rad
+                    rng.gauss_next = _sin(x2pi) * g2rad
+            else:
+                z = rng.gauss(0.0, 1.0)
+            d = int(dist[0] * _exp(dist[1] * z))
+            if d < 1:
+                d = 1
+        else:
+            d = dist.draw(lane.rng)
+        xq.busy = t
+        self._push((now + d, self._cnext(), self._on_done, (xq, t, now, d)))
+        return None
 
     def hand_on(self, t: _Task, now: int) -> Result | None:
         if self.w.closed:
@@ -568,6 +956,12 @@ class _Lean:
                 self.release(t)
                 return self.fail(t, _S.COPY_INPUT_HOST_ALLOC, str(ex))
             t.m, t.entry, t.batch, t.info = m, e, b, info
+            if info[4] >= 0 and info[5] >= 0:     # (copy durations that end no earlier than they begin)
+                key = (a.model_id, n)
+                p = self._plans.get(key)
+                if p is None or p.m is not m:
+                    p = self._plans[key] = _Plan(m, e, info, self._dist(e, b))
+                t.plan = p
             return None
         if k == _EXEC:
             gm = t.m.gpus[t.gpu]
@@ -644,6 +1038,16 @@ class _Lean:
                                                      f"are already in use (copies {a.model_id}..{a.model_id + a.copies - 1})")
         return None
 
+    def _dist(self, e: Any, b: int) -> Any:
+        """The exec duration distribution of (entry, batch): (p50, sigma) when it draws a lognormal (ExecDist.draw
+        without the call), else the ExecDist itself."""
+        key = (e, b)
+        dist = self._dists.get(key)
+        if dist is None:
+            ed = e.handle.exec[b]
+            dist = self._dists[key] = ed if (ed.samples_ns or ed.sigma <= 0) else (ed.p50_ns, ed.sigma)
+        return dist
+
     def _info(self, e: Any, n: int) -> tuple:
         """(padded batch or None, io bytes, host bytes in, host bytes out, copy-in ns, copy-out ns) for n."""
         b = e.padded_batch_size(n) if n >= 1 else None
@@ -684,12 +1088,7 @@ class _Lean:
         if k == _CIN:
             return t.info[4]
         if k == _EXEC:
-            key = (t.entry, t.batch)
-            dist = self._dists.get(key)
-            if dist is None:
-                ed = t.entry.handle.exec[t.batch]
-                # ExecDist.draw without the call: (p50, sigma) when it draws a lognormal, else the dist itself
-                dist = self._dists[key] = ed if (ed.samples_ns or ed.sigma <= 0) else (ed.p50_ns, ed.sigma)
+            dist = self._dist(t.entry, t.batch)
             if type(dist) is tuple:
                 d = int(dist[0] * _exp(dist[1] * self.rngs[t.gpu].gauss(0.0, 1.0)))
                 return d if d > 1 else 1

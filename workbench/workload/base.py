@@ -63,6 +63,7 @@ class Workload:
         self.outcomes: Counter[str] = Counter()
         self.submit_errors: list[str] = []
         self._lock = threading.Lock()
+        self._locked = True     # completions may come from another thread (False on a virtual clock: one thread)
         self._on_complete: list[Callable[[Any], None]] = []
 
     # ----------------------------------------------------------------------------------------- control
@@ -72,6 +73,7 @@ class Workload:
         if self.clock is not None:
             raise RuntimeError(f"{self.name}: already started")
         self.controller, self.clock = controller, clock
+        self._locked = not getattr(clock, "virtual", False)
         self.t0 = clock.now() if t0 is None else int(t0)
         self.t_end = None if duration_s is None else self.t0 + int(round(duration_s * NS))
         self._begin()
@@ -117,11 +119,16 @@ class Workload:
                 self.submit_errors.append(f"{type(e).__name__}: {e}")
 
     def _done(self, outcome: Any) -> None:
-        with self._lock:
+        if self._locked:
+            with self._lock:
+                self.completed += 1
+                self.outcomes[getattr(outcome, "status", "unknown")] += 1
+        else:                   # virtual time: everything runs on the clock's one thread
             self.completed += 1
             self.outcomes[getattr(outcome, "status", "unknown")] += 1
-        for fn in self._on_complete:
-            fn(outcome)
+        if self._on_complete:
+            for fn in self._on_complete:
+                fn(outcome)
 
     def stats(self) -> dict:
         with self._lock:
@@ -161,7 +168,7 @@ class OpenLoop(Workload):
         self._last_block = False
         self._pending = self._load()
         if self._pending:
-            self.clock.call_at(self._times[0], self._fire)
+            self.clock.post(self._times[0], self._fire)
 
     def next_arrival_pending(self) -> bool:
         """True while arrivals remain to be sent."""
@@ -187,24 +194,28 @@ class OpenLoop(Workload):
 
     def _fire(self) -> None:
         # submit every arrival that is due (one timer can cover several when real time runs late), then set one
-        # timer for the next; `submitted` is only ever written on the clock's thread, so it needs no lock
+        # timer for the next (post: a timer nothing cancels; `stop()` is checked when it fires); `submitted` is
+        # only ever written on the clock's thread, so it needs no lock. The submit is positional, in the
+        # client API's order (model_id, inputs, slo, slo_factor, callback): cheaper than keywords.
         now = self.clock.now()
         times, i = self._times, self._i
         submit, done = self.controller.submit, self._done
+        models, slos, factors = self._models, self._slos, self._factors
         while not self.stopped:
             if i == len(times):
                 if not self._load():
                     self._pending = False
                     return
                 times, i = self._times, 0
+                models, slos, factors = self._models, self._slos, self._factors
             t = times[i]
             if t > now:
                 self._i = i
-                self.clock.call_at(t, self._fire)
+                self.clock.post(t, self._fire)
                 return
             self.submitted += 1
             try:
-                submit(self._models[i], inputs=None, slo=self._slos[i], slo_factor=self._factors[i], callback=done)
+                submit(models[i], None, slos[i], factors[i], done)
             except Exception as e:  # noqa: BLE001 - a refused submit is an outcome, not a crash of the workload
                 self._refused(e)
             i += 1
