@@ -73,6 +73,25 @@ def capture(cp: Any, stream: Any, launch: Callable[[], list], events: tuple, out
     return graph, outs          # the outputs' memory must stay allocated as long as the graph may write it
 
 
+def copies(cp: Any, stream: Any, parts: list[tuple[int, int, int]], events: tuple) -> Any:
+    """A one-shot graph of: record events[0]; each (dst, src, nbytes) host-to-device copy; record events[1].
+    A LoadWeights launches its page copies with it, so a host stall between two pages cannot idle the link
+    inside the timed span."""
+    record = record_external()
+    if record is None:
+        raise RuntimeError("cuda-bindings has no cudaEventRecordWithFlags: CUDA graphs need it")
+    sptr, h2d = stream.ptr, cp.cuda.runtime.memcpyHostToDevice
+    stream.begin_capture(mode=cp.cuda.runtime.streamCaptureModeRelaxed)
+    try:
+        record(events[0].ptr, sptr)
+        for dst, src, nbytes in parts:
+            cp.cuda.runtime.memcpyAsync(dst, src, nbytes, h2d, sptr)
+        record(events[1].ptr, sptr)
+    finally:
+        graph = stream.end_capture()
+    return graph
+
+
 def cache_for(binding: Any) -> dict:
     """The binding's graphs (emptied when it holds too many)."""
     cache = binding.launch_cache
