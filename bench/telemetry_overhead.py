@@ -5,13 +5,14 @@ with recording on vs off, measured side by side.
 
 (a) Micro: ns per call with full rows as the controller sends them (16 request columns, 23 action columns):
     the keyword API `add_request(**row)` / `add_action(**row)`, the positional fast path `add_request_row(t)` /
-    `add_action_row(t)`, the floors (a do-nothing function taking the same keywords; a bare `list.append`),
-    the conversion to polars per row (done in the background thread, in chunks) and the total per row with the
-    background conversion running alongside (append + conversion, everything a row costs the process).
+    `add_action_row(t)` (the hot path alone), the floors (a do-nothing function taking the same keywords; a bare
+    `list.append`) and the total per row with staging and sealing (everything a row costs). These run on
+    warm caches: inside the simulation the same work costs several times more (see (b), `convert`).
 (b) Side by side: one fixed virtual-time simulation (controller + one emulated H200 worker with 2 GPUs,
     15 ResNet-50 copies, Poisson arrivals, `workbench.controller.simulation.simulate`), run with recording off
-    and with each way of recording on, interleaved in rounds (the order rotates every round); each round gives
-    one ratio on/off per variant, and the figure is the median over the rounds. An extra "off" run per round
+    and with each way of recording on, each run in a fresh process, interleaved in rounds (the order shuffled
+    every round); each round gives one ratio on/off per variant, and the figure is the median over the rounds
+    with its quartiles. An extra "off" run per round
     (off vs off) shows the noise of the machine; a "gather only" run (the controller builds each row, the
     recorder drops it) separates the controller's share from the recorder's. Wall and process CPU time (all
     threads, so the background conversion counts) are both reported; recorder.close() (the last conversion,
@@ -85,7 +86,7 @@ def micro(n: int, repeats: int = 5) -> dict:
     def kw_floor(**row: Any) -> None:
         return None
 
-    held = lambda: Recorder(chunk_rows=1 << 40)   # noqa: E731 - no conversion during the timed loop
+    held = lambda: Recorder(stage_rows=1 << 40, chunk_rows=1 << 40)   # noqa: E731 - the hot path alone
     close = lambda r: r.close()                   # noqa: E731
     out["kwargs_floor_ns"] = _best_ns(n, repeats, lambda: None, lambda s: [kw_floor(**r) for r in reqs])
     out["append_floor_ns"] = _best_ns(n, repeats, list, lambda s: [s.append(t) for t in req_t])
@@ -95,25 +96,10 @@ def micro(n: int, repeats: int = 5) -> dict:
         out[f"{add}_ns"] = _best_ns(n, repeats, held, lambda r: [getattr(r, add)(**x) for x in rows], close)
         out[f"{add_row}_ns"] = _best_ns(n, repeats, held, lambda r: [getattr(r, add_row)(t) for t in tuples],
                                         close)
-
-        # conversion alone, in chunks of the default size, as the background thread does it
-        def converted(r: Recorder, tuples: list = tuples, add_row: str = add_row) -> float:
-            f, step, spent = getattr(r, add_row), r.chunk_rows, 0
-            for i in range(0, n, step):
-                for t in tuples[i:i + step]:
-                    f(t)
-                t0 = time.perf_counter_ns()
-                r.flush()
-                spent += time.perf_counter_ns() - t0
-            return spent / n
-
-        def chunked() -> Recorder:
-            return Recorder()
-
-        out[f"{kind}_convert_ns"] = min(_once(chunked, converted) for _ in range(repeats))
-        # everything a row costs the process: append + background conversion (sharing the GIL) + the last flush
+        # everything a row costs: the call, staging every stage_rows rows, sealing every chunk_rows, the last flush
         out[f"{add_row}_with_conversion_ns"] = _best_ns(
             n, repeats, Recorder, lambda r: ([getattr(r, add_row)(t) for t in tuples], r.flush()), close)
+        out[f"{kind}_convert_ns"] = out[f"{add_row}_with_conversion_ns"] - out[f"{add_row}_ns"]
     return out
 
 
@@ -160,7 +146,10 @@ class KeywordOnly:
 
 
 def simulation(variant: str, a: argparse.Namespace, tmp: Path | None) -> dict:
-    """One run; returns wall and CPU seconds (recorder.close() included), requests and rows."""
+    """One run; returns wall and CPU seconds (recorder.close() included), the main thread's CPU seconds, the
+    recorder's own conversion CPU seconds, minor page faults, requests and rows."""
+    import resource
+
     from workbench.controller.simulation import simulate
     from workbench.telemetry.recorder import Recorder
     from workbench.workload import Poisson
@@ -175,31 +164,60 @@ def simulation(variant: str, a: argparse.Namespace, tmp: Path | None) -> dict:
     elif variant == "positional_spill":
         rec = Recorder(Path(tmp or tempfile.gettempdir()) / f"spill-{os.getpid()}-{time.monotonic_ns()}",
                        flush_interval_s=1.0)
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
     res = simulate({"resnet50": 15}, num_gpus=2, workers=1, duration_s=a.duration, seed=a.seed,
                    workload=lambda ids: Poisson(ids, rate=a.rate, slo_ms=100, seed=7), recorder=rec)
     w0, c0 = time.perf_counter(), time.process_time()
-    rows = (0, 0)
+    rows, convert = (0, 0), 0.0
     if rec is not None:
         rec.close()
+    main = time.thread_time() - t0
     inner = rec.inner if isinstance(rec, KeywordOnly) else rec
     if isinstance(inner, Recorder):
-        rows = (inner.num_requests, inner.num_actions)
+        rows, convert = (inner.num_requests, inner.num_actions), inner.convert_cpu_s
     wall, cpu = res.wall_s + time.perf_counter() - w0, res.cpu_s + time.process_time() - c0
     if variant == "positional_spill":
         shutil.rmtree(rec.spill_dir, ignore_errors=True)
-    return {"wall_s": wall, "cpu_s": cpu, "requests": res.submitted, "request_rows": rows[0], "action_rows": rows[1]}
+    return {"wall_s": wall, "cpu_s": cpu, "main_thread_cpu_s": main, "convert_cpu_s": convert,
+            "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0,
+            "requests": res.submitted, "request_rows": rows[0], "action_rows": rows[1]}
+
+
+def _one_process(variant: str, a: argparse.Namespace) -> dict:
+    """One run in a fresh interpreter (after a short warm-up run of the same variant there): no run inherits
+    another's heap, and the order of the variants cannot leak into the figures."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.telemetry_overhead", "--one", variant, "--warm", "--duration",
+           str(a.duration), "--rate", str(a.rate), "--seed", str(a.seed)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _spread(xs: list[float]) -> dict:
+    s = sorted(xs)
+    n = len(s)
+    return {"median": statistics.median(s), "q1": s[(n - 1) // 4], "q3": s[(3 * (n - 1) + 3) // 4],
+            "min": s[0], "max": s[-1]}
 
 
 def side_by_side(a: argparse.Namespace) -> dict:
+    """Every round runs each variant once, each in a fresh process, in a shuffled order (seeded); the ratios
+    are paired within a round, so slow spells of the shared machine hit both sides of a ratio."""
+    import random
+
     variants = ["off", "off_again", "gather_only", "positional", "positional_spill", "keywords"]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        simulation("off", argparse.Namespace(**{**vars(a), "duration": 1.0}), tmp)   # warm up
-        for k in range(a.pairs):
-            order = variants[k % len(variants):] + variants[:k % len(variants)]   # rotate: no fixed position
-            for v in order:
-                runs[v].append(simulation(v, a, tmp))
+    for k in range(a.pairs):
+        order = variants[:]
+        random.Random(k).shuffle(order)
+        for v in order:
+            runs[v].append(_one_process("off" if v == "off_again" else v, a))
+        print(f"  round {k + 1}/{a.pairs}: " + ", ".join(f"{v} {runs[v][-1]['cpu_s']:.3f}" for v in variants),
+              flush=True)
     out: dict[str, Any] = {"runs": runs, "variants": {}}
     off = runs["off"]
     n_req = off[0]["requests"]
@@ -212,13 +230,16 @@ def side_by_side(a: argparse.Namespace) -> dict:
         best = min(r["cpu_s"] for r in runs[v])
         out["variants"][v] = {
             "wall_ratio_median": statistics.median(rw), "cpu_ratio_median": statistics.median(rc),
-            "wall_ratios": rw, "cpu_ratios": rc,
+            "cpu_ratio_spread": _spread(rc), "wall_ratios": rw, "cpu_ratios": rc,
             "cpu_ns_per_request_median": (statistics.median(rc) - 1) * best_off / n_req * 1e9,
             "cpu_ratio_of_best": best / best_off, "cpu_ns_per_request_best": (best - best_off) / n_req * 1e9,
+            "convert_ns_per_request_median": statistics.median(r["convert_cpu_s"] for r in runs[v]) / n_req * 1e9,
+            "minor_faults_median": statistics.median(r["minor_faults"] for r in runs[v]),
             "request_rows": runs[v][0]["request_rows"], "action_rows": runs[v][0]["action_rows"]}
     out["requests"] = n_req
     out["off_wall_s_median"] = statistics.median(r["wall_s"] for r in off)
     out["off_cpu_s_median"] = statistics.median(r["cpu_s"] for r in off)
+    out["off_minor_faults_median"] = statistics.median(r["minor_faults"] for r in off)
     return out
 
 
@@ -257,7 +278,7 @@ def instructions(a: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.telemetry_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=200_000, help="rows per micro measurement")
-    p.add_argument("--pairs", type=int, default=9, help="rounds of the side-by-side simulation (>= 5)")
+    p.add_argument("--pairs", type=int, default=15, help="rounds of the side-by-side simulation (>= 5)")
     p.add_argument("--duration", type=float, default=20.0, help="simulated seconds per run")
     p.add_argument("--rate", type=float, default=2000.0, help="requests/s offered in the simulation")
     p.add_argument("--seed", type=int, default=0)
@@ -266,9 +287,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="also count instructions per simulated request under valgrind (several minutes)")
     p.add_argument("--instr-durations", type=float, nargs=2, default=(1.0, 3.0), metavar=("SHORT", "LONG"),
                    help="simulated seconds of the two runs per variant under valgrind")
-    p.add_argument("--one", choices=["off", "gather_only", "positional", "keywords"], help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=["off", "gather_only", "positional", "positional_spill", "keywords"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.one:   # one simulation, for the instruction count
+    if a.one:   # one simulation (a fresh process of the side-by-side runs, or one of the instruction counts)
+        if a.warm:
+            simulation(a.one, argparse.Namespace(**{**vars(a), "duration": min(a.duration, 1.0)}), None)
         r = simulation(a.one, a, None)
         print(json.dumps(r))
         return 0
@@ -309,9 +334,9 @@ def report(res: dict) -> str:
              f"{m['add_request_row_ns']:.0f} | {m['add_action_row_ns']:.0f} |",
              f"| `add_request(**row)` / `add_action(**row)`: keywords (hot path only) | {m['add_request_ns']:.0f} | "
              f"{m['add_action_ns']:.0f} |",
-             f"| conversion to polars, per row (background thread, chunks of {m['chunk_rows']:,}) | "
+             f"| staging + sealing into polars frames, per row (the difference of the next row and the first) | "
              f"{m['request_convert_ns']:.0f} | {m['action_convert_ns']:.0f} |",
-             f"| positional call + background conversion running alongside (all a row costs the process) | "
+             f"| positional call + staging every 256 rows + sealing every {m['chunk_rows']:,} (all a row costs) | "
              f"{m['add_request_row_with_conversion_ns']:.0f} | {m['add_action_row_with_conversion_ns']:.0f} |",
              "", f"Floors: a do-nothing function called with the 16 keywords {m['kwargs_floor_ns']:.0f} ns; a bare "
              f"`list.append` of the tuple {m['append_floor_ns']:.0f} ns (the loop alone {m['loop_floor_ns']:.0f} ns). "
@@ -319,7 +344,7 @@ def report(res: dict) -> str:
              f"{BEFORE['add_action_ns']} ns.", ""]
     if sim is not None:
         v = sim["variants"]
-        lines += [f"## (b) Side by side: simulation with recording on vs off ({c['pairs']} rounds, order rotated)", "",
+        lines += [f"## (b) Side by side: simulation with recording on vs off ({c['pairs']} rounds, each run a fresh process, order shuffled)", "",
                   f"Controller + one emulated H200 worker (2 GPUs), 15 ResNet-50 copies, Poisson {c['rate']:g} r/s, "
                   f"{c['duration_s']:g} s simulated: {sim['requests']:,} requests, "
                   f"{v['positional']['request_rows']:,} request rows and {v['positional']['action_rows']:,} action "
@@ -327,13 +352,29 @@ def report(res: dict) -> str:
                   f"{sim['off_cpu_s_median']:.2f} s CPU ({sim['off_cpu_s_median'] / sim['requests'] * 1e9:,.0f} ns "
                   f"CPU per request). Each round gives a ratio on/off per variant; recorder.close() included. "
                   f"The controller records with the positional API itself.", "",
-                  "| recording | wall on/off, median | CPU on/off, median | CPU on/off, best vs best | "
-                  "CPU ratios per round |", "| --- | --- | --- | --- | --- |"]
+                  "| recording | CPU on/off, median | quartiles | min-max | wall on/off, median | "
+                  "recorder's staging+sealing, ns CPU per request (in the run) | minor page faults per run | "
+                  "CPU ratios per round |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for key in ("off_again", "gather_only", "positional", "positional_spill", "keywords"):
             if key in v:
                 x = v[key]
-                lines.append(f"| {NAMES[key]} | {x['wall_ratio_median']:.3f} | {x['cpu_ratio_median']:.3f} | "
-                             f"{x['cpu_ratio_of_best']:.3f} | {', '.join(f'{r:.3f}' for r in x['cpu_ratios'])} |")
+                q = x["cpu_ratio_spread"]
+                lines.append(f"| {NAMES[key]} | {x['cpu_ratio_median']:.3f} | {q['q1']:.3f}-{q['q3']:.3f} | "
+                             f"{q['min']:.3f}-{q['max']:.3f} | {x['wall_ratio_median']:.3f} | "
+                             f"{x['convert_ns_per_request_median']:,.0f} | {x['minor_faults_median']:,.0f} | "
+                             f"{', '.join(f'{r:.3f}' for r in x['cpu_ratios'])} |")
+        lines += ["", f"Recording off: {sim['off_minor_faults_median']:,.0f} minor page faults per run (median)."]
+        pos, oa = v["positional"], v["off_again"]["cpu_ratio_spread"]
+        conv, per_req_off = pos["convert_ns_per_request_median"], sim["off_cpu_s_median"] / sim["requests"] * 1e9
+        warm = (pos["request_rows"] * m["request_convert_ns"] + pos["action_rows"] * m["action_convert_ns"]) \
+            / sim["requests"]
+        within = pos["cpu_ratio_spread"]["median"] <= oa["q3"]
+        lines += ["", f"What the figures say: the recorder's own staging and sealing, timed inside the runs, cost "
+                  f"{conv:,.0f} ns CPU per request, {100 * conv / per_req_off:.1f}% of a request's CPU with "
+                  f"recording off, {conv / warm:.1f}x what the same work costs on warm caches in (a); it is most of "
+                  f"the gap between the positional row and the gather-only row. Recording on is "
+                  f"{'within' if within else 'NOT within'} the off-vs-off noise of this run (its median "
+                  f"{pos['cpu_ratio_spread']['median']:.3f} vs the off/off upper quartile {oa['q3']:.3f})."]
         pos = v["positional"]
         lines += ["", f"Expected from (a): {pos['request_rows']:,} request rows x "
                   f"{m['add_request_row_with_conversion_ns']:.0f} ns + {pos['action_rows']:,} action rows x "
@@ -367,10 +408,12 @@ def summary(res: dict) -> list[str]:
            f"(keywords: {m['add_request_ns']:.0f} ns; before: {BEFORE['add_request_ns']} ns)"]
     if sim is not None:
         v = sim["variants"]
-        out[-1] += (f"; the simulation with recording on takes {v['positional']['cpu_ratio_median']:.3f}x the CPU "
-                    f"time of recording off (median of {res['config']['pairs']} pairs; off vs off: "
-                    f"{v['off_again']['cpu_ratio_median']:.3f}, spread "
-                    f"{min(v['off_again']['cpu_ratios']):.3f}-{max(v['off_again']['cpu_ratios']):.3f})")
+        p, o, g = (v[k]["cpu_ratio_spread"] for k in ("positional", "off_again", "gather_only"))
+        out[-1] += (f"; the simulation with recording on takes {p['median']:.3f}x the CPU time of recording off "
+                    f"(median of {res['config']['pairs']} paired rounds, quartiles {p['q1']:.3f}-{p['q3']:.3f}); "
+                    f"off vs off in the same run: {o['median']:.3f} (quartiles {o['q1']:.3f}-{o['q3']:.3f}, "
+                    f"range {o['min']:.3f}-{o['max']:.3f}); the controller gathering each row for a recorder that "
+                    f"drops it: {g['median']:.3f}")
     if ins is not None:
         iv = ins["variants"]
         own = iv["positional"]["per_request"] - iv["gather_only"]["per_request"]

@@ -173,3 +173,59 @@ def test_pending_rows_hold_no_garbage_collected_objects():
     assert grew < 100 and rec.num_requests == 5000
     assert rec.requests()["arrival"].to_list() == list(range(5000))
     rec.close()
+
+
+def test_pending_python_values_stay_bounded_and_the_rest_is_compact():
+    """A long run holds at most `stage_rows` rows as Python values; numeric columns wait in 8-byte buffers."""
+    from array import array
+
+    rec = Recorder(stage_rows=64, chunk_rows=1000)
+    for i in range(10_000):
+        rec.add_request_row(as_tuple(req(i), REQUEST_FIELDS))
+        assert rec._req.pending <= 64
+    t = rec._req
+    assert t.staged_rows + t.frame_rows + t.pending == 10_000 == rec.num_requests
+    kinds = {c.name: type(col) for c, col in zip(REQUEST_COLUMNS, t.staged)}
+    assert kinds["arrival"] is array and kinds["slo_factor"] is array and kinds["status"] is list
+    assert rec.requests()["request_id"].to_list() == list(range(10_000))
+    rec.close()
+
+
+def test_bad_value_inside_a_staged_block_keeps_order_and_is_named():
+    rec = Recorder(stage_rows=4, chunk_rows=8)
+    for i in range(30):
+        rec.add_request_row(as_tuple(req(i, arrival=1.5 if i == 13 else 1000 * i, slo_factor=float(i)),
+                                     REQUEST_FIELDS))
+    with pytest.raises(TelemetryError, match=r"request column 'arrival': value 1.5 \(float\)"):
+        rec.flush()
+    df = rec.requests()
+    assert df["request_id"].to_list() == list(range(30))
+    assert df["arrival"].to_list() == [None if i == 13 else 1000 * i for i in range(30)]
+    assert df["slo_factor"].to_list() == [float(i) for i in range(30)]
+    rec.close()
+
+
+def test_in_memory_recorder_starts_no_thread():
+    before = threading.active_count()
+    rec = Recorder(stage_rows=8, chunk_rows=16)
+    for i in range(1000):
+        rec.add_request_row(as_tuple(req(i), REQUEST_FIELDS))
+        rec.add_action_row(as_tuple(act(i), ACTION_FIELDS))
+    assert threading.active_count() == before
+    assert rec.actions()["action_id"].to_list() == list(range(1000))
+    rec.close()
+
+
+def test_spill_thread_writes_parts_when_spill_rows_are_sealed_without_a_flush(tmp_path):
+    import time
+
+    rec = Recorder(tmp_path, stage_rows=10, chunk_rows=50, spill_rows=100, flush_interval_s=3600)
+    for i in range(500):
+        rec.add_request_row(as_tuple(req(i), REQUEST_FIELDS))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and read_telemetry(tmp_path)[0].height < 400:
+        time.sleep(0.02)
+    r = read_telemetry(tmp_path)[0]
+    assert r.height >= 400 and r["request_id"].to_list() == list(range(r.height))
+    rec.close()
+    assert read_telemetry(tmp_path)[0]["request_id"].to_list() == list(range(500))
