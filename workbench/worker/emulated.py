@@ -247,20 +247,28 @@ class _Pool:
     def allocations(self) -> int:
         return len(self.live)
 
+    def counted(self, length: int) -> bool:
+        """An allocation of `length` (aligned) bytes can be answered by counting (see the class docstring)."""
+        return self.real is None and length <= self.size and self.size - self.used >= length * (len(self.live) + 1) \
+            and len(self.log) < self.MAX_LOG
+
+    def take(self, length: int) -> int:
+        """Allocate `length` (aligned) bytes by counting; only when `counted(length)`."""
+        h = self._next = self._next + 1
+        self.live[h] = length
+        self.used += length
+        self.log.append((h, length))
+        return h
+
     def alloc(self, nbytes: int) -> int:
         length = -(-nbytes // 256) * 256
         if length < 256:
             length = 256
-        live = self.live
         if self.real is None:
-            if length <= self.size and self.size - self.used >= length * (len(live) + 1) \
-                    and len(self.log) < self.MAX_LOG:
-                h = self._next = self._next + 1
-                live[h] = length
-                self.used += length
-                self.log.append((h, length))
-                return h
+            if self.counted(length):
+                return self.take(length)
             self._go_exact()
+        live = self.live
         off = self.real.alloc(nbytes)          # raises PoolExhausted exactly as the general path does
         h = self._next = self._next + 1
         live[h] = length
@@ -569,20 +577,9 @@ class _Lean:
                 host = self.host_io
                 n = p.io_len
                 m = p.hin_len
-                if io.real is None and host.real is None and n <= io.size and m <= host.size \
-                        and io.size - io.used >= n * (len(io.live) + 1) and len(io.log) < 4096 \
-                        and host.size - host.used >= m * (len(host.live) + 1) and len(host.log) < 4096:
-                    # _Pool.alloc on both, counted (the general path takes the same two allocations)
-                    io._next = h = io._next + 1
-                    io.live[h] = n
-                    io.used += n
-                    io.log.append((h, n))
-                    t.io = h
-                    host._next = h = host._next + 1
-                    host.live[h] = m
-                    host.used += m
-                    host.log.append((h, m))
-                    t.host = h
+                if io.counted(n) and host.counted(m):    # the general path takes the same two allocations
+                    t.io = io.take(n)
+                    t.host = host.take(m)
                     t.m, t.entry, t.batch, t.info, t.plan = p.m, p.entry, p.batch, p.info, p
                     d = p.cin_d
                     q.busy = t
@@ -617,17 +614,7 @@ class _Lean:
                 try:
                     a = t.a
                     t.cin = (begin, now, d)
-                    host = self.host_io
-                    h = t.host
-                    if host.real is None:
-                        live = host.live
-                        host.used -= live.pop(h)
-                        if live:
-                            host.log.append((h, 0))
-                        else:
-                            host.log.clear()
-                    else:
-                        host.free(h)
+                    self.host_io.free(t.host)
                     t.host = -1
                     self.seq = seq = self.seq + 1     # the same record goes on as the Infer's exec task
                     el = a.earliest
@@ -652,18 +639,8 @@ class _Lean:
                     out += self._kick_in(q, now)
             elif k == _EXEC:
                 try:
-                    h = t.ws
-                    if h >= 0:
-                        ws = lane.ws
-                        if ws.real is None:
-                            live = ws.live
-                            ws.used -= live.pop(h)
-                            if live:
-                                ws.log.append((h, 0))
-                            else:
-                                ws.log.clear()
-                        else:
-                            ws.free(h)
+                    if t.ws >= 0:
+                        lane.ws.free(t.ws)
                         t.ws = -1
                     t.ex = (begin, now, d)
                     if t.m.gpus[lane.gpu].version != t.version:
@@ -681,13 +658,8 @@ class _Lean:
                             host = self.host_io
                             p = t.plan
                             n = p.hout_len
-                            if host.real is None and n <= host.size and len(host.log) < 4096 \
-                                    and host.size - host.used >= n * (len(host.live) + 1):
-                                host._next = h = host._next + 1
-                                host.live[h] = n
-                                host.used += n
-                                host.log.append((h, n))
-                                t.host = h
+                            if host.counted(n):
+                                t.host = host.take(n)
                             else:
                                 try:
                                     t.host = host.alloc(p.hout_n)
@@ -712,32 +684,7 @@ class _Lean:
                     out += self._kick(q, now)
             else:                                       # _COUT
                 try:
-                    h = t.io
-                    if h >= 0:                          # release(t): its io buffer, then its host staging
-                        io = lane.io
-                        if io.real is None:
-                            live = io.live
-                            io.used -= live.pop(h)
-                            if live:
-                                io.log.append((h, 0))
-                            else:
-                                io.log.clear()
-                        else:
-                            io.free(h)
-                        t.io = -1
-                    h = t.host
-                    if h >= 0:
-                        host = self.host_io
-                        if host.real is None:
-                            live = host.live
-                            host.used -= live.pop(h)
-                            if live:
-                                host.log.append((h, 0))
-                            else:
-                                host.log.clear()
-                        else:
-                            host.free(h)
-                        t.host = -1
+                    self.release(t)
                     a = t.a
                     r = _new(_InferResult)
                     clk = self.sm_clock
@@ -803,12 +750,8 @@ class _Lean:
         p = t.plan
         ws = lane.ws
         n = p.ws_len
-        if ws.real is None and n <= ws.size and ws.size - ws.used >= n * (len(ws.live) + 1) and len(ws.log) < 4096:
-            ws._next = h = ws._next + 1
-            ws.live[h] = n
-            ws.used += n
-            ws.log.append((h, n))
-            t.ws = h
+        if ws.counted(n):
+            t.ws = ws.take(n)
         else:
             try:
                 t.ws = ws.alloc(p.ws_n)
