@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_controller_support import MS, Waiter, process_worker_killed_is_reloaded_and_serves_again
+
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = [Path(p) for p in (os.environ.get("WORKBENCH_GPU_ARTIFACTS"),) if p] + \
     [ROOT / ".gpu" / "artifacts", ROOT / ".gpu" / "worker"]
-MS = 1_000_000
 
 
 def artifact(name):
@@ -19,19 +20,6 @@ def artifact(name):
             return d / name
     pytest.fail(f"artifact {name} not in {[str(d) for d in SEARCH]}: run `python -m bench.build_gpu_artifacts` "
                 f"on the build machine and carry .gpu/ to the GPU machine")
-
-
-class Waiter:
-    def __init__(self, n):
-        self.n, self.out, self.calls = n, {}, {}
-        self.lock, self.done = threading.Lock(), threading.Event()
-
-    def __call__(self, o):
-        with self.lock:
-            self.calls[o.request_id] = self.calls.get(o.request_id, 0) + 1
-            self.out[o.request_id] = o
-            if len(self.out) >= self.n:
-                self.done.set()
 
 
 def controller(models):
@@ -58,13 +46,13 @@ def test_outputs_reach_the_right_request_on_the_gpu():
     try:
         rng = np.random.default_rng(0)
         xs = [rng.standard_normal(128).astype(np.float32) for _ in range(64)]
-        w = Waiter(len(xs))
+        w = Waiter(clock, len(xs))
         rids = [ctl.submit(ids["mlp_cuda"][i % 2], inputs=x, slo=1000 * MS, callback=w) for i, x in enumerate(xs)]
         assert w.done.wait(120)
         art = Artifact.open(artifact("mlp_cuda"))          # the weights the GPU ran with (no compiler here)
         weights = [(t.name, a) for t, a in zip(art.tensors, art.weight_arrays())]
         for rid, x in zip(rids, xs):
-            o = w.out[rid]
+            o = w.by_id[rid]
             assert o.status == "success", o.message
             np.testing.assert_allclose(o.outputs[0], reference_forward("mlp", x[None], weights)[0],
                                        rtol=1e-4, atol=1e-4)
@@ -101,42 +89,7 @@ def test_resnet50_copies_poisson_on_the_gpu():
 def test_cuda_process_worker_killed_is_reloaded_and_serves_again():
     """The CUDA executor process killed with SIGKILL: requests in flight end with error once, the controller
     hears the restart, loads the model from disk again (its weights too, on demand) and serves on the GPU."""
-    import signal
-    import time
-    from workbench.clock import RealClock
-    from workbench.controller import Controller
     from workbench.worker.config import WorkerConfig
-    from workbench.worker.process import ProcessWorker
-    clock = RealClock()
-    ctl = Controller(clock)
-    restarts = []
-    try:
-        cfg = WorkerConfig.load(None, weights_cache_size="8 GiB", io_pool_size="256 MiB",
-                                workspace_pool_size="2 GiB", host_io_pool_size="256 MiB")
-        ctl.add_worker(lambda cb: ProcessWorker("cuda", cfg, cb, num_gpus=1, on_restart=restarts.append))
-        ids = ctl.load_model(str(artifact("mlp_cuda")), 2)
-        ctl.wait_ready(300)
-        x = np.zeros(128, np.float32)
-
-        def batch(n, slo_ms):
-            w = Waiter(n)
-            for i in range(n):
-                ctl.submit(ids[i % 2], inputs=x, slo=slo_ms * MS, callback=w)
-            return w
-        first = batch(20, 5000)
-        assert first.done.wait(120) and {o.status for o in first.out.values()} == {"success"}
-        os.kill(ctl.workers[0].pid, signal.SIGKILL)
-        during = batch(10, 3000)
-        assert during.done.wait(120)
-        end = time.monotonic() + 300
-        while (not restarts or any(g.failed for g in ctl.gpus)) and time.monotonic() < end:
-            time.sleep(0.1)
-        assert restarts == [1] and not any(g.failed for g in ctl.gpus), (ctl.gpus, ctl.summary())
-        after = batch(20, 5000)
-        assert after.done.wait(120) and {o.status for o in after.out.values()} == {"success"}, \
-            [o.message for o in after.out.values() if o.status != "success"][:3]
-        assert all(set(w.calls.values()) == {1} for w in (first, during, after))
-        assert ctl.summary()["worker_restarts"] == 1
-    finally:
-        ctl.close()
-        clock.close()
+    cfg = WorkerConfig.load(None, weights_cache_size="8 GiB", io_pool_size="256 MiB",
+                            workspace_pool_size="2 GiB", host_io_pool_size="256 MiB")
+    process_worker_killed_is_reloaded_and_serves_again("cuda", cfg, artifact("mlp_cuda"), 150, num_gpus=1)

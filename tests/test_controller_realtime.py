@@ -7,24 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from test_controller_support import MS, Outcomes
+from test_controller_support import MS, Waiter, process_worker_killed_is_reloaded_and_serves_again
 from workbench.clock import RealClock
 from workbench.controller.controller import Controller
 from workbench.worker.emulated import EmulatedWorker
-
-
-class Waiter(Outcomes):
-    def __init__(self, clock, n):
-        super().__init__(clock)
-        self.n = n
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-
-    def __call__(self, o):
-        with self.lock:
-            super().__call__(o)
-            if len(self.by_id) >= self.n:
-                self.done.set()
 
 
 def test_real_clock_emulated_workers_concurrent_clients():
@@ -110,41 +96,7 @@ def test_cpu_worker_real_model_outputs_reach_the_right_request(mlp_artifact):
 def test_process_worker_killed_is_reloaded_and_serves_again(mlp_artifact):
     """A real executor process killed with SIGKILL: requests in flight end with error once, the controller
     hears the restart (on_restart), loads the model from disk again and serves on it."""
-    import os
-    import signal
     from workbench.worker.config import WorkerConfig
-    from workbench.worker.process import ProcessWorker
-    clock = RealClock()
-    ctl = Controller(clock)
-    restarts = []
-    try:
-        cfg = WorkerConfig.load(None, weights_cache_size="64 MiB", io_pool_size="8 MiB",
-                                workspace_pool_size="8 MiB", host_io_pool_size="8 MiB")
-        ctl.add_worker(lambda cb: ProcessWorker("cpu", cfg, cb, on_restart=restarts.append))
-        ids = ctl.load_model(str(mlp_artifact), 2)
-        ctl.wait_ready(60)
-        x = np.zeros(128, np.float32)
-        first = Waiter(clock, 20)
-        for i in range(20):
-            ctl.submit(ids[i % 2], inputs=x, slo=5000 * MS, callback=first)
-        assert first.done.wait(30) and first.statuses() == {"success": 20}, first.statuses()
-        worker = ctl.workers[0]
-        during = Waiter(clock, 10)
-        os.kill(worker.pid, signal.SIGKILL)
-        for i in range(10):
-            ctl.submit(ids[i % 2], inputs=x, slo=3000 * MS, callback=during)
-        assert during.done.wait(30)
-        deadline = time.monotonic() + 60
-        while (not restarts or any(g.failed for g in ctl.gpus)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert restarts == [1] and not any(g.failed for g in ctl.gpus), (restarts, ctl.gpus, ctl.summary())
-        assert set(during.statuses()) <= {"success", "error", "dropped"}
-        after = Waiter(clock, 20)
-        for i in range(20):
-            ctl.submit(ids[i % 2], inputs=x, slo=5000 * MS, callback=after)
-        assert after.done.wait(30) and after.statuses() == {"success": 20}, (after.statuses(), ctl.summary())
-        assert ctl.summary()["worker_restarts"] == 1
-        assert all(n == 1 for w in (first, during, after) for n in w.calls.values())
-    finally:
-        ctl.close()
-        clock.close()
+    cfg = WorkerConfig.load(None, weights_cache_size="64 MiB", io_pool_size="8 MiB",
+                            workspace_pool_size="8 MiB", host_io_pool_size="8 MiB")
+    process_worker_killed_is_reloaded_and_serves_again("cpu", cfg, mlp_artifact, 30)

@@ -2,6 +2,8 @@
 VirtualClock, a recorder, and checks over the recorded telemetry."""
 from __future__ import annotations
 
+import threading
+import time
 from collections import defaultdict
 
 from workbench.clock import VirtualClock
@@ -55,6 +57,67 @@ class Outcomes:
         assert sorted(self.by_id) == sorted(submitted), "a request was never answered"
         assert all(n == 1 for n in self.calls.values()), "a request was answered twice"
         assert not self.late, f"answered after the deadline: {self.late[:3]}"
+
+
+class Waiter(Outcomes):
+    """Outcomes from clients on other threads; `done` is set once n requests are answered."""
+
+    def __init__(self, clock, n):
+        super().__init__(clock)
+        self.n = n
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def __call__(self, o):
+        with self.lock:
+            super().__call__(o)
+            if len(self.by_id) >= self.n:
+                self.done.set()
+
+
+def process_worker_killed_is_reloaded_and_serves_again(device, cfg, path, wait_s, **worker_kw):
+    """A real executor process (ProcessWorker on `device`) killed with SIGKILL while serving 2 copies of the mlp
+    at `path`: requests in flight end once (success, error or dropped), the controller hears the restart
+    (on_restart), loads the model from disk again and serves every request after it; `wait_s` bounds each wait."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from workbench.clock import RealClock
+    from workbench.worker.process import ProcessWorker
+    clock = RealClock()
+    ctl = Controller(clock)
+    restarts = []
+    try:
+        ctl.add_worker(lambda cb: ProcessWorker(device, cfg, cb, on_restart=restarts.append, **worker_kw))
+        ids = ctl.load_model(str(path), 2)
+        ctl.wait_ready(2 * wait_s)
+        x = np.zeros(128, np.float32)
+
+        def batch(n, slo_ms):
+            w = Waiter(clock, n)
+            for i in range(n):
+                ctl.submit(ids[i % 2], inputs=x, slo=slo_ms * MS, callback=w)
+            return w
+        first = batch(20, 5000)
+        assert first.done.wait(wait_s) and first.statuses() == {"success": 20}, first.statuses()
+        os.kill(ctl.workers[0].pid, signal.SIGKILL)
+        during = batch(10, 3000)
+        assert during.done.wait(wait_s)
+        deadline = time.monotonic() + 2 * wait_s
+        while (not restarts or any(g.failed for g in ctl.gpus)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert restarts == [1] and not any(g.failed for g in ctl.gpus), (restarts, ctl.gpus, ctl.summary())
+        assert set(during.statuses()) <= {"success", "error", "dropped"}
+        after = batch(20, 5000)
+        assert after.done.wait(wait_s) and after.statuses() == {"success": 20}, \
+            (after.statuses(), [o.message for o in after.by_id.values() if o.status != "success"][:3], ctl.summary())
+        assert ctl.summary()["worker_restarts"] == 1
+        assert all(n == 1 for w in (first, during, after) for n in w.calls.values())
+    finally:
+        ctl.close()
+        clock.close()
 
 
 def submit_at(clock, ctl, t, model_id, out, ids_out, **kw):
