@@ -134,6 +134,13 @@ class LoadedArtifact:
         """The batch sizes loaded here (all compiled ones unless `load(..., batch_sizes=...)` chose some)."""
         return tuple(self._fns)
 
+    @property
+    def functions(self) -> dict[int, Any]:
+        """batch size -> the VM function `run` calls, for a caller on a hot path that passes TVM tensors it has
+        already checked (shapes and dtypes of the inputs, a binding made by this model's bind_weights) and
+        reads the TVM outputs itself; `run` does the checks and conversions."""
+        return self._fns
+
     def padded_batch_size(self, n: int) -> int:
         """Smallest loaded batch size >= n."""
         for b in self.batch_sizes:

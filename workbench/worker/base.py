@@ -187,13 +187,6 @@ class StagedViews:
         return len(self._d)
 
 
-def vm_functions(loaded: Any) -> dict[int, Any]:
-    """batch size -> the loaded VM function of a LoadedArtifact (workbench.models.runtime), for devices that call
-    it directly; {} if that runtime does not expose them (the device then goes through `loaded.run`)."""
-    fns = getattr(loaded, "_fns", None)
-    return dict(fns) if isinstance(fns, dict) else {}
-
-
 class MonotonicClock(Clock):
     """Real time without a timer thread, for workers whose executors are threads (CPU, CUDA)."""
 

@@ -29,7 +29,7 @@ import numpy as np
 from workbench.clock import Clock
 from workbench.contract import LoadModelFromDisk, Result, Timing
 from workbench.worker.base import (Device, ModelEntry, MonotonicClock, StagedViews, Worker, entry_from_artifact,
-                                   make_timing, open_artifact, used_bytes_per_run, vm_functions)
+                                   make_timing, open_artifact, used_bytes_per_run)
 from workbench.worker.config import WorkerConfig
 from workbench.worker import cuda_graphs
 from workbench.worker.page_cache import Allocation
@@ -92,7 +92,7 @@ class CUDAModel:
                  run_bytes: dict[int, int]):
         self.artifact, self.loaded, self.host_weights, self.host_mem = artifact, loaded, host_weights, host_mem
         self.run_bytes = run_bytes
-        self.fns = {g: vm_functions(lo) for g, lo in loaded.items()}   # per GPU: batch size -> VM function
+        self.fns = {g: lo.functions for g, lo in loaded.items()}       # per GPU: batch size -> VM function
         self.slot_views: dict[tuple, Any] = {}                            # (gpu, (entry, batch, slot)) -> _IOViews
         self.warm: set[tuple[int, int]] = set()                           # (gpu, batch) run once through the VM
         self.out_layout: dict[int, tuple] = {}                           # per batch size, see _out_layout
@@ -108,13 +108,12 @@ class _IOViews:
 
 
 class _Staged:
-    """Inputs enqueued for an exec: their place (`views`: cupy `arrays`, TVM `tvm`), the events around their
-    copy, the host sources kept alive."""
-    __slots__ = ("views", "arrays", "tvm", "start", "done", "keep")
+    """Inputs enqueued for an exec: their place in the io arena (`views`), the events around their copy, the host
+    sources kept alive."""
+    __slots__ = ("views", "start", "done", "keep")
 
     def __init__(self, views: _IOViews, start: Any, done: Any, keep: list):
-        self.views, self.arrays, self.tvm, self.start, self.done, self.keep = (views, views.arrays, views.tvm, start,
-                                                                               done, keep)
+        self.views, self.start, self.done, self.keep = views, start, done, keep
 
 
 class _Fetched:
@@ -395,7 +394,7 @@ class CUDADevice(Device):
         cp = self.cp
         d = self.devices[gpu]
         m = entry.handle
-        fn = m.fns[gpu].get(batch)
+        fn = m.fns[gpu][batch]
         layout = m.out_layout.get(batch)
         if layout is None:
             layout = self._out_layout(entry, batch)
@@ -405,7 +404,7 @@ class CUDADevice(Device):
             sptr = stream.ptr
             start, end, fetched = self._exec_events[gpu]
             buf = self._out_buffer(gpu, total)
-            if self.graphs and fn is not None and (gpu, batch) in m.warm:
+            if self.graphs and (gpu, batch) in m.warm:
                 slot = self._slot_views(gpu, entry, batch)
                 key = (batch, slot.ptrs[0] if slot.ptrs else 0, buf.ctypes.data)
                 graph = binding.launch_cache.get(key)
@@ -423,23 +422,20 @@ class CUDADevice(Device):
             t0 = time.monotonic_ns()
             stream.wait_event(staged.done)
             start.record(stream)
-            if fn is not None:
-                # LoadedArtifact.run without its per-call checks, which hold by construction here (the staged
-                # views have the spec's shapes and dtypes; the binding was made by this model's bind_weights),
-                # and without converting inputs and outputs (TVM views of the io arena are cached in _IOViews)
-                with self._ffi.use_raw_stream(m.loaded[gpu].device, sptr):
-                    out = fn(*staged.tvm, *binding.tensors)
-                outs = list(out) if not hasattr(out, "shape") else [out]
-            else:
-                outs = m.loaded[gpu].run(batch, staged.arrays, binding, stream=stream)
+            # LoadedArtifact.run without its per-call checks, which hold by construction here (the staged views
+            # have the spec's shapes and dtypes; the binding was made by this model's bind_weights), and without
+            # converting inputs and outputs (TVM views of the io arena are cached in _IOViews)
+            with self._ffi.use_raw_stream(m.loaded[gpu].device, sptr):
+                out = fn(*staged.views.tvm, *binding.tensors)
+            outs = list(out) if not hasattr(out, "shape") else [out]
             end.record(stream)
             base = buf.ctypes.data
             for o, (off, nb, _spec) in zip(outs, spans):
-                if fn is not None and o.is_contiguous():
+                if o.is_contiguous():
                     src = o.data_ptr()
                 else:
                     with stream:             # a non-contiguous output would be copied on this stream
-                        o = cp.ascontiguousarray(o if fn is None else cp.from_dlpack(o))
+                        o = cp.ascontiguousarray(cp.from_dlpack(o))
                     src = o.data.ptr
                 cp.cuda.runtime.memcpyAsync(base + off, src, nb, D2H, sptr)
             fetched.record(stream)
