@@ -466,19 +466,11 @@ class Worker:
 
     def _first_task(self, a: Action, now: int) -> Task:
         make = _FIRST_TASK.get(type(a))
-        if make is not None:
-            return make(self, a, now)
-        if isinstance(a, LoadWeights):
-            return LoadWeightsTask(self, a, now)
-        if isinstance(a, EvictWeights):
-            return EvictTask(self, a, now)
-        if isinstance(a, Infer):
-            return CopyInputTask(self, a, now)
-        if isinstance(a, LoadModelFromDisk):
-            return LoadModelTask(self, a, now)
-        if isinstance(a, (ClearCache, GetWorkerState)):
-            return ControlTask(self, a, now)
-        return _Immediate(self, a, now, Status.INVALID_ACTION, f"unknown action type {type(a).__name__}")
+        if make is None:                                    # a subclass of an action type
+            make = next((f for t, f in _FIRST_TASK.items() if isinstance(a, t)), None)
+        if make is None:
+            return _Immediate(self, a, now, Status.INVALID_ACTION, f"unknown action type {type(a).__name__}")
+        return make(self, a, now)
 
     def _executor_for(self, task: Task) -> Executor:
         if task.kind in ("disk", "control"):
@@ -1036,7 +1028,7 @@ class ControlTask(ActionTask):
                                     state=self.w.state())
 
 
-# exact action type -> its first task (subclasses of the action types go through Worker._first_task's isinstance chain)
+# action type -> its first task (Worker._first_task: by exact type, else the first type the action is an instance of)
 _FIRST_TASK: dict[type, Callable[[Worker, Any, int], Task]] = {
     LoadWeights: LoadWeightsTask, EvictWeights: EvictTask, Infer: CopyInputTask, LoadModelFromDisk: LoadModelTask,
     ClearCache: ControlTask, GetWorkerState: ControlTask}
