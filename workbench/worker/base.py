@@ -914,13 +914,6 @@ def infer_result(task: InferTask, copy_output: Timing, outputs: Any) -> InferRes
     return r
 
 
-def make_timing(begin: int, end: int, duration: int) -> Timing:
-    """Timing(begin, end, duration) without the frozen dataclass's per-field __init__ calls (hot path)."""
-    t = _new(Timing)
-    _setattr(t, "__dict__", {"begin": begin, "end": end, "duration": duration})
-    return t
-
-
 def _matches(inputs: Any, signature: tuple | None) -> bool:
     """True when `inputs` is a tuple of exactly the plain numpy arrays the signature says (dtype and shape):
     then the full check (`CopyInputTask._check_inputs`) would pass; False says nothing (run the full check)."""

@@ -27,9 +27,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from workbench.clock import Clock
-from workbench.contract import LoadModelFromDisk, Result, Timing
+from workbench.contract import LoadModelFromDisk, Result, Timing, make_timing
 from workbench.worker.base import (Device, ModelEntry, MonotonicClock, StagedViews, Worker, entry_from_artifact,
-                                   make_timing, open_artifact, used_bytes_per_run)
+                                   open_artifact, used_bytes_per_run)
 from workbench.worker.config import WorkerConfig
 from workbench.worker import cuda_graphs
 from workbench.worker.page_cache import Allocation

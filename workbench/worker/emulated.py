@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from workbench.clock import Clock
-from workbench.contract import Action, LoadModelFromDisk, Result, Timing
+from workbench.contract import Action, LoadModelFromDisk, Result, Timing, make_timing
 from workbench.worker.base import Device, InvalidModelPath, ModelEntry, Worker, entry_from_artifact
 from workbench.worker.config import WorkerConfig
 from workbench.worker.measurements import read_measurements
@@ -215,12 +215,6 @@ def _gauss_inline_matches() -> bool:
 
 
 _GAUSS_INLINE = _gauss_inline_matches()
-
-
-def _timing(begin: int, end: int, duration: int) -> Timing:
-    t = _new(Timing)
-    _setattr(t, "__dict__", {"begin": begin, "end": end, "duration": duration})
-    return t
 
 
 class _Pool:
@@ -690,12 +684,7 @@ class _Lean:
                     clk = self.sm_clock
                     cb, ce, cd = t.cin
                     eb, ee, ed = t.ex
-                    ci = _new(Timing)
-                    _setattr(ci, "__dict__", {"begin": cb, "end": ce, "duration": cd})
-                    ex = _new(Timing)
-                    _setattr(ex, "__dict__", {"begin": eb, "end": ee, "duration": ed})
-                    co = _new(Timing)
-                    _setattr(co, "__dict__", {"begin": begin, "end": now, "duration": d})
+                    ci, ex, co = make_timing(cb, ce, cd), make_timing(eb, ee, ed), make_timing(begin, now, d)
                     _setattr(r, "__dict__", {"id": a.id, "action_type": a.type, "status": _S.SUCCESS, "message": "",
                                              "received": t.received, "sent": now, "gpu": a.gpu,
                                              "batch_size": a.batch_size, "copy_input": ci, "exec": ex,
@@ -1051,7 +1040,7 @@ class _Lean:
             t.err = None
         except InvalidModelPath as e:
             t.err = (_S.INVALID_PATH, str(e))
-            timing = _timing(now, now, 0)
+            timing = make_timing(now, now, 0)
         t.cin = timing
         return timing.end - now
 
@@ -1087,8 +1076,8 @@ class _Lean:
             eb, ee, edur = t.ex
             _setattr(r, "__dict__", {"id": a.id, "action_type": a.type, "status": _S.SUCCESS, "message": "",
                                      "received": t.received, "sent": end, "gpu": a.gpu,
-                                     "batch_size": a.batch_size, "copy_input": _timing(cb, ce, cd),
-                                     "exec": _timing(eb, ee, edur), "copy_output": _timing(begin, end, d),
+                                     "batch_size": a.batch_size, "copy_input": make_timing(cb, ce, cd),
+                                     "exec": make_timing(eb, ee, edur), "copy_output": make_timing(begin, end, d),
                                      "gpu_clock_before": clk, "gpu_clock": clk, "outputs": None})
             return r
         if k == _LOAD:
@@ -1100,10 +1089,10 @@ class _Lean:
                                  f"model {a.model_id} on gpu {a.gpu} was evicted or reloaded during the load")
             t.gm.weights, t.gm.binding = t.alloc, None
             return _LoadWeightsResult(id=a.id, action_type=a.type, received=t.received, sent=end,
-                                      timing=_timing(begin, end, d))
+                                      timing=make_timing(begin, end, d))
         if k == _EVICT:
             return _EvictWeightsResult(id=a.id, action_type=a.type, received=t.received, sent=end,
-                                       timing=_timing(begin, end, d))
+                                       timing=make_timing(begin, end, d))
         # _DISK
         timing = t.cin
         if t.err is not None:

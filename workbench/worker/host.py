@@ -49,7 +49,7 @@ import numpy as np
 from workbench.contract import (Action, ActionType, ClearCache, ClearCacheResult, ErrorResult, EvictWeights,
                                 EvictWeightsResult, GetWorkerState, GetWorkerStateResult, Infer, InferResult,
                                 LoadModelFromDisk, LoadModelFromDiskResult, LoadWeights, LoadWeightsResult, Result,
-                                Status, Timing, decode, encode, error)
+                                Status, Timing, decode, encode, error, make_timing)
 
 _LEN = struct.Struct("<Q")
 HEADER = 256          # shared-memory header; regions start 256-byte aligned after it
@@ -199,12 +199,6 @@ def compact_infer_result(r: Any) -> tuple | None:
             ex.begin, ex.end, ex.duration, co.begin, co.end, co.duration, d["gpu_clock_before"], d["gpu_clock"])
 
 
-def _timing(b: Any, e: Any, d: Any) -> Timing:
-    t = _new(Timing)
-    _setattr(t, "__dict__", {"begin": b, "end": e, "duration": d})
-    return t
-
-
 def infer_result_from_compact(v: Sequence, outputs: Any) -> InferResult:
     """The InferResult that fast_decode gives for the same values (outputs: a tuple of arrays or None)."""
     if len(v) != 19:
@@ -212,8 +206,8 @@ def infer_result_from_compact(v: Sequence, outputs: Any) -> InferResult:
     r = _new(InferResult)
     _setattr(r, "__dict__", {
         "id": v[0], "action_type": _TYPES[v[1]], "status": _STATUS[v[2]], "message": v[3], "received": v[4],
-        "sent": v[5], "gpu": v[6], "batch_size": v[7], "copy_input": _timing(v[8], v[9], v[10]),
-        "exec": _timing(v[11], v[12], v[13]), "copy_output": _timing(v[14], v[15], v[16]),
+        "sent": v[5], "gpu": v[6], "batch_size": v[7], "copy_input": make_timing(v[8], v[9], v[10]),
+        "exec": make_timing(v[11], v[12], v[13]), "copy_output": make_timing(v[14], v[15], v[16]),
         "gpu_clock_before": v[17], "gpu_clock": v[18], "outputs": outputs})
     return r
 
