@@ -77,7 +77,7 @@ def make_worker(device: str, mode: str, cfg, cb, clock):
 
 
 def run_real(path: Path, device: str, mode: str, copies: int, rate: float, seconds: float, slo_ms: float,
-             policy: str, seed: int) -> dict:
+             policy: str, seed: int, telemetry_dir: str | None = None) -> dict:
     from workbench.clock import RealClock
     from workbench.controller import Controller
     from workbench.telemetry.recorder import Recorder
@@ -97,6 +97,8 @@ def run_real(path: Path, device: str, mode: str, copies: int, rate: float, secon
             time.sleep(0.1)
         d = summarise(rec, seconds)
         d["unanswered"] = wl.submitted - wl.completed
+        if telemetry_dir:
+            rec.write(Path(telemetry_dir) / f"{policy}_{device}_{mode}")
         return d
     finally:
         ctl.close()
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                          "inprocess (for comparison); e.g. process,inprocess")
     ap.add_argument("--no-emulated", action="store_true", help="skip the virtual-time run on the emulated H200")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--telemetry-dir", default=None,
+                    help="also write each real run's telemetry (requests/actions Parquet) under DIR/<policy>_<device>_<mode>")
     a = ap.parse_args(argv)
     cpu = a.device == "cpu"
     a.model = a.model or ("mlp" if cpu else "resnet50")
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     path = cpu_artifact(a.model) if cpu else find_artifact(f"{a.model}_cuda")
     real = "CPU" if cpu else "H200"
     runs = [(f"{real} {mode}", (lambda mode=mode, policy=None: run_real(
-        path, a.device, mode, a.copies, a.rate, a.seconds, a.slo_ms, policy, a.seed))) for mode in modes]
+        path, a.device, mode, a.copies, a.rate, a.seconds, a.slo_ms, policy, a.seed, a.telemetry_dir)))
+            for mode in modes]
     if not cpu and not a.no_emulated:
         runs.append(("emulated", lambda policy=None: run_virtual(a.model, a.copies, a.rate, a.seconds, a.slo_ms,
                                                                  policy, a.seed)))
