@@ -1,5 +1,5 @@
 """The controller at small scale on the real H200, side by side with the same run in virtual time on the
-emulated H200 (profile data/profiles/h200.json): SLO attainment, goodput and prediction errors per policy.
+emulated H200 timed by the same artifact's measurements: SLO attainment, goodput and prediction errors per policy.
 
     python -m bench.controller_gpu [--seconds 30] [--rate 400] [--copies 20] [--slo-ms 50]
                                    [--policies clockwork,triton,ray] [--model resnet50]
@@ -13,9 +13,11 @@ worker mode, then in virtual time with the emulated worker (same seed, same arri
 - process (default): the isolated executor process (`ProcessWorker`): the controller's Python does not share an
   interpreter lock with the worker's launch path;
 - inprocess: `CUDAWorker` in this process, for comparison (its executor threads wait for the interpreter lock
-  whenever the controller runs Python: ~5 ms exec prediction errors at p99 measured on the H200).
+  whenever the controller runs Python).
+An artifact without measurements for this device is profiled first (as a Session does): the controller's
+estimates start from them.
 With --device cpu the worker is the CPU worker and the model the mlp compiled here (bench/worker_artifacts), no
-emulated row (the profile is the H200's). Writes bench/results/controller_gpu.json and .md
+emulated row. Writes bench/results/controller_gpu.json and .md
 (controller_gpu_cpu.* with --device cpu)."""
 from __future__ import annotations
 
@@ -151,12 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     if bad or not modes:
         raise SystemExit(f"--modes {a.modes!r}: use a comma-separated list of {', '.join(MODES)}")
     path = cpu_artifact(a.model) if cpu else find_artifact(f"{a.model}_cuda")
+    # The controller's estimates start from the artifact's measurements on this device (a Session profiles an
+    # artifact that has none; so does this bench). Without them every exec is predicted to take 0 ns.
+    from workbench.ui.profiling import has_measurements, profile_artifact
+    dev = "cpu" if cpu else "cuda:0"
+    if not has_measurements(path, dev):
+        profile_artifact(path, dev)
     real = "CPU" if cpu else "H200"
     runs = [(f"{real} {mode}", (lambda mode=mode, policy=None: run_real(
         path, a.device, mode, a.copies, a.rate, a.seconds, a.slo_ms, policy, a.seed, a.telemetry_dir)))
             for mode in modes]
     if not cpu and not a.no_emulated:
-        runs.append(("emulated", lambda policy=None: run_virtual(a.model, a.copies, a.rate, a.seconds, a.slo_ms,
+        # the same artifact emulated: its sizes, and the durations just measured here
+        runs.append(("emulated", lambda policy=None: run_virtual(str(path), a.copies, a.rate, a.seconds, a.slo_ms,
                                                                  policy, a.seed)))
     rows = []
     for policy in a.policies.split(","):
@@ -181,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
            f"controller in real time against the isolated worker process (ProcessWorker, "
            f"{'CPU' if cpu else 'CUDA'}); '{real} inprocess' against the {'CPU' if cpu else 'CUDA'} worker in the "
            f"controller's process (sharing its interpreter lock); 'emulated' runs the same arrivals in virtual time "
-           f"against the emulated worker (profile h200). Prediction error = |measured - predicted| exec duration; "
+           f"against the emulated worker timed by the same artifact's measurements (profiled on this device first "
+           f"when it has none). Prediction error = |measured - predicted| exec duration; "
            f"completion error = |measured end - planned end| (Clockwork Fig. 10's two measures)."]
     write("controller_gpu_cpu" if cpu else "controller_gpu", {"args": vars(a), "rows": rows}, md)
 

@@ -20,8 +20,9 @@ What a graph bakes in, and how each stays valid:
   so the measured exec time cannot include a host stall between a launch and its first kernel.
 
 A graph is captured (on a side stream; nothing runs) at the first exec of each model copy and batch size after
-its weights are loaded: that exec starts ~1 ms later (ResNet-50's capture), every exec runs as a graph. A model
-whose capture fails runs through the VM."""
+its weights are loaded: that exec starts ~1 ms later (ResNet-50's capture), every exec runs as a graph. (Before
+the very first exec of a model's batch size on a GPU, an untimed call loads its kernels, which a capture may
+not do.) A model whose capture fails runs through the VM."""
 from __future__ import annotations
 
 import functools
