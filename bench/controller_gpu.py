@@ -155,10 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     path = cpu_artifact(a.model) if cpu else find_artifact(f"{a.model}_cuda")
     # The controller's estimates start from the artifact's measurements on this device (a Session profiles an
     # artifact that has none; so does this bench). Without them every exec is predicted to take 0 ns.
-    from workbench.ui.profiling import has_measurements, profile_artifact
-    dev = "cpu" if cpu else "cuda:0"
-    if not has_measurements(path, dev):
-        profile_artifact(path, dev)
+    from workbench.worker.profiling import ensure_measurements
+    ensure_measurements(path, "cpu" if cpu else "cuda:0")
     real = "CPU" if cpu else "H200"
     runs = [(f"{real} {mode}", (lambda mode=mode, policy=None: run_real(
         path, a.device, mode, a.copies, a.rate, a.seconds, a.slo_ms, policy, a.seed, a.telemetry_dir)))

@@ -222,6 +222,8 @@ def test_real_time_run_on_the_cpu_worker_with_a_compiled_model(tmp_path):
     assert set(req["status"].unique()) <= {"success", "dropped", "timeout", "error", "rejected"}
     infer = act.filter((pl.col("type") == "INFER") & (pl.col("status") == 0))
     assert infer.height > 0 and (infer["measured_duration"] > 0).all()
+    # the artifact had no measurements: it was profiled first, so even the first exec had a prediction
+    assert (art / "measurements.json").is_file() and (infer["predicted_duration"] > 0).all()
 
 
 def test_report_can_be_rebuilt_from_the_files(tmp_path):

@@ -244,7 +244,8 @@ def test_sessions_leak_no_threads_or_memory():
 def test_an_artifact_without_measurements_is_profiled_once(tmp_path):
     import shutil
 
-    from workbench.ui import artifacts, profiling
+    from workbench.ui import artifacts
+    from workbench.worker import profiling
     from workbench.worker.measurements import read_measurements
 
     art = artifacts.resolve("mlp", "cpu", (1, 4))

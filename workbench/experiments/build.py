@@ -96,7 +96,12 @@ def build_system(cfg: ExperimentConfig, run: RunSpec, clock: Clock, recorder: An
                                                    num_gpus=dev["gpus"]))
     ids: dict[str, list[int]] = {}
     for m in r["models"]:
-        ids[m["name"]] = ctl.load_model(model_path(cfg, m, dev["kind"]), copies=m["copies"], name=m["name"])
+        path = model_path(cfg, m, dev["kind"])
+        if dev["kind"] != "emulated" and not path.startswith("profile:"):
+            # the controller's estimates start from the artifact's measurements on this device (worker/profiling.py)
+            from workbench.worker.profiling import ensure_measurements
+            ensure_measurements(path, "cpu" if dev["kind"] == "cpu" else "cuda:0")
+        ids[m["name"]] = ctl.load_model(path, copies=m["copies"], name=m["name"])
     ctl.wait_ready(timeout_s=600)
     return ctl, ids
 

@@ -409,11 +409,11 @@ class Session:
         art = artifacts.resolve(model, self.target, batch_sizes or self.batch_sizes,
                                 page_size=self.worker_config.page_size if self.worker_config else None,
                                 progress=say)
-        from workbench.ui import profiling
+        from workbench.worker.profiling import ensure_measurements
         device = "cpu" if self.device == "cpu" else f"cuda:{self.gpus[0]}"
-        if self.device != "emulated" and not profiling.has_measurements(art.path, device):
+        if self.device != "emulated":
             try:
-                profiling.profile_artifact(art.path, device, say=say)
+                ensure_measurements(art.path, device, say=say)
             except OSError as e:
                 raise SessionError(f"could not write measurements for {art.path} ({e}): make the artifact "
                                    f"directory writable, or add its measurements.json") from None

@@ -1,10 +1,11 @@
 """Profile an artifact on this machine's device when it has no measurements.json for it.
 
 The controller seeds its estimates from the measurements a worker reports at LoadModelFromDisk (Clockwork's
-`model.measurements`); an artifact compiled here has none, and without an estimate no batch can be scheduled.
-So `Session.load` measures weights load and exec per batch size once (a few runs each, bounded in time) and
-writes `measurements.json` into the cached artifact; the controller then refines the estimates from every
-measured action.
+`model.measurements`); an artifact compiled here has none, and without them every exec is predicted to take 0 ns
+until it has run. So whoever loads a real artifact into a controller (`Session.load`, `workbench run`,
+bench/controller_gpu) first calls `ensure_measurements`: weights load and exec per batch size measured once (a
+few runs each, bounded in time), written to `measurements.json` in the artifact; the controller then refines
+the estimates from every measured action.
 """
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ def has_measurements(path: str | Path, device: str) -> bool:
     names = set(d.get("devices", {})) | {d.get("device", "")}
     want = device_name(device)
     return want in names or (device == "cpu" and "cpu" in names)
+
+
+def ensure_measurements(path: str | Path, device: str, say: Say | None = None) -> bool:
+    """Profile the artifact on `device` ("cpu", "cuda:N") unless it has measurements for it; True if it did."""
+    if has_measurements(path, device):
+        return False
+    profile_artifact(path, device, say=say)
+    return True
 
 
 def profile_artifact(path: str | Path, device: str = "cpu", runs: int = 20, budget_s: float = 0.5,
