@@ -53,9 +53,34 @@ def test_real_clock_emulated_workers_concurrent_clients():
 def mlp_artifact(tmp_path_factory):
     from workbench.models import zoo
     from workbench.models.compiler import compile_model
+    from workbench.worker.profiling import ensure_measurements
     out = tmp_path_factory.mktemp("controller") / "mlp_cpu"
     compile_model(zoo.get("mlp"), out, target="cpu")
+    ensure_measurements(out, "cpu")       # the controller's estimates start from them
     return out
+
+
+def test_an_artifact_without_measurements_is_loaded_with_a_warning_naming_the_fix(mlp_artifact, tmp_path):
+    import shutil
+    from workbench.worker.cpu import CPUWorker
+    from workbench.worker.config import WorkerConfig
+    bare = tmp_path / "mlp_cpu"
+    shutil.copytree(mlp_artifact, bare)
+    (bare / "measurements.json").unlink()
+    clock = RealClock()
+    ctl = Controller(clock)
+    try:
+        ctl.add_worker(lambda cb: CPUWorker(WorkerConfig.load(None, weights_cache_size="64 MiB"), cb))
+        with pytest.warns(RuntimeWarning, match="no exec measurements.*ensure_measurements"):
+            ids = ctl.load_model(str(bare), 2)
+            ctl.wait_ready(60)
+        assert ctl.models[ids[0]].b1_ns == 0
+        ok = ctl.load_model(str(mlp_artifact), 1)       # measured: no warning, an estimate from the file
+        ctl.wait_ready(60)
+        assert ctl.models[ok[0]].b1_ns > 0
+    finally:
+        ctl.close()
+        clock.close()
 
 
 def test_cpu_worker_real_model_outputs_reach_the_right_request(mlp_artifact):

@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import threading
+import warnings
 from threading import get_ident
 from collections import Counter, deque
 from pathlib import Path
@@ -1010,6 +1011,11 @@ class Controller:
             self._startup_failed(rec, msg)
             return
         c = self.config
+        if not any(result.exec_ns) and self.models[a.model_id].est is None:
+            warnings.warn(f"{a.path!r}: worker {rec.worker} reports no exec measurements for its device, so every "
+                          f"batch size is predicted to take 0 ns until it has run once; profile the artifact first "
+                          f"(workbench.worker.profiling.ensure_measurements(path, device)), as Session.load and "
+                          f"`workbench run` do", RuntimeWarning, stacklevel=2)
         for i in ids:
             m = self.models[i]
             if m.est is None:
