@@ -116,6 +116,29 @@ def test_load_infer_evict_outputs_equal_the_cpu_worker(gpu_worker):
 
 
 @pytest.mark.gpu
+def test_inputs_in_registered_host_memory_are_read_in_place(gpu_worker):
+    import mmap
+    w = gpu_worker
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(artifact("mlp_cuda")))).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+    region = mmap.mmap(-1, 1 << 20)                      # like the process worker's shared memory
+    buf = np.frombuffer(region, np.uint8)
+    w.device.register_host(buf.ctypes.data, buf.nbytes)
+    x = np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)
+    inside = buf[4096:4096 + x.nbytes].view(np.float32).reshape(x.shape)
+    inside[...] = x
+    assert w.device._is_pinned(inside) and w.device._is_pinned(buf[-256:]) and not w.device._is_pinned(x)
+    staged = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=4, inputs=(x,)))
+    direct = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=4, inputs=(inside,)))
+    assert staged.ok and direct.ok, (staged.message, direct.message)
+    np.testing.assert_array_equal(direct.outputs[0], staged.outputs[0])
+    inside[...] = -x                                     # read where it lies at each Infer, not cached
+    again = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=4, inputs=(inside,)))
+    assert again.ok and not np.array_equal(again.outputs[0], direct.outputs[0])
+    assert w.check_consistency() == []
+
+
+@pytest.mark.gpu
 def test_codes_and_windows_on_the_gpu(gpu_worker):
     w = gpu_worker
     w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(artifact("mlp_cuda"))))

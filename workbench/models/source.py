@@ -13,10 +13,10 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    nbytes: int = field(init=False, repr=False, compare=False)   # of one sample; read on every Infer's hot path
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize)
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}

@@ -146,6 +146,7 @@ class CUDADevice(Device):
         self.host_io_mem: Any = None
         self.host_io: np.ndarray | None = None   # pinned staging for pageable inputs
         self.host_io_ptr = 0
+        self._pinned: list[tuple[int, int]] = []  # host ranges page-locked by register_host: inputs read in place
         self._out: list[np.ndarray | None] = []  # per GPU: pinned buffer the exec copies outputs into
         self._free_events: list = []
         self._exec_streams: list[Any] = []      # per GPU: execs launch from any thread (one in flight per GPU)
@@ -363,11 +364,21 @@ class CUDADevice(Device):
             views = entry.handle.slot_views[(gpu, key)] = self._views_at(slot, 0, entry, batch)
         return views
 
+    def register_host(self, address: int, size: int) -> None:
+        """Page-lock host memory that Infer inputs will come from (the process worker's shared memory): inputs
+        lying there are DMA-copied in place, not staged."""
+        self.cp.cuda.runtime.hostRegister(address, size, 0)
+        self._pinned.append((address, address + size))
+
     def _is_pinned(self, x: np.ndarray) -> bool:
-        try:
-            return self.cp.cuda.runtime.pointerGetAttributes(x.ctypes.data).type == 1   # cudaMemoryTypeHost
-        except Exception:  # noqa: BLE001 - unknown: stage it (always correct)
-            return False
+        """Whether x lies in memory given to register_host. A range check, not cudaPointerGetAttributes: that
+        call cost ~25 us per Infer on the H200's host. Other pinned arrays are staged (correct, ~30 us more)."""
+        a = x.ctypes.data
+        e = a + x.nbytes
+        for lo, hi in self._pinned:
+            if lo <= a and e <= hi:
+                return True
+        return False
 
     def _event_pair(self):
         """A (start, done) pair of events for one input copy, reused once its exec has read them."""

@@ -392,12 +392,11 @@ def make_worker(init: dict, on_result) -> Any:
     raise ValueError(f"unknown device {kind!r}: use 'cpu' or 'cuda'")
 
 
-def pin(shm: SharedIO) -> str:
-    """Page-lock the shared memory for the GPU (cudaHostRegister), so copies from it are DMA copies.
-    Returns '' on success, else why not (not fatal: copies are then staged by the driver)."""
+def pin(worker: Any, shm: SharedIO) -> str:
+    """Page-lock the shared memory for the GPU (CUDADevice.register_host), so inputs are DMA-copied from where
+    they lie. Returns '' on success, else why not (not fatal: inputs are then staged)."""
     try:
-        import cupy
-        cupy.cuda.runtime.hostRegister(shm.address(), shm.size, 0)
+        worker.device.register_host(shm.address(), shm.size)
         return ""
     except Exception as e:  # noqa: BLE001 - pinning is an optimisation
         return f"{type(e).__name__}: {e}"
@@ -568,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # noqa: BLE001 - the session raises it with this message
         chan.send(("fatal", f"{type(e).__name__}: {e}"))
         return 1
-    pinned = pin(shm) if (shm is not None and init["device"] == "cuda" and init.get("pin", True)) else "not asked"
+    pinned = pin(host.worker, shm) if (shm is not None and init["device"] == "cuda" and init.get("pin", True)) else "not asked"
     host.sender.start()
     gc.collect()
     gc.freeze()                       # startup objects (TVM, numpy, the worker) are never scanned again
