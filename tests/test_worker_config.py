@@ -13,6 +13,17 @@ def test_defaults_are_clockworks(monkeypatch):
     assert "weights_cache_size" in DEFAULT_FILE.read_text()   # the default file documents each key
 
 
+def test_wake_early_is_a_duration_given_to_every_executor_thread():
+    from workbench.worker.cpu import CPUWorker
+    assert WorkerConfig.load(None).wake_early == 200_000
+    w = CPUWorker(WorkerConfig.load(None, wake_early="50 us", weights_cache_size="64 MiB"))
+    try:
+        ex = [e for st in w.gpus for e in st.executors.values()] + [w.disk, w.control]
+        assert ex and {e.wake_early for e in ex} == {50_000}
+    finally:
+        w.close()
+
+
 def test_user_file_overrides_only_its_keys(tmp_path, monkeypatch):
     monkeypatch.delenv("WORKBENCH_CONFIG", raising=False)
     f = tmp_path / "w.toml"
@@ -48,6 +59,8 @@ def test_unknown_key_is_rejected_naming_key_and_file(tmp_path):
     ('weights_cache_size = "1 MiB"', "smaller than one page"),
     ("io_pool_size = 0", "io_pool_size"),
     ("page_size = [", "not valid TOML"),
+    ("wake_early = -1", "wake_early must be >= 0"),
+    ('wake_early = "soon"', "wake_early"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, match):
     f = tmp_path / "c.toml"

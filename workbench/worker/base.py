@@ -316,7 +316,7 @@ class Worker:
         hook = self._task_done if self.config.telemetry else None
         if device.threaded:
             def make(name: str) -> Executor:
-                return ThreadExecutor(name, self.lock, clock, self._deliver, hook)
+                return ThreadExecutor(name, self.lock, clock, self._deliver, hook, wake_early=self.config.wake_early)
         else:
             outbox: list[Result] = []
 

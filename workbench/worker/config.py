@@ -34,6 +34,7 @@ class WorkerConfig:
     allow_zero_size_inputs: bool
     copy_input_lead_in: int          # ns
     cuda_graphs: bool = True         # CUDA worker: replay each exec as a CUDA graph (worker/cuda_graphs.py)
+    wake_early: int = 200_000        # ns: threaded executors wake this early, then yield until a task is due
     source: str = "defaults"         # where the values came from (files, in order), for messages
 
     @property
@@ -78,6 +79,7 @@ class WorkerConfig:
             allow_zero_size_inputs=_parse_bool(v["allow_zero_size_inputs"], "allow_zero_size_inputs", source),
             copy_input_lead_in=_parse_duration(v["copy_input_lead_in"], "copy_input_lead_in", source),
             cuda_graphs=_parse_bool(v["cuda_graphs"], "cuda_graphs", source),
+            wake_early=_parse_duration(v["wake_early"], "wake_early", source),
             source=source)
         if cfg.page_size <= 0:
             raise ConfigError(f"{source}: page_size must be > 0, got {cfg.page_size}")
@@ -87,8 +89,9 @@ class WorkerConfig:
         for key in ("io_pool_size", "workspace_pool_size", "host_io_pool_size"):
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"{source}: {key} must be > 0, got {getattr(cfg, key)}")
-        if cfg.copy_input_lead_in < 0:
-            raise ConfigError(f"{source}: copy_input_lead_in must be >= 0 ns, got {cfg.copy_input_lead_in}")
+        for key in ("copy_input_lead_in", "wake_early"):
+            if getattr(cfg, key) < 0:
+                raise ConfigError(f"{source}: {key} must be >= 0 ns, got {getattr(cfg, key)}")
         return cfg
 
     def device_bytes(self) -> int:
