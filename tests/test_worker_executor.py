@@ -161,3 +161,32 @@ def test_results_handed_to_deliver_later_come_from_the_executor_thread():
         assert delivered == [("late", "worker-gpu0-exec")]
     finally:
         ex.close()
+
+
+def test_the_next_due_exec_launches_before_the_previous_result_is_delivered():
+    lock = threading.RLock()
+    log: list = []
+    seen_at_delivery: list = []
+    got = threading.Condition()
+
+    def deliver(results):       # what had happened when each result went out
+        with got:
+            seen_at_delivery.extend((r.message, [(n, s) for n, s, _ in log]) for r in results)
+            got.notify_all()
+
+    ex = ThreadExecutor("gpu0-exec", lock, MonotonicClock(), deliver)
+    first, second = Probe("first", log, split=True), Probe("second", log, split=True)
+    try:
+        with lock:
+            ex.submit(first, inline=True)
+            ex.submit(second, inline=True)              # due now, queued behind the launched one
+        first.gpu_done.set()
+        wait_for(got, lambda: len(seen_at_delivery) == 1)
+        name, before = seen_at_delivery[0]
+        assert name == "first" and ("second", "launch") in before    # the GPU was given work first
+        assert ("second", "finish") not in before
+        second.gpu_done.set()
+        wait_for(got, lambda: len(seen_at_delivery) == 2)
+        assert [m for m, _ in seen_at_delivery] == ["first", "second"]
+    finally:
+        ex.close()

@@ -338,6 +338,14 @@ class ThreadExecutor(Executor):
             finally:
                 with self.lock:
                     self.busy = None
+                    # the next exec, if due, is launched before this one's result goes out: delivering it (on
+                    # the process worker: encoding and sending it) would otherwise leave the GPU idle meanwhile
+                    if self.heap and not self.closed and self.heap[0].split:
+                        now = self.clock.now()
+                        if self.heap[0].eligible <= now:
+                            r = self._run_inline(heapq.heappop(self.heap), now)
+                            if r is not None:
+                                out.append(r)
                     self._cv.notify_all()
             # delivered last, once idle: the receiver (often about to submit the next action) then does not wait
             # for this thread's bookkeeping to give back the interpreter lock
