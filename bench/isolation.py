@@ -104,6 +104,17 @@ class Results:
             return [self.got.pop(i) for i in ids]
 
 
+def _cpus(spec: str | None) -> list[int] | None:
+    """"2,3" or "8-11" -> CPU numbers (None: not confined)."""
+    if not spec:
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def make_worker(device: str, mode: str, res: Results, args):
     if device == "cpu":
         cfg = WorkerConfig.load(None, **CPU_CFG)
@@ -112,7 +123,8 @@ def make_worker(device: str, mode: str, res: Results, args):
     if mode == "process":
         from workbench.worker.process import ProcessWorker
         env = {"TVM_NUM_THREADS": os.environ["TVM_NUM_THREADS"]} if "TVM_NUM_THREADS" in os.environ else None
-        return ProcessWorker(device, cfg, res, num_gpus=1, switch_interval=args.switch_interval, env=env)
+        return ProcessWorker(device, cfg, res, num_gpus=1, switch_interval=args.switch_interval, env=env,
+                             cpus=_cpus(args.worker_cpus))
     if device == "cpu":
         from workbench.worker.cpu import CPUWorker
         return CPUWorker(cfg, res)
@@ -302,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--busy-nice", type=int, default=0, help="niceness of the busy thread (19: on a 2-core machine "
                                                              "it then competes for the GIL, not for a core)")
     p.add_argument("--name", default=None, help="results file name (default isolation / isolation_cpu)")
+    p.add_argument("--worker-cpus", default=None, help="confine the process worker to these CPUs (e.g. 1 or 8-11)")
+    p.add_argument("--session-cpus", default=None, help="confine this process (the session: the busy thread, "
+                                                          "the pump) to these CPUs (e.g. 0 or 0-7)")
     a = p.parse_args(argv)
+    if a.session_cpus:
+        os.sched_setaffinity(0, _cpus(a.session_cpus))
     a.lead_ms, a.slot_ms = int(a.lead_ms), int(a.slot_ms)
     if a.device == "cpu":
         os.environ.setdefault("TVM_NUM_THREADS", "1")   # before TVM starts its pool, here and in the child
@@ -355,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                "round. exec = device-measured duration; latency = outputs on host - earliest; late = exec begin - "
                "earliest; load = LoadWeights duration; load_latency = load end - earliest. Conditions: idle; thread = "
                f"a pure-Python busy loop in a session thread (nice {a.busy_nice}); thread+pump = that plus 25 ms of "
-               "Python at 4 Hz. Goals "
-               "(issue 9): p99/p50 <= 1.01 and p50 within 3% of idle for exec and load; overhead < 100 us. "
+               f"Python at 4 Hz. Worker CPUs: {a.worker_cpus or 'any'}; session CPUs: {a.session_cpus or 'any'}. "
+               "Goals (issue 9): p99/p50 <= 1.01 and p50 within 3% of idle for exec and load; overhead < 100 us. "
                f"Process worker child: {next((v for k, v in infos.items() if k.endswith('/process')), {})}."]
     write(a.name or ("isolation" if a.device == "cuda" else "isolation_cpu"),
           {"rows": rows, "overhead": overheads, "load_floor": floors, "child": infos, "args": vars(a)}, md)

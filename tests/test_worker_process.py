@@ -471,3 +471,23 @@ def test_close_from_on_result_and_close_during_a_restart():
     assert not col.dupes and not alive(old) and (w.pid == old or wait_gone(w.pid))
     time.sleep(0.2)
     assert set(threading.enumerate()) - threads == set()
+
+
+def test_cpus_confine_every_thread_of_the_executor_process(mlp_artifact):
+    allowed = sorted(os.sched_getaffinity(0))
+    want = [allowed[-1]]
+    col = Collector()
+    w = attach(ProcessWorker("cpu", config(), col, cpus=want), col)
+    try:
+        assert w.do(LoadModelFromDisk(id=1, model_id=0, path=str(mlp_artifact))).ok   # TVM's threads started
+        assert w.do(LoadWeights(id=2, model_id=0, gpu=0)).ok
+        assert w.do(Infer(id=3, model_id=0, gpu=0, batch_size=1)).ok
+        assert w.info["cpus"] == want
+        tasks = list(Path(f"/proc/{w.pid}/task").iterdir())
+        assert len(tasks) > 1
+        for t in tasks:
+            assert os.sched_getaffinity(int(t.name)) == set(want), f"thread {t.name} not confined"
+    finally:
+        w.close()
+    with pytest.raises(ValueError, match=r"cpus=\[100000\].*CPU numbers of this machine"):
+        ProcessWorker("cpu", config(), Collector(), cpus=[100000])

@@ -560,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     init = init[1]
     if init.get("switch_interval"):
         sys.setswitchinterval(init["switch_interval"])
+    if init.get("cpus"):                              # the session confined this process (ProcessWorker cpus)
+        os.environ.setdefault("TVM_BIND_THREADS", "0")   # else TVM pins its pool threads to cores it picks
     shm = SharedIO(a.shm_fd, init["in_bytes"], init["out_bytes"]) if a.shm_fd >= 0 else None
     host = Host(chan, shm)
     try:
@@ -573,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()                       # startup objects (TVM, numpy, the worker) are never scanned again
     chan.send(("ready", {"pid": os.getpid(), "num_gpus": host.worker.num_gpus,
                          "device": host.worker.device.name, "pinned": pinned or "yes",
-                         "switch_interval": sys.getswitchinterval()}))
+                         "switch_interval": sys.getswitchinterval(),
+                         "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}))
     host.serve()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -85,6 +85,8 @@ class ProcessWorker:
     - switch_interval: `sys.setswitchinterval` in the child (None: Python's 5 ms, which measured ~15% faster
       round trips on the CPU device than 0.5 ms: the child has no busy thread to preempt);
     - env: extra environment for the child (e.g. {"CUDA_VISIBLE_DEVICES": "1"}, {"TVM_NUM_THREADS": "1"});
+    - cpus: CPU numbers the executor process (all its threads) is confined to (sched_setaffinity), e.g. cores
+      the notebook kernel does not use; None: wherever the OS schedules it;
     - sync_each_page: passed to CUDAWorker; start_timeout: seconds to wait for the child to be ready.
     """
 
@@ -95,10 +97,17 @@ class ProcessWorker:
                  devices: Sequence[int] | None = None, *, on_restart: Callable[[int], None] | None = None,
                  max_restarts: int | None = None, shm_bytes: int = DEFAULT_SHM_BYTES,
                  switch_interval: float | None = None, env: dict[str, str] | None = None,
-                 sync_each_page: bool = False, start_timeout: float = 180.0):
+                 sync_each_page: bool = False, start_timeout: float = 180.0, cpus: Sequence[int] | None = None):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"ProcessWorker device must be 'cpu' or 'cuda', got {device!r} (EmulatedWorker runs "
                              f"on the controller's clock and needs no process)")
+        if cpus is not None:
+            cpus = sorted(set(cpus))
+            n = os.cpu_count() or 0
+            if not cpus or not hasattr(os, "sched_setaffinity") or not all(0 <= c < n for c in cpus):
+                raise ValueError(f"ProcessWorker cpus={cpus}: pick CPU numbers of this machine (0..{n - 1})"
+                                 if hasattr(os, "sched_setaffinity") else
+                                 "ProcessWorker cpus: this OS has no CPU affinity (sched_setaffinity)")
         self.device = device
         self.config = config or WorkerConfig.load()
         self.on_result = on_result or (lambda r: None)
@@ -107,7 +116,7 @@ class ProcessWorker:
         self.restarts = 0
         self.start_timeout = start_timeout
         self._init = {"device": device, "num_gpus": num_gpus, "devices": list(devices) if devices else None,
-                      "sync_each_page": sync_each_page, "switch_interval": switch_interval,
+                      "sync_each_page": sync_each_page, "switch_interval": switch_interval, "cpus": cpus,
                       "config": {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}}
         self._env = dict(env or {})
         self._lock = threading.Lock()          # state: flights, pool, generation, local results
@@ -387,8 +396,13 @@ class ProcessWorker:
         fds = [child.fileno()] + ([self._shm.fd] if self._shm else [])
         log = tempfile.TemporaryFile(prefix="workbench-executor-")   # unlinked: nothing left behind, ever
         try:
+            cpus = self._init["cpus"]
+            # confined before anything starts a thread (importing numpy starts its BLAS threads): all inherit it
+            start = (["-m", "workbench.worker.host"] if not cpus else
+                     ["-c", f"import os, sys; os.sched_setaffinity(0, {cpus!r}); "
+                            "from workbench.worker.host import main; sys.exit(main())"])
             proc = self._starting = subprocess.Popen(
-                [sys.executable, "-m", "workbench.worker.host", "--fd", str(child.fileno()), "--ppid",
+                [sys.executable, *start, "--fd", str(child.fileno()), "--ppid",
                  str(os.getpid()), "--shm-fd", str(self._shm.fd if self._shm else -1)],
                 pass_fds=fds, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         except BaseException:
