@@ -3,6 +3,7 @@ live widgets fed by the pump, bad input, and no leaked threads or memory across 
 from __future__ import annotations
 
 import gc
+import os
 import html
 import resource
 import threading
@@ -259,3 +260,18 @@ def test_an_artifact_without_measurements_is_profiled_once(tmp_path):
     assert m is not None and sorted(m.exec) == [1, 4] and all(d.p50_ns > 0 for d in m.exec.values())
     assert m.weights_load_ns > 0 and profiling.has_measurements(copy, "cpu")
     assert seen[-1][:3] == ("compile", 2, 2)
+
+
+def test_an_isolated_session_runs_its_executor_process_on_the_cpus_given():
+    with pytest.raises(ValueError, match="worker_cpus.*isolated=True"):
+        Session(device="cpu", name="not-isolated", worker_cpus=[0])
+    want = [sorted(os.sched_getaffinity(0))[-1]]
+    with Session(device="cpu", name="pinned", isolated=True, worker_cpus=want) as s:
+        s.load("mlp")
+        x = np.random.default_rng(2).standard_normal((1, 128)).astype("float32")
+        out = _infer_ok(s, "mlp", x)
+        assert out.ok, out
+        expected = reference_forward("mlp", x, zoo.get("mlp").weights())
+        np.testing.assert_allclose(out.outputs[0].reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+        assert s.worker.isolated and s.worker.info["cpus"] == want
+        assert os.sched_getaffinity(s.worker.pid) == set(want)

@@ -197,7 +197,7 @@ class Session:
                  clock: str = "real", *, profile: str = "h200", worker_config: Any = None,
                  controller_config: Any = None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                  max_hz: float = 4.0, seed: int = 0, isolated: bool = False, name: str | None = None,
-                 **policy_options: Any):
+                 worker_cpus: Sequence[int] | None = None, **policy_options: Any):
         # every attribute close() touches exists before anything can fail
         self.id = next(_ids)
         self.closed = False
@@ -221,6 +221,9 @@ class Session:
         self.max_hz = max_hz
         self.profile_name = profile
         self.isolated = bool(isolated)
+        if worker_cpus is not None and not self.isolated:
+            raise ValueError("worker_cpus confines the executor process: give isolated=True with it")
+        self.worker_cpus = None if worker_cpus is None else list(worker_cpus)
         self.device, self.gpus, self.device_note = self._resolve_device(device, gpus)
         self.name = name or self.device
         for old in sessions():       # re-running `session = Session()` must not leak the previous one
@@ -305,6 +308,8 @@ class Session:
             elif self.isolated:       # the executor in its own process (workbench.worker.process)
                 from workbench.worker.process import start_worker
                 kw = {"num_gpus": n} if self.device == "cpu" else {"devices": self.gpus}
+                if self.worker_cpus is not None:
+                    kw["cpus"] = self.worker_cpus
                 self.controller.add_worker(lambda cb: self._keep(start_worker(self.device, worker_config, cb,
                                                                               isolated=True, **kw)))
             elif self.device == "cpu":
