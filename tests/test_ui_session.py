@@ -264,9 +264,9 @@ def test_an_artifact_without_measurements_is_profiled_once(tmp_path):
 
 def test_an_isolated_session_runs_its_executor_process_on_the_cpus_given():
     with pytest.raises(ValueError, match="worker_cpus.*isolated=True"):
-        Session(device="cpu", name="not-isolated", worker_cpus=[0])
+        Session(device="cpu", name="not-isolated", isolated=False, worker_cpus=[0])
     want = [sorted(os.sched_getaffinity(0))[-1]]
-    with Session(device="cpu", name="pinned", isolated=True, worker_cpus=want) as s:
+    with Session(device="cpu", name="pinned", worker_cpus=want) as s:         # isolated by default
         s.load("mlp")
         x = np.random.default_rng(2).standard_normal((1, 128)).astype("float32")
         out = _infer_ok(s, "mlp", x)
@@ -275,3 +275,11 @@ def test_an_isolated_session_runs_its_executor_process_on_the_cpus_given():
         np.testing.assert_allclose(out.outputs[0].reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
         assert s.worker.isolated and s.worker.info["cpus"] == want
         assert os.sched_getaffinity(s.worker.pid) == set(want)
+
+
+def test_isolated_false_keeps_the_worker_in_this_process_and_says_so():
+    with Session(device="cpu", name="in-process", isolated=False) as s:
+        s.load("mlp")
+        out = _infer_ok(s, "mlp", np.ones((1, 128), "float32"))
+        assert out.ok, out
+        assert not getattr(s.worker, "isolated", False) and "NOT isolated" in repr(s.worker)

@@ -10,9 +10,14 @@
 A new Session closes an open one of the same `name` (default: the device), so re-running the cell that creates
 it never leaks the previous worker (and its GPU memory); give distinct names to keep several open.
 
-Threads a session owns (all named "workbench-*", all stopped by `close()`): the controller's clock timer
-thread, the worker's executors, the telemetry converter, the UI pump (only once a view is shown) and the model
-loader. Cells never block on them; button handlers only start work on them.
+On "cpu" and "cuda" the executor runs in its own process (`workbench.worker.process`), so its timing does not
+depend on what else runs in this kernel; `isolated=False` puts it in the kernel's process instead, for debugging
+only (NOT isolated: its threads then wait for the interpreter lock like any other), and `worker_cpus=[...]`
+confines the executor process to cores the kernel leaves free.
+
+Threads a session owns (all stopped by `close()`): the controller's clock timer thread, the executor process's
+supervisor (or, in-process, the worker's executors), the telemetry converter, the UI pump (only once a view is
+shown) and the model loader. Cells never block on them; button handlers only start work on them.
 """
 from __future__ import annotations
 
@@ -196,7 +201,7 @@ class Session:
     def __init__(self, device: str = "auto", gpus: int | Sequence[int] | None = None, policy: str = "clockwork",
                  clock: str = "real", *, profile: str = "h200", worker_config: Any = None,
                  controller_config: Any = None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-                 max_hz: float = 4.0, seed: int = 0, isolated: bool = False, name: str | None = None,
+                 max_hz: float = 4.0, seed: int = 0, isolated: bool = True, name: str | None = None,
                  worker_cpus: Sequence[int] | None = None, **policy_options: Any):
         # every attribute close() touches exists before anything can fail
         self.id = next(_ids)
@@ -317,8 +322,7 @@ class Session:
                 self.controller.add_worker(lambda cb: self._keep(CPUWorker(worker_config, cb, num_gpus=n)))
             else:
                 from workbench.worker import CUDAWorker
-                self.controller.add_worker(lambda cb: self._keep(_make_cuda_worker(CUDAWorker, worker_config, cb,
-                                                                                    self.gpus)))
+                self.controller.add_worker(lambda cb: self._keep(CUDAWorker(worker_config, cb, devices=self.gpus)))
         except BaseException as e:  # noqa: BLE001 - reported by wait_started() and the status line
             self.start_error = f"{type(e).__name__}: {e}"
 
@@ -656,17 +660,6 @@ class Session:
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         return {"text/plain": repr(self)}
-
-
-def _make_cuda_worker(cls: Any, config: Any, on_result: Callable, gpus: list[int]) -> Any:
-    """CUDAWorker over the chosen devices (its constructor takes `devices=` when it supports picking GPUs)."""
-    import inspect
-    params = inspect.signature(cls).parameters
-    if "devices" in params:
-        return cls(config, on_result, devices=gpus)
-    if gpus != list(range(len(gpus))):
-        raise SessionError(f"gpus={gpus}: this CUDAWorker uses GPUs 0..n-1 only; pass gpus={len(gpus)}")
-    return cls(config, on_result, num_gpus=len(gpus))
 
 
 def sessions() -> list[Session]:
