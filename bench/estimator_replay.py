@@ -1,0 +1,94 @@
+"""Replay recorded exec durations through the controller's estimator at other settings (window, percentile).
+
+    python -m bench.estimator_replay [--telemetry data/telemetry/h200_resnet50x20_clockwork] [--settings 10:0.99,...]
+
+Each successful INFER of the recording, in the order its result arrived, is predicted by a `SlidingEstimate`
+per (model, compiled batch size) -- the controller's own class -- seeded, like the controller, with the first
+prediction the controller made for that pair, and then given the measured duration. Reported per setting: the
+prediction error |measured - predicted| (p50, p99, p99.9) and the share of execs that ran longer than predicted
+(the ones that can make a request late). The first row replays the setting the recording was made with and is
+compared with the errors the controller actually recorded, which validates the replay.
+Writes bench/results/estimator_replay.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from bench.worker_common import write
+from workbench.controller.estimates import SlidingEstimate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "data" / "telemetry" / "h200_resnet50x20_clockwork"
+SETTINGS = "10:0.99,10:0.9,20:0.95,20:0.9,50:0.98,100:0.99"
+
+
+def pct(sorted_vals: list[float], q: float) -> float:
+    return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
+
+
+def infers(telemetry: Path) -> list[tuple[int, int, int, int, int]]:
+    """(model_id, compiled batch, measured ns, recorded predicted ns, clock MHz) of each successful INFER."""
+    import polars as pl
+    a = pl.read_parquet(telemetry / "actions.parquet")
+    inf = a.filter((pl.col("type") == "INFER") & (pl.col("status") == 0)).sort("completed")
+    sizes = sorted({b for b in inf["batch_size"].unique().to_list()})
+    compiled = [1, 2, 4, 8, 16, 32, 64, 128]
+    pad = {b: next(c for c in compiled if c >= b) for b in sizes}
+    return [(r["model_id"], pad[r["batch_size"]], r["measured_duration"], r["predicted_duration"],
+             r["gpu_clock"] or 1) for r in inf.iter_rows(named=True)]
+
+
+def replay(rows: list, window: int, p: float) -> dict:
+    est: dict[tuple[int, int], SlidingEstimate] = {}
+    errs, under = [], 0
+    for m, b, measured, predicted, clock in rows:
+        e = est.get((m, b))
+        if e is None:
+            e = est[(m, b)] = SlidingEstimate(window, p, predicted * clock)
+        guess = e.value / clock
+        errs.append(abs(measured - guess))
+        under += measured > guess
+        e.add(measured * clock)
+    return summary(errs, under)
+
+
+def summary(errs: list[float], under: int) -> dict:
+    s = sorted(errs)
+    return {"n": len(s), "p50_us": pct(s, 0.5) / 1e3, "p99_us": pct(s, 0.99) / 1e3, "p999_us": pct(s, 0.999) / 1e3,
+            "under_predicted": under / len(s) if s else 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--telemetry", default=str(DEFAULT), help="a telemetry directory holding actions.parquet")
+    ap.add_argument("--settings", default=SETTINGS, help="window:percentile, comma-separated; the first is the "
+                                                          "recording's own")
+    a = ap.parse_args(argv)
+    rows = infers(Path(a.telemetry))
+    if not rows:
+        raise SystemExit(f"{a.telemetry}: no successful INFER actions to replay")
+    recorded = summary([abs(m - p) for _, _, m, p, _ in rows], sum(m > p for _, _, m, p, _ in rows))
+    out = [{"setting": "recorded by the controller", **recorded}]
+    for spec in a.settings.split(","):
+        w, _, p = spec.partition(":")
+        out.append({"setting": f"window {int(w)}, p{float(p):g}", "window": int(w), "percentile": float(p),
+                    **replay(rows, int(w), float(p))})
+    md = ["| estimator | INFERs | error p50 (us) | error p99 (us) | error p99.9 (us) | ran longer than predicted |",
+          "| --- | --- | --- | --- | --- | --- |"]
+    md += [f"| {r['setting']} | {r['n']:,} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['p999_us']:.1f} | "
+           f"{r['under_predicted']:.1%} |" for r in out]
+    shown = Path(a.telemetry).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    md += ["", f"Recording: `{shown}` (see data/telemetry/README.md). Error = |measured - predicted| exec "
+               "duration per INFER; each setting replays the same measurements in result order through the "
+               "controller's SlidingEstimate per (model, compiled batch size), seeded with the controller's first "
+               "prediction for the pair. The first replayed setting is the recording's own (its row should match "
+               "'recorded by the controller')."]
+    write("estimator_replay", {"telemetry": str(shown), "rows": out}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
