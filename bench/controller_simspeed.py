@@ -26,6 +26,8 @@ from pathlib import Path
 from bench.controller_common import MIX_4000, Breakdown, load_average
 from bench.worker_common import write
 
+GOAL = 100.0       # virtual seconds per wall second (issue 4)
+
 
 def replay(trace, minutes: int, rate: float, a, on_progress=None):
     from workbench.controller.simulation import simulate
@@ -98,12 +100,17 @@ def main() -> None:
     if split:
         d["component_us_per_request"] = {k: f * us_per_req for k, f in split["shares"].items()}
     st = d["statuses"]
+    d["goal_speed"] = GOAL
+    d["goal_met"] = res.speed >= GOAL
     md = ["| hours | requests | mean rate r/s | success | dropped | goodput r/s | wall s | CPU s | virtual/wall | "
           "virtual/CPU-s | CPU us/request |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
           f"| {a.hours:g} | {res.submitted:,} | {d['rate']:,.0f} | {st['success']:,} | {st['dropped']:,} | "
           f"{res.goodput:,.0f} | {res.wall_s:,.1f} | {res.cpu_s:,.1f} | {res.speed:.1f}x | "
-          f"{d['virtual_per_cpu_s']:.1f}x | {us_per_req:.1f} |", ""]
+          f"{d['virtual_per_cpu_s']:.1f}x | {us_per_req:.1f} |", "",
+          f"**Goal (virtual/wall >= {GOAL:g}x): {'met' if d['goal_met'] else 'NOT met'}** ({res.speed:.1f}x wall, "
+          f"{d['virtual_per_cpu_s']:.1f}x per CPU second; {GOAL:g}x at {d['rate']:,.0f} r/s needs "
+          f"{1e6 / GOAL / max(d['rate'], 1e-9):.1f} us of CPU per request, this run took {us_per_req:.1f}).", ""]
     if split:
         comp = d["component_us_per_request"]
         md += ["Where the time goes (CPU us per request; shares measured over the first "

@@ -31,7 +31,8 @@ wake-ups (`call_at`) go straight to the clock.
 
 Speed: `submit`, `send_infer` and the success path of an Infer result are written out for the common case
 (a ready model, an SLO it can meet, no inputs to check; a successful batch); everything else takes the general
-path. A virtual clock needs no thread bookkeeping in `_flush`.
+path. A virtual clock needs no thread bookkeeping in `_flush` (and its common case, one action to send and
+then the callbacks, is written out there too).
 """
 from __future__ import annotations
 
@@ -72,6 +73,16 @@ _new = object.__new__
 _tuple_new = tuple.__new__
 _setattr = object.__setattr__
 _STATUS_NAMES = {s: s.name for s in Status}
+
+
+class _SameString(dict):
+    """Stands in for a recorder's string table (`Recorder.strings`) where rows go by keyword: `s[x]` is x."""
+
+    def __missing__(self, key: Any) -> Any:
+        return key
+
+
+_SAME_STRING = _SameString()
 
 
 class ControllerError(RuntimeError):
@@ -140,9 +151,15 @@ class Controller:
         self.clock = clock
         self.config = config or ControllerConfig()
         self.recorder = recorder
-        # rows as tuples in schema order where the recorder takes them (Recorder.add_request_row/add_action_row)
-        self._request_row = getattr(recorder, "add_request_row", None)
-        self._action_row = getattr(recorder, "add_action_row", None)
+        # rows as tuples in schema order where the recorder takes them (Recorder.add_request_row/add_action_row),
+        # String columns as codes from its string table (`recorder.strings`); else keyword rows of strings
+        codes = getattr(recorder, "strings", None)
+        fast = codes is not None and hasattr(recorder, "add_request_row") and hasattr(recorder, "add_action_row")
+        self._request_row = recorder.add_request_row if fast else None
+        self._action_row = recorder.add_action_row if fast else None
+        self._codes = codes if fast else _SAME_STRING   # str -> what a row carries for it
+        self._type_codes = {t: self._codes[n] for t, n in _TYPE_NAMES.items()}
+        self._status_codes = {s: self._codes[n] for s, n in _STATUS_NAMES.items()}
         self.policy = make_policy(policy, **policy_options)
         self._lock = threading.RLock()
         self._ready_cv = threading.Condition(self._lock)
@@ -409,10 +426,11 @@ class Controller:
             return
         g = r.gpu
         m = r.model
-        row = (r.id, m.id if m is not None else -1, m.name if m is not None else "",
+        s = self._codes
+        row = (r.id, m.id if m is not None else -1, s[m.name if m is not None else ""],
                g.worker if g is not None else -1, g.local if g is not None else -1, r.batch_size, r.arrival,
-               r.deadline, r.completion, r.slo, r.status, r.completion - r.arrival, bool(r.cold and g is not None),
-               r.message, r.action_id, r.slo_factor)
+               r.deadline, r.completion, r.slo, s[r.status], r.completion - r.arrival, bool(r.cold and g is not None),
+               s[r.message], r.action_id, r.slo_factor)
         if self._request_row is not None:     # the recorder's positional fast path (schema column order)
             self._request_row(row)
         else:
@@ -559,8 +577,13 @@ class Controller:
             heapq.heappop(timers)
         t = timers[0][0] if timers else None
         for dq in self._fifos.values():
-            while dq and _finished(dq[0]):
-                dq.popleft()
+            # _finished(dq[0]) written out: the FIFOs hold deadlines and watchdogs only
+            while dq:
+                e = dq[0]
+                if (e[3].state == DONE) if e[2] == DEADLINE else e[3].done:
+                    dq.popleft()
+                else:
+                    break
             if dq and (t is None or dq[0][0] < t):
                 t = dq[0][0]
         return t
@@ -897,9 +920,23 @@ class Controller:
         """A successful Infer: the hot path, written out."""
         g = rec.gpu
         m = rec.model
-        self._infer_finished(rec)
+        g.infers_outstanding -= 1           # _infer_finished(rec), written out
+        bm = g.busy_models
+        mid = m.id
+        left = bm[mid] - 1
+        if left:
+            bm[mid] = left
+        else:
+            del bm[mid]
         ex = result.exec
-        g.exec.success(rec.id, ex.end)
+        tl = g.exec
+        jobs = tl.jobs
+        aid = rec.id
+        if jobs and next(iter(jobs)) == aid:   # g.exec.success(aid, ex.end) when the head finished, written out
+            tl.total -= jobs.pop(aid)
+            tl.work_begin = ex.end
+        else:
+            tl.success(aid, ex.end)
         clk = (result.gpu_clock_before + result.gpu_clock) // 2
         if clk > 0:
             g.clock = clk
@@ -1056,11 +1093,14 @@ class Controller:
         if self.recorder is None:
             return
         g = rec.gpu
+        s = self._codes
         mb = me = md = clk = clk0 = 0
         message = ""
         if result is not None:
             st = int(result.status)
-            name = _STATUS_NAMES.get(result.status, str(st))
+            name = self._status_codes.get(result.status)
+            if name is None:
+                name = s[str(st)]
             t = getattr(result, "exec", None) or getattr(result, "timing", None)
             if t is not None:
                 mb, me, md = t.begin, t.end, t.duration
@@ -1068,12 +1108,12 @@ class Controller:
             clk0 = getattr(result, "gpu_clock_before", 0)
             message = result.message
         else:
-            st, name = int(status), status_name or ""
+            st, name = int(status), s[status_name or ""]
         latest = rec.latest if rec.latest < FOREVER else -1
-        row = (rec.id, rec.worker, g.local if g is not None else -1, _TYPE_NAMES[rec.type],
+        row = (rec.id, rec.worker, g.local if g is not None else -1, self._type_codes[rec.type],
                rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1), rec.batch_size,
                rec.earliest, latest, rec.sent, rec.planned_begin, rec.planned_end, rec.predicted, now, mb, me, md,
-               clk, st, name, clk0, rec.queued, rec.copies, message)
+               clk, st, name, clk0, rec.queued, rec.copies, s[message])
         if self._action_row is not None:
             self._action_row(row)
         else:
@@ -1099,8 +1139,33 @@ class Controller:
         if self._in_flush:
             return
         self._in_flush = True
+        out = self._outbox
+        cbs = self._callbacks
         try:
-            self._deliver()
+            # _deliver() for the common case written out (one action to send, then the callbacks), in its
+            # order: every action queued is sent before the callbacks, every callback queued is called before
+            # actions queued meanwhile are sent; anything else goes to _deliver()
+            if len(out) == 1:
+                worker, action = out.popleft()
+                try:
+                    worker.submit(action)
+                except Exception:  # noqa: BLE001 - its watchdog gives the action up; keep delivering
+                    import traceback
+                    traceback.print_exc()
+            if not out:
+                while cbs:
+                    r = cbs.popleft()
+                    cb = r.callback
+                    m = r.model
+                    try:
+                        cb(_tuple_new(RequestOutcome, (r.id, m.id if m is not None else -1, r.status, r.arrival,
+                                                       r.completion, r.completion - r.arrival, r.deadline,
+                                                       r.outputs, r.message)))
+                    except Exception:  # noqa: BLE001 - a client's bug must not stop the controller
+                        import traceback
+                        traceback.print_exc()
+            if out or cbs:
+                self._deliver()
         finally:
             self._in_flush = False
 

@@ -84,7 +84,7 @@ class ModelEstimates:
     duration are extrapolated linearly from the largest smaller known size (conservative: batching is never
     slower per sample than running one at a time), until measured.
     """
-    __slots__ = ("batch_sizes", "exec", "load", "ref_clock", "values", "_tables")
+    __slots__ = ("batch_sizes", "exec", "load", "ref_clock", "values", "_tables", "_index")
 
     def __init__(self, batch_sizes: tuple[int, ...], exec_ns: tuple[int, ...], load_ns: int, ref_clock: int,
                  window: int = 10, p: float = 0.99):
@@ -98,6 +98,7 @@ class ModelEstimates:
         self.load = SlidingEstimate(window, p, load_ns if load_ns > 0 else None)
         self.values: list[float] = []           # ns x MHz per batch size (extrapolated where unmeasured)
         self._tables: dict[int, list[int]] = {}  # clock -> exec ns per batch size
+        self._index = {b: k for k, b in enumerate(self.batch_sizes)}
         self._recompute()
 
     def _recompute(self) -> None:
@@ -115,10 +116,40 @@ class ModelEstimates:
 
     def add_exec(self, batch_size: int, duration_ns: int, clock_mhz: int) -> None:
         e = self.exec[batch_size]
-        old, n = e.value, len(e.samples)
-        e.add(duration_ns * (clock_mhz or self.ref_clock))
-        if e.value != old or n == 0:
+        samples = e.samples
+        if not samples:
+            e.add(duration_ns * (clock_mhz or self.ref_clock))
             self._recompute()
+            return
+        old = e.value
+        sample = duration_ns * (clock_mhz or self.ref_clock)
+        s = e._sorted                           # e.add(sample), written out (a window that had a sample)
+        if len(samples) == samples.maxlen:
+            del s[bisect_left(s, samples[0])]
+        samples.append(sample)
+        insort(s, sample)
+        at = e._at[len(s)]
+        e.value = v = float(s[-1]) if at is None else s[at[0]] + at[1] * (s[at[0] + 1] - s[at[0]])
+        if v != old:
+            # What _recompute would change: this size's value and the unmeasured sizes after it (extrapolated
+            # from it); the cached tables get those entries anew (new lists: a caller may hold the old one).
+            k = self._index[batch_size]
+            vals = self.values
+            vals[k] = v
+            sizes = self.batch_sizes
+            ex = self.exec
+            j = k + 1
+            while j < len(sizes) and not ex[sizes[j]].samples:
+                vals[j] = v * sizes[j] / batch_size
+                j += 1
+            ref = self.ref_clock
+            tables = self._tables
+            for c, t in list(tables.items()):
+                clock = c or ref
+                t = t.copy()
+                for i in range(k, j):
+                    t[i] = int(vals[i] // clock)
+                tables[c] = t
 
     def add_load(self, duration_ns: int) -> None:
         self.load.add(duration_ns)

@@ -76,8 +76,8 @@ class Request:
         self.batch_size = 0
         self.action_id = -1
         self.cold = False                      # no copy of the model was loaded when it arrived
-        self.lw_size = 0.0                     # outstanding load-weights demand (LoadTracker)
-        self.exec_size = 0.0                   # outstanding exec demand (LoadTracker)
+        self.lw_size = 0                       # outstanding load-weights demand (LoadTracker, integer ns)
+        self.exec_size = 0                     # outstanding exec demand (LoadTracker, integer ns)
         self.skipped = False
 
     def outcome(self) -> RequestOutcome:

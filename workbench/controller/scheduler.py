@@ -44,7 +44,7 @@ from bisect import bisect_left
 from collections import Counter
 
 from workbench.contract import Result, Status
-from workbench.controller.loads import LoadTracker
+from workbench.controller.loads import MIN_SIZE, LoadTracker
 from workbench.controller.policy import Policy
 from workbench.controller.requests import DROPPED, INFLIGHT, QUEUED, Request
 from workbench.controller.state import GPUState, ModelState
@@ -73,6 +73,7 @@ class ClockworkPolicy(Policy):
         self._load_timer_at: int | None = None
         self._last_pass = -(1 << 62)
         self.counters: Counter[str] = Counter()
+        self.n_batches = 0          # batches sent (counters["batches"], kept apart: the hot path avoids the Counter)
 
     def attach(self, ctl) -> None:
         super().attach(ctl)
@@ -92,6 +93,11 @@ class ClockworkPolicy(Policy):
     # ====================================================================================== requests
     def on_request(self, r: Request, now: int) -> None:
         m = r.model
+        loaded = m.loaded
+        if not m.queue and len(loaded) == 1 and not self._dirty and not self._scheduling:
+            g = loaded[0]
+            if not g.heap and not g.failed and self._dispatch_alone(r, m, g, now):
+                return
         est = m.est
         sa_buf = self.sa + self.buffer
         weights_slo = r.slo - (int(est.load.value) + m.b1_ns + sa_buf)
@@ -101,17 +107,12 @@ class ClockworkPolicy(Policy):
             weights_slo = sa_buf
         self.tracker.add_request(r, m, now, r.exec_deadline - r.arrival, weights_slo)
         q = m.queue
-        loaded = m.loaded
-        if not q and len(loaded) == 1 and not self._dirty and not self._scheduling and not loaded[0].heap \
-                and not loaded[0].failed and self._dispatch_alone(r, m, loaded[0], now):
-            pass
-        else:
-            heapq.heappush(q, (r.exec_deadline, r.id, r))
-            m.n_queued += 1
-            if q[0][2] is r:
-                self._requeue(m)
-                if self._dirty:
-                    self._run_dirty(now)
+        heapq.heappush(q, (r.exec_deadline, r.id, r))
+        m.n_queued += 1
+        if q[0][2] is r:
+            self._requeue(m)
+            if self._dirty:
+                self._run_dirty(now)
         if not m.holding:
             self._load_pass(now)            # cold: no copy anywhere, decide now
         elif self._load_timer_at is None and self.tracker.priority(m) > 0:
@@ -120,8 +121,11 @@ class ClockworkPolicy(Policy):
     def _dispatch_alone(self, r: Request, m: ModelState, g: GPUState, now: int) -> bool:
         """The common case of a request arriving, done in one step: m has no other request queued, one GPU
         holds it, that GPU has nothing else to schedule and room in its plan, and r can make its deadline
-        there. Exactly what queueing r, `_requeue`, `_schedule` and `_serve` would do then; False (nothing
-        done) when the case does not apply."""
+        there. Exactly what `LoadTracker.add_request`, queueing r, `_requeue`, `_schedule`, `_serve`,
+        `_dispatch` (with `LoadTracker.executing`) and the load check after would do then, in one step; False
+        (nothing done) when the case does not apply. The request's load demand would be added and taken
+        away again at once (executing), so it is never added: no expiry entry either (the tracker would find
+        it with no demand left and skip it)."""
         free_at = g.exec.available(now)
         if free_at >= now + self.sa:
             return False
@@ -129,11 +133,32 @@ class ClockworkPolicy(Policy):
         table = est._tables.get(g.clock)
         if table is None:
             table = est.exec_table(g.clock)
-        if table[0] > r.exec_deadline - free_at:
+        e1 = table[0]
+        if e1 > r.exec_deadline - free_at:
             return False
+        tr = self.tracker                       # add_request: the exec demand
+        exp = tr.expiry
+        if exp and exp[0][0] < now:
+            tr.check(now)
+        b1 = m.b1_ns
+        exec_slo = r.exec_deadline - r.arrival
+        r.exec_size = ex = (b1 if b1 > MIN_SIZE else MIN_SIZE) * tr.capacity // (exec_slo if exec_slo > 1 else 1)
+        m.outstanding_exec += ex
+        tr._distribute(m)
         m.version += 2              # _requeue before and after the batch
-        m.n_queued += 1
-        self._dispatch(g, m, [r], table[0], free_at, now)
+        latest = now + self.future + self.sa
+        if free_at + self.sa > latest:
+            latest = free_at + self.sa
+        self.ctl.send_infer(g, m, [r], e1, free_at, now, latest, now)
+        m.last_used = next(tr._used)            # executing
+        if not m.stale:
+            m.stale = True
+            tr.stale.append(m)
+        self.n_batches += 1
+        # the load check of on_request: m is held (by g); its priority is its load demand less what the GPUs
+        # holding it serve, so it cannot be positive without load demand
+        if self._load_timer_at is None and m.outstanding_lw > 0 and tr.priority(m) > 0:
+            self._kick_loads(now)
         return True
 
     def queued_requests(self) -> list[Request]:
@@ -151,8 +176,12 @@ class ClockworkPolicy(Policy):
             tr = self.tracker
             if ex:
                 m.outstanding_exec -= ex
-                m.outstanding_lw -= lw
-                tr._changed(m)
+                if lw:
+                    m.outstanding_lw -= lw
+                tr._distribute(m)           # tr._changed(m), inlined
+                if not m.stale:
+                    m.stale = True
+                    tr.stale.append(m)
             else:
                 m.outstanding_lw -= lw
                 if not m.stale:
@@ -330,7 +359,7 @@ class ClockworkPolicy(Policy):
             latest = free_at + self.sa
         self.ctl.send_infer(g, m, reqs, predicted, free_at, now, latest, now)
         self.tracker.executing(reqs, m, g)
-        self.counters["batches"] += 1
+        self.n_batches += 1
 
     def _drop(self, r: Request, earliest_end: int, now: int) -> None:
         self.ctl.finalize(r, DROPPED, now, f"cannot finish by its deadline: the earliest predicted end is "
@@ -473,10 +502,15 @@ class ClockworkPolicy(Policy):
         if not tr.wants_load():
             return
         ctl = self.ctl
-        gpus = [g for g in ctl.gpus if not g.failed]
-        gpus.sort(key=lambda g: (-g.weight, g.index))      # least-loaded GPUs choose first
-        for g in gpus:
-            while g.loads_outstanding < self.max_loads:
+        max_loads = self.max_loads
+        # least-loaded GPUs choose first; GPUs with max_loads loads outstanding choose nothing (when every GPU
+        # has, the pass is over: the wants_load() after each GPU would answer as the one above did)
+        order = [(-g.weight, g.index, g) for g in ctl.gpus if not g.failed and g.loads_outstanding < max_loads]
+        if not order:
+            return
+        order.sort()                    # (indices are unique: GPUs themselves are never compared)
+        for _, _, g in order:
+            while g.loads_outstanding < max_loads:
                 pa = g.pcie.available(now)
                 if pa >= now + self.sa:                     # the PCIe link has enough planned already:
                     t = pa - self.sa + 1                    # look again when it has not
@@ -506,4 +540,6 @@ class ClockworkPolicy(Policy):
         return True
 
     def summary(self) -> dict:
+        if self.n_batches:
+            self.counters["batches"] = self.n_batches
         return {f"clockwork_{k}": v for k, v in sorted(self.counters.items())}
