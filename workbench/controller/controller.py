@@ -121,12 +121,13 @@ PROBE = "probe"      # ActionRecord.extra of a GetWorkerState that probes a work
 
 class WorkerInfo:
     """What the controller tracks per worker for recovery."""
-    __slots__ = ("disk_loads", "probe", "again", "reloading", "gen", "probe_timer_at")
+    __slots__ = ("disk_loads", "probe", "again", "stale", "reloading", "gen", "probe_timer_at")
 
     def __init__(self) -> None:
         self.disk_loads: list[LoadModelFromDisk] = []   # to replay after a restart
         self.probe: ActionRecord | None = None          # the GetWorkerState probe in flight
         self.again = False          # the cache changed behind the probe in flight: probe again when it answers
+        self.stale = False          # a late load/evict result changed the cache: probe until one answers in time
         self.reloading: set[int] = set()   # disk_loads (indices) not yet loaded again after a restart
         self.gen = 0                # restarts seen
         self.probe_timer_at = -1    # a probe is due at this time (-1: none planned)
@@ -719,7 +720,7 @@ class Controller:
             for aid in [aid for aid, rec in self._lost.items() if rec.worker == w]:
                 del self._lost[aid]          # the old process is gone: these answers will never come
             wi.probe = None
-            wi.again = False
+            wi.again = wi.stale = False
             wi.reloading = set(range(len(wi.disk_loads)))
             for i in sorted(wi.reloading):
                 self._send_reload(w, i, now)
@@ -794,14 +795,14 @@ class Controller:
         w = rec.worker
         wi = self._winfo[w]
         if wi.probe is not rec:                # superseded (a restart) or already given up
-            if result is not None and self._needs_probe(w):
+            if result is not None and (self._needs_probe(w) or wi.stale):
                 self._probe(w, now)            # a late answer: the worker answers again
             return
         wi.probe = None
         if self.closed:
             return
         if result is None or not result.ok:
-            if wi.again or self._needs_probe(w):
+            if wi.again or wi.stale or self._needs_probe(w):
                 wi.again = False
                 if result is None:
                     self._probe(w, now)        # the watchdog already waited probe_interval
@@ -814,6 +815,7 @@ class Controller:
             return
         if wi.reloading:
             return
+        wi.stale = False
         gpus = {int(gs["gpu"]): gs for gs in result.state.get("gpus", ())}
         for g in self.worker_gpus[w]:
             gs = gpus.get(g.local)
@@ -872,6 +874,7 @@ class Controller:
             return
         g.timeouts = 0
         if result.ok and rec.type in (ActionType.LOAD_WEIGHTS, ActionType.EVICT_WEIGHTS):
+            self._winfo[w].stale = True        # the view no longer matches the cache until a probe answers
             self._probe(w, now)
         elif self._needs_probe(w):
             self._probe(w, now)
