@@ -3,6 +3,7 @@
 .gpu/artifacts; $WORKBENCH_GPU_ARTIFACTS first) and carried to the GPU machine.
 
 The first test runs everywhere: without a GPU the module imports and construction fails clearly."""
+import gc
 import os
 import threading
 from pathlib import Path
@@ -75,6 +76,8 @@ def gpu_worker():
     w.do = do
     yield w
     w.close()
+    del w.do                  # w -> do -> w: without the cycle the next test starts with this worker gone
+    gc.collect()
     assert not col.dupes
 
 
@@ -136,6 +139,23 @@ def test_inputs_in_registered_host_memory_are_read_in_place(gpu_worker):
     again = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=4, inputs=(inside,)))
     assert again.ok and not np.array_equal(again.outputs[0], direct.outputs[0])
     assert w.check_consistency() == []
+
+
+@pytest.mark.gpu
+def test_close_returns_the_device_memory_at_once():
+    from workbench.worker.cuda import CUDAWorker
+    col = Collector()
+    w = CUDAWorker(WorkerConfig.load(None, **CFG), col, num_gpus=1)
+    w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(artifact("mlp_cuda"))))
+    assert col.wait(1).ok
+    w.submit(LoadWeights(id=2, model_id=0, gpu=0))
+    assert col.wait(2).ok
+    w.submit(Infer(id=3, model_id=0, gpu=0))
+    assert col.wait(3).ok                       # a graph captured over the weights' pages
+    used = gpu_used(w)
+    w.close()                                   # w stays referenced: no garbage collection involved
+    assert used - gpu_used(w) >= 2**30, "the weights cache was not freed by close()"
+    assert w.state()["gpus"][0]["models"] == [] and w.check_consistency() == []
 
 
 @pytest.mark.gpu

@@ -440,7 +440,19 @@ class Worker:
         self._deliver(leftovers)
         if self.config.telemetry:
             self._write_telemetry()
+        with self.lock:   # the weights' device memory goes now, not whenever this object is collected
+            self.clear_cache()
         self.device.close()
+
+    def clear_cache(self) -> None:
+        """Free every installed weights allocation (caller holds the lock); loads in flight keep theirs and see
+        the version change."""
+        for m in self.models.values():
+            for g, gm in enumerate(m.gpus):
+                gm.version += 1
+                if gm.weights is not None:
+                    self.gpus[g].cache.free(gm.weights)
+                    gm.weights, gm.binding = None, None
 
     # ---------------------------------------------------------------------------------------- internals
     def _malformed(self, a: Action) -> tuple[Status, str] | None:
@@ -1009,13 +1021,7 @@ class ControlTask(ActionTask):
             return r
         a = self.action
         if isinstance(a, ClearCache):
-            # Free every installed weights allocation; loads in flight keep theirs and see the version change.
-            for m in self.w.models.values():
-                for g, gm in enumerate(m.gpus):
-                    gm.version += 1
-                    if gm.weights is not None:
-                        self.w.gpus[g].cache.free(gm.weights)
-                        gm.weights, gm.binding = None, None
+            self.w.clear_cache()
             return ClearCacheResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now())
         return GetWorkerStateResult(id=a.id, action_type=a.type, received=self.received, sent=self.w.clock.now(),
                                     state=self.w.state())
