@@ -13,7 +13,6 @@ Writes bench/results/estimator_replay.json and .md.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from pathlib import Path
 
 from bench.worker_common import write

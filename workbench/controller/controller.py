@@ -1142,33 +1142,8 @@ class Controller:
         if self._in_flush:
             return
         self._in_flush = True
-        out = self._outbox
-        cbs = self._callbacks
         try:
-            # _deliver() for the common case written out (one action to send, then the callbacks), in its
-            # order: every action queued is sent before the callbacks, every callback queued is called before
-            # actions queued meanwhile are sent; anything else goes to _deliver()
-            if len(out) == 1:
-                worker, action = out.popleft()
-                try:
-                    worker.submit(action)
-                except Exception:  # noqa: BLE001 - its watchdog gives the action up; keep delivering
-                    import traceback
-                    traceback.print_exc()
-            if not out:
-                while cbs:
-                    r = cbs.popleft()
-                    cb = r.callback
-                    m = r.model
-                    try:
-                        cb(_tuple_new(RequestOutcome, (r.id, m.id if m is not None else -1, r.status, r.arrival,
-                                                       r.completion, r.completion - r.arrival, r.deadline,
-                                                       r.outputs, r.message)))
-                    except Exception:  # noqa: BLE001 - a client's bug must not stop the controller
-                        import traceback
-                        traceback.print_exc()
-            if out or cbs:
-                self._deliver()
+            self._deliver()
         finally:
             self._in_flush = False
 

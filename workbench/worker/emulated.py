@@ -180,7 +180,6 @@ import itertools as _itertools
 from functools import partial as _partial
 from math import cos as _cos, exp as _exp, log as _log, sin as _sin, sqrt as _sqrt
 from workbench.clock import VirtualClock as _VirtualClock
-from workbench.contract import Timing as _Timing
 from workbench.contract import (FOREVER as _FOREVER, ActionType as _AT, ClearCacheResult as _ClearCacheResult,
                                 EvictWeightsResult as _EvictWeightsResult, GetWorkerStateResult as _GWSResult,
                                 Infer as _Infer, InferResult as _InferResult, LoadModelFromDiskResult as _LMResult,
@@ -194,7 +193,6 @@ _setattr = object.__setattr__
 _heappush = _heapq.heappush
 _heappop = _heapq.heappop
 _TWOPI = 2.0 * 3.141592653589793
-_POOL_MAX_LOG = 4096        # _Pool.MAX_LOG (the fast paths below test it written out)
 
 
 def _gauss_inline_matches() -> bool:
@@ -227,7 +225,7 @@ class _Pool:
     MemoryPool and runs exactly until the pool is empty again."""
     __slots__ = ("name", "size", "used", "live", "log", "real", "offsets", "_next")
     ALIGN = 256
-    MAX_LOG = _POOL_MAX_LOG
+    MAX_LOG = 4096
     exact_switches = 0                      # times any pool had to place ranges exactly (tests read it)
 
     def __init__(self, name: str, size: int):
@@ -417,8 +415,6 @@ class _Lean:
         clock = w.clock
         self.now = clock.now
         self._done_cb = self._on_done           # bound once (a bound method per posted event otherwise)
-        # Worker._call not overridden: results go to w.on_result inline (the same try/except as _call)
-        self._plain_call = type(w)._call is Worker._call
         # posting an event: _push((t, _cnext(), fn, args)) with t >= now. On a VirtualClock straight onto its
         # heap (what its post() does, without the call); on any other clock through post().
         if isinstance(clock, _VirtualClock) and type(clock).post is _VirtualClock.post:
@@ -576,19 +572,9 @@ class _Lean:
                 host = self.host_io
                 n = p.io_len
                 m = p.hin_len
-                # io.counted(n) and host.counted(m), then io.take(n) and host.take(m), written out (the general
-                # path takes the same two allocations)
-                if io.real is None and host.real is None and n <= io.size and m <= host.size \
-                        and io.size - io.used >= n * (len(io.live) + 1) and len(io.log) < _POOL_MAX_LOG \
-                        and host.size - host.used >= m * (len(host.live) + 1) and len(host.log) < _POOL_MAX_LOG:
-                    t.io = h = io._next = io._next + 1
-                    io.live[h] = n
-                    io.used += n
-                    io.log.append((h, n))
-                    t.host = h = host._next = host._next + 1
-                    host.live[h] = m
-                    host.used += m
-                    host.log.append((h, m))
+                if io.counted(n) and host.counted(m):   # the general path takes the same two allocations
+                    t.io = io.take(n)
+                    t.host = host.take(m)
                     t.m, t.entry, t.batch, t.info, t.plan = p.m, p.entry, p.batch, p.info, p
                     d = p.cin_d
                     q.busy = t
@@ -623,16 +609,7 @@ class _Lean:
                 try:
                     a = t.a
                     t.cin = (begin, now, d)
-                    host = self.host_io
-                    if host.real is None:               # host.free(t.host), written out
-                        live = host.live
-                        host.used -= live.pop(t.host)
-                        if live:
-                            host.log.append((t.host, 0))
-                        else:
-                            host.log.clear()
-                    else:
-                        host.free(t.host)
+                    self.host_io.free(t.host)
                     t.host = -1
                     self.seq = seq = self.seq + 1     # the same record goes on as the Infer's exec task
                     el = a.earliest
@@ -657,18 +634,8 @@ class _Lean:
                     out += self._kick_in(q, now)
             elif k == _EXEC:
                 try:
-                    h = t.ws
-                    if h >= 0:
-                        ws = lane.ws
-                        if ws.real is None:             # ws.free(h), written out
-                            live = ws.live
-                            ws.used -= live.pop(h)
-                            if live:
-                                ws.log.append((h, 0))
-                            else:
-                                ws.log.clear()
-                        else:
-                            ws.free(h)
+                    if t.ws >= 0:
+                        lane.ws.free(t.ws)
                         t.ws = -1
                     t.ex = (begin, now, d)
                     if t.m.gpus[lane.gpu].version != t.version:
@@ -686,12 +653,8 @@ class _Lean:
                             host = self.host_io
                             p = t.plan
                             n = p.hout_len
-                            if host.real is None and n <= host.size and len(host.log) < _POOL_MAX_LOG \
-                                    and host.size - host.used >= n * (len(host.live) + 1):
-                                t.host = h = host._next = host._next + 1     # host.take(n), written out
-                                host.live[h] = n
-                                host.used += n
-                                host.log.append((h, n))
+                            if host.counted(n):
+                                t.host = host.take(n)
                             else:
                                 try:
                                     t.host = host.alloc(p.hout_n)
@@ -716,43 +679,11 @@ class _Lean:
                     out += self._kick(q, now)
             else:                                       # _COUT
                 try:
-                    h = t.io                            # release(t), written out
-                    if h >= 0:
-                        io = lane.io
-                        if io.real is None:
-                            live = io.live
-                            io.used -= live.pop(h)
-                            if live:
-                                io.log.append((h, 0))
-                            else:
-                                io.log.clear()
-                        else:
-                            io.free(h)
-                        t.io = -1
-                    h = t.host
-                    if h >= 0:
-                        host = self.host_io
-                        if host.real is None:
-                            live = host.live
-                            host.used -= live.pop(h)
-                            if live:
-                                host.log.append((h, 0))
-                            else:
-                                host.log.clear()
-                        else:
-                            host.free(h)
-                        t.host = -1
+                    self.release(t)
                     a = t.a
                     r = _new(_InferResult)
                     clk = self.sm_clock
-                    cb, ce, cd = t.cin
-                    eb, ee, ed = t.ex
-                    ci = _new(_Timing)                  # make_timing(...) x 3, written out
-                    _setattr(ci, "__dict__", {"begin": cb, "end": ce, "duration": cd})
-                    ex = _new(_Timing)
-                    _setattr(ex, "__dict__", {"begin": eb, "end": ee, "duration": ed})
-                    co = _new(_Timing)
-                    _setattr(co, "__dict__", {"begin": begin, "end": now, "duration": d})
+                    ci, ex, co = make_timing(*t.cin), make_timing(*t.ex), make_timing(begin, now, d)
                     _setattr(r, "__dict__", {"id": a.id, "action_type": a.type, "status": _S.SUCCESS, "message": "",
                                              "received": t.received, "sent": now, "gpu": a.gpu,
                                              "batch_size": a.batch_size, "copy_input": ci, "exec": ex,
@@ -764,14 +695,7 @@ class _Lean:
                     w = self.w                          # deliver([r])
                     if w.outstanding.pop(r.id, None) is not None:
                         w.results_delivered += 1
-                        if self._plain_call:            # w._call(r), written out
-                            try:
-                                w.on_result(r)
-                            except Exception:  # noqa: BLE001 - the receiver's bug must not stop the executor
-                                import traceback
-                                traceback.print_exc()
-                        else:
-                            w._call(r)
+                        w._call(r)
                     else:
                         self.deliver([r])
                     return
@@ -814,12 +738,8 @@ class _Lean:
         p = t.plan
         ws = lane.ws
         n = p.ws_len
-        if ws.real is None and n <= ws.size and len(ws.log) < _POOL_MAX_LOG \
-                and ws.size - ws.used >= n * (len(ws.live) + 1):
-            t.ws = h = ws._next = ws._next + 1             # ws.take(n), written out
-            ws.live[h] = n
-            ws.used += n
-            ws.log.append((h, n))
+        if ws.counted(n):
+            t.ws = ws.take(n)
         else:
             try:
                 t.ws = ws.alloc(p.ws_n)
@@ -1034,12 +954,7 @@ class _Lean:
             return r
         if k == _CTRL:
             if a.type == _AT.CLEAR_CACHE:
-                for m in w.models.values():
-                    for gi, gm in enumerate(m.gpus):
-                        gm.version += 1
-                        if gm.weights is not None:
-                            w.gpus[gi].cache.free(gm.weights)
-                            gm.weights, gm.binding = None, None
+                w.clear_cache()
                 return _ClearCacheResult(id=a.id, action_type=a.type, received=t.received, sent=now)
             return _GWSResult(id=a.id, action_type=a.type, received=t.received, sent=now, state=w.state())
         # _DISK
