@@ -449,10 +449,15 @@ class Worker:
         the version change."""
         for m in self.models.values():
             for g, gm in enumerate(m.gpus):
-                gm.version += 1
-                if gm.weights is not None:
-                    self.gpus[g].cache.free(gm.weights)
-                    gm.weights, gm.binding = None, None
+                self.drop_weights(g, gm)
+
+    def drop_weights(self, gpu: int, gm: "GPUModel") -> None:
+        """A model copy's weights on `gpu` are superseded: bump its version (an exec or load in flight sees the
+        change) and free its pages, if it has any (caller holds the lock)."""
+        gm.version += 1
+        if gm.weights is not None:
+            self.gpus[gpu].cache.free(gm.weights)
+            gm.weights, gm.binding = None, None
 
     # ---------------------------------------------------------------------------------------- internals
     def _malformed(self, a: Action) -> tuple[Status, str] | None:
@@ -605,10 +610,7 @@ class LoadWeightsTask(ActionTask):
             return self.fail(Status.LOAD_WEIGHTS_UNKNOWN_MODEL, f"model {a.model_id} is not loaded on this worker")
         st = self.w.gpus[a.gpu]
         g = m.gpus[a.gpu]
-        g.version += 1                      # a load supersedes whatever was there (Clockwork frees it first)
-        if g.weights is not None:
-            st.cache.free(g.weights)
-            g.weights, g.binding = None, None
+        self.w.drop_weights(a.gpu, g)       # a load supersedes whatever was there (Clockwork frees it first)
         try:
             self.alloc = st.cache.alloc(m.entry.runs)
         except InsufficientCache as e:
@@ -661,9 +663,7 @@ class EvictTask(ActionTask):
         g = m.gpus[a.gpu]
         if g.weights is None:
             return self.fail(Status.EVICT_WEIGHTS_NOT_IN_CACHE, f"model {a.model_id} has no weights on gpu {a.gpu}")
-        g.version += 1
-        self.w.gpus[a.gpu].cache.free(g.weights)
-        g.weights, g.binding = None, None
+        self.w.drop_weights(a.gpu, g)
         return None
 
     def run(self, now: int) -> Timing:

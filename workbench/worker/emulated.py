@@ -921,10 +921,7 @@ class _Lean:
                                                                    f"worker")
             st = w.gpus[a.gpu]
             g = m.gpus[a.gpu]
-            g.version += 1
-            if g.weights is not None:
-                st.cache.free(g.weights)
-                g.weights, g.binding = None, None
+            w.drop_weights(a.gpu, g)
             try:
                 t.alloc = st.cache.alloc(m.entry.runs)
             except _InsufficientCache as e:
@@ -943,9 +940,7 @@ class _Lean:
             if g.weights is None:
                 return self.fail(t, _S.EVICT_WEIGHTS_NOT_IN_CACHE, f"model {a.model_id} has no weights on gpu "
                                                                    f"{a.gpu}")
-            g.version += 1
-            w.gpus[a.gpu].cache.free(g.weights)
-            g.weights, g.binding = None, None
+            w.drop_weights(a.gpu, g)
             return None
         if k == _IMM:
             r = self.fail(t, t.status, t.message)
