@@ -332,16 +332,15 @@ class _Task:
 class _Plan:
     """What every Infer of one (model id, n samples) needs, worked out once (the model id of a loaded model
     always names the same entry): its pool lengths as the pools align them, durations and exec distribution."""
-    __slots__ = ("m", "entry", "batch", "info", "io_n", "io_len", "hin_n", "hin_len", "hout_n", "hout_len",
-                 "ws_n", "ws_len", "cin_d", "cout_d", "dist")
+    __slots__ = ("m", "entry", "batch", "info", "io_n", "io_len", "hin_n", "hin_len", "hout_n", "ws_n", "cin_d",
+                 "cout_d", "dist")
 
     def __init__(self, m: Any, e: Any, info: tuple, dist: Any):
         self.m, self.entry, self.batch, self.info = m, e, info[0], info
         self.io_n, self.io_len = info[1], _aligned(info[1])
         self.hin_n, self.hin_len = info[2], _aligned(info[2])
-        self.hout_n, self.hout_len = info[3], _aligned(info[3])
+        self.hout_n = info[3]
         self.ws_n = e.workspace_bytes[info[0]]
-        self.ws_len = _aligned(self.ws_n)
         self.cin_d, self.cout_d = info[4], info[5]
         self.dist = dist
 
@@ -650,17 +649,12 @@ class _Lean:
                         oq = lane.outq
                         if oq.busy is None and not oq.heap and now <= _FOREVER:
                             # begin() + run() of the output copy, at the head of its idle queue
-                            host = self.host_io
                             p = t.plan
-                            n = p.hout_len
-                            if host.counted(n):
-                                t.host = host.take(n)
-                            else:
-                                try:
-                                    t.host = host.alloc(p.hout_n)
-                                except _PoolExhausted as ex:
-                                    self.release(t)
-                                    res = self.fail(t, _S.COPY_OUTPUT_HOST_ALLOC, str(ex))
+                            try:
+                                t.host = self.host_io.alloc(p.hout_n)
+                            except _PoolExhausted as ex:
+                                self.release(t)
+                                res = self.fail(t, _S.COPY_OUTPUT_HOST_ALLOC, str(ex))
                             if res is None:
                                 d = p.cout_d
                                 oq.busy = t
@@ -736,16 +730,11 @@ class _Lean:
             return self.fail(t, _S.EXEC_WEIGHTS_MISSING, f"model {t.a.model_id} has no weights on gpu {t.a.gpu}: "
                                                          f"send LoadWeights first")
         p = t.plan
-        ws = lane.ws
-        n = p.ws_len
-        if ws.counted(n):
-            t.ws = ws.take(n)
-        else:
-            try:
-                t.ws = ws.alloc(p.ws_n)
-            except _PoolExhausted as ex:
-                self.release(t)
-                return self.fail(t, _S.EXEC_WORKSPACE_POOL_EXHAUSTED, str(ex))
+        try:
+            t.ws = lane.ws.alloc(p.ws_n)
+        except _PoolExhausted as ex:
+            self.release(t)
+            return self.fail(t, _S.EXEC_WORKSPACE_POOL_EXHAUSTED, str(ex))
         t.version = gm.version
         dist = p.dist
         if type(dist) is tuple:
