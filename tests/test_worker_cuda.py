@@ -86,6 +86,21 @@ def gpu_used(w) -> int:
     return total - free
 
 
+def mlp_on_gpu0(col, **config):
+    """A CUDAWorker (CFG plus `config`) whose model 0 is the mlp, its weights loaded on GPU 0 (actions 1 and 2)."""
+    from workbench.worker.cuda import CUDAWorker
+    w = CUDAWorker(WorkerConfig.load(None, **{**CFG, **config}), col, num_gpus=1)
+    try:
+        w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(artifact("mlp_cuda"))))
+        assert col.wait(1).ok
+        w.submit(LoadWeights(id=2, model_id=0, gpu=0))
+        assert col.wait(2).ok
+    except BaseException:
+        w.close()
+        raise
+    return w
+
+
 @pytest.mark.gpu
 def test_load_infer_evict_outputs_equal_the_cpu_worker(gpu_worker):
     from workbench.worker.cpu import CPUWorker
@@ -143,13 +158,8 @@ def test_inputs_in_registered_host_memory_are_read_in_place(gpu_worker):
 
 @pytest.mark.gpu
 def test_close_returns_the_device_memory_at_once():
-    from workbench.worker.cuda import CUDAWorker
     col = Collector()
-    w = CUDAWorker(WorkerConfig.load(None, **CFG), col, num_gpus=1)
-    w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(artifact("mlp_cuda"))))
-    assert col.wait(1).ok
-    w.submit(LoadWeights(id=2, model_id=0, gpu=0))
-    assert col.wait(2).ok
+    w = mlp_on_gpu0(col)
     w.submit(Infer(id=3, model_id=0, gpu=0))
     assert col.wait(3).ok                       # a graph captured over the weights' pages
     used = gpu_used(w)
@@ -317,14 +327,9 @@ def test_cuda_graphs_replay_the_vm_exactly_and_follow_weights_that_move(gpu_work
 
 @pytest.mark.gpu
 def test_cuda_graphs_off_runs_the_vm(tmp_path):
-    from workbench.worker.cuda import CUDAWorker
     col = Collector()
-    w = CUDAWorker(WorkerConfig.load(None, cuda_graphs=False, **CFG), col, num_gpus=1)
+    w = mlp_on_gpu0(col, cuda_graphs=False)
     try:
-        w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(artifact("mlp_cuda"))))
-        assert col.wait(1).ok
-        w.submit(LoadWeights(id=2, model_id=0, gpu=0))
-        assert col.wait(2).ok
         for i in range(3, 8):
             w.submit(Infer(id=i, model_id=0, gpu=0, batch_size=4))
             assert col.wait(i).ok
@@ -338,14 +343,9 @@ def test_cuda_graphs_off_runs_the_vm(tmp_path):
 def test_the_first_exec_does_not_time_the_kernel_load(graphs):
     """A batch size's first call loads its kernels (milliseconds): the worker makes that call untimed, so the
     first exec's measured duration is like the next ones' (the controller's estimates start from it)."""
-    from workbench.worker.cuda import CUDAWorker
     col = Collector()
-    w = CUDAWorker(WorkerConfig.load(None, cuda_graphs=graphs, **CFG), col, num_gpus=1)
+    w = mlp_on_gpu0(col, cuda_graphs=graphs)
     try:
-        w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(artifact("mlp_cuda"))))
-        assert col.wait(1).ok
-        w.submit(LoadWeights(id=2, model_id=0, gpu=0))
-        assert col.wait(2).ok
         durations = []
         for i in range(3, 15):
             w.submit(Infer(id=i, model_id=0, gpu=0, batch_size=4))
