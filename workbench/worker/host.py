@@ -569,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # noqa: BLE001 - the session raises it with this message
         chan.send(("fatal", f"{type(e).__name__}: {e}"))
         return 1
-    pinned = pin(host.worker, shm) if (shm is not None and init["device"] == "cuda" and init.get("pin", True)) else "not asked"
+    asked = shm is not None and init["device"] == "cuda" and init.get("pin", True)
+    pinned = pin(host.worker, shm) if asked else "not asked"
     host.sender.start()
     gc.collect()
     gc.freeze()                       # startup objects (TVM, numpy, the worker) are never scanned again

@@ -100,9 +100,9 @@ def _worker(art, device: str) -> tuple[Callable, Callable[[], None]]:
 
     bs = art.batch_sizes
     io = max(art.io_bytes(b) for b in bs) + (1 << 20)
+    workspace = max(art.workspace_bytes(b) for b in bs) + (1 << 20)
     cfg = WorkerConfig.load(None, page_size=art.page_size, weights_cache_size=max(1, art.num_pages) * art.page_size,
-                            io_pool_size=2 * io, workspace_pool_size=max(art.workspace_bytes(b) for b in bs) + (1 << 20),
-                            host_io_pool_size=2 * io)
+                            io_pool_size=2 * io, workspace_pool_size=workspace, host_io_pool_size=2 * io)
     cv, box = threading.Condition(), {}
 
     def on(r) -> None:
