@@ -255,7 +255,9 @@ def bench_model(device: str, path: Path, mode: str, args) -> tuple[list[dict], d
     return rows, info
 
 
-def round_trips(w, res, ids, make, n: int) -> list[int]:
+def round_trips(w, res, ids, make, n: int, legs: list | None = None) -> list[int]:
+    """Submit -> on_result times; with `legs`, also each trip's legs on the one machine clock (the worker
+    stamps `received` and `sent`): to the worker, inside it, and back."""
     out = []
     for _ in range(n):
         a = make(ids.take(1)[0])
@@ -265,32 +267,87 @@ def round_trips(w, res, ids, make, n: int) -> list[int]:
         if not r.ok:
             raise RuntimeError(f"{r.status.name}: {r.message}")
         out.append(t1 - t0)
+        if legs is not None:
+            legs.append((r.received - t0, r.sent - r.received, t1 - r.sent))
     return out
 
 
+LEGS = ("to_worker", "in_worker", "back")
+
+
+def _legs(legs: list) -> dict:
+    return {f"{k}_p50_us": pct([x[i] for x in legs], 0.5) / 1e3 for i, k in enumerate(LEGS)}
+
+
 def overhead(device: str, path: Path, args) -> dict:
-    """Round trips idle: no-op and Infer (batch 1, unscheduled), per mode; process minus in-process."""
+    """Round trips idle: no-op and Infer (batch 1, unscheduled), per mode; process minus in-process. Each
+    trip is also cut into legs (submit -> worker received -> result sent -> on_result), which shows where the
+    boundary's time goes."""
     from workbench.models.artifact import Artifact
     x = inputs_for(Artifact.open(path), 1)
     out = {}
     for mode in ("inprocess", "process"):
         res, ids = Results(), Ids()
         w = make_worker(device, mode, res, args)
+        noop_legs: list = []
+        infer_legs: list = []
         try:
             do(w, res, LoadModelFromDisk(id=1, model_id=0, path=str(path)))
             do(w, res, LoadWeights(id=2, model_id=0))
             round_trips(w, res, ids, lambda i: GetWorkerState(id=i), 50)
-            noop = round_trips(w, res, ids, lambda i: GetWorkerState(id=i), args.overhead_reps)
+            noop = round_trips(w, res, ids, lambda i: GetWorkerState(id=i), args.overhead_reps, noop_legs)
             round_trips(w, res, ids, lambda i: Infer(id=i, model_id=0, batch_size=1, inputs=x), 30)
             infer = round_trips(w, res, ids, lambda i: Infer(id=i, model_id=0, batch_size=1, inputs=x),
-                                args.overhead_reps)
+                                args.overhead_reps, infer_legs)
         finally:
             w.close()
         out[mode] = {"noop_p50_us": pct(noop, 0.5) / 1e3, "noop_p99_us": pct(noop, 0.99) / 1e3,
-                     "infer_p50_us": pct(infer, 0.5) / 1e3, "infer_p99_us": pct(infer, 0.99) / 1e3}
+                     "infer_p50_us": pct(infer, 0.5) / 1e3, "infer_p99_us": pct(infer, 0.99) / 1e3,
+                     "noop_legs": _legs(noop_legs), "infer_legs": _legs(infer_legs)}
     out["noop_overhead_us"] = out["process"]["noop_p50_us"] - out["inprocess"]["noop_p50_us"]
     out["infer_overhead_us"] = out["process"]["infer_p50_us"] - out["inprocess"]["infer_p50_us"]
     out["model"] = path.name
+    return out
+
+
+_ECHO = """
+import os, socket, struct, sys, time
+s = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    m = s.recv(8)
+    if not m:
+        break
+    s.send(struct.pack("q", time.monotonic_ns()))
+"""
+
+
+def wake_floor(n: int = 300, gaps_ms: tuple = (0.0, 0.2, 5.0)) -> list[dict]:
+    """This machine's own cost of waking a blocked thread of another process, as a function of how long it slept
+    (a socket ping-pong with a bare Python echo process; nothing of the workbench): the floor under every leg
+    of a round trip that crosses the process boundary after the receiver has waited, e.g. through an exec."""
+    import socket
+    import struct
+    import subprocess
+    import sys
+    a, b = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", _ECHO, str(b.fileno())], pass_fds=(b.fileno(),))
+    b.close()
+    out = []
+    try:
+        for gap in gaps_ms:
+            legs = []
+            for _ in range(n):
+                time.sleep(gap / 1e3)
+                t0 = time.monotonic_ns()
+                a.send(b"x" * 8)
+                t = struct.unpack("q", a.recv(8))[0]
+                legs.append((t - t0, time.monotonic_ns() - t))
+            to, back = [x[0] for x in legs], [x[1] for x in legs]
+            out.append({"gap_ms": gap, "to_p50_us": pct(to, 0.5) / 1e3, "to_p99_us": pct(to, 0.99) / 1e3,
+                        "back_p50_us": pct(back, 0.5) / 1e3, "back_p99_us": pct(back, 0.99) / 1e3})
+    finally:
+        a.close()
+        child.wait(10)
     return out
 
 
@@ -323,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     a.lead_ms, a.slot_ms = int(a.lead_ms), int(a.slot_ms)
     if a.device == "cpu":
         os.environ.setdefault("TVM_NUM_THREADS", "1")   # before TVM starts its pool, here and in the child
+    wake = wake_floor()
     names = a.models.split(",") if a.models else (["mlp_cpu"] if a.device == "cpu" else ["resnet50_cuda", "mlp_cuda"])
     rows, infos, overheads, floors = [], {}, [], []
     for name in names:
@@ -358,6 +416,20 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| {o['model']} | {ip['noop_p50_us']:.1f} / {ip['noop_p99_us']:.1f} | {pr['noop_p50_us']:.1f} / "
                   f"{pr['noop_p99_us']:.1f} | {o['noop_overhead_us']:.1f} | {ip['infer_p50_us']:.1f} | "
                   f"{pr['infer_p50_us']:.1f} | {o['infer_overhead_us']:.1f} |")
+    md += ["", "Round trips cut into legs, p50 (us): submit -> the worker received it -> the worker sent the result "
+               "-> on_result.", "", "| model | action | mode | to worker | in worker | back |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for o in overheads:
+        for kind in ("noop", "infer"):
+            for mode in ("inprocess", "process"):
+                lg = o[mode][f"{kind}_legs"]
+                md.append(f"| {o['model']} | {kind} | {mode} | " + " | ".join(f"{lg[f'{k}_p50_us']:.1f}" for k in LEGS)
+                          + " |")
+    md += ["", "Wake floor (this machine, same run): a bare Python echo process on a socket pair, pinged after the "
+               "sender slept `gap`; to = until the echo process has the message, back = until the reply is read.", "",
+           "| gap (ms) | to p50 / p99 (us) | back p50 / p99 (us) |", "| --- | --- | --- |"]
+    md += [f"| {w['gap_ms']:g} | {w['to_p50_us']:.1f} / {w['to_p99_us']:.1f} | {w['back_p50_us']:.1f} / "
+           f"{w['back_p99_us']:.1f} |" for w in wake]
     if floors:
         md += ["", "Load floor (the hardware's spread, same run): the same weight pages copied from pinned memory "
                    "by plain cudaMemcpyAsync calls, event-timed, back to back.", "",
@@ -376,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                "Goals (issue 9): p99/p50 <= 1.01 and p50 within 3% of idle for exec and load; overhead < 100 us. "
                f"Process worker child: {next((v for k, v in infos.items() if k.endswith('/process')), {})}."]
     write(a.name or ("isolation" if a.device == "cuda" else "isolation_cpu"),
-          {"rows": rows, "overhead": overheads, "load_floor": floors, "child": infos, "args": vars(a)}, md)
+          {"rows": rows, "overhead": overheads, "load_floor": floors, "wake_floor": wake, "child": infos,
+           "args": vars(a)}, md)
     return 0
 
 

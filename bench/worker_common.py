@@ -42,13 +42,19 @@ def meta() -> dict:
     return m
 
 
+def command(name: str) -> str:
+    """The command line that is running, as a user would type it (`python -m bench.<module> args`)."""
+    module = Path(sys.argv[0]).stem if sys.argv and sys.argv[0].endswith(".py") else name
+    return " ".join(["python -m bench." + module, *sys.argv[1:]])
+
+
 def write(name: str, data: dict, md_lines: list[str], out: Path = OUT) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data = {**data, "meta": meta()}
     (out / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     m = data["meta"]
     head = [f"# {name}", "", f"Measured {m['when']} on {m['host']} ({m['cpus']} CPUs, GPU: {m['gpu']}, "
-            f"Python {m['python']}). Written by `python -m bench.{name}`.", ""]
+            f"Python {m['python']}). Written by `{command(name)}`.", ""]
     (out / f"{name}.md").write_text("\n".join(head + md_lines) + "\n")
     print("\n".join(md_lines))
     print(f"wrote {out / (name + '.json')} and .md")
