@@ -3,7 +3,7 @@ emulated H200 timed by the same artifact's measurements: SLO attainment, goodput
 
     python -m bench.controller_gpu [--seconds 30] [--rate 400] [--copies 20] [--slo-ms 50]
                                    [--policies clockwork,triton,ray] [--model resnet50]
-                                   [--modes process,inprocess] [--no-emulated]
+                                   [--modes process,inprocess] [--no-emulated] [--conditions idle,thread+pump]
     python -m bench.controller_gpu --device cpu      # a quick local check: the mlp on the CPU worker
 
 Needs the GPU machine and the CUDA artifacts of `python -m bench.build_gpu_artifacts` (.gpu/artifacts/<model>_cuda
@@ -16,6 +16,9 @@ worker mode, then in virtual time with the emulated worker (same seed, same arri
   whenever the controller runs Python).
 An artifact without measurements for this device is profiled first (as a Session does): the controller's
 estimates start from them.
+With `--conditions`, each real run is repeated with the session busy as in `bench.isolation` (thread: a
+CPU-bound Python loop in a thread of this process; thread+pump: that plus a 4 Hz chart-refresh thread), so the
+prediction error is measured under the load a notebook kernel puts on the controller (issue 9).
 With --device cpu the worker is the CPU worker and the model the mlp compiled here (bench/worker_artifacts), no
 emulated row. Writes bench/results/controller_gpu.json and .md
 (controller_gpu_cpu.* with --device cpu)."""
@@ -79,7 +82,8 @@ def make_worker(device: str, mode: str, cfg, cb, clock):
 
 
 def run_real(path: Path, device: str, mode: str, copies: int, rate: float, seconds: float, slo_ms: float,
-             policy: str, seed: int, telemetry_dir: str | None = None) -> dict:
+             policy: str, seed: int, telemetry_dir: str | None = None, condition: str = "idle") -> dict:
+    from bench.isolation import SessionLoad
     from workbench.clock import RealClock
     from workbench.controller import Controller
     from workbench.telemetry.recorder import Recorder
@@ -93,14 +97,16 @@ def run_real(path: Path, device: str, mode: str, copies: int, rate: float, secon
         ids = ctl.load_model(str(path), copies)
         ctl.wait_ready(600)
         wl = Poisson(zipf_rates(ids, rate, 1.0, seed), slo_ms=slo_ms, seed=seed)
-        wl.start(ctl, clock, duration_s=seconds)
-        end = time.monotonic() + seconds + slo_ms / 1e3 + 5
-        while time.monotonic() < end and (wl.next_arrival_pending() or wl.completed < wl.submitted):
-            time.sleep(0.1)
+        with SessionLoad(condition):
+            wl.start(ctl, clock, duration_s=seconds)
+            end = time.monotonic() + seconds + slo_ms / 1e3 + 5
+            while time.monotonic() < end and (wl.next_arrival_pending() or wl.completed < wl.submitted):
+                time.sleep(0.1)
         d = summarise(rec, seconds)
         d["unanswered"] = wl.submitted - wl.completed
         if telemetry_dir:
-            rec.write(Path(telemetry_dir) / f"{policy}_{device}_{mode}")
+            rec.write(Path(telemetry_dir) / f"{policy}_{device}_{mode}" + ("" if condition == "idle" else
+                                                                            f"_{condition.replace('+', '_')}"))
         return d
     finally:
         ctl.close()
@@ -139,11 +145,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="worker modes, comma-separated, each run in turn: process (isolated, the default), "
                          "inprocess (for comparison); e.g. process,inprocess")
     ap.add_argument("--no-emulated", action="store_true", help="skip the virtual-time run on the emulated H200")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in this process, the session's (default: Python's 5 ms)")
+    ap.add_argument("--name", default=None, help="results file name (default controller_gpu / controller_gpu_cpu)")
+    ap.add_argument("--conditions", default="idle",
+                    help="session load during each real run, comma-separated: idle, thread, thread+pump")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--telemetry-dir", default=None,
                     help="also write each real run's telemetry (requests/actions Parquet) under DIR/<policy>_<device>_<mode>")
     a = ap.parse_args(argv)
     cpu = a.device == "cpu"
+    if a.switch_interval:
+        import sys
+        sys.setswitchinterval(a.switch_interval)
     a.model = a.model or ("mlp" if cpu else "resnet50")
     a.copies = a.copies or (4 if cpu else 20)
     a.rate = a.rate or (100.0 if cpu else 400.0)
@@ -158,9 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     from workbench.worker.profiling import ensure_measurements
     ensure_measurements(path, "cpu" if cpu else "cuda:0")
     real = "CPU" if cpu else "H200"
-    runs = [(f"{real} {mode}", (lambda mode=mode, policy=None: run_real(
-        path, a.device, mode, a.copies, a.rate, a.seconds, a.slo_ms, policy, a.seed, a.telemetry_dir)))
-            for mode in modes]
+    conditions = [c for c in a.conditions.split(",") if c]
+    bad = [c for c in conditions if c not in ("idle", "thread", "thread+pump")]
+    if bad or not conditions:
+        raise SystemExit(f"--conditions {a.conditions!r}: use a comma-separated list of idle, thread, thread+pump")
+    runs = [(f"{real} {mode}" + ("" if cond == "idle" else f", session busy ({cond})"),
+             (lambda mode=mode, cond=cond, policy=None: run_real(
+                 path, a.device, mode, a.copies, a.rate, a.seconds, a.slo_ms, policy, a.seed, a.telemetry_dir, cond)))
+            for mode in modes for cond in conditions]
     if not cpu and not a.no_emulated:
         # the same artifact emulated: its sizes, and the durations just measured here
         runs.append(("emulated", lambda policy=None: run_virtual(str(path), a.copies, a.rate, a.seconds, a.slo_ms,
@@ -190,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
            f"controller's process (sharing its interpreter lock); 'emulated' runs the same arrivals in virtual time "
            f"against the emulated worker timed by the same artifact's measurements (profiled on this device first "
            f"when it has none). Prediction error = |measured - predicted| exec duration; "
-           f"completion error = |measured end - planned end| (Clockwork Fig. 10's two measures)."]
-    write("controller_gpu_cpu" if cpu else "controller_gpu", {"args": vars(a), "rows": rows}, md)
+           f"completion error = |measured end - planned end| (Clockwork Fig. 10's two measures). Session load: "
+           f"{a.conditions} (see the module's docstring); the session's switch interval "
+           f"{(a.switch_interval or 0.005) * 1e3:g} ms."]
+    write(a.name or ("controller_gpu_cpu" if cpu else "controller_gpu"), {"args": vars(a), "rows": rows}, md)
 
 
 if __name__ == "__main__":

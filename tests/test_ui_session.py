@@ -283,3 +283,22 @@ def test_isolated_false_keeps_the_worker_in_this_process_and_says_so():
         out = _infer_ok(s, "mlp", np.ones((1, 128), "float32"))
         assert out.ok, out
         assert not getattr(s.worker, "isolated", False) and "NOT isolated" in repr(s.worker)
+
+
+def test_a_session_lowers_the_switch_interval_so_a_busy_cell_cannot_hold_the_controller_for_long():
+    import sys
+    before = sys.getswitchinterval()
+    try:
+        for bad in (0, -1, 2.0, "fast", True):
+            with pytest.raises(ValueError, match="switch_interval"):
+                Session(device="emulated", name="bad-switch", switch_interval=bad)
+        sys.setswitchinterval(0.005)
+        with Session(device="emulated", name="switch", switch_interval=None):
+            assert sys.getswitchinterval() == pytest.approx(0.005)        # None: left as it is
+        with Session(device="emulated", name="switch"):
+            assert sys.getswitchinterval() == pytest.approx(0.0005)       # the default
+        sys.setswitchinterval(0.0001)
+        with Session(device="emulated", name="switch"):
+            assert sys.getswitchinterval() == pytest.approx(0.0001)       # a lower one the user set stays
+    finally:
+        sys.setswitchinterval(before)

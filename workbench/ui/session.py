@@ -15,6 +15,11 @@ depend on what else runs in this kernel; `isolated=False` puts it in the kernel'
 only (NOT isolated: its threads then wait for the interpreter lock like any other), and `worker_cpus=[...]`
 confines the executor process to cores the kernel leaves free.
 
+The controller itself runs in the kernel's process, so a busy cell delays its decisions by up to the interpreter's
+switch interval each time it wakes: on the H200, with a busy cell and a chart refresh, SLO attainment fell from
+84 % to 46 % at Python's 5 ms and held at 80 % at 0.5 ms (bench/results/controller_gpu_busy*.md). A Session
+therefore lowers the switch interval to `switch_interval` (default 0.5 ms; None leaves it) for the kernel's life.
+
 Threads a session owns (all stopped by `close()`): the controller's clock timer thread, the executor process's
 supervisor (or, in-process, the worker's executors), the telemetry converter, the UI pump (only once a view is
 shown) and the model loader. Cells never block on them; button handlers only start work on them.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import itertools
+import sys
 import threading
 import time
 import warnings
@@ -39,6 +45,7 @@ from workbench.ui import aggregates as A
 from workbench.ui.artifacts import DEFAULT_BATCH_SIZES, ModelNotFound, Progress
 
 DEVICES = ("auto", "cuda", "cpu", "emulated")
+SWITCH_INTERVAL = 0.0005   # s: how long a busy cell may hold the interpreter lock from the controller (module doc)
 CLOCKS = ("real",)
 MS = 1_000_000
 # A CPU session stands host memory in for GPU memory: Clockwork's 21.5 GiB cache would not fit a laptop.
@@ -202,7 +209,8 @@ class Session:
                  clock: str = "real", *, profile: str = "h200", worker_config: Any = None,
                  controller_config: Any = None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                  max_hz: float = 4.0, seed: int = 0, isolated: bool = True, name: str | None = None,
-                 worker_cpus: Sequence[int] | None = None, **policy_options: Any):
+                 worker_cpus: Sequence[int] | None = None, switch_interval: float | None = SWITCH_INTERVAL,
+                 **policy_options: Any):
         # every attribute close() touches exists before anything can fail
         self.id = next(_ids)
         self.closed = False
@@ -229,6 +237,13 @@ class Session:
         if worker_cpus is not None and not self.isolated:
             raise ValueError("worker_cpus confines the executor process: give isolated=True with it")
         self.worker_cpus = None if worker_cpus is None else list(worker_cpus)
+        if switch_interval is not None:
+            if isinstance(switch_interval, bool) or not isinstance(switch_interval, (int, float)) \
+                    or not 0 < switch_interval <= 1:
+                raise ValueError(f"switch_interval={switch_interval!r}: give seconds in (0, 1] (e.g. 0.0005), or "
+                                 f"None to leave the interpreter's switch interval as it is")
+            if switch_interval < sys.getswitchinterval():   # never raised: a lower one set by the user stays
+                sys.setswitchinterval(switch_interval)
         self.device, self.gpus, self.device_note = self._resolve_device(device, gpus)
         self.name = name or self.device
         for old in sessions():       # re-running `session = Session()` must not leak the previous one
