@@ -2,7 +2,7 @@
 # The GPU half of the test suite and the GPU benchmarks, on the H200 with a runtime-only TVM.
 # Run from the repo root on the GPU machine, carrying .device-site (../shared/tools/device-site) and
 # .gpu/artifacts.tar.xz (python -m bench.build_gpu_artifacts):   bash bench/gpu_suite.sh STAGE...
-# Stages: setup tests floors exec worker wexec isolation isocpu controller nbcheck notebooks experiments. Results land in bench/results/ (and $OUT when set).
+# Stages: setup tests floors exec worker wexec isolation isopin isocpu controller ctlbusy hotpath nbcheck notebooks experiments. Results land in bench/results/ (and $OUT when set).
 set -uo pipefail
 export PYTHONPATH=$PWD/.device-site:$PWD TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
 # polars (.whl, 52 MiB) does not fit in one carry with TVM: a first call carries it alone; the notebook stack
@@ -41,10 +41,14 @@ for d in sorted(Path('.gpu/artifacts').glob('*_cuda')): print(d.name, c.precompi
     worker) $PY -m bench.worker_load; $PY -m bench.worker_exec --device cuda; $PY -m bench.worker_emulated_vs_real ;;
     wexec)  $PY -m bench.worker_exec --device cuda ;;
     isolation) $PY -m bench.isolation --device cuda ;;
+    isopin) $PY -m bench.isolation --device cuda --worker-cpus 8-11 --session-cpus 0-7 --name isolation_pinned ;;
     isocpu) $PY -m bench.isolation --device cpu --artifacts .gpu/artifacts --name isolation_cpu_h200
             $PY -m bench.isolation --device cpu --artifacts .gpu/artifacts --worker-cpus 8 --session-cpus 0-7 \
                 --name isolation_cpu_h200_pinned ;;
     controller) $PY -m bench.controller_gpu --seconds ${CTL_SECONDS:-15} ;;
+    hotpath) $PY -m bench.telemetry_hot_path --device cuda ${HOT_ARGS:-} ;;
+    ctlbusy) $PY -m bench.controller_gpu --seconds ${CTL_SECONDS:-10} --policies clockwork --no-emulated \
+                --conditions idle,thread+pump --name controller_gpu_busy ${CTL_ARGS:-} ;;
     nbcheck) $PY -m bench.notebooks_gpu --check ;;
     notebooks) $PY -m bench.notebooks_gpu --out .gpu/notebooks ${NB_ARGS:-}
             tar czf "$OUT/notebooks_h200.tgz" -C .gpu notebooks ;;
