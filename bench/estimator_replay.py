@@ -1,11 +1,13 @@
 """Replay recorded exec durations through the controller's estimator at other settings (window, percentile).
 
-    python -m bench.estimator_replay [--telemetry data/telemetry/h200_resnet50x20_clockwork] [--settings 10:0.99,...]
-                                     [--name estimator_replay]
+    python -m bench.estimator_replay [--telemetry data/telemetry/h200_resnet50x20_clockwork]
+                                     [--settings 10:0.99,50:0.95:shared,...] [--name estimator_replay]
 
 Each successful INFER of the recording, in the order its result arrived, is predicted by a `SlidingEstimate`
 per (model, compiled batch size) -- the controller's own class -- seeded, like the controller, with the first
-prediction the controller made for that pair, and then given the measured duration. Reported per setting: the
+prediction the controller made for that pair, and then given the measured duration. A setting marked `shared`
+keeps one window per compiled batch size for all copies, as the controller does with `share_estimates` (the
+recordings hold copies of one artifact). Reported per setting: the
 prediction error |measured - predicted| (p50, p99, p99.9) and the share of execs that ran longer than predicted
 (the ones that can make a request late). The first row replays the setting the recording was made with and is
 compared with the errors the controller actually recorded, which validates the replay.
@@ -21,7 +23,7 @@ from workbench.controller.estimates import SlidingEstimate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "data" / "telemetry" / "h200_resnet50x20_clockwork"
-SETTINGS = "10:0.99,10:0.9,20:0.95,20:0.9,50:0.98,100:0.99"
+SETTINGS = "10:0.99,10:0.9,20:0.95,20:0.9,50:0.98,100:0.99,20:0.95:shared,50:0.95:shared,100:0.95:shared"
 
 
 def pct(sorted_vals: list[float], q: float) -> float:
@@ -40,13 +42,14 @@ def infers(telemetry: Path) -> list[tuple[int, int, int, int, int]]:
              r["gpu_clock"] or 1) for r in inf.iter_rows(named=True)]
 
 
-def replay(rows: list, window: int, p: float) -> dict:
+def replay(rows: list, window: int, p: float, shared: bool = False) -> dict:
     est: dict[tuple[int, int], SlidingEstimate] = {}
     errs, under = [], []
     for m, b, measured, predicted, clock in rows:
-        e = est.get((m, b))
+        key = (-1 if shared else m, b)
+        e = est.get(key)
         if e is None:
-            e = est[(m, b)] = SlidingEstimate(window, p, predicted * clock)
+            e = est[key] = SlidingEstimate(window, p, predicted * clock)
         guess = e.value / clock
         errs.append(abs(measured - guess))
         if measured > guess:
@@ -65,8 +68,8 @@ def summary(errs: list[float], under: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--telemetry", default=str(DEFAULT), help="a telemetry directory holding actions.parquet")
-    ap.add_argument("--settings", default=SETTINGS, help="window:percentile, comma-separated; the first is the "
-                                                          "recording's own")
+    ap.add_argument("--settings", default=SETTINGS, help="window:percentile[:shared], comma-separated; the "
+                                                          "first is the recording's own")
     ap.add_argument("--name", default="estimator_replay", help="results file name under bench/results")
     a = ap.parse_args(argv)
     rows = infers(Path(a.telemetry))
@@ -75,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     recorded = summary([abs(m - p) for _, _, m, p, _ in rows], [m - p for _, _, m, p, _ in rows if m > p])
     out = [{"setting": "recorded by the controller", **recorded}]
     for spec in a.settings.split(","):
-        w, _, p = spec.partition(":")
-        out.append({"setting": f"window {int(w)}, p{float(p):g}", "window": int(w), "percentile": float(p),
-                    **replay(rows, int(w), float(p))})
+        w, p, *mode = spec.split(":")
+        if mode not in ([], ["shared"]):
+            raise SystemExit(f"--settings {spec!r}: give window:percentile or window:percentile:shared")
+        shared = mode == ["shared"]
+        out.append({"setting": f"window {int(w)}, p{float(p):g}" + (", shared by the copies" if shared else ""),
+                    "window": int(w), "percentile": float(p), "shared": shared,
+                    **replay(rows, int(w), float(p), shared)})
     md = ["| estimator | INFERs | error p50 (us) | error p99 (us) | error p99.9 (us) | ran longer than predicted | "
           "by (p99, us) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     md += [f"| {r['setting']} | {r['n']:,} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['p999_us']:.1f} | "
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
     md += ["", f"Recording: `{shown}` (see data/telemetry/README.md). Error = |measured - predicted| exec "
                "duration per INFER; each setting replays the same measurements in result order through the "
-               "controller's SlidingEstimate per (model, compiled batch size), seeded with the controller's first "
+               "controller's SlidingEstimate per (model, compiled batch size) (shared: per compiled batch size), seeded with the controller's first "
                "prediction for the pair. The first replayed setting is the recording's own (its row should match "
                "'recorded by the controller')."]
     write(a.name, {"telemetry": str(shown), "rows": out}, md)

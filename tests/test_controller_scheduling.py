@@ -186,3 +186,19 @@ def test_overloaded_hot_model_on_two_gpus_while_a_replica_loads():
         assert wl.outcomes["success"] > 800 and wl.outcomes["dropped"] > 0
         assert len(ctl.gpus[0].heap) < 100 and len(ctl.gpus[1].heap) < 100
         assert not exec_overlaps(rec.actions())
+
+
+def test_copies_of_one_model_share_their_estimates_unless_configured_apart():
+    for share in (True, False):
+        clock, ctl, ids, rec = make(models=(("resnet50", 3),), config=ControllerConfig(share_estimates=share))
+        m0, m1 = ctl.models[ids[0]], ctl.models[ids[1]]
+        seeded = m1.est.exec_ns(1)
+        poisson(ctl, clock, [ids[0]], rate=100, slo_ms=100, seconds=1)     # only copy 0 runs
+        b1 = infers(rec).filter((pl.col("status") == 0) & (pl.col("batch_size") == 1)).height
+        assert b1 > 20
+        window = ctl.config.estimate_window
+        assert len(m0.est.exec[1]) == min(1 + b1, window)                # the profiled seed, then measurements
+        if share:   # copy 1 predicts from what copy 0 measured: the same kernels
+            assert m1.est is m0.est
+        else:       # one window per copy, as Clockwork: copy 1 still has only its seed
+            assert m1.est is not m0.est and len(m1.est.exec[1]) == 1 and m1.est.exec_ns(1) == seeded

@@ -24,11 +24,14 @@ class ControllerConfig:
     default_clock: int = 1980          # MHz: the clock profiled durations are assumed to be measured at
     # Exec/load estimate = this percentile of the last `estimate_window` measurements. Clockwork's p99 of 10 is
     # nearly the maximum, so one slow exec (0.3 % of them, +4 %, on the H200) makes the next ten predictions of
-    # its model 0.2 ms too long; p95 of 20 ignores a single one. Replayed on recorded H200 execs
-    # (bench/estimator_replay.md): error p99 201 -> 41 us, and fewer execs run longer than predicted (15.6 %
-    # against 15.9 %).
-    estimate_window: int = 20
+    # its model 0.2 ms too long. With `share_estimates`, the copies of one artifact (the same compiled kernels)
+    # feed and read one window, which fills 20x faster with 20 copies, and p95 of 50 leaves out its two slowest
+    # samples. Replayed on two H200 recordings of 20 ResNet-50 copies (bench/results/estimator_replay*.md):
+    # error p99 201 / 195 us (Clockwork's p99 of 10 per copy) -> 33 / 33 us, and execs that ran longer than
+    # predicted 16 % -> 7-8 %. False keeps one window per copy, as Clockwork does.
+    estimate_window: int = 50
     estimate_percentile: float = 0.95
+    share_estimates: bool = True
     # An action unanswered `grace` after latest + predicted duration has failed (its requests end with error;
     # `failed_after` such actions in a row take the GPU out of service). Real time in a busy Python process
     # needs slack: a watchdog that itself fires late (the process stalled) waits another grace instead.

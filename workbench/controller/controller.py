@@ -168,6 +168,7 @@ class Controller:
         self.worker_gpus: list[list[GPUState]] = []
         self.gpus: list[GPUState] = []
         self.models: dict[int, ModelState] = {}
+        self._estimates: dict[str, ModelEstimates] = {}   # artifact path -> its copies' estimates (shared)
         self.page_size = 0
         self._next_model = 0
         self._rid = itertools.count()
@@ -1056,6 +1057,7 @@ class Controller:
                           f"batch size is predicted to take 0 ns until it has run once; profile the artifact first "
                           f"(workbench.worker.profiling.ensure_measurements(path, device)), as Session.load and "
                           f"`workbench run` do", RuntimeWarning, stacklevel=2)
+        shared = self._estimates   # artifact path -> the estimates its copies share (config.share_estimates)
         for i in ids:
             m = self.models[i]
             if m.est is None:
@@ -1065,8 +1067,13 @@ class Controller:
                 m.output_bytes = result.output_bytes
                 m.weights_bytes = result.weights_bytes
                 m.num_pages = result.num_pages
-                m.est = ModelEstimates(m.batch_sizes, tuple(result.exec_ns), result.weights_load_ns,
-                                       c.default_clock, c.estimate_window, c.estimate_percentile)
+                est = shared.get(a.path) if c.share_estimates else None
+                if est is None:
+                    est = ModelEstimates(m.batch_sizes, tuple(result.exec_ns), result.weights_load_ns,
+                                         c.default_clock, c.estimate_window, c.estimate_percentile)
+                    if c.share_estimates:
+                        shared[a.path] = est
+                m.est = est
                 m.b1_ns = m.est.exec_table(c.default_clock)[0]
                 m.min_slo = m.b1_ns + c.buffer
             elif (tuple(result.batch_sizes) != m.batch_sizes or result.num_pages != m.num_pages
