@@ -81,6 +81,7 @@ def test_run_writes_consistent_results(tmp_path):
     assert env["packages"]["polars"] and env["device"]["kind"] == "emulated"
     assert env["emulation_profile"]["device"].startswith("NVIDIA H200")
     assert "checks" in env and env["checks_summary"]
+    assert env["clocks"]["switch_interval_s"] == pytest.approx(0.005)   # virtual time: the interpreter's own
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is False and summary["runs_done"] == 2
     labels = [r["label"] for r in summary["runs"]]
@@ -224,6 +225,9 @@ def test_real_time_run_on_the_cpu_worker_with_a_compiled_model(tmp_path):
     assert infer.height > 0 and (infer["measured_duration"] > 0).all()
     # the artifact had no measurements: it was profiled first, so even the first exec had a prediction
     assert (art / "measurements.json").is_file() and (infer["predicted_duration"] > 0).all()
+    # the controller decided in this process with the switch interval lowered, and the record says so
+    env = json.loads((tmp_path / "o" / "environment.json").read_text())
+    assert env["clocks"]["switch_interval_s"] == pytest.approx(0.0005)
 
 
 def test_report_can_be_rebuilt_from_the_files(tmp_path):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import polars as pl
 
+from workbench.env.interpreter import lower_switch_interval
 from workbench.experiments.build import build_clock, build_system, build_workload, model_pages
 from workbench.experiments.config import ExperimentConfig, ExperimentError, RunSpec, from_dict, load
 from workbench.experiments.environment import environment
@@ -133,6 +134,8 @@ def run(config: ExperimentConfig | str | os.PathLike | dict, out: str | os.PathL
         from workbench.worker.profile import Profile
         p = dev["profile"]
         prof = Profile.load(cfg.resolve_path(p) if p.endswith(".json") else p)
+    if any(r.raw["clock"] == "real" for r in cfg.runs):
+        lower_switch_interval()   # the controller decides in this process (workbench.env.interpreter); recorded below
     env = environment(dev, prof)
     _write_json(out / "environment.json", env)
     results: list[dict] = []

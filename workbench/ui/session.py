@@ -16,9 +16,8 @@ only (NOT isolated: its threads then wait for the interpreter lock like any othe
 confines the executor process to cores the kernel leaves free.
 
 The controller itself runs in the kernel's process, so a busy cell delays its decisions by up to the interpreter's
-switch interval each time it wakes: on the H200, with a busy cell and a chart refresh, SLO attainment fell from
-84 % to 46 % at Python's 5 ms and held at 80 % at 0.5 ms (bench/results/controller_gpu_busy*.md). A Session
-therefore lowers the switch interval to `switch_interval` (default 0.5 ms; None leaves it) for the kernel's life.
+switch interval each time it wakes; a Session lowers it to `switch_interval` (default 0.5 ms; None leaves it) for
+the kernel's life (`workbench.env.interpreter` says why).
 
 Threads a session owns (all stopped by `close()`): the controller's clock timer thread, the executor process's
 supervisor (or, in-process, the worker's executors), the telemetry converter, the UI pump (only once a view is
@@ -29,7 +28,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import itertools
-import sys
 import threading
 import time
 import warnings
@@ -40,12 +38,12 @@ from typing import Any, Callable, Sequence
 
 import polars as pl
 
+from workbench.env.interpreter import SWITCH_INTERVAL, lower_switch_interval
 from workbench.telemetry.recorder import Recorder
 from workbench.ui import aggregates as A
 from workbench.ui.artifacts import DEFAULT_BATCH_SIZES, ModelNotFound, Progress
 
 DEVICES = ("auto", "cuda", "cpu", "emulated")
-SWITCH_INTERVAL = 0.0005   # s: how long a busy cell may hold the interpreter lock from the controller (module doc)
 CLOCKS = ("real",)
 MS = 1_000_000
 # A CPU session stands host memory in for GPU memory: Clockwork's 21.5 GiB cache would not fit a laptop.
@@ -237,13 +235,7 @@ class Session:
         if worker_cpus is not None and not self.isolated:
             raise ValueError("worker_cpus confines the executor process: give isolated=True with it")
         self.worker_cpus = None if worker_cpus is None else list(worker_cpus)
-        if switch_interval is not None:
-            if isinstance(switch_interval, bool) or not isinstance(switch_interval, (int, float)) \
-                    or not 0 < switch_interval <= 1:
-                raise ValueError(f"switch_interval={switch_interval!r}: give seconds in (0, 1] (e.g. 0.0005), or "
-                                 f"None to leave the interpreter's switch interval as it is")
-            if switch_interval < sys.getswitchinterval():   # never raised: a lower one set by the user stays
-                sys.setswitchinterval(switch_interval)
+        lower_switch_interval(switch_interval)
         self.device, self.gpus, self.device_note = self._resolve_device(device, gpus)
         self.name = name or self.device
         for old in sessions():       # re-running `session = Session()` must not leak the previous one
