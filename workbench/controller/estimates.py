@@ -2,9 +2,9 @@
 
 Per (model, batch size) a window of the last `window` measured exec durations multiplied by the GPU clock
 (MHz) at which they ran; the estimate is a high percentile of the window (Clockwork: p99 of 10, i.e. nearly
-the maximum; ours by default p95 of 20, see ControllerConfig), divided by the clock of the GPU it is asked
-for. Normalising by the clock keeps the estimate valid when a GPU's clock changes. Weight loads use the same
-window over raw durations (clock 1).
+the maximum; ours by default p95 of 50, shared by the copies of an artifact, see ControllerConfig), divided
+by the clock of the GPU it is asked for. Normalising by the clock keeps the estimate valid when a GPU's clock
+changes. Weight loads use the same window over raw durations (clock 1).
 """
 from __future__ import annotations
 
