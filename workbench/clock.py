@@ -2,6 +2,7 @@
 time (a timer thread) and in virtual time (a deterministic discrete-event loop: same inputs, same result)."""
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import threading
@@ -39,6 +40,12 @@ class Clock:
         """`call_at` without a handle (it cannot be cancelled): cheaper where nothing needs to cancel."""
         self.call_at(t, fn, *args)
 
+    def poster(self) -> tuple[Callable[[tuple], None], Callable[[], int]]:
+        """(push, next_seq) for a hot path that posts many events: `push((t, next_seq(), fn, args))` with
+        t >= now does what `post(t, fn, *args)` does."""
+        post = self.post
+        return (lambda e: post(e[0], e[2], *e[3])), itertools.count().__next__
+
     def close(self) -> None:
         pass
 
@@ -53,8 +60,8 @@ class VirtualClock(Clock):
     order is fully determined and tuples compare in C without reaching `fn`. A cancellable `call_at` event
     carries its Timer in place of the arguments and `fn` None (the loop skips it once cancelled). The heap's
     bottom is a sentinel later than any time, so the loop needs no emptiness test. `_heap` and `_seq` are never
-    replaced: the lean emulated worker pushes `(t, next(_seq), fn, args)` with t >= now onto them directly
-    (exactly what `post` does, without the call)."""
+    replaced, so `poster()` can hand out a push straight onto the heap (exactly what `post` does, without the
+    call)."""
     virtual = True
 
     def __init__(self, start: int = 0):
@@ -78,6 +85,11 @@ class VirtualClock(Clock):
         """An event without a Timer: (t, seq, fn, args) goes on the heap as is (t: int ns)."""
         now = self._now
         heapq.heappush(self._heap, (t if t > now else now, next(self._seq), fn, args))
+
+    def poster(self) -> tuple[Callable[[tuple], None], Callable[[], int]]:
+        if type(self).post is not VirtualClock.post:     # a subclass that changes post(): go through it
+            return super().poster()
+        return functools.partial(heapq.heappush, self._heap), self._seq.__next__
 
     def pending(self) -> int:
         return sum(e[2] is not None or not e[3].cancelled for e in self._heap if e is not _END)

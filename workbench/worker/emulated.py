@@ -173,13 +173,11 @@ class EmulatedWorker(Worker):
 # without the dataclass constructors, pools that count bytes instead of placing ranges while placement
 # cannot matter (_Pool). An Infer's three stages have their common case written out (_kick_in, _on_done,
 # _begin_exec: an Infer whose (model, n) was seen before, pools with room as counted, an idle next queue), with
-# the same steps in the same order as the general methods, and events go straight onto a VirtualClock's heap.
+# the same steps in the same order as the general methods, and events go straight onto a VirtualClock's heap
+# (Clock.poster).
 
 import heapq as _heapq
-import itertools as _itertools
-from functools import partial as _partial
 from math import cos as _cos, exp as _exp, log as _log, sin as _sin, sqrt as _sqrt
-from workbench.clock import VirtualClock as _VirtualClock
 from workbench.contract import (FOREVER as _FOREVER, ActionType as _AT, ClearCacheResult as _ClearCacheResult,
                                 EvictWeightsResult as _EvictWeightsResult, GetWorkerStateResult as _GWSResult,
                                 Infer as _Infer, InferResult as _InferResult, LoadModelFromDiskResult as _LMResult,
@@ -414,15 +412,8 @@ class _Lean:
         clock = w.clock
         self.now = clock.now
         self._done_cb = self._on_done           # bound once (a bound method per posted event otherwise)
-        # posting an event: _push((t, _cnext(), fn, args)) with t >= now. On a VirtualClock straight onto its
-        # heap (what its post() does, without the call); on any other clock through post().
-        if isinstance(clock, _VirtualClock) and type(clock).post is _VirtualClock.post:
-            self._push = _partial(_heappush, clock._heap)
-            self._cnext = clock._seq.__next__
-        else:
-            post = clock.post
-            self._push = lambda e: post(e[0], e[2], *e[3])
-            self._cnext = _itertools.count().__next__
+        # posting an event: _push((t, _cnext(), fn, args)) with t >= now (Clock.poster)
+        self._push, self._cnext = clock.poster()
 
     # ---------------------------------------------------------------------------------------- queues
     def queue(self, t: _Task) -> _Queue:

@@ -15,16 +15,14 @@ the submit call (`python -m bench.trace_reader` measures it).
 from __future__ import annotations
 
 import bisect
-import heapq
 import itertools
 import threading
-from functools import partial
 from collections import Counter
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from workbench.clock import Clock, VirtualClock
+from workbench.clock import Clock
 
 NS = 1_000_000_000
 MS = 1_000_000
@@ -168,14 +166,8 @@ class OpenLoop(Workload):
     def _begin(self) -> None:
         self._block_it = self._blocks()
         self._last_block = False
-        clock = self.clock
         self._fire_m = self._fire               # one bound method for every timer
-        # On a VirtualClock the next arrival's timer goes straight onto its heap, as its post() does (the
-        # arrival is later than now); on any other clock through post().
-        if isinstance(clock, VirtualClock) and type(clock).post is VirtualClock.post:
-            self._heap_push, self._seq_next = partial(heapq.heappush, clock._heap), clock._seq.__next__
-        else:
-            self._heap_push = None
+        self._push, self._seq_next = self.clock.poster()   # the next arrival is later than now (Clock.poster)
         self._pending = self._load()
         if self._pending:
             self.clock.post(self._times[0], self._fire)
@@ -221,10 +213,7 @@ class OpenLoop(Workload):
             t = times[i]
             if t > now:
                 self._i = i
-                if self._heap_push is not None:
-                    self._heap_push((t, self._seq_next(), self._fire_m, ()))
-                else:
-                    self.clock.post(t, self._fire)
+                self._push((t, self._seq_next(), self._fire_m, ()))
                 return
             self.submitted += 1
             try:
