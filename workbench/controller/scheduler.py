@@ -121,11 +121,10 @@ class ClockworkPolicy(Policy):
     def _dispatch_alone(self, r: Request, m: ModelState, g: GPUState, now: int) -> bool:
         """The common case of a request arriving, done in one step: m has no other request queued, one GPU
         holds it, that GPU has nothing else to schedule and room in its plan, and r can make its deadline
-        there. Exactly what `LoadTracker.add_request`, queueing r, `_requeue`, `_schedule`, `_serve`,
-        `_dispatch` (with `LoadTracker.executing`) and the load check after would do then, in one step; False
-        (nothing done) when the case does not apply. The request's load demand would be added and taken
-        away again at once (executing), so it is never added: no expiry entry either (the tracker would find
-        it with no demand left and skip it)."""
+        there. Exactly what `LoadTracker.add_request`, queueing r, `_requeue`, `_schedule`, `_serve`, `_dispatch`
+        and the load check after would do then, in one step; False (nothing done) when the case does not apply.
+        The request's load demand would be added and taken away again at once (executing), so it is never
+        added: no expiry entry either (the tracker would find it with no demand left and skip it)."""
         free_at = g.exec.available(now)
         if free_at >= now + self.sa:
             return False
@@ -146,15 +145,8 @@ class ClockworkPolicy(Policy):
         m.outstanding_exec += ex
         tr._distribute(m)
         m.version += 2              # _requeue before and after the batch
-        latest = now + self.future + self.sa
-        if free_at + self.sa > latest:
-            latest = free_at + self.sa
-        self.ctl.send_infer(g, m, [r], e1, free_at, now, latest, now)
-        m.last_used = next(tr._used)            # executing
-        if not m.stale:
-            m.stale = True
-            tr.stale.append(m)
-        self.n_batches += 1
+        m.n_queued += 1
+        self._dispatch(g, m, [r], e1, free_at, now)
         # the load check of on_request: m is held (by g); its priority is its load demand less what the GPUs
         # holding it serve, so it cannot be positive without load demand
         if self._load_timer_at is None and m.outstanding_lw > 0 and tr.priority(m) > 0:
