@@ -6,6 +6,7 @@ The first test runs everywhere: without a GPU the module imports and constructio
 import gc
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,32 @@ def test_load_infer_evict_outputs_equal_the_cpu_worker(gpu_worker):
 
 
 @pytest.mark.gpu
+def test_execs_too_short_to_sample_reuse_a_recent_clock_reading(gpu_worker):
+    """An exec over before its thread could read the SM clock does not wait for NVML: it reports the latest
+    reading while that is younger than CLOCK_MAX_AGE; a ResNet-50 exec (ms) is sampled while it runs."""
+    from workbench.worker import cuda as cuda_mod
+    w = gpu_worker
+    reads = []
+    real = w.device.clock.read
+    w.device.clock.read = lambda d: reads.append(d) or real(d)
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(artifact("mlp_cuda")))).ok
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=1, path=str(artifact("resnet50_cuda")))).ok
+    for m in (0, 1):
+        assert w.do(lambda i: LoadWeights(id=i, model_id=m, gpu=0)).ok
+    x = np.zeros((1, 128), np.float32)
+    short = [w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=1, inputs=(x,))) for _ in range(60)]
+    assert all(r.ok and r.gpu_clock > 0 for r in short)
+    assert len(reads) <= 4, f"{len(reads)} NVML reads for 60 execs of a few us"
+    del reads[:]
+    long = w.do(lambda i: Infer(id=i, model_id=1, gpu=0, batch_size=1))
+    assert long.ok and long.gpu_clock > 0 and len(reads) >= 1, "a ms exec is sampled while it runs"
+    w.device._clock_seen[0] = (w.device._clock_seen[0][0], time.monotonic_ns() - cuda_mod.CLOCK_MAX_AGE - 1)
+    del reads[:]
+    assert w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=1, inputs=(x,))).gpu_clock > 0
+    assert len(reads) == 1, "a stale reading is refreshed"
+
+
+@pytest.mark.gpu
 def test_inputs_in_registered_host_memory_are_read_in_place(gpu_worker):
     import mmap
     w = gpu_worker
@@ -154,6 +181,10 @@ def test_inputs_in_registered_host_memory_are_read_in_place(gpu_worker):
     again = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=4, inputs=(inside,)))
     assert again.ok and not np.array_equal(again.outputs[0], direct.outputs[0])
     assert w.check_consistency() == []
+    w.close()                                            # gives the range back: it can be registered anew
+    import cupy
+    cupy.cuda.runtime.hostRegister(buf.ctypes.data, buf.nbytes, 0)
+    cupy.cuda.runtime.hostUnregister(buf.ctypes.data)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ Per GPU:
   its input copy is enqueued without a sync (the exec stream waits for it on the GPU), and the exec stream
   copies the outputs to pinned memory right after the model, so the exec thread's one wait covers both;
 - the SM clock read through NVML while each exec runs (after its launch, and again before its end when it is
-  still running), so the reads overlap the GPU work.
+  still running), so the reads overlap the GPU work; an exec already over by then reuses a recent reading.
 Process-wide: host weights in pinned memory, read once per model and shared by all its copies; a pinned host
 io arena (host_io_pool_size) that stages pageable inputs (pinned inputs are read where they lie). Outputs land
 in one pinned buffer per GPU, grown to the largest exec's outputs (one exec per GPU at a time).
@@ -37,6 +37,8 @@ from workbench.worker.page_cache import Allocation
 ALIGN = 256
 H2D, D2H, D2D = 1, 2, 3     # cudaMemcpyKind
 STAGE_BELOW = 4 << 20   # pageable inputs smaller than this go through pinned staging (see copy_input)
+SAMPLE_MIN_EXEC = 200_000    # ns: execs shorter than this are not sampled by NVML (see wait_exec)
+CLOCK_MAX_AGE = 50_000_000   # ns: how old the SM clock reading that stands in for them may be
 
 
 class CUDAUnavailable(RuntimeError):
@@ -86,7 +88,8 @@ class SMClock:
 class CUDAModel:
     """Shared by all copies of a model: pinned host weights (once), kernels loaded once per GPU, and how many
     bytes of each page run are used (the unused tail of the last page is not transferred)."""
-    __slots__ = ("artifact", "loaded", "host_weights", "host_mem", "run_bytes", "fns", "out_layout", "slot_views", "warm")
+    __slots__ = ("artifact", "loaded", "host_weights", "host_mem", "run_bytes", "fns", "out_layout", "slot_views",
+                 "warm", "last_exec")
 
     def __init__(self, artifact: Any, loaded: dict[int, Any], host_weights: np.ndarray, host_mem: Any,
                  run_bytes: dict[int, int]):
@@ -96,6 +99,7 @@ class CUDAModel:
         self.slot_views: dict[tuple, Any] = {}                            # (gpu, (entry, batch, slot)) -> _IOViews
         self.warm: set[tuple[int, int]] = set()                           # (gpu, batch) whose kernels are loaded
         self.out_layout: dict[int, tuple] = {}                           # per batch size, see _out_layout
+        self.last_exec: dict[tuple[int, int], int] = {}                  # (gpu, batch) -> its last exec (ns)
 
 
 class _IOViews:
@@ -151,6 +155,7 @@ class CUDADevice(Device):
         self._free_events: list = []
         self._exec_streams: list[Any] = []      # per GPU: execs launch from any thread (one in flight per GPU)
         self._exec_events: list[tuple] = []     # per GPU: (start, end, outputs fetched)
+        self._clock_seen: list[tuple[int, int]] = []   # per GPU: the latest SM clock reading (MHz, monotonic ns)
         self.views = StagedViews()               # (gpu, io offset, entry, batch) -> _IOViews
         self.page_size = 0
         self.graphs = False                      # replay execs as CUDA graphs (config cuda_graphs; cuda_graphs.py)
@@ -186,6 +191,7 @@ class CUDADevice(Device):
                 self._out.append(None)
                 self._exec_streams.append(self._new_stream(0))
                 self._exec_events.append((cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()))
+                self._clock_seen.append((0, 0))
                 self._capture_streams.append(self._new_stream(0))
                 self._slots.append(None)
         self.graphs = cfg.cuda_graphs and cuda_graphs.record_external() is not None
@@ -366,7 +372,9 @@ class CUDADevice(Device):
 
     def register_host(self, address: int, size: int) -> None:
         """Page-lock host memory that Infer inputs will come from (the process worker's shared memory): inputs
-        lying there are DMA-copied in place, not staged."""
+        lying there are DMA-copied in place, not staged. Unregistered when the worker closes (the memory must
+        outlive the worker: a range freed while registered stays mapped in the driver, and a later allocation
+        there fails with cudaErrorAlreadyMapped)."""
         self.cp.cuda.runtime.hostRegister(address, size, 0)
         self._pinned.append((address, address + size))
 
@@ -434,7 +442,7 @@ class CUDADevice(Device):
                         cp.cuda.runtime.memcpyAsync(dst, src, nb, D2D, sptr)
                     graph[0].launch(stream)            # records `start` itself, after the wait and the copies
                     self.graph_stats["launches"] += 1
-                    return gpu, batch, t0, buf, spans
+                    return gpu, batch, t0, buf, spans, m
             t0 = time.monotonic_ns()
             stream.wait_event(staged.done)
             start.record(stream)
@@ -455,7 +463,7 @@ class CUDADevice(Device):
                     src = o.data.ptr
                 cp.cuda.runtime.memcpyAsync(base + off, src, nb, D2H, sptr)
             fetched.record(stream)
-        return gpu, batch, t0, buf, spans
+        return gpu, batch, t0, buf, spans, m
 
     @staticmethod
     def _out_layout(entry: ModelEntry, batch: int) -> tuple[int, list]:
@@ -471,20 +479,34 @@ class CUDADevice(Device):
 
     def wait_exec(self, launched: Any) -> tuple[Timing, Any, int, int]:
         """Wait once for the exec and its output copy; the outputs leave as numpy arrays (`_Fetched`)."""
-        gpu, batch, t0, buf, spans = launched
+        gpu, batch, t0, buf, spans, m = launched
         cp, d = self.cp, self.devices[gpu]
         start, end, fetched = self._exec_events[gpu]
-        # NVML reads cost tens of us each: take them while the GPU executes what was launched, so they sample
-        # the clock under this exec's load and stay off the critical path.
-        before = self.clock.read(d)
-        after = before if end.done else self.clock.read(d)
+        # NVML reads cost 3-20 us each: take them while the GPU executes what was launched, so they sample the
+        # clock under this exec's load and stay off the critical path. An exec of tens of us (its last run was
+        # shorter than SAMPLE_MIN_EXEC, or it is over already) gives no load to sample and would wait for the
+        # read: the latest reading stands in while it is younger than CLOCK_MAX_AGE.
+        if end.done or m.last_exec.get((gpu, batch), SAMPLE_MIN_EXEC) < SAMPLE_MIN_EXEC:
+            before = after = self._recent_clock(gpu, d)
+        else:
+            before = self.clock.read(d)
+            after = before if end.done else self.clock.read(d)
+            self._clock_seen[gpu] = (after, time.monotonic_ns())
         fetched.synchronize()
         t1 = time.monotonic_ns()
         host = [buf[o:o + nb].view(spec.dtype).reshape((batch, *spec.shape)).copy() for o, nb, spec in spans]
-        exec_ns = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
+        exec_ns = m.last_exec[(gpu, batch)] = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
         out_ns = int(round(cp.cuda.get_elapsed_time(end, fetched) * 1e6))
         return (make_timing(t0, t1 - out_ns, exec_ns), _Fetched(host, make_timing(t1 - out_ns, t1, out_ns)),
                 before, after)
+
+    def _recent_clock(self, gpu: int, device: int) -> int:
+        mhz, at = self._clock_seen[gpu]
+        now = time.monotonic_ns()
+        if now - at > CLOCK_MAX_AGE or mhz == 0:
+            mhz = self.clock.read(device)
+            self._clock_seen[gpu] = (mhz, now)
+        return mhz
 
     def _capture(self, gpu: int, key: tuple, fn: Any, slot: _IOViews, binding: Any, tvm_device: Any,
                  buf: np.ndarray, spans: list) -> Any:
@@ -530,6 +552,12 @@ class CUDADevice(Device):
         self._out.clear()
         self._slots.clear()
         self.host_io = self.host_io_mem = None
+        pinned, self._pinned = self._pinned, []
+        for lo, _hi in pinned:
+            try:
+                self.cp.cuda.runtime.hostUnregister(lo)
+            except Exception:  # noqa: BLE001 - already unmapped by its owner: nothing left to release
+                pass
 
 
 class CUDAWorker(Worker):
