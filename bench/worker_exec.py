@@ -50,11 +50,13 @@ def direct(art, device: str, sizes: list[int], reps: int, warmup: int) -> dict[i
     return {b: _direct_one(art, loaded, binding, device, b, reps, warmup) for b in sizes}
 
 
-def direct_graph(art, sizes: list[int], reps: int, warmup: int) -> dict[int, tuple[list[int], list[int]]]:
-    """Per batch size: (exec ns, end-to-end ns) of the direct path run the way the CUDA worker runs an exec: one
-    CUDA graph (workbench.worker.cuda_graphs) holding the model, its events and the output copy to pinned
-    memory. The like-for-like baseline of the worker's overhead (the VM's launches cost host and GPU time that
-    the worker's graphs do not)."""
+def direct_graph(art, sizes: list[int], reps: int, warmup: int) -> dict[int, tuple[list[int], list[int], list[int]]]:
+    """Per batch size: (exec ns, end-to-end ns, end-to-end ns from an idle caller) of the direct path run the way
+    the CUDA worker runs an exec: one CUDA graph (workbench.worker.cuda_graphs) holding the model, its events and
+    the output copy to pinned memory. The like-for-like baseline of the worker's overhead (the VM's launches cost
+    host and GPU time that the worker's graphs do not). The idle-caller figure repeats the calls after the caller
+    slept for the exec's end-to-end time, as a caller of the worker sleeps while each action runs: on the H200's
+    VM a thread that slept pays ~150-200 us of cold caches and wake-up in its next ~300 us of work."""
     import cupy as cp
     import tvm
     import tvm_ffi
@@ -86,19 +88,27 @@ def direct_graph(art, sizes: list[int], reps: int, warmup: int) -> dict[int, tup
         buf = np.frombuffer(cp.cuda.alloc_pinned_memory(off), np.uint8, off)
         events = (cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event())
         graph, _outs = cuda_graphs.capture(cp, stream, launch, events, buf.ctypes.data, spans)
-        execs, e2e = [], []
-        for i in range(warmup + reps):
-            t0 = time.perf_counter_ns()
-            for d, h in zip(dev_in, x):            # from the caller's (pageable) arrays, as the worker does
-                d.set(h, stream=stream)
-            graph.launch(stream)
-            events[2].synchronize()
-            [buf[o:o + nb].view(spec.dtype).reshape((b, *spec.shape)).copy() for o, nb, spec in spans]
-            t1 = time.perf_counter_ns()
-            if i >= warmup:
-                execs.append(int(cp.cuda.get_elapsed_time(events[0], events[1]) * 1e6))
-                e2e.append(t1 - t0)
-        res[b] = (execs, e2e)
+        execs, e2e, idle_e2e = [], [], []
+        for idle in (0.0, None):
+            if idle is None:                       # the same calls from a caller that was idle meanwhile
+                idle = pct(e2e, 0.5) / 1e9
+            for i in range(warmup + reps):
+                if idle:
+                    time.sleep(idle)
+                t0 = time.perf_counter_ns()
+                for d, h in zip(dev_in, x):        # from the caller's (pageable) arrays, as the worker does
+                    d.set(h, stream=stream)
+                graph.launch(stream)
+                events[2].synchronize()
+                [buf[o:o + nb].view(spec.dtype).reshape((b, *spec.shape)).copy() for o, nb, spec in spans]
+                t1 = time.perf_counter_ns()
+                if i >= warmup:
+                    if idle:
+                        idle_e2e.append(t1 - t0)
+                    else:
+                        execs.append(int(cp.cuda.get_elapsed_time(events[0], events[1]) * 1e6))
+                        e2e.append(t1 - t0)
+        res[b] = (execs, e2e, idle_e2e)
     return res
 
 
@@ -213,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    ["resnet50_cuda", "bert_base_cuda", "mlp_cuda"])
     rows, md = [], ["| model | batch | direct VM exec p50 / p99 / p99.9 (us) | direct graph exec p50 / p99 (us) | "
                     "worker exec p50 / p99 / p99.9 (us) | worker p99/p50 | direct VM / graph e2e p50 (us) | "
-                    "worker e2e p50 / p99 (us) | overhead per action (us) | vs the VM (us) |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                    "worker e2e p50 / p99 (us) | overhead per action (us) | vs the VM (us) | direct graph e2e p50, "
+                    "idle caller (us) | overhead vs the idle caller (us) |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         path = artifact(name, Path(a.artifacts))
         if path is None and a.device == "cpu" and name == "mlp_cpu":
@@ -226,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         art = Artifact.open(path)
         sizes = [int(s) for s in a.batch_sizes.split(",")] if a.batch_sizes else list(art.batch_sizes)
         directs = direct(art, a.device, sizes, a.reps, a.warmup)
-        graphs = direct_graph(art, sizes, a.reps, a.warmup) if a.device == "cuda" else directs
+        graphs = (direct_graph(art, sizes, a.reps, a.warmup) if a.device == "cuda"
+                  else {b: (*v, []) for b, v in directs.items()})
         workers = through_worker(path, art, a.device, sizes, a.reps, a.warmup)
         for b in sizes:
-            (d_exec, d_e2e), (g_exec, g_e2e), wk = directs[b], graphs[b], workers[b]
+            (d_exec, d_e2e), (g_exec, g_e2e, g_idle), wk = directs[b], graphs[b], workers[b]
             row = {"model": name, "batch": b, "direct_exec": stats_us(d_exec), "direct_e2e": stats_us(d_e2e),
                    "direct_graph_exec": stats_us(g_exec), "direct_graph_e2e": stats_us(g_e2e),
                    "worker_exec": stats_us(wk["exec"]), "worker_e2e": stats_us(wk["e2e"]),
@@ -238,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                    "direct_graph_p99_over_p50": pct(g_exec, 0.99) / pct(g_exec, 0.5),
                    "overhead_us": (pct(wk["e2e"], 0.5) - pct(g_e2e, 0.5)) / 1e3,
                    "overhead_vs_vm_us": (pct(wk["e2e"], 0.5) - pct(d_e2e, 0.5)) / 1e3,
+                   "direct_graph_idle_caller_e2e": stats_us(g_idle) if g_idle else None,
+                   "overhead_idle_caller_us": (pct(wk["e2e"], 0.5) - pct(g_idle, 0.5)) / 1e3 if g_idle else None,
                    "gpu_clock_mhz_p50": pct(wk["gpu_clock"], 0.5),
                    "steps_p50_us": {k: pct(v, 0.5) / 1e3 for k, v in wk["steps"].items()}}
             rows.append(row)
@@ -248,13 +262,19 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['worker_p99_over_p50']:.3f} | {row['direct_e2e']['p50_us']:.1f} / "
                       f"{row['direct_graph_e2e']['p50_us']:.1f} | "
                       f"{row['worker_e2e']['p50_us']:.1f} / {row['worker_e2e']['p99_us']:.1f} | "
-                      f"{row['overhead_us']:.1f} | {row['overhead_vs_vm_us']:.1f} |")
+                      f"{row['overhead_us']:.1f} | {row['overhead_vs_vm_us']:.1f} | "
+                      + (f"{row['direct_graph_idle_caller_e2e']['p50_us']:.1f} | {row['overhead_idle_caller_us']:.1f} |"
+                         if g_idle else "- | - |"))
     md += ["", f"{a.reps} actions per row after {a.warmup} warm-up, one at a time. Goals: worker p99/p50 <= 1.01, "
            "overhead per action < 50 us. Overhead = p50 end to end through the worker (submit -> on_result) "
            "minus p50 of the same steps done directly in one thread (inputs from the caller's numpy arrays, "
            "outputs back to numpy), run the way the worker runs them: on CUDA one CUDA graph per exec (direct "
            "graph; on the CPU the direct call). 'vs the VM': minus the direct call through TVM's VM instead, "
-           "which the worker's graphs beat on the GPU, so it understates the worker's own cost.", "",
+           "which the worker's graphs beat on the GPU, so it understates the worker's own cost. 'Idle caller' "
+           "(CUDA): the direct graph calls again, each after the caller slept for the p50 end-to-end time, as the "
+           "worker's caller sleeps while its action runs; the overhead against it is the worker's own cost with "
+           "the caller in the same state (the plain overhead also holds the cost of waking cold: see "
+           "direct_graph).", "",
            "Where the worker's host time goes (p50, us, on the worker's clock): submit -> input copy begins | "
            "input copy enqueued -> exec launch begins | exec host span minus its device time (launch, output "
            "copy, the one wait) | exec end -> on_result.", "",
