@@ -36,7 +36,7 @@ from workbench.worker.page_cache import Allocation
 
 ALIGN = 256
 H2D, D2H, D2D = 1, 2, 3     # cudaMemcpyKind
-STAGE_BELOW = 4 << 20   # pageable inputs smaller than this go through pinned staging (see copy_input)
+STAGE_BELOW = 8 << 10   # pageable inputs smaller than this go through pinned staging (see copy_input)
 SAMPLE_MIN_EXEC = 200_000    # ns: execs shorter than this are not sampled by NVML (see wait_exec)
 CLOCK_MAX_AGE = 50_000_000   # ns: how old the SM clock reading that stands in for them may be
 
@@ -304,10 +304,11 @@ class CUDADevice(Device):
         """Enqueue the input copy on this GPU's input stream and return at once: the exec stream waits for it
         on the GPU (`_Staged.done`), and its duration is read from events after the exec (`input_timing`).
         An input already in pinned memory (the process worker's shared memory) is copied from where it lies.
-        A small pageable one (a notebook's array) is first staged at `host_offset` of the pinned host io arena
-        (measured on the H200's host: a pageable cudaMemcpyAsync of 600 KB ~280 us, staging ~60 us); a large
-        one is copied by the driver from where it lies (pageable H2D runs at 14.6 GB/s there, a host memcpy
-        into pinned memory at 5.8-8 GB/s)."""
+        A pageable one of STAGE_BELOW bytes or more (a notebook's array) is copied by the driver from where it
+        lies: on the H200's host that beat staging it through the pinned host io arena at every size measured
+        from 8 KB to 2.4 MB, by 0.03-3.7 % end to end (python -m bench.worker_staging). A smaller one is staged
+        at `host_offset` (the driver copy won by ~3 % at 512 B as well; staging stays the small inputs' path
+        because the host io pool is where Clockwork's config accounts for them)."""
         cp = self.cp
         rt = cp.cuda.runtime
         with cp.cuda.Device(self.devices[gpu]):
