@@ -12,10 +12,11 @@ Per GPU:
   its input copy is enqueued without a sync (the exec stream waits for it on the GPU), and the exec stream
   copies the outputs to pinned memory right after the model, so the exec thread's one wait covers both;
 - the SM clock read through NVML while each exec runs (after its launch, and again before its end when it is
-  still running), so the reads overlap the GPU work; an exec already over by then reuses a recent reading.
+  still running), so the reads overlap the GPU work; an exec too short to sample reuses a recent reading.
 Process-wide: host weights in pinned memory, read once per model and shared by all its copies; a pinned host
-io arena (host_io_pool_size) that stages pageable inputs (pinned inputs are read where they lie). Outputs land
-in one pinned buffer per GPU, grown to the largest exec's outputs (one exec per GPU at a time).
+io arena (host_io_pool_size) that stages small pageable inputs (larger ones and pinned ones are read where
+they lie). Outputs land in one pinned buffer per GPU, grown to the largest exec's outputs (one exec per GPU at a
+time).
 
 Importing this module needs neither cupy nor a GPU; constructing a CUDAWorker without one fails clearly."""
 from __future__ import annotations
