@@ -60,6 +60,9 @@ from workbench.controller.requests import (DONE, ERROR, INFLIGHT, QUEUED, REJECT
 from workbench.controller.state import GPUState, ModelState
 
 DEADLINE, WATCHDOG, PROBE_DUE = 0, 1, 2
+# The longest SLO accepted (2**62 ns, ~146 years): a deadline (arrival + slo) must fit the int64 telemetry columns
+# and the workers' int64 times; a longer one is rejected like any other bad SLO.
+MAX_SLO = 1 << 62
 
 _TYPE_NAMES = {t: t.name for t in ActionType}
 _REQUEST_FIELDS = ("request_id", "model_id", "model", "worker", "gpu", "batch_size", "arrival", "deadline",
@@ -310,7 +313,7 @@ class Controller:
             s = self._default_slo if slo is None else slo
             # the common case (a ready model, an int SLO it can meet, no inputs to check), straight through
             if m is not None and type(s) is int and inputs is None and slo_factor is None and m.ready \
-                    and s >= m.min_slo and not self.closed:
+                    and m.min_slo <= s <= MAX_SLO and not self.closed:
                 slo = s
                 now = self.clock.now()
                 rid = next(self._rid)
@@ -339,6 +342,11 @@ class Controller:
         c = self.config
         if type(model_id) is not int and isinstance(model_id, np.integer):
             model_id = int(model_id)
+        # numpy scalars (e.g. SLOs from np.arange) are the numbers they hold (np.bool_ stays a bad value)
+        if isinstance(slo, np.generic):
+            slo = slo.item()
+        if isinstance(slo_factor, np.generic):
+            slo_factor = slo_factor.item()
         m = self.models.get(model_id) if type(model_id) is int else None
         problem = ""
         if m is None:
@@ -350,7 +358,9 @@ class Controller:
             slo, problem = self._slo(m, slo, slo_factor)
         if not problem and inputs is not None:
             inputs, problem = _check_inputs(m, inputs)
-        r = Request(rid, m, now, slo if not problem else (slo if isinstance(slo, int) and slo > 0 else 0),
+        if problem and not (isinstance(slo, int) and 0 < slo <= MAX_SLO):
+            slo = 0                     # what the rejected request's row records
+        r = Request(rid, m, now, slo,
                     float(slo_factor) if isinstance(slo_factor, (int, float)) else 0.0,
                     inputs, callback, c.buffer)
         if problem:
@@ -369,7 +379,7 @@ class Controller:
 
     def _slo(self, m: ModelState, slo: Any, slo_factor: Any) -> tuple[int, str]:
         c = self.config
-        if slo_factor is None and type(slo) is int and slo >= m.min_slo:   # the common case, quickly
+        if slo_factor is None and type(slo) is int and m.min_slo <= slo <= MAX_SLO:   # the common case, quickly
             return slo, ""
         if slo is not None and slo_factor is not None:
             return 0, f"give slo or slo_factor, not both (slo={slo!r}, slo_factor={slo_factor!r})"
@@ -386,6 +396,9 @@ class Controller:
             if not isinstance(slo, (int, float)) or isinstance(slo, bool) or not math.isfinite(slo) or slo <= 0:
                 return 0, f"slo must be a number of ns > 0, got {slo!r}"
             slo = int(slo)
+        if slo > MAX_SLO:
+            return 0, (f"slo {slo / 1e9:.3g} s is longer than the longest accepted, 2**62 ns (~146 years): "
+                       f"give a shorter slo{' or slo_factor' if slo_factor is not None else ''}")
         # No batch can meet an SLO below the batch-1 exec estimate plus the result buffer: reject it at once
         # (Clockwork clamped such SLOs upwards with unsigned arithmetic, clockwork.md §4.3/§8.7).
         if slo < m.min_slo:
@@ -1075,7 +1088,8 @@ class Controller:
                         shared[a.path] = est
                 m.est = est
                 m.b1_ns = m.est.exec_table(c.default_clock)[0]
-                m.min_slo = m.b1_ns + c.buffer
+                # at least 1 ns: with buffer 0 and no exec estimate, an SLO of 0 must still be rejected
+                m.min_slo = max(m.b1_ns + c.buffer, 1)
             elif (tuple(result.batch_sizes) != m.batch_sizes or result.num_pages != m.num_pages
                   or result.input_bytes != m.input_bytes):
                 m.error = (f"worker {rec.worker} reports model {i} ({a.path}) with batch sizes "

@@ -400,7 +400,13 @@ def _check_run(c: _Checker, cfg: ExperimentConfig, run: RunSpec) -> None:
     """Dry-build the pieces of one run so that every problem shows before anything runs."""
     r = run.raw
     ctx = f" (run {run.label})" if run.params else ""
-    # re-check swept values with the same rules as written ones
+    # re-check swept values with the same rules as written ones (top-level ones too: seed, duration_s, ...)
+    for k, v in run.params.items():
+        if k in TOP:
+            c.table({k: v}, TOP, "sweep")
+    if r["warmup_s"] >= r["duration_s"]:
+        key = next((f"sweep.{k}" for k in ("warmup_s", "duration_s") if k in run.params), "warmup_s")
+        raise c.fail(key, f"warmup_s ({r['warmup_s']}) must be shorter than duration_s ({r['duration_s']}){ctx}")
     c.table(r["device"], DEVICE, "device")
     for i, m in enumerate(r["models"]):
         c.table(m, MODEL, f"models[{i}]", required=("name",))
@@ -484,6 +490,8 @@ def controller_config(d: dict):
     changes = {}
     for k, v in d.items():
         if k.endswith("_ms") and k[:-3] in {f for f in ControllerConfig.__dataclass_fields__}:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{k} must be a number of milliseconds, got {v!r}")
             changes[k[:-3]] = int(round(v * 1e6))
         else:
             changes[k] = v

@@ -29,6 +29,7 @@ KEY_COLUMNS = ("HashOwner", "HashApp", "HashFunction")
 ID_COLUMNS = ("HashOwner", "HashApp", "HashFunction", "Trigger")
 MINUTE_COLUMNS = tuple(str(m) for m in range(1, MINUTES_PER_DAY + 1))
 FILE_RE = re.compile(r"^invocations_per_function_md\.(?:svls\.)?anon\.d(\d+)\.csv$")
+_MAX_COUNT = 2**31 - 1   # counts are parsed as Int32
 TRIGGERS = ("http", "timer", "event", "queue", "storage", "orchestration", "others")
 
 
@@ -107,8 +108,8 @@ def locate_bad_line(path: Path, n_fields: int, n_ids: int, names: Sequence[str],
             if lineno == 1 or (only_line is not None and lineno != only_line):
                 continue
             line = raw.rstrip(b"\r\n")
-            if not line:
-                continue
+            if not line:   # polars reads an empty line as a row of nulls: name it rather than skip it
+                return f"{path}, line {lineno}: empty line (remove it: every line after the header is one function)"
             fields = line.split(b",")
             if len(fields) != n_fields:
                 return (f"{path}, line {lineno}: {len(fields)} fields, expected {n_fields} "
@@ -119,6 +120,9 @@ def locate_bad_line(path: Path, n_fields: int, n_ids: int, names: Sequence[str],
                     what = "negative" if v.startswith(b"-") and v[1:].isdigit() else "not a non-negative integer"
                     return (f"{path}, line {lineno}, column {names[j]!r} (field {j + 1}): count "
                             f"{v.decode(errors='replace')!r} is {what}")
+                if int(v) > _MAX_COUNT:
+                    return (f"{path}, line {lineno}, column {names[j]!r} (field {j + 1}): count {int(v)} is larger "
+                            f"than {_MAX_COUNT} (the counts are read as 32-bit integers)")
             if only_line is not None:
                 break
     return f"{path}: malformed (could not locate the bad line)"
