@@ -345,8 +345,8 @@ class Worker:
             else:
                 deliver_now = False
                 problem = None if _well_formed_infer(action, self.num_gpus) else self._malformed(action)
-                if problem is None and action.id in self.outstanding:
-                    problem = (Status.INVALID_ACTION, f"action id {action.id} is already in flight")
+                if action.id in self.outstanding:   # malformed or not: never take the entry of the action in flight
+                    problem = problem or (Status.INVALID_ACTION, f"action id {action.id} is already in flight")
                     task: Task = _Immediate(self, action, now, *problem, track=False)
                 else:
                     self.outstanding[action.id] = action
@@ -438,11 +438,15 @@ class Worker:
             leftovers = [error(a, Status.SHUTTING_DOWN, "worker closed", self.clock.now(), self.clock.now())
                          for a in self.outstanding.values()]
         self._deliver(leftovers)
-        if self.config.telemetry:
-            self._write_telemetry()
-        with self.lock:   # the weights' device memory goes now, not whenever this object is collected
-            self.clear_cache()
-        self.device.close()
+        try:
+            if self.config.telemetry:
+                self._write_telemetry()
+        finally:   # also when the telemetry cannot be written: a second close() returns at once
+            with self.lock:   # device memory and the models' host memory go now, not when this object is collected
+                self.clear_cache()
+                for e in self.entries:
+                    self.device.release_model(e)
+            self.device.close()
 
     def clear_cache(self) -> None:
         """Free every installed weights allocation (caller holds the lock); loads in flight keep theirs and see
@@ -585,8 +589,11 @@ class _Immediate(ActionTask):
         self.status, self.message, self.track = status, message, track
 
     def begin(self, now: int) -> Result | None:
-        r = self.fail(self.status, self.message)
-        if not self.track:
+        return self.fail(self.status, self.message)
+
+    def fail(self, status: Status, message: str) -> Result:
+        r = super().fail(status, message)
+        if not self.track:   # also its SHUTTING_DOWN at close: never answered in place of the action in flight
             object.__setattr__(r, "_untracked", True)
         return r
 

@@ -83,6 +83,10 @@ class WorkerConfig:
             source=source)
         if cfg.page_size <= 0:
             raise ConfigError(f"{source}: page_size must be > 0, got {cfg.page_size}")
+        if cfg.page_size % 256:   # pages hold 256-byte aligned tensors: no artifact can be compiled for it
+            raise ConfigError(f"{source}: page_size = {cfg.page_size} is not a multiple of 256 bytes (every tensor "
+                              f"in a page is 256-byte aligned; artifacts are compiled for such page sizes only): "
+                              f"use {-(-cfg.page_size // 256) * 256} or a size like \"16 MiB\"")
         if cfg.weights_cache_size < cfg.page_size:
             raise ConfigError(f"{source}: weights_cache_size ({cfg.weights_cache_size}) is smaller than one page "
                               f"({cfg.page_size}): raise weights_cache_size or lower page_size")

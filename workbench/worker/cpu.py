@@ -108,6 +108,9 @@ class CPUDevice(Device):
                 pages[first + k] = arena[(c + k) * ps:(c + k + 1) * ps]
         return pages
 
+    def release_model(self, entry: ModelEntry) -> None:
+        entry.handle = None   # host weights and kernels go with the last reference (Worker.close, failed loads)
+
     def load_weights(self, gpu: int, entry: ModelEntry, alloc: Allocation, now: int) -> tuple[Timing, Any]:
         m: CPUModel = entry.handle
         ps, arena = self.page_size, self.arenas[gpu]

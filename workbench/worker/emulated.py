@@ -469,9 +469,10 @@ class _Lean:
             problem = w._malformed(a)
         outstanding = w.outstanding
         self.seq += 1
-        if problem is None and a.id in outstanding:
+        if a.id in outstanding:             # malformed or not: never take the entry of the action in flight
             t = _Task(_IMM, a, now, 0, _FOREVER, self.seq)
-            t.status, t.message, t.track = _S.INVALID_ACTION, f"action id {a.id} is already in flight", False
+            t.status, t.message = problem or (_S.INVALID_ACTION, f"action id {a.id} is already in flight")
+            t.track = False
         else:
             outstanding[a.id] = a
             kind = _FIRST_KIND.get(a.type) if problem is None else None
@@ -538,7 +539,12 @@ class _Lean:
             if r is not None:
                 out.append(r)
                 continue
-            d = self.run(t, now)
+            try:
+                d = self.run(t, now)
+            except Exception as e:  # noqa: BLE001 - a device failure becomes the action's result (ClockExecutor)
+                self.cleanup(t)
+                out.append(self.fail(t, _S.RUNTIME_ERROR, f"{type(e).__name__}: {e}"))
+                continue
             q.busy = t
             self.post(now + d, self._on_done, q, t, now, d)
         return out
@@ -1107,7 +1113,10 @@ class _Lean:
                 q.wake = False
             for t in tasks:
                 self.cleanup(t)
-                out.append(self.fail(t, _S.SHUTTING_DOWN, "worker closed before the action ran"))
+                r = self.fail(t, _S.SHUTTING_DOWN, "worker closed before the action ran")
+                if t.kind == _IMM and not t.track:     # a duplicate id's: not the answer of the action in flight
+                    _setattr(r, "_untracked", True)
+                out.append(r)
         self.deliver(out)
         for q in queues:
             q.closed = True

@@ -168,8 +168,8 @@ class ProcessWorker:
                         r = error(action, Status.SHUTTING_DOWN, "worker is closed", now, now)
                     if state != "closing":  # no supervisor any more: answer here, as the in-process worker does
                         deliver_now = r
-                    else:
-                        self._local_result(r)
+                    else:   # never tracked: must not untrack an action in flight with the same id
+                        self._local_result(r, track=False)
                         return
                 elif action.id in self._flights:
                     now = time.monotonic_ns()

@@ -143,13 +143,49 @@ class Profile:
             raise ProfileError(f"{path}: profile format {d.get('format')!r} is not supported (expected 1)")
         try:
             h2d = float(d["h2d_bytes_per_s"])
+            if not h2d > 0:   # before the models: their default weights_load_ns divides by it
+                raise ProfileError(f"{path}: h2d_bytes_per_s = {h2d!r} must be > 0: fix the profile or measure it "
+                                   f"again")
             models = {name: _model_from_json(name, m, h2d, path) for name, m in d["models"].items()}
-            return cls(device=d["device"], source=d.get("source", ""), sm_clock_mhz=int(d["sm_clock_mhz"]),
+            prof = cls(device=d["device"], source=d.get("source", ""), sm_clock_mhz=int(d["sm_clock_mhz"]),
                        h2d_bytes_per_s=h2d, d2h_bytes_per_s=float(d.get("d2h_bytes_per_s", h2d)),
                        copy_latency_ns=int(d.get("copy_latency_ns", 0)), page_size=int(d["page_size"]),
                        load_sigma=float(d.get("load_sigma", 0.0)), models=models, path=path)
         except KeyError as e:
             raise ProfileError(f"{path}: missing field {e.args[0]!r}") from None
+        prof.check()
+        return prof
+
+    def check(self) -> None:
+        """Raise ProfileError for values the emulated worker cannot use: negative durations or sizes (time would
+        run backwards), zero bandwidths or page size, runs that do not partition a model's pages."""
+        from workbench.worker.page_cache import normalize_runs
+        where = self.path or self.device
+
+        def need(ok: bool, what: str, value: object, rule: str) -> None:
+            if not ok:
+                raise ProfileError(f"{where}: {what} = {value!r} {rule}: fix the profile or measure it again")
+        for key in ("h2d_bytes_per_s", "d2h_bytes_per_s", "page_size"):
+            need(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        for key in ("copy_latency_ns", "load_sigma"):
+            need(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        for name, m in self.models.items():
+            need(m.weights_bytes >= 0, f"model {name!r} weights_bytes", m.weights_bytes, "must be >= 0")
+            need(m.weights_load_ns >= 0, f"model {name!r} weights_load_ns", m.weights_load_ns, "must be >= 0")
+            for b, e in m.exec.items():
+                what = f"model {name!r} exec batch {b}"
+                need(b >= 1, f"model {name!r} exec batch", b, "must be >= 1")
+                low = min((e.p50_ns, *e.samples_ns))
+                need(low >= 0, f"{what} p50_ns/samples_ns", low, "must be >= 0")
+                need(e.sigma >= 0, f"{what} sigma", e.sigma, "must be >= 0")
+            for key in ("workspace_bytes", "io_bytes"):
+                for b, v in getattr(m, key).items():
+                    need(v >= 0, f"model {name!r} {key} batch {b}", v, "must be >= 0")
+            if m.runs is not None:
+                try:
+                    normalize_runs(m.runs)
+                except ValueError as e:
+                    raise ProfileError(f"{where}: model {name!r}: {e}: fix the profile's runs") from None
 
     def to_json(self) -> dict:
         return {"format": 1, "device": self.device, "source": self.source, "sm_clock_mhz": self.sm_clock_mhz,
