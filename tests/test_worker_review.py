@@ -93,8 +93,7 @@ def test_close_answers_a_queued_duplicate_id_once_and_its_original_once(lean):
 
 # ------------------------------------------------------------------- lean path == general path on failures
 def damaged_copy(src, dst):
-    """An artifact whose manifest is valid JSON but lacks a batch's "file": Artifact.open raises KeyError (not
-    an ArtifactError), i.e. the device's open_model fails with an unexpected exception."""
+    """An artifact whose manifest is valid JSON but lacks a batch's "file"."""
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
     del m["batches"]["1"]["file"]
@@ -102,11 +101,36 @@ def damaged_copy(src, dst):
     return dst
 
 
+def test_a_manifest_field_missing_is_an_invalid_path_naming_the_manifest(mlp_artifact, tmp_path):
+    """Artifact.open raised KeyError for it (workers answered RUNTIME_ERROR); it is the artifact's problem."""
+    from workbench.models.artifact import Artifact, ArtifactError
+    bad = damaged_copy(mlp_artifact, tmp_path / "bad")
+    with pytest.raises(ArtifactError, match=r"manifest\.json is inconsistent \(KeyError: 'file'\)"):
+        Artifact.open(bad)
+    for lean in (False, True):
+        r = Emu(lean).do(LoadModelFromDisk(id=1, model_id=0, path=str(bad)))
+        assert r.status == Status.INVALID_PATH and "manifest.json is inconsistent" in r.message
+
+
+@pytest.fixture
+def open_fails(monkeypatch):
+    """Fault injection: the emulated device's open_model fails with an unexpected exception (a worker bug, or
+    the disk failing mid-read) for artifacts under a directory named "bad"."""
+    from workbench.worker.emulated import EmulatedDevice
+    real = EmulatedDevice.open_model
+
+    def open_model(self, action, now):
+        if "/bad" in action.path:
+            raise KeyError("file")
+        return real(self, action, now)
+    monkeypatch.setattr(EmulatedDevice, "open_model", open_model)
+
+
 @pytest.mark.parametrize("lean", [False, True])
-def test_load_model_whose_open_raises_is_answered_runtime_error(lean, mlp_artifact, tmp_path):
+def test_load_model_whose_open_raises_is_answered_runtime_error(lean, mlp_artifact, tmp_path, open_fails):
     """The general path (ClockExecutor) turns an exception in a task's run into RUNTIME_ERROR; the lean path ran
     LoadModelFromDisk's run unguarded, so the exception escaped clock.run() and the action was never answered."""
-    bad = damaged_copy(mlp_artifact, tmp_path / "bad")
+    bad = shutil.copytree(mlp_artifact, tmp_path / "bad")
     e = Emu(lean)
     r = e.do(LoadModelFromDisk(id=1, model_id=0, path=str(bad)))
     assert r.status == Status.RUNTIME_ERROR and "KeyError" in r.message
@@ -116,8 +140,8 @@ def test_load_model_whose_open_raises_is_answered_runtime_error(lean, mlp_artifa
     assert e.do(LoadWeights(id=3, model_id=0)).ok and e.do(Infer(id=4, model_id=0, batch_size=3)).ok
 
 
-def test_lean_and_general_paths_give_the_same_results_for_a_failing_load(mlp_artifact, tmp_path):
-    bad = damaged_copy(mlp_artifact, tmp_path / "bad")
+def test_lean_and_general_paths_give_the_same_results_for_a_failing_load(mlp_artifact, tmp_path, open_fails):
+    bad = shutil.copytree(mlp_artifact, tmp_path / "bad")
     runs = []
     for lean in (False, True):
         e = Emu(lean)
@@ -128,6 +152,21 @@ def test_lean_and_general_paths_give_the_same_results_for_a_failing_load(mlp_art
         e.clock.run()
         runs.append((e.got, e.w.state(), e.w.results_delivered))
     assert runs[0] == runs[1]
+
+
+def test_measurements_with_infinity_or_negative_durations_count_as_damaged(mlp_artifact, tmp_path):
+    """A damaged measurements.json means no measurements (as in Clockwork), never a crash (Infinity made
+    int() raise OverflowError) nor negative durations that would run the emulated worker's time backwards."""
+    from workbench.worker.measurements import FILE, read_measurements
+    good = {"format": 1, "weights_load_ns": 1000, "exec_ns": {"1": 5000}}
+    for bad in ('{"format": 1, "weights_load_ns": Infinity, "exec_ns": {"1": 5000}}',
+                json.dumps({**good, "exec_ns": {"1": -5}}), json.dumps({**good, "weights_load_ns": -1}),
+                json.dumps({**good, "exec_samples_ns": {"1": [5000, -3]}})):
+        (tmp_path / FILE).write_text(bad)
+        assert read_measurements(tmp_path) is None, bad
+    (tmp_path / FILE).write_text(json.dumps(good))
+    m = read_measurements(tmp_path)
+    assert m is not None and m.weights_load_ns == 1000 and m.exec[1].p50_ns == 5000
 
 
 # ------------------------------------------------------------------------ resources end with the worker

@@ -333,11 +333,16 @@ class Artifact:
         manifest = read_manifest(path)
         mf = path / MANIFEST
         try:
-            art = cls(path, manifest)
-            art.layout.check()
-        except (KeyError, TypeError, ValueError) as e:
+            return cls._validated(path, manifest, verify)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:   # a field missing or of the wrong type
             raise ArtifactError(f"{mf} is inconsistent ({type(e).__name__}: {e}): {_rebuild_hint(manifest)}") \
                 from None
+
+    @classmethod
+    def _validated(cls, path: Path, manifest: dict, verify: bool) -> "Artifact":
+        art = cls(path, manifest)
+        art.layout.check()
+        mf = path / MANIFEST
         for b in art.batch_sizes:
             entry = manifest["batches"].get(str(b))
             if entry is None:

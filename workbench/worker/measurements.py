@@ -47,6 +47,8 @@ def parse_measurements(d: dict, device: str | None = None) -> Measurements | Non
         else:
             exec_[b] = ExecDist(med)
     load = int(d.get("weights_load_ns", d.get("weights", 0)) or 0)
+    if load < 0 or any(e.p50_ns < 0 or min(e.samples_ns, default=0) < 0 for e in exec_.values()):
+        raise ValueError("negative duration")   # time would run backwards in the emulated worker
     if not exec_ and not load:
         return None
     return Measurements(load, exec_, str(d.get("device", "")))
@@ -59,7 +61,7 @@ def read_measurements(artifact: Any, device: str | None = None) -> Measurements 
         return None
     try:
         return parse_measurements(json.loads(path.read_text()), device)
-    except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
+    except (json.JSONDecodeError, ValueError, TypeError, AttributeError, OverflowError):   # e.g. Infinity
         return None   # a damaged file means no measurements, as in Clockwork
 
 
