@@ -10,7 +10,8 @@ round, seeded): `off` (no recorder), `off_again` (the same, a second time: the m
 and `on` (a Recorder, in memory, as a Session records). Per run, from the requests' outcomes (not from the
 telemetry, which `off` lacks): latency p50 / p99 of the successful requests and the SLO attainment; and this
 process's CPU time per request (controller, workload and recorder; the executor process excluded). Per round
-the ratios on/off and off_again/off; the figures are medians over the rounds with their quartiles.
+the ratios on/off and off_again/off; the figures are medians over the rounds with their quartiles. One more
+`on` run times the controller's two recording calls by their thread's CPU clock (`recording_calls`).
 `bench.telemetry_overhead` measures the recorder's CPU cost inside a virtual-time simulation, where nothing
 else hides it. Writes bench/results/telemetry_hot_path.json/.md (telemetry_hot_path_cpu.* with --device cpu)."""
 from __future__ import annotations
@@ -71,6 +72,40 @@ def run(path, device: str, record: bool, a) -> dict:
             rec.close()
 
 
+def recording_calls(path, device: str, a) -> dict:
+    """One more `on` run with the controller's two recording calls timed by their thread's CPU clock (what the
+    run's whole-process figure cannot separate from thread wake-ups): us of CPU per call, the timer's own
+    cost (measured in place, the same way) subtracted."""
+    from workbench.controller.controller import Controller
+    tt = time.thread_time_ns
+    acc: dict[str, list[int]] = {}
+    real = {name: getattr(Controller, name) for name in ("_record_request", "_record_action")}
+
+    def timed(name: str, f):
+        s = acc[name] = [0, 0, 0]
+
+        def g(self, *args, **kw):
+            t0 = tt()
+            t1 = tt()
+            try:
+                return f(self, *args, **kw)
+            finally:
+                t2 = tt()
+                s[0] += t2 - t1 - (t1 - t0)
+                s[2] += 1
+        return g
+    try:
+        for name, f in real.items():
+            setattr(Controller, name, timed(name, f))
+        out = run(path, device, True, a)
+    finally:
+        for name, f in real.items():
+            setattr(Controller, name, f)
+    per_call = {name: s[0] / max(s[2], 1) / 1e3 for name, s in acc.items()}
+    return {"requests": out["requests"], "calls": {n: s[2] for n, s in acc.items()}, "us_per_call": per_call,
+            "us_per_request": sum(s[0] for s in acc.values()) / max(out["requests"], 1) / 1e3}
+
+
 def spread(xs: list[float]) -> dict:
     s = sorted(xs)
     n = len(s)
@@ -112,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {v: {m: statistics.median(r[m] for r in runs[v]) for m in metrics} for v in VARIANTS}
     cpu_cost = statistics.median(r["cpu_us_per_request"] - o["cpu_us_per_request"]
                                  for r, o in zip(runs["on"], runs["off"]))
+    calls = recording_calls(path, a.device, a)
     def no_worse(m: str) -> bool:   # than the noise: its upper quartile (the lower one for SLO attainment)
         on, noise = ratios["on"][m]["median"], ratios["off_again"][m]
         return on >= noise["q1"] if m == "slo_attainment" else on <= noise["q3"]
@@ -130,9 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                   f" | {n['median']:.3f} ({n['q1']:.3f}-{n['q3']:.3f}) | {'yes' if within[m] else 'NO'} |")
     md += ["", f"The session's CPU per request, on minus off (median of the rounds' differences): {cpu_cost:.1f} us "
                f"(the controller, the workload threads and the recorder; the executor process not counted). "
-               f"Rows recorded per `on` run: {runs['on'][0].get('rows')}."]
+               f"Rows recorded per `on` run: {runs['on'][0].get('rows')}.", "",
+           "The recording calls themselves, timed by the calling thread's CPU clock in one more `on` run: "
+           + ", ".join(f"`{n}` {v:.2f} us per call ({calls['calls'][n]:,} calls)"
+                       for n, v in calls["us_per_call"].items())
+           + f"; {calls['us_per_request']:.2f} us of CPU per request. (Inside the virtual-time simulation the same "
+           "calls cost ~1 us: `python -m bench.telemetry_overhead`. In real time the controller's thread sleeps "
+           "between events, so each call touches code and objects that are no longer in the CPU's caches.)"]
     write(a.name or ("telemetry_hot_path" + ("_cpu" if cpu else "")),
           {"runs": runs, "ratios": ratios, "medians": med, "cpu_cost_us_per_request": cpu_cost,
+           "recording_calls": calls,
            "on_within_noise": within, "args": vars(a)}, md)
     return 0
 
