@@ -2,35 +2,15 @@
 the wrong type, and Azure trace files with an empty line or a count too large, all named before anything runs."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from workbench.experiments.config import ExperimentError, load
 from workbench.workload import AzureTrace, TraceError
 from workbench.workload.azure_trace import MINUTE_COLUMNS
 
-GOOD = """\
-name = "t"
-seed = 3
-duration_s = 2
+from test_experiments_config import GOOD, write   # the valid experiment the config tests start from
 
-[[models]]
-name = "resnet50"
-copies = 3
-
-[workload]
-kind = "closed_loop"
-concurrency = 2
-slo_ms = 100
-"""
 HEADER = "HashOwner,HashApp,HashFunction,Trigger," + ",".join(MINUTE_COLUMNS)
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "exp.toml"
-    p.write_text(text)
-    return p
 
 
 @pytest.mark.parametrize("sweep,match", [
