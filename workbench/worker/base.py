@@ -442,11 +442,16 @@ class Worker:
             if self.config.telemetry:
                 self._write_telemetry()
         finally:   # also when the telemetry cannot be written: a second close() returns at once
-            with self.lock:   # device memory and the models' host memory go now, not when this object is collected
-                self.clear_cache()
-                for e in self.entries:
-                    self.device.release_model(e)
-            self.device.close()
+            self.release_device()
+
+    def release_device(self) -> None:
+        """At close: the weights cache, every model's host memory and kernels, then the device itself go now,
+        not when this object is collected."""
+        with self.lock:
+            self.clear_cache()
+            for e in self.entries:
+                self.device.release_model(e)
+        self.device.close()
 
     def clear_cache(self) -> None:
         """Free every installed weights allocation (caller holds the lock); loads in flight keep theirs and see

@@ -1122,5 +1122,4 @@ class _Lean:
             q.closed = True
         now = self.clock.now()
         self.deliver([_error(a, _S.SHUTTING_DOWN, "worker closed", now, now) for a in w.outstanding.values()])
-        w.clear_cache()                  # as Worker.close does
-        self.dev.close()
+        w.release_device()
