@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 
 MS = 1_000_000
+# a field's annotation -> (the values it takes, how to say so)
+_TYPES = {"int": (int, "an int (ns or a count)"), "float": ((int, float), "a number"), "bool": (bool, "True or False")}
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,10 @@ class ControllerConfig:
             v = getattr(self, f.name)
             # Times and counts must be ints: a float (e.g. default_slo = 1e8 in a TOML file) flows into request
             # deadlines and breaks the int-only telemetry columns and the controller's int fast paths.
-            want = {"int": int, "float": (int, float), "bool": bool}.get(str(f.type))
-            if want is not None and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
-                kind = {"int": "an int (ns or a count)", "float": "a number", "bool": "True or False"}[str(f.type)]
-                raise ValueError(f"ControllerConfig.{f.name} must be {kind}, got {type(v).__name__} {v!r}"
-                                 + (f" (write {int(v)})" if want is int and isinstance(v, float) and v.is_integer()
-                                    else ""))
+            want, kind = _TYPES[f.type]
+            if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
+                hint = f" (write {int(v)})" if want is int and isinstance(v, float) and v.is_integer() else ""
+                raise ValueError(f"ControllerConfig.{f.name} must be {kind}, got {type(v).__name__} {v!r}{hint}")
             if isinstance(v, bool):
                 continue
             if isinstance(v, (int, float)) and v < 0:
