@@ -488,7 +488,7 @@ class CUDADevice(Device):
         # clock under this exec's load and stay off the critical path. An exec of tens of us (its last run was
         # shorter than SAMPLE_MIN_EXEC, or it is over already) gives no load to sample and would wait for the
         # read: the latest reading stands in while it is younger than CLOCK_MAX_AGE.
-        if end.done or m.last_exec.get((gpu, batch), SAMPLE_MIN_EXEC) < SAMPLE_MIN_EXEC:
+        if m.last_exec.get((gpu, batch), SAMPLE_MIN_EXEC) < SAMPLE_MIN_EXEC or end.done:
             before = after = self._recent_clock(gpu, d)
         else:
             before = self.clock.read(d)
