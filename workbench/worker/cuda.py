@@ -13,10 +13,10 @@ Per GPU:
   copies the outputs to pinned memory right after the model, so the exec thread's one wait covers both;
 - the SM clock read through NVML while each exec runs (after its launch, and again before its end when it is
   still running), so the reads overlap the GPU work; an exec too short to sample reuses a recent reading.
-Process-wide: host weights in pinned memory, read once per model and shared by all its copies; a pinned host
-io arena (host_io_pool_size) that stages small pageable inputs (larger ones and pinned ones are read where
-they lie). Outputs land in one pinned buffer per GPU, grown to the largest exec's outputs (one exec per GPU at a
-time).
+Process-wide: host weights in pinned memory, read once per model and shared by all its copies. Inputs are
+copied from where they lie (the driver stages pageable ones; python -m bench.input_copy), so the host io pool
+(host_io_pool_size) only accounts for the inputs and outputs in flight, with no memory behind it. Outputs land
+in one pinned buffer per GPU, grown to the largest exec's outputs (one exec per GPU at a time).
 
 Importing this module needs neither cupy nor a GPU; constructing a CUDAWorker without one fails clearly."""
 from __future__ import annotations
@@ -37,7 +37,6 @@ from workbench.worker.page_cache import Allocation
 
 ALIGN = 256
 H2D, D2H, D2D = 1, 2, 3     # cudaMemcpyKind
-STAGE_BELOW = 8 << 10   # pageable inputs smaller than this go through pinned staging (see copy_input)
 SAMPLE_MIN_EXEC = 200_000    # ns: execs shorter than this are not sampled by NVML (see wait_exec)
 CLOCK_MAX_AGE = 50_000_000   # ns: how old the SM clock reading that stands in for them may be
 
@@ -148,10 +147,7 @@ class CUDADevice(Device):
         self.cache: list[Any] = []             # uint8 cupy array over each GPU's weights cache
         self.io_mem: list[Any] = []
         self.io: list[Any] = []
-        self.host_io_mem: Any = None
-        self.host_io: np.ndarray | None = None   # pinned staging for pageable inputs
-        self.host_io_ptr = 0
-        self._pinned: list[tuple[int, int]] = []  # host ranges page-locked by register_host: inputs read in place
+        self._pinned: list[int] = []            # host ranges page-locked by register_host (unregistered at close)
         self._out: list[np.ndarray | None] = []  # per GPU: pinned buffer the exec copies outputs into
         self._free_events: list = []
         self._exec_streams: list[Any] = []      # per GPU: execs launch from any thread (one in flight per GPU)
@@ -196,9 +192,6 @@ class CUDADevice(Device):
                 self._capture_streams.append(self._new_stream(0))
                 self._slots.append(None)
         self.graphs = cfg.cuda_graphs and cuda_graphs.record_external() is not None
-        self.host_io_mem = cp.cuda.alloc_pinned_memory(cfg.host_io_pool_size)
-        self.host_io = np.frombuffer(self.host_io_mem, np.uint8, cfg.host_io_pool_size)
-        self.host_io_ptr = self.host_io.ctypes.data
         import tvm
         import tvm_ffi
         self.tvm, self._ffi = tvm, tvm_ffi
@@ -304,12 +297,10 @@ class CUDADevice(Device):
                    io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
         """Enqueue the input copy on this GPU's input stream and return at once: the exec stream waits for it
         on the GPU (`_Staged.done`), and its duration is read from events after the exec (`input_timing`).
-        An input already in pinned memory (the process worker's shared memory) is copied from where it lies.
-        A pageable one of STAGE_BELOW bytes or more (a notebook's array) is copied by the driver from where it
-        lies: on the H200's host that beat staging it through the pinned host io arena at every size measured
-        from 8 KB to 2.4 MB, by 0.03-3.7 % end to end (python -m bench.worker_staging). A smaller one is staged
-        at `host_offset` (the driver copy won by ~3 % at 512 B as well; staging stays the small inputs' path
-        because the host io pool is where Clockwork's config accounts for them)."""
+        Every input is copied from where it lies: one in pinned memory (the process worker's shared memory) by
+        DMA; a pageable one (a notebook's array) by the driver, which stages it itself. On the H200's host that
+        beat staging through pinned memory of our own at every size from 512 B to 9.6 MB, with the calling
+        thread hot or just woken (python -m bench.input_copy)."""
         cp = self.cp
         rt = cp.cuda.runtime
         with cp.cuda.Device(self.devices[gpu]):
@@ -319,21 +310,15 @@ class CUDADevice(Device):
             if views is None:
                 views = self._io_views(gpu, entry, batch, io_offset)
             t0 = time.monotonic_ns()
-            keep, hoff, sptr = [], host_offset, stream.ptr
+            keep, sptr = [], stream.ptr
             start.record(stream)
             for i, spec in enumerate(entry.inputs):
                 dst, full = views.ptrs[i], views.full[i]
                 if inputs is not None:
                     nb = spec.nbytes * n
                     x = np.ascontiguousarray(inputs[i])
-                    if nb >= STAGE_BELOW or self._is_pinned(x):
-                        keep.append(x)       # a pinned source must live until the DMA has read it
-                        src = x.ctypes.data
-                    else:
-                        self.host_io[hoff:hoff + nb] = x.reshape(-1).view(np.uint8)
-                        src = self.host_io_ptr + hoff
-                        hoff += -(-nb // ALIGN) * ALIGN
-                    rt.memcpyAsync(dst, src, nb, H2D, sptr)
+                    keep.append(x)           # a pinned source must live until the DMA has read it
+                    rt.memcpyAsync(dst, x.ctypes.data, nb, H2D, sptr)
                 else:
                     nb = 0                   # generated input: zeros
                 if full > nb:
@@ -374,21 +359,11 @@ class CUDADevice(Device):
 
     def register_host(self, address: int, size: int) -> None:
         """Page-lock host memory that Infer inputs will come from (the process worker's shared memory): inputs
-        lying there are DMA-copied in place, not staged. Unregistered when the worker closes (the memory must
+        lying there are DMA-copied in place, where the driver stages pageable ones. Unregistered when the worker closes (the memory must
         outlive the worker: a range freed while registered stays mapped in the driver, and a later allocation
         there fails with cudaErrorAlreadyMapped)."""
         self.cp.cuda.runtime.hostRegister(address, size, 0)
-        self._pinned.append((address, address + size))
-
-    def _is_pinned(self, x: np.ndarray) -> bool:
-        """Whether x lies in memory given to register_host. A range check, not cudaPointerGetAttributes: that
-        call cost ~25 us per Infer on the H200's host. Other pinned arrays are staged (correct, ~30 us more)."""
-        a = x.ctypes.data
-        e = a + x.nbytes
-        for lo, hi in self._pinned:
-            if lo <= a and e <= hi:
-                return True
-        return False
+        self._pinned.append(address)
 
     def _event_pair(self):
         """A (start, done) pair of events for one input copy, reused once its exec has read them."""
@@ -553,9 +528,8 @@ class CUDADevice(Device):
         self.io_mem.clear()
         self._out.clear()
         self._slots.clear()
-        self.host_io = self.host_io_mem = None
         pinned, self._pinned = self._pinned, []
-        for lo, _hi in pinned:
+        for lo in pinned:
             try:
                 self.cp.cuda.runtime.hostUnregister(lo)
             except Exception:  # noqa: BLE001 - already unmapped by its owner: nothing left to release
