@@ -288,3 +288,40 @@ def test_cpu_close_with_infers_queued_at_every_stage_answers_each_once_and_frees
     assert all(r.status == Status.SHUTTING_DOWN for r in got[:5])
     assert not w.col.dupes and w.in_flight() == 0 and w.check_consistency() == []
     assert w.host_io.used == 0 and w.gpus[0].io.used == 0 and w.gpus[0].workspace.used == 0
+
+
+# ------------------------------------------------------------------------------ close with a task still running
+@pytest.mark.slow
+def test_close_keeps_memory_allocated_while_an_executor_is_still_running_a_task(tmp_path):
+    """close() waits `timeout` s for each executor thread; one still running a task (here a CPU exec of ~1 s)
+    must not have the weights cache and the model freed under it: the worker answers every action, warns, and
+    keeps them. When the task ends, its late result is dropped (the action was answered SHUTTING_DOWN)."""
+    import threading
+    import time
+    from workbench.models import zoo
+    from workbench.models.compiler import compile_model
+    art = tmp_path / "mlp_b8192"
+    compile_model(zoo.get("mlp"), art, target="cpu", batch_sizes=(8192,))
+    col = Collector()
+    w = CPUWorker(WorkerConfig.load(None, **{**SMALL, "io_pool_size": "64 MiB", "workspace_pool_size": "64 MiB",
+                                             "host_io_pool_size": "64 MiB"}), col)
+    w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(art), max_batch_size=8192,
+                                   max_exec_duration=10**12))
+    assert col.wait(1).ok, col.results[1].message
+    w.submit(LoadWeights(id=2, model_id=0, gpu=0))
+    assert col.wait(2).ok
+    exec_ex = w.gpus[0].executors["exec"]
+    w.submit(Infer(id=3, model_id=0, gpu=0, batch_size=8192))
+    deadline = time.monotonic() + 30
+    while exec_ex.busy is None and 3 not in col.results and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert exec_ex.busy is not None, "the exec never started"
+    used = w.gpus[0].cache.used_pages
+    with pytest.warns(RuntimeWarning, match="still running a task"):
+        w.close(timeout=0.02)
+    assert col.wait(3).status == Status.SHUTTING_DOWN
+    assert w.gpus[0].cache.used_pages == used > 0, "the weights cache was freed under the running exec"
+    assert w.models[0].entry is not None
+    exec_ex._thread.join(60)                  # the exec ends on memory that is still there
+    assert not exec_ex._thread.is_alive() and col.dupes == [] and col.results[3].status == Status.SHUTTING_DOWN
+    assert [t for t in threading.enumerate() if t.name.startswith("worker-") and t.is_alive()] == []

@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -419,8 +420,11 @@ class Worker:
         """Actions submitted and not yet answered."""
         return len(self.outstanding)
 
-    def close(self) -> None:
-        """Stop every executor; actions not yet answered get SHUTTING_DOWN. Writes telemetry if enabled."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop every executor; actions not yet answered get SHUTTING_DOWN. Writes telemetry if enabled. An
+        executor thread still running a task after `timeout` s (a hung device call, a file that never reads)
+        keeps the device memory and models allocated, with a RuntimeWarning: freeing them under that task could
+        corrupt memory or crash the process; the rest is released when the process exits."""
         with self.lock:
             if self.closed:
                 return
@@ -432,8 +436,7 @@ class Worker:
                     task.cleanup()
                     out.append(task.fail(Status.SHUTTING_DOWN, "worker closed before the action ran"))
         self._deliver(out)
-        for ex in executors:
-            ex.close()
+        stuck = [ex.name for ex in executors if not ex.close(timeout)]
         with self.lock:   # in-flight threaded tasks that finished during close were answered already
             leftovers = [error(a, Status.SHUTTING_DOWN, "worker closed", self.clock.now(), self.clock.now())
                          for a in self.outstanding.values()]
@@ -442,7 +445,12 @@ class Worker:
             if self.config.telemetry:
                 self._write_telemetry()
         finally:   # also when the telemetry cannot be written: a second close() returns at once
-            self.release_device()
+            if stuck:
+                warnings.warn(f"worker executor(s) {', '.join(stuck)} still running a task {timeout:g} s after "
+                              f"close(): the device memory and models stay allocated (not freed under that task) "
+                              f"until the process exits", RuntimeWarning, stacklevel=2)
+            else:
+                self.release_device()
 
     def release_device(self) -> None:
         """At close: the weights cache, every model's host memory and kernels, then the device itself go now,

@@ -156,11 +156,11 @@ class EmulatedWorker(Worker):
         else:
             super().submit(action)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         if self._lean is not None:
             self._lean.close()
         else:
-            super().close()
+            super().close(timeout)
 
 
 # ================================================================================================ lean path

@@ -119,8 +119,10 @@ class Executor:
         tasks, self.heap = self.heap, []
         return tasks
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop taking tasks; True once no task of this executor is running any more."""
         self.closed = True
+        return True
 
 
 class ClockExecutor(Executor):
@@ -381,9 +383,12 @@ class ThreadExecutor(Executor):
         if self.on_task_done is not None:
             self.on_task_done(task, timing, r)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the thread, waiting up to `timeout` s for the task it runs; False if it is still running one."""
         with self._cv:
             self.closed = True
             self._cv.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+        if threading.current_thread() is self._thread:
+            return True        # closed from its own task (a result callback): it stops when that returns
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
