@@ -4,7 +4,9 @@
                                         [--bundle .gpu/artifacts.tar.xz]
 
 Writes <out>/<model>_cuda for every model, plus <out>/mlp_cpu and <out>/tiny_transformer_cpu (the GPU tests
-compare CUDA with CPU outputs), then one bundle <bundle> to carry to the GPU machine.
+compare CUDA with CPU outputs) and <out>/mlp_fp16_cuda, <out>/tiny_transformer_fp16_cuda (precision fp16: the
+tensor-core kernels of schedules.MmaMatmul, checked against the same references), then one bundle <bundle> to
+carry to the GPU machine.
 
 Why a bundle, and why synthetic weights: the device tool carries at most 64 MiB of ignored files in all (the
 runtime-only TVM in .device-site is ~27 MB of it). The zoo's weights are 47 MB (ResNet-18) to 440 MB (BERT),
@@ -29,16 +31,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_WEIGHTS = ("mlp", "tiny_transformer")       # small: keep the zoo's weights (checked against references)
 CPU_TOO = ("mlp", "tiny_transformer")
+FP16_TOO = ("mlp", "tiny_transformer")              # also compiled at precision fp16 (tensor cores)
 
 
 def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool,
-          tuning: str | None = None):
-    """Compile <out>/<model>_<target> (untuned unless `tuning` is "auto" or a database directory), or keep an
-    existing artifact built the same way (a tuned artifact is always rebuilt: the database may have changed)."""
+          tuning: str | None = None, precision: str = "fp32"):
+    """Compile <out>/<model>[_fp16]_<target> (untuned unless `tuning` is "auto" or a database directory), or
+    keep an existing artifact built the same way (a tuned artifact is always rebuilt: the database may have
+    changed)."""
     from workbench.models import zoo
     from workbench.models.artifact import Artifact, ArtifactError
     from workbench.models.compiler import compile_model
-    d = out / f"{model}_{target}"
+    d = out / f"{model}{'_fp16' if precision == 'fp16' else ''}_{target}"
     weights = "source" if model in SOURCE_WEIGHTS else "synthetic"
     if not force and tuning is None and (d / "manifest.json").is_file():
         try:
@@ -46,13 +50,14 @@ def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str,
             m = art.manifest
             if (list(art.batch_sizes) == sorted(batch_sizes) and (m["arch"] == arch or target == "cpu")
                     and (m["weights"]["generator"] is None) == (weights == "source")
-                    and m.get("tuning") is None and m["name"] == model):
+                    and m.get("tuning") is None and m["name"] == model
+                    and all(art.precision(b) == precision for b in art.batch_sizes)):
                 return art, 0.0
         except ArtifactError:
             pass
     t0 = time.perf_counter()
     art = compile_model(zoo.get(model, seed=seed), d, batch_sizes=batch_sizes, target=target, arch=arch,
-                        weights=weights, seed=seed, overwrite=True, tuning=tuning)
+                        weights=weights, seed=seed, overwrite=True, tuning=tuning, precision=precision)
     return art, time.perf_counter() - t0
 
 
@@ -81,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     models = zoo.names() if a.models == "all" else [m for m in a.models.split(",") if m]
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, "cuda") for m in models] + [(m, "cpu") for m in models if m in CPU_TOO]
+    jobs = [(m, "cuda", "fp32") for m in models] + [(m, "cpu", "fp32") for m in models if m in CPU_TOO]
+    jobs += [(m, "cuda", "fp16") for m in models if m in FP16_TOO and tuning is None]
     dirs = []
-    for model, target in jobs:
+    for model, target, precision in jobs:
         art, secs = build(model, target, out, batch_sizes, a.arch, a.seed, a.force,
-                          tuning if target == "cuda" else None)
+                          tuning if target == "cuda" else None, precision)
         size = sum(f.stat().st_size for f in art.path.iterdir())
         tuned = art.manifest.get("tuning")
         print(f"{art.path}: {'up to date' if secs == 0 else f'compiled in {secs:.0f} s'}, {size / 1e6:.1f} MB"

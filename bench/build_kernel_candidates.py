@@ -3,6 +3,12 @@
     python -m bench.build_kernel_candidates [--round 1] [--out .gpu/kq] [--bundle .gpu/kq.tar.xz]
                                             [--models resnet50,mobilenet_v2,bert_base,resnet18] [--no-kernels]
 
+Rounds: 1 = fp32/fp16 global settings and the kernel search; 2 = round 1's kernel winners composed into whole
+models (--from); 3 = fp16 with the mma.sync tensor-core rule (schedules.MmaMatmul) against dlight's wmma, every
+CNN lowering, b1 and b16, whole models only:
+
+    python -m bench.build_kernel_candidates --round 3 --out .gpu/kq3 --bundle .gpu/kq3.tar.xz --no-kernels
+
 Two kinds of candidates, all for {"kind": "cuda", "arch": "sm_90"}:
 - whole models: a zoo model at one batch size compiled with one `tuning.Variant` (conv lowering, precision,
   global schedule settings, relax CUDA-graph rewrite) -> models/<id>.so, measured end to end and checked
@@ -76,8 +82,10 @@ class ModelCandidate:
 
 
 def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, sr: int | None = None,
-             cuda_graph: bool = False) -> dict:
+             cuda_graph: bool = False, mma: bool = True) -> dict:
     sched: dict = {}
+    if not mma:
+        sched["mma"] = False                  # schedules.ScheduleSpec: dlight's wmma for fp16 matmuls
     if matmul:
         sched["matmul"] = dict(MATMUL_CONFIGS[matmul])
     if sr:
@@ -99,8 +107,8 @@ def round1(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
                 add(model, b, "fp32-a", lowering=lw, matmul="a")
                 if b == 16:
                     add(model, b, "fp32-b", lowering=lw, matmul="b")
-                if model == "resnet50":
-                    add(model, b, "fp16", lowering=lw, precision="fp16")
+                if model == "resnet50":                  # round 1 predates MmaMatmul: dlight's wmma
+                    add(model, b, "fp16", lowering=lw, precision="fp16", mma=False)
         if model == "resnet50":
             add(model, 1, "fp32-cg", lowering="matmul", cuda_graph=True)
     for lw in ("direct", "matmul"):
@@ -108,17 +116,36 @@ def round1(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
             add("mobilenet_v2", b, "fp32", lowering=lw)
             add("mobilenet_v2", b, "fp32-sr256", lowering=lw, sr=256)
             add("mobilenet_v2", b, "fp32-sr256-a", lowering=lw, sr=256, matmul="a")
-            add("mobilenet_v2", b, "fp16-sr256", lowering=lw, precision="fp16", sr=256)
+            add("mobilenet_v2", b, "fp16-sr256", lowering=lw, precision="fp16", sr=256, mma=False)
     for b in (1, 16):
         add("bert_base", b, "fp32", lowering="direct")
         add("bert_base", b, "fp32-a", lowering="direct", matmul="a")
         add("bert_base", b, "fp32-b", lowering="direct", matmul="b")
-        add("bert_base", b, "fp16", lowering="direct", precision="fp16")
+        add("bert_base", b, "fp16", lowering="direct", precision="fp16", mma=False)
     add("bert_base", 1, "fp32-cg", lowering="direct", cuda_graph=True)
     jobs = [(m, lw, b) for m in ("resnet50", "mobilenet_v2") for lw in ("direct", "matmul") for b in (1, 16)]
     jobs += [("bert_base", "direct", b) for b in (1, 16)]
     keep = set(models)
     return [c for c in cands if c.model in keep], [j for j in jobs if j[0] in keep]
+
+
+def round3(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """fp16 whole models with the mma.sync tensor-core rule (schedules.MmaMatmul, on by default: label
+    `fp16-mma`, `fp16-sr256-mma` for MobileNetV2 with its SmallReduction setting) and, measured in the same run,
+    the same variant with dlight's wmma (`"mma": false`: labels `fp16`, `fp16-sr256`, the ids round 1 used for
+    them, so a merged pick takes this run's figures). Both conv lowerings of the CNNs, b1 and b16. mma
+    candidates first: an interrupted build has them."""
+    cands: list[ModelCandidate] = []
+    plan = [(m, lw) for m in ("bert_base", "resnet50", "resnet18", "mobilenet_v2")
+            for lw in (("direct",) if m == "bert_base" else ("matmul", "direct"))]
+    for mma in (True, False):
+        for model, lw in plan:
+            sr = 256 if model == "mobilenet_v2" else None
+            label = ("fp16-sr256" if sr else "fp16") + ("-mma" if mma else "")
+            for b in (1, 16):
+                cands.append(ModelCandidate(model, b, label, _variant(lw, "fp16", sr=sr, mma=mma)))
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -166,7 +193,8 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
         return json.loads(meta_path.read_text())
     from tvm import relax
     from workbench.models import schedules, zoo
-    from workbench.models.compiler import cuda_sources, lower, main_function
+    from workbench.models.compiler import build_relax, cuda_sources, lower, main_function
+    from workbench.models.tensorcore import cp_async_hazards
     from workbench.models.tuning import Variant
     v = Variant.from_json(c.variant)
     if v.precision == "fp16" and not schedules.tensorize_supported():
@@ -179,7 +207,7 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
     fname, func = main_function(mod)
     applied: dict = {}
     low = lower(mod, tgt, v, applied)
-    ex = relax.build(low, tgt, relax_pipeline=None)
+    ex = build_relax(low, tgt)
     so = out / "models" / f"{c.id}.so"
     so.parent.mkdir(parents=True, exist_ok=True)
     ex.export_library(str(so))
@@ -190,10 +218,20 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
             "cuda_source_sha256": [hashlib.sha256(s.encode()).hexdigest() for s in sources],
             "kernels": sum(s.count("extern \"C\" __global__") for s in sources),
             "tensor_core": any("wmma::mma_sync" in s or "mma.sync" in s for s in sources),
+            "mma_sync_kernels": sum(_count_mma_kernels(s) for s in sources),
+            "uses_cp_async": any("cp.async" in s for s in sources),
+            # kernels that wait on uncommitted cp.async copies (a race: tensorcore.cp_async_hazards); must be []
+            "cp_async_hazard_kernels": [h for s in sources for h in cp_async_hazards(s)],
             "signature": _sig(low[fname]), "num_inputs": len(src.inputs), "compile_s": round(secs, 2),
             "so_bytes": so.stat().st_size}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def _count_mma_kernels(src: str) -> int:
+    """Kernels of a CUDA source whose body uses mma.sync (the MmaMatmul rule's)."""
+    bodies = src.split('extern "C" __global__')[1:]
+    return sum(1 for b in bodies if "{" in b.split(";")[0] and "mma.sync" in b)
 
 
 def build_kernel_job(model: str, lowering: str, b: int, out: Path, force: bool, seen: set[str]) -> dict:
@@ -206,6 +244,7 @@ def build_kernel_job(model: str, lowering: str, b: int, out: Path, force: bool, 
         return meta
     import tvm
     from workbench.models import schedules, zoo
+    from workbench.models.tensorcore import PASS_CONFIG
     tgt = _target()
     src = zoo.get(model, seed=WEIGHT_SEED, conv=lowering if lowering != "direct" else None)
     t0 = time.perf_counter()
@@ -219,7 +258,8 @@ def build_kernel_job(model: str, lowering: str, b: int, out: Path, force: bool, 
             return
         n = len(modules)
         so = out / "kernels" / f"{job}_{n}.so"
-        ex = tvm.compile(tvm.IRModule(dict(funcs)), target=tgt)
+        with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+            ex = tvm.compile(tvm.IRModule(dict(funcs)), target=tgt)
         ex.export_library(str(so))
         from workbench.models.compiler import cuda_sources
         srcs = cuda_sources(ex)
@@ -308,7 +348,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=[1, 2])
+    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3])
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -322,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in a.models.split(",") if m]
     if a.round == 1:
         cands, jobs = round1(models)
+    elif a.round == 3:
+        cands, jobs = round3(models)
     else:
         cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
     out = Path(a.out)

@@ -23,7 +23,7 @@ OUT=${OUT:-$PWD/.gpu/out}; mkdir -p "$OUT" .gpu/cubin
 [ -d .gpu/cubin-carry/cubin ] && cp -rn .gpu/cubin-carry/cubin/. .gpu/cubin/
 PY=python3
 GPU_TESTS="tests/test_env_gpu.py tests/test_models_gpu.py tests/test_worker_cuda.py"
-GPU_TESTS="$GPU_TESTS tests/test_isolation_gpu.py tests/test_ui_gpu.py tests/test_controller_gpu.py"
+GPU_TESTS="$GPU_TESTS tests/test_isolation_gpu.py tests/test_ui_gpu.py tests/test_controller_gpu.py tests/test_models_tensorcore.py"
 # the no-GPU paths, run in children that see no CUDA device: they must hold on the H200 too
 NOGPU_TESTS="tests/test_env_floors.py::test_gpu_part_names_why_it_is_missing tests/test_models_cubin.py::test_no_device_gives_a_clear_error"
 NOGPU_TESTS="$NOGPU_TESTS tests/test_models_cubin.py::test_fp16_sources_compile_with_the_cuda_headers"

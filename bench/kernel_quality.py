@@ -817,6 +817,11 @@ def load_results(paths: list[str]) -> dict:
         merged["meta"] = d.get("meta")
         merged["setup"].append(d.get("setup"))
         for r in d.get("models", []):
+            if (d.get("round") or 1) < 3 and r.get("variant", {}).get("precision") == "fp16":
+                # measured before schedules.MmaMatmul existed (dlight's wmma): say so, or `pick` would record
+                # a variant that now compiles with the mma rule (ScheduleSpec.mma defaults to true)
+                r = {**r, "variant": {**r["variant"], "schedule": {**r["variant"].get("schedule", {}),
+                                                                   "mma": False}}}
             merged["models"][r["id"]] = r
         for t in d.get("torch", []):
             merged["torch"][(t["model"], t["batch"], t["mode"])] = t

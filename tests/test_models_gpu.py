@@ -26,7 +26,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     candidates = [Path(given)] if given else [ROOT / ".gpu" / "artifacts.tar.xz", ROOT / ".gpu" / "artifacts"]
     for c in candidates:
         if c.is_file():
-            wanted = [f"{m}_{t}" for m in MODELS for t in ("cuda", "cpu")]     # not BERT's 440 MB of weights
+            wanted = [f"{m}_{t}" for m in MODELS for t in ("cuda", "cpu", "fp16_cuda")]   # not BERT's 440 MB
             dirs = unpack_bundle(c, tmp_path_factory.mktemp("artifacts"), only=wanted)
             return {d.name: d for d in dirs}
         if c.is_dir():
@@ -54,10 +54,6 @@ def _need(artifacts, name):
 TOLERANCE = {"fp32": 2e-3, "fp16": 3e-2}
 
 
-def _precision(art, b: int) -> str:
-    return (art.manifest["batches"][str(b)].get("variant") or {}).get("precision", "fp32")
-
-
 def _check_close(y: np.ndarray, want: np.ndarray, tol: float, what: str) -> None:
     scale = max(1.0, float(np.abs(want).max()))
     np.testing.assert_allclose(y, want, rtol=tol, atol=tol * scale, err_msg=what)
@@ -74,14 +70,25 @@ def _inputs(art, b: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("model", MODELS)
-def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, model):
+def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, model, precision):
+    """fp16: the artifact compiled at precision fp16, whose matmuls run on tensor cores (schedules.MmaMatmul:
+    mma.sync, ldmatrix, cp.async), within the fp16 tolerance of the same references."""
     import cupy
     import tvm
+    from workbench.models.cubin_cache import sources_in_so
     from workbench.models.reference import reference_forward
     from workbench.models.runtime import alloc_pages, copy_weights
-    cuda_art, cpu_art = _need(artifacts, f"{model}_cuda"), _need(artifacts, f"{model}_cpu")
+    suffix = "_fp16" if precision == "fp16" else ""
+    cuda_art, cpu_art = _need(artifacts, f"{model}{suffix}_cuda"), _need(artifacts, f"{model}_cpu")
     assert cuda_art.target == "cuda" and cuda_art.arch == "sm_90"
+    assert {cuda_art.precision(b) for b in cuda_art.batch_sizes} == {precision}
+    if precision == "fp16":    # the kernels this test checks are the mma ones, at least at the larger batches
+        b = cuda_art.batch_sizes[-1]
+        digests = cuda_art.manifest["batches"][str(b)]["cuda_source_sha256"]
+        srcs = sources_in_so(cuda_art.so_path(b).read_bytes(), digests)
+        assert any("mma.sync" in src and "ldmatrix" in src for src in srcs), f"no mma kernel in {cuda_art.name} b{b}"
     gpu = cuda_art.load(tvm.cuda(0))
     pages = alloc_pages(cuda_art, tvm.cuda(0))
     assert all(isinstance(p, cupy.ndarray) for p in pages)
@@ -102,7 +109,7 @@ def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, m
         assert isinstance(y, cupy.ndarray) and y.shape == (b, *cuda_art.outputs[0].shape)
         y = cupy.asnumpy(y)
         [y_cpu] = cpu.run(b, xs, cpu_binding)
-        tol = TOLERANCE[_precision(cuda_art, b)]
+        tol = TOLERANCE[cuda_art.precision(b)]
         _check_close(y, y_cpu, tol, f"{cuda_art.name} b{b} vs the CPU artifact")
         _check_close(y, reference_forward(origin, xs, named), tol, f"{cuda_art.name} b{b} vs {origin}'s reference")
 

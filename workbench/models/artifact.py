@@ -375,6 +375,10 @@ class Artifact:
         """Bytes of the inputs plus the outputs of one batch of size b."""
         return int(self._batch(b)["io_bytes"])
 
+    def precision(self, b: int) -> str:
+        """The numerics batch size b was compiled with: "fp32", or "fp16" (tensor cores, fp32 accumulation)."""
+        return (self._batch(b).get("variant") or {}).get("precision", "fp32")
+
     def workspace_bytes(self, b: int) -> int:
         """Intermediate memory of one run at batch size b: the planned peak (docs/artifact.md: how estimated)."""
         return int(self._batch(b)["workspace_bytes"])

@@ -74,7 +74,8 @@ def lower(mod, tgt, variant=None, applied: dict | None = None):
 
     variant (tuning.Variant, GPU targets): precision (fp16: ToMixedPrecision first), kernel schedules
     (schedules.relax_pipeline) and relax's CUDA-graph rewrite; None or the default variant runs TVM's default
-    pipeline unchanged. `applied` collects kernel name -> per-kernel choice used."""
+    pipeline unchanged. `applied` collects kernel name -> per-kernel choice used. Build the result with
+    `build_relax` (its PassContext config is what the fp16 mma kernels need)."""
     import tvm
     from tvm import relax
     gpu = "gpu" in tgt.keys
@@ -88,6 +89,19 @@ def lower(mod, tgt, variant=None, applied: dict | None = None):
     with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": bool(variant.cuda_graph)}):
         with tgt:
             return pipeline(mod)
+
+
+def build_relax(low, tgt):
+    """relax.build of a lowered module (see `lower`): the one place relax modules are built, so every CUDA
+    build has the PassContext config the mma tensor-core schedule needs for its cp.async copies
+    (tensorcore.PASS_CONFIG; kernels without async pipeline annotations compile exactly as without it)."""
+    import tvm
+    from tvm import relax
+    from workbench.models.tensorcore import PASS_CONFIG
+    if "gpu" not in tgt.keys:
+        return relax.build(low, tgt, relax_pipeline=None)
+    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        return relax.build(low, tgt, relax_pipeline=None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,7 +413,7 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
                 peak, _, alloc_total = plan_memory(low[function_name])
                 scratch = kernel_scratch_bytes(low)
                 workspace = peak + scratch
-                ex = relax.build(low, tgt, relax_pipeline=None)
+                ex = build_relax(low, tgt)
                 so = tmp / so_name(b)
                 ex.export_library(str(so))
             except ArtifactError:

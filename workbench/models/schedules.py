@@ -3,7 +3,15 @@
 TVM 0.27's default CUDA pipeline schedules every fused kernel with dlight rules (Matmul, GEMV, Reduction,
 GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - `ScheduleSpec`: what tuning chooses (JSON-able): a global override of the dlight Matmul config, the
-  `SmallReduction` rule on/off with its block size, and per-kernel choices keyed by `kernel_key`;
+  `SmallReduction` rule on/off with its block size, the `MmaMatmul` rule on/off, and per-kernel choices keyed
+  by `kernel_key`;
+- `MmaMatmul`: fp16 matmul-like kernels (what `ToMixedPrecision` gives: fp16 inputs, fp32 accumulation) on
+  mma.sync tensor cores with ldmatrix and cp.async (`workbench.models.tensorcore`, a tile config per shape),
+  ahead of dlight's Matmul rule, whose wmma path is 2-5x slower (bench/results/gemm_tensorcore.md). On by
+  default; it declines (dlight takes the kernel) fp32 kernels, batched matmuls (attention), direct
+  convolutions (use the zoo's matmul lowering), M < 16, N or K < 32, and pre-sm_80 targets. Its cp.async
+  copies need `tensorcore.PASS_CONFIG` in the PassContext of the build: `compiler.build_relax` is the one place
+  that builds relax modules;
 - `SmallReduction`: a rule for reductions too short to share between threads (a 3x3 depthwise conv reduces
   over 9 values): one thread per output, the reduction unrolled in registers. dlight's GeneralReduction gives
   such a kernel one thread block per output (MobileNetV2 b16: 12x slower than torch);
@@ -34,7 +42,7 @@ MATMUL_FIELDS = ("block_size_x", "block_size_y", "vthread_x", "vthread_y", "micr
                  "micro_size_k", "vector_size", "unroll", "use_shared", "storage_align", "inner_x")
 DEFAULT_SMALL_REDUCTION_MAX = 64          # longest reduction SmallReduction takes (3x3 depthwise = 9, 5x5 = 25)
 PRECISIONS = ("fp32", "fp16")
-RULES = ("default", "matmul", "small_reduction")
+RULES = ("default", "matmul", "small_reduction", "mma")
 
 
 class ScheduleError(ValueError):
@@ -64,12 +72,17 @@ def check_matmul_config(cfg: dict | None, where: str = "matmul config") -> dict 
 
 def check_choice(choice: dict, where: str = "kernel choice") -> dict:
     """A per-kernel choice: {"rule": "default"} | {"rule": "matmul", "config": {...}} |
-    {"rule": "small_reduction", "threads": n}."""
+    {"rule": "small_reduction", "threads": n} | {"rule": "mma", "config": label (tensorcore.CONFIGS; absent:
+    the per-shape choice)}."""
     if not isinstance(choice, dict) or choice.get("rule") not in RULES:
         raise ScheduleError(f"{where}: {choice!r} needs a 'rule' among {', '.join(RULES)}")
     rule = choice["rule"]
     if rule == "matmul":
         check_matmul_config(choice.get("config") or {}, f"{where} config")
+    if rule == "mma":
+        from workbench.models.tensorcore import CONFIGS
+        if choice.get("config") is not None and choice["config"] not in CONFIGS:
+            raise ScheduleError(f"{where}: mma config {choice['config']!r} is not one of {', '.join(CONFIGS)}")
     if rule == "small_reduction":
         t = choice.get("threads")
         if not isinstance(t, int) or t < 32 or t > 1024 or t % 32:
@@ -83,8 +96,11 @@ class ScheduleSpec:
     matmul: dict | None = None                    # overrides of dlight's CUDA Matmul config, for every matmul
     small_reduction: int | None = None            # threads per block of SmallReduction (None: rule off)
     kernels: dict[str, dict] = field(default_factory=dict)   # kernel_key -> choice (check_choice)
+    mma: bool = True                              # MmaMatmul first for fp16 kernels (False: dlight's wmma)
 
     def __post_init__(self):
+        if not isinstance(self.mma, bool):
+            raise ScheduleError(f"schedule.mma must be true or false, got {self.mma!r}")
         check_matmul_config(self.matmul, "schedule.matmul")
         if self.small_reduction is not None:
             check_choice({"rule": "small_reduction", "threads": self.small_reduction}, "schedule.small_reduction")
@@ -93,9 +109,12 @@ class ScheduleSpec:
 
     @property
     def is_default(self) -> bool:
-        return self.matmul is None and self.small_reduction is None and not self.kernels
+        return self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
 
     def to_json(self) -> dict:
+        """Only what differs from the default: {} is TVM's dlight rules plus MmaMatmul (written before the rule
+        existed, {} meant dlight alone; for fp32 kernels, the only ones such entries were measured with except
+        round 1's fp16 rows, the two are the same)."""
         out: dict[str, Any] = {}
         if self.matmul is not None:
             out["matmul"] = dict(self.matmul)
@@ -103,16 +122,18 @@ class ScheduleSpec:
             out["small_reduction"] = self.small_reduction
         if self.kernels:
             out["kernels"] = {k: dict(v) for k, v in sorted(self.kernels.items())}
+        if not self.mma:
+            out["mma"] = False
         return out
 
     @classmethod
     def from_json(cls, d: dict | None) -> "ScheduleSpec":
         d = d or {}
-        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels"})
+        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels", "mma"})
         if bad:
             raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: matmul, small_reduction, "
-                                f"kernels")
-        return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}))
+                                f"kernels, mma")
+        return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,7 +223,34 @@ def _rule_classes():
                 sch.decompose_reduction(block, r_loops[0])
             return sch
 
-    return ConfiguredMatmul, SmallReduction
+    class MmaMatmul(GPUScheduleRule):
+        """fp16-input, fp32-accumulating matmul-like kernels on mma.sync tensor cores (tensorcore.schedule_gemm,
+        `config` a tensorcore.CONFIGS label or None: per shape). Returns None for kernels it does not take
+        (see the module docstring), so the next rule schedules them."""
+
+        def __init__(self, config: str | None = None):
+            from workbench.models import tensorcore
+            self.config = None if config is None else tensorcore.named_config(config)
+
+        def apply(self, func, target, _):
+            from tvm import tirx
+            from tvm.s_tir.dlight.gpu.matmul import check_sm_version
+            from workbench.models import tensorcore
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            if target.kind.name != "cuda" or check_sm_version(str(target.attrs.get("arch", ""))) < \
+                    tensorcore.MIN_ARCH:
+                return None
+            try:
+                return tensorcore.schedule_gemm(func, self.config, check_size=True)
+            except tensorcore.TensorCoreError:
+                return None
+
+    return ConfiguredMatmul, SmallReduction, MmaMatmul
+
+
+def mma_rule(config: str | None = None):
+    return _rule_classes()[2](config)
 
 
 def matmul_rule(overrides: dict | None = None):
@@ -214,10 +262,11 @@ def small_reduction_rule(threads: int = 256, max_reduction: int = DEFAULT_SMALL_
 
 
 def default_rules(spec: ScheduleSpec | None = None) -> list:
-    """dlight's CUDA rule list (relax.backend.cuda.legalize_passes), with the spec's global settings."""
+    """dlight's CUDA rule list (relax.backend.cuda.legalize_passes), with the spec's global settings (MmaMatmul
+    first unless spec.mma is False)."""
     from tvm.s_tir import dlight as dl
     spec = spec or ScheduleSpec()
-    rules = [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
+    rules = ([mma_rule()] if spec.mma else []) + [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
     if spec.small_reduction is not None:
         rules.append(small_reduction_rule(spec.small_reduction))
     return rules + [dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
@@ -232,6 +281,8 @@ def choice_rule(choice: dict, spec: ScheduleSpec | None = None):
         return matmul_rule(base)
     if choice["rule"] == "small_reduction":
         return small_reduction_rule(choice["threads"])
+    if choice["rule"] == "mma":
+        return mma_rule(choice.get("config"))
     return None
 
 

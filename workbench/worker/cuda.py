@@ -359,9 +359,9 @@ class CUDADevice(Device):
 
     def register_host(self, address: int, size: int) -> None:
         """Page-lock host memory that Infer inputs will come from (the process worker's shared memory): inputs
-        lying there are DMA-copied in place, where the driver stages pageable ones. Unregistered when the worker closes (the memory must
-        outlive the worker: a range freed while registered stays mapped in the driver, and a later allocation
-        there fails with cudaErrorAlreadyMapped)."""
+        lying there are DMA-copied in place, where the driver stages pageable ones. Unregistered when the worker
+        closes (the memory must outlive the worker: a range freed while registered stays mapped in the driver, and
+        a later allocation there fails with cudaErrorAlreadyMapped)."""
         self.cp.cuda.runtime.hostRegister(address, size, 0)
         self._pinned.append(address)
 
