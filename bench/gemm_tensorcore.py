@@ -209,14 +209,8 @@ def cmd_build(a) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 def load_manifest(d: Path) -> dict:
-    p = d / "manifest.json"
-    if not p.is_file():
-        raise SystemExit(f"no {p}: run `python -m bench.gemm_tensorcore build --out {d}` on the CPU machine and "
-                         f"carry {d}")
-    man = json.loads(p.read_text())
-    if man.get("format") != FORMAT:
-        raise SystemExit(f"{p}: format {man.get('format')!r}, expected {FORMAT!r}")
-    return man
+    from bench.worker_common import read_build_manifest
+    return read_build_manifest(d, FORMAT, "gemm_tensorcore")
 
 
 def module_sources(d: Path, man: dict) -> tuple[dict[str, list[str]], list[str]]:

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.worker_common import read_build_manifest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "sm_90"
@@ -45,6 +47,7 @@ TOLERANCE = 1e-2            # max |mma - dlight| / max |dlight|: fp32 accumulati
 # (model, conv lowering, batch): the fp16 models whose mma kernels round 3 found wrong (brief: issue 8)
 JOBS = (("resnet18", "matmul", 1), ("resnet18", "matmul", 16), ("mobilenet_v2", "matmul", 1))
 FUNCS_PER_MODULE = 12       # small modules: NVRTC compiles them in parallel on the GPU machine
+FORMAT = "workbench-mmachk"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def cmd_build(a) -> int:
     for rec in kernels:
         for v in rec["versions"].values():
             v["cp_async_hazard"] = hazards.get(v["symbol"], False)
-    manifest = {"format": "workbench-mmachk", "version": 1, "arch": ARCH, "tvm_version": tvm.__version__,
+    manifest = {"format": FORMAT, "version": 1, "arch": ARCH, "tvm_version": tvm.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": [list(j) for j in jobs],
                 "tolerance": TOLERANCE, "kernels": kernels, "declined": declined, "modules": modules,
                 "build_s": round(time.perf_counter() - t_all, 1)}
@@ -268,7 +271,7 @@ def check_kernel(rec: dict, mods: dict, root: Path, modules: list, arch: str, st
 def cmd_run(a) -> int:
     t0 = time.perf_counter()
     root = Path(a.dir)
-    man = json.loads((root / "manifest.json").read_text())
+    man = read_build_manifest(root, FORMAT, "mma_kernel_check")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     import cupy

@@ -61,6 +61,18 @@ def write(name: str, data: dict, md_lines: list[str], out: Path = OUT) -> Path:
     return out / f"{name}.json"
 
 
+def read_build_manifest(d: Path, fmt: str, bench: str) -> dict:
+    """<d>/manifest.json written by `python -m bench.<bench> build` (checked for its format), or a clear exit
+    saying how to make it: the GPU half of a build/run benchmark starts here."""
+    path = Path(d) / "manifest.json"
+    if not path.is_file():
+        raise SystemExit(f"no {path}: run `python -m bench.{bench} build --out {d}` on the CPU machine and carry {d}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != fmt:
+        raise SystemExit(f"{path} is not a bench.{bench} build (format {manifest.get('format')!r}, expected {fmt!r})")
+    return manifest
+
+
 def artifact(name: str, base: Path = ARTIFACTS) -> Path | None:
     """<base>/<name> if it is an artifact, else the first of FALLBACKS that has it, else None."""
     for d in (Path(base), *FALLBACKS):
