@@ -148,6 +148,17 @@ def round3(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
     return [c for c in cands if c.model in keep], []
 
 
+def round4(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The ResNets (conv lowered to matmul, their tuned lowering) with SmallReduction at 256 threads, fp32 and fp16
+    (mma), b1 and b16: bench.kernel_breakdown found their 3x3 max-pool, scheduled by dlight's GeneralReduction
+    with one thread block per output, taking 3.0 of ResNet-50 b16 fp16's 6.4 ms."""
+    cands = [ModelCandidate(model, b, label, _variant("matmul", precision, sr=256))
+             for model in ("resnet50", "resnet18") for b in (1, 16)
+             for label, precision in (("fp32-sr256", "fp32"), ("fp16-sr256-mma", "fp16"))]
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """Whole models composed from the round-1 kernel winners (bench/results/kernel_quality.json from `pick`):
     per (model, lowering, batch) measured by the kernel search, the per-kernel choices on top of (a) TVM's
@@ -348,7 +359,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3])
+    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4])
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -364,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         cands, jobs = round1(models)
     elif a.round == 3:
         cands, jobs = round3(models)
+    elif a.round == 4:
+        cands, jobs = round4(models)
     else:
         cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
     out = Path(a.out)
