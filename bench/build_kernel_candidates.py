@@ -9,6 +9,12 @@ CNN lowering, b1 and b16, whole models only:
 
     python -m bench.build_kernel_candidates --round 3 --out .gpu/kq3 --bundle .gpu/kq3.tar.xz --no-kernels
 
+4 = the ResNets (matmul lowering) with SmallReduction 256, fp32 and fp16; 5 = round 4's fp16 pick plus the
+injective rule (schedules.InjectiveVectorize: vectorized im2col/cast kernels):
+
+    python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
+        --bundle .gpu/kq5.tar.xz --no-kernels
+
 Two kinds of candidates, all for {"kind": "cuda", "arch": "sm_90"}:
 - whole models: a zoo model at one batch size compiled with one `tuning.Variant` (conv lowering, precision,
   global schedule settings, relax CUDA-graph rewrite) -> models/<id>.so, measured end to end and checked
@@ -82,7 +88,7 @@ class ModelCandidate:
 
 
 def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, sr: int | None = None,
-             cuda_graph: bool = False, mma: bool = True) -> dict:
+             cuda_graph: bool = False, mma: bool = True, inj: int | None = None) -> dict:
     sched: dict = {}
     if not mma:
         sched["mma"] = False                  # schedules.ScheduleSpec: dlight's wmma for fp16 matmuls
@@ -90,6 +96,8 @@ def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, 
         sched["matmul"] = dict(MATMUL_CONFIGS[matmul])
     if sr:
         sched["small_reduction"] = sr
+    if inj:
+        sched["injective"] = inj              # schedules.InjectiveVectorize, `inj` elements per thread
     return {"lowering": lowering, "precision": precision, "cuda_graph": cuda_graph, "schedule": sched}
 
 
@@ -155,6 +163,18 @@ def round4(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
     cands = [ModelCandidate(model, b, label, _variant("matmul", precision, sr=256))
              for model in ("resnet50", "resnet18") for b in (1, 16)
              for label, precision in (("fp32-sr256", "fp32"), ("fp16-sr256-mma", "fp16"))]
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
+def round5(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Round 4's pick for the ResNets (conv lowered to matmul, fp16 with mma, SmallReduction at 256 threads) plus
+    schedules.InjectiveVectorize at 8 elements per thread (fp32-reading kernels get 4: 16-byte vectors):
+    bench.kernel_breakdown found ResNet-50-matmul b16 fp16's im2col kernels (pad, shifted slices, concat,
+    fp16 cast) and casts, one scalar element per thread under dlight's Fallback, taking ~1.7 of its 3.3 ms at
+    640-700 GB/s. b1 and b16."""
+    cands = [ModelCandidate(model, b, "fp16-sr256-inj8-mma", _variant("matmul", "fp16", sr=256, inj=8))
+             for model in ("resnet50", "resnet18") for b in (1, 16)]
     keep = set(models)
     return [c for c in cands if c.model in keep], []
 
@@ -359,7 +379,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4])
+    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5])
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -377,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         cands, jobs = round3(models)
     elif a.round == 4:
         cands, jobs = round4(models)
+    elif a.round == 5:
+        cands, jobs = round5(models)
     else:
         cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
     out = Path(a.out)

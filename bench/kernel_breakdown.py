@@ -52,7 +52,7 @@ DEFAULT_MODELS = "resnet50:matmul:16:fp16,resnet50:matmul:1:fp16,bert_base:direc
 # schedules.default_rules' rule classes -> the names this report uses
 RULE_LABELS = {"MmaMatmul": "mma", "ConfiguredMatmul": "dlight_matmul", "Matmul": "dlight_matmul",
                "GEMV": "gemv", "Reduction": "reduction", "SmallReduction": "small_reduction",
-               "GeneralReduction": "general_reduction", "Fallback": "fallback"}
+               "GeneralReduction": "general_reduction", "Fallback": "fallback", "InjectiveVectorize": "injective"}
 WEIGHT_SCALE = 0.05                 # synthetic weights ~ N(0, 0.05^2): keeps deep fp16 models finite
 _KERNEL_RE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(')
 

@@ -3,8 +3,8 @@
 TVM 0.27's default CUDA pipeline schedules every fused kernel with dlight rules (Matmul, GEMV, Reduction,
 GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - `ScheduleSpec`: what tuning chooses (JSON-able): a global override of the dlight Matmul config, the
-  `SmallReduction` rule on/off with its block size, the `MmaMatmul` rule on/off, and per-kernel choices keyed
-  by `kernel_key`;
+  `SmallReduction` rule on/off with its block size, the `MmaMatmul` rule on/off, the `InjectiveVectorize` rule
+  on/off with its lanes, and per-kernel choices keyed by `kernel_key`;
 - `MmaMatmul`: fp16 matmul-like kernels (what `ToMixedPrecision` gives: fp16 inputs, fp32 accumulation) on
   mma.sync tensor cores with ldmatrix and cp.async (`workbench.models.tensorcore`, a tile config per shape),
   ahead of dlight's Matmul rule, whose wmma path is 2-5x slower (bench/results/gemm_tensorcore.md). On by
@@ -15,6 +15,10 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - `SmallReduction`: a rule for reductions too short to share between threads (a 3x3 depthwise conv reduces
   over 9 values): one thread per output, the reduction unrolled in registers. dlight's GeneralReduction gives
   such a kernel one thread block per output (MobileNetV2 b16: 12x slower than torch);
+- `InjectiveVectorize` (ScheduleSpec.injective, off by default): kernels without reduction (casts, the
+  matmul lowering's im2col: pad, shifted slices, concatenation) with vectorized innermost accesses (16-byte
+  loads/stores) instead of dlight Fallback's one scalar element per thread; it declines what it cannot
+  vectorize whole and aligned;
 - `kernel_key(func)`: a stable id of an unscheduled kernel (structural hash of its TIR, which includes the
   shapes), so a choice measured for one kernel applies wherever the same kernel appears;
 - `relax_pipeline(target, spec, precision)`: the default CUDA pipeline with `ApplyTunedSchedule` in place of
@@ -42,7 +46,14 @@ MATMUL_FIELDS = ("block_size_x", "block_size_y", "vthread_x", "vthread_y", "micr
                  "micro_size_k", "vector_size", "unroll", "use_shared", "storage_align", "inner_x")
 DEFAULT_SMALL_REDUCTION_MAX = 64          # longest reduction SmallReduction takes (3x3 depthwise = 9, 5x5 = 25)
 PRECISIONS = ("fp32", "fp16")
-RULES = ("default", "matmul", "small_reduction", "mma")
+RULES = ("default", "matmul", "small_reduction", "mma", "injective")
+INJECTIVE_LANES = (2, 4, 8, 16)           # elements per thread the injective rule may be given
+INJECTIVE_THREADS = 256                   # threads per block of InjectiveVectorize
+INJECTIVE_MAX_BYTES = 16                  # widest vector per thread: TVM 0.27 writes an fp32 x 8 constant as an
+                                          # invalid 8-argument make_ulonglong4 (NVRTC: too many arguments)
+# dtypes InjectiveVectorize accepts: TVM 0.27's CUDA codegen has no valid 8-lane int64 vectors (see
+# tensorcore.gemm_shape), and bool/sub-byte vectors are untested
+INJECTIVE_DTYPES = ("float16", "bfloat16", "float32", "int32")
 
 
 class ScheduleError(ValueError):
@@ -73,7 +84,7 @@ def check_matmul_config(cfg: dict | None, where: str = "matmul config") -> dict 
 def check_choice(choice: dict, where: str = "kernel choice") -> dict:
     """A per-kernel choice: {"rule": "default"} | {"rule": "matmul", "config": {...}} |
     {"rule": "small_reduction", "threads": n} | {"rule": "mma", "config": label (tensorcore.CONFIGS; absent:
-    the per-shape choice)}."""
+    the per-shape choice)} | {"rule": "injective", "lanes": n (INJECTIVE_LANES)}."""
     if not isinstance(choice, dict) or choice.get("rule") not in RULES:
         raise ScheduleError(f"{where}: {choice!r} needs a 'rule' among {', '.join(RULES)}")
     rule = choice["rule"]
@@ -87,6 +98,11 @@ def check_choice(choice: dict, where: str = "kernel choice") -> dict:
         t = choice.get("threads")
         if not isinstance(t, int) or t < 32 or t > 1024 or t % 32:
             raise ScheduleError(f"{where}: threads must be a multiple of 32 in [32, 1024], got {t!r}")
+    if rule == "injective":
+        n = choice.get("lanes")
+        if not isinstance(n, int) or isinstance(n, bool) or n not in INJECTIVE_LANES:
+            raise ScheduleError(f"{where}: lanes must be one of {', '.join(map(str, INJECTIVE_LANES))} (elements "
+                                f"per thread), got {n!r}")
     return dict(choice)
 
 
@@ -97,6 +113,7 @@ class ScheduleSpec:
     small_reduction: int | None = None            # threads per block of SmallReduction (None: rule off)
     kernels: dict[str, dict] = field(default_factory=dict)   # kernel_key -> choice (check_choice)
     mma: bool = True                              # MmaMatmul first for fp16 kernels (False: dlight's wmma)
+    injective: int | None = None                  # lanes per thread of InjectiveVectorize (None: rule off)
 
     def __post_init__(self):
         if not isinstance(self.mma, bool):
@@ -104,12 +121,15 @@ class ScheduleSpec:
         check_matmul_config(self.matmul, "schedule.matmul")
         if self.small_reduction is not None:
             check_choice({"rule": "small_reduction", "threads": self.small_reduction}, "schedule.small_reduction")
+        if self.injective is not None:
+            check_choice({"rule": "injective", "lanes": self.injective}, "schedule.injective")
         for k, c in self.kernels.items():
             check_choice(c, f"schedule.kernels[{k}]")
 
     @property
     def is_default(self) -> bool:
-        return self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
+        return (self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
+                and self.injective is None)
 
     def to_json(self) -> dict:
         """Only what differs from the default: {} is TVM's dlight rules plus MmaMatmul (written before the rule
@@ -124,16 +144,19 @@ class ScheduleSpec:
             out["kernels"] = {k: dict(v) for k, v in sorted(self.kernels.items())}
         if not self.mma:
             out["mma"] = False
+        if self.injective is not None:
+            out["injective"] = self.injective
         return out
 
     @classmethod
     def from_json(cls, d: dict | None) -> "ScheduleSpec":
         d = d or {}
-        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels", "mma"})
+        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels", "mma", "injective"})
         if bad:
             raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: matmul, small_reduction, "
-                                f"kernels, mma")
-        return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True))
+                                f"kernels, mma, injective")
+        return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True),
+                   d.get("injective"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,7 +269,151 @@ def _rule_classes():
             except tensorcore.TensorCoreError:
                 return None
 
-    return ConfiguredMatmul, SmallReduction, MmaMatmul
+
+    class InjectiveVectorize(GPUScheduleRule):
+        """Injective kernels (no reduction: elementwise, casts, pads, slices, concatenations, row gathers) with
+        the innermost axis of the output vectorized: `lanes` contiguous elements per thread (8 fp16 = one
+        16-byte store), the other axes fused over blocks of INJECTIVE_THREADS threads. dlight's Fallback gives
+        such a kernel one scalar element per thread (ResNet-50-matmul's im2col kernels: ~700 GB/s on the H200).
+
+        Takes a kernel only if every access stays a whole aligned vector: after inlining, one block whose
+        innermost iteration var v (extent divisible by the lanes) indexes the innermost dimension of the output
+        and of every input it reads as `v + r` (r not depending on v, divisible by the lanes; inputs not read
+        along v are broadcast), every buffer's innermost extent is divisible by the lanes, and every condition
+        is the same for all lanes of a vector (a concatenation's `512 <= v` is rewritten to `64 <= v // 8`,
+        which the lowering simplifies to a per-thread test), no vector is wider than INJECTIVE_MAX_BYTES
+        (fp32 kernels get 4 lanes) and every buffer is one of INJECTIVE_DTYPES. Fewer lanes are tried (down to
+        2) when the given number does not fit; otherwise it declines (None) and the next rule (Fallback) takes
+        the kernel."""
+
+        def __init__(self, lanes: int = 8, threads: int = INJECTIVE_THREADS):
+            self.lanes = lanes
+            self.threads = threads
+
+        def apply(self, func, target, _):
+            from tvm import tirx
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or not all(i.is_injective() for i in infos):
+                return None
+            infos = try_inline(sch, infos)
+            if len(infos) != 1 or not infos[0].is_injective():
+                return None
+            name = sch.get(infos[0].block_rv).name_hint
+            lanes = self.lanes
+            while lanes >= 2:
+                plan = _injective_plan(sch, infos[0].block_rv, lanes)
+                if plan is not None:
+                    break
+                lanes //= 2
+            else:
+                return None
+            sch = s_tir.Schedule(sch.mod["main"].with_body(plan))   # uniform conditions rewritten
+            block = sch.get_sblock(name)
+            loops = sch.get_loops(block)
+            outer, vec = sch.split(loops[-1], factors=[None, lanes])
+            bx, tx = sch.split(sch.fuse(*loops[:-1], outer), factors=[None, self.threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            sch.vectorize(vec)
+            return sch
+
+    def _injective_plan(sch, block_rv, lanes: int):
+        """The function body with lane-uniform conditions rewritten if `lanes` elements per thread are safe
+        for the block (see InjectiveVectorize), else None."""
+        import tvm
+        import tvm_ffi
+        from tvm import tirx
+        from tvm.sym.analyzer import Analyzer
+        from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+        from tvm.tirx.analysis import undefined_vars
+        block = sch.get(block_rv)
+        loops = [sch.get(lp) for lp in sch.get_loops(block_rv)]
+        realize = get_sblockrealize(sch, block_rv)
+        if not loops or len(loops) != len(block.iter_vars) or any(lp.thread_binding is not None for lp in loops):
+            return None
+        if any(not v.same_as(lp.loop_var) for v, lp in zip(realize.iter_values, loops)):
+            return None                               # a non-trivial binding: the axes are not the loops
+        v = block.iter_vars[-1].var
+        if not isinstance(block.iter_vars[-1].dom.extent, tirx.IntImm) or \
+                int(block.iter_vars[-1].dom.extent) % lanes:
+            return None
+        if not isinstance(block.body, tirx.BufferStore) or not block.body.indices or \
+                not block.body.indices[-1].same_as(v):
+            return None                               # the store must be out[..., v]: contiguous
+        ana = Analyzer()
+        for iv in block.iter_vars:
+            ana.bind(iv.var, iv.dom)
+
+        def lane_free(e) -> bool:
+            return not any(x.same_as(v) for x in undefined_vars(e))
+
+        def uniform(cmp):
+            """`v < t` / `v >= t` with t a multiple of lanes -> the same test on v // lanes (else unchanged)."""
+            a, b = cmp.a, cmp.b
+            if a.same_as(v) and isinstance(b, tirx.IntImm):
+                k, op, dt = int(b), type(cmp), str(b.ty)
+            elif b.same_as(v) and isinstance(a, tirx.IntImm):         # k < v is v > k, ...
+                flip = {tirx.LT: tirx.GT, tirx.LE: tirx.GE, tirx.GT: tirx.LT, tirx.GE: tirx.LE}
+                k, op, dt = int(a), flip[type(cmp)], str(a.ty)
+            else:
+                return cmp
+            # v < k, v <= k (= v < k + 1), v > k (= v >= k + 1), v >= k
+            t, below = {tirx.LT: (k, True), tirx.LE: (k + 1, True), tirx.GT: (k + 1, False),
+                        tirx.GE: (k, False)}[op]
+            if t % lanes:
+                return cmp
+            q = tirx.FloorDiv(v, tirx.IntImm(dt, lanes))
+            t = tirx.IntImm(dt, t // lanes)
+            return tirx.LT(q, t) if below else tirx.GE(q, t)
+
+        # v is the block's own var: rewriting the whole function touches only this block
+        body = tvm_ffi.structural_map(sch.mod["main"].body, [((tirx.LT, tirx.LE, tirx.GT, tirx.GE), uniform)])
+        ok = [True]
+
+        def check_access(buf, indices):
+            if str(buf.dtype) not in INJECTIVE_DTYPES or lanes * buf.dtype.bits > 8 * INJECTIVE_MAX_BYTES or \
+                    len(buf.strides) or not (isinstance(buf.elem_offset, tirx.IntImm) and
+                                             int(buf.elem_offset) == 0):
+                ok[0] = False                         # (strided or offset buffers: alignment unknown)
+                return
+            if not all(lane_free(i) for i in indices[:-1]):
+                ok[0] = False                         # v in an outer dimension: a strided gather
+                return
+            if not indices or lane_free(indices[-1]):
+                return                                # the same element for every lane: a broadcast
+            r = ana.simplify(indices[-1] - v)
+            extent = buf.shape[-1]
+            m = ana.modular_set(r)
+            if not lane_free(r) or not isinstance(extent, tirx.IntImm) or int(extent) % lanes or \
+                    m.coeff % lanes or m.base % lanes:
+                ok[0] = False                         # not v + r with r a multiple of lanes: a gather or an
+                                                      # unaligned vector
+
+        chunk = tirx.Var("chunk", "int64")            # stands for v // lanes: the same in every lane
+
+        def on_cond(cond):
+            cond = tvm_ffi.structural_map(cond, [(tirx.FloorDiv, lambda d: chunk if d.a.same_as(v) and isinstance(
+                d.b, tirx.IntImm) and int(d.b) == lanes else d)])
+            if not lane_free(cond):
+                ok[0] = False                         # differs between lanes: the vectorizer would scalarize
+
+        def on_call(c):
+            if isinstance(c.op, tvm.ir.Op) and c.op.name in ("prim.if_then_else", "tirx.if_then_else"):
+                on_cond(c.args[0])
+
+        tvm_ffi.structural_walk(body, [(tvm.ir.TensorLoad, lambda n: check_access(n.source, n.indices)),
+                                       (tirx.BufferStore, lambda n: check_access(n.buffer, n.indices)),
+                                       (tirx.Select, lambda n: on_cond(n.condition)),
+                                       (tvm.ir.Call, on_call),
+                                       # a bound name hides what it stands for from these checks
+                                       ((tirx.Let, tirx.LetStmt), lambda n: ok.__setitem__(0, False))],
+                                order="post")
+        return body if ok[0] else None
+
+    return ConfiguredMatmul, SmallReduction, MmaMatmul, InjectiveVectorize
 
 
 def mma_rule(config: str | None = None):
@@ -255,6 +422,10 @@ def mma_rule(config: str | None = None):
 
 def matmul_rule(overrides: dict | None = None):
     return _rule_classes()[0](check_matmul_config(overrides))
+
+
+def injective_rule(lanes: int = 8, threads: int = INJECTIVE_THREADS):
+    return _rule_classes()[3](lanes, threads)
 
 
 def small_reduction_rule(threads: int = 256, max_reduction: int = DEFAULT_SMALL_REDUCTION_MAX):
@@ -269,6 +440,8 @@ def default_rules(spec: ScheduleSpec | None = None) -> list:
     rules = ([mma_rule()] if spec.mma else []) + [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
     if spec.small_reduction is not None:
         rules.append(small_reduction_rule(spec.small_reduction))
+    if spec.injective is not None:                # kernels without reduction only: no other rule's
+        rules.append(injective_rule(spec.injective))
     return rules + [dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
@@ -283,6 +456,8 @@ def choice_rule(choice: dict, spec: ScheduleSpec | None = None):
         return small_reduction_rule(choice["threads"])
     if choice["rule"] == "mma":
         return mma_rule(choice.get("config"))
+    if choice["rule"] == "injective":
+        return injective_rule(choice["lanes"])
     return None
 
 

@@ -31,6 +31,7 @@ the weights layout shared by all batch sizes). Needs only json; TVM is not impor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -94,6 +95,8 @@ class Variant:
             parts.append("matmul{" + ",".join(f"{k}={v}" for k, v in sorted(s.matmul.items())) + "}")
         if s.small_reduction:
             parts.append(f"small_reduction={s.small_reduction}")
+        if s.injective:
+            parts.append(f"injective={s.injective}")
         if s.kernels:
             parts.append(f"{len(s.kernels)} tuned kernels")
         if self.cuda_graph:
@@ -203,8 +206,8 @@ def plan(model: str, target: str, arch: str | None, batch_sizes: Sequence[int], 
         src = b if b in entries else _nearest(sorted(entries), b)
         v = Variant.from_json(entries[src]["variant"])
         if merged:
-            v = Variant(v.lowering, v.precision, ScheduleSpec(v.schedule.matmul, v.schedule.small_reduction,
-                                                              dict(merged)), v.cuda_graph)
+            # (replace: every other setting of the entry's spec, mma and injective included, is kept)
+            v = Variant(v.lowering, v.precision, dataclasses.replace(v.schedule, kernels=dict(merged)), v.cuda_graph)
         variants[b] = v
         m = entries[src].get("measured") or {}
         prov[b] = {"from_batch": src, "measured_p50_ms": m.get("p50_ms"), "gpu": entries[src].get("gpu"),
