@@ -1012,8 +1012,9 @@ def markdown(merged: dict, picked: dict) -> str:
          + (": " + ", ".join(f"{g['model']} b{g['batch']} {g['numerics']}" for g in met) if met else "") + ". "
          "TVM = what `workbench compile` now gives (the database winner; one conv lowering per model and "
          "precision). ratio = TVM p50 / best torch p50 ('N% slower' = ratio - 1). 'TVM graph' = the "
-         "same TVM run captured once in a CUDA graph from outside (not what the worker does today; a captured "
-         "graph holds the weights' addresses, so it needs one graph per weight placement).", ""]
+         "same TVM run captured once in a CUDA graph from outside: what the CUDA worker runs (it replays each "
+         "exec as a graph captured per model copy, batch size and weight placement; worker config cuda_graphs), "
+         "and the VM's host launch jitter left out.", ""]
     for kind, spec in NUMERICS.items():
         modes = spec["torch"]
         L += [f"### {spec['title']}", "",
