@@ -10,7 +10,8 @@ CNN lowering, b1 and b16, whole models only:
     python -m bench.build_kernel_candidates --round 3 --out .gpu/kq3 --bundle .gpu/kq3.tar.xz --no-kernels
 
 4 = the ResNets (matmul lowering) with SmallReduction 256, fp32 and fp16; 5 = round 4's fp16 pick plus the
-injective rule (schedules.InjectiveVectorize: vectorized im2col/cast kernels):
+injective rule (schedules.InjectiveVectorize: vectorized im2col/cast kernels); 6 = the injective rule on
+BERT's and MobileNetV2's fp16 picks:
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -175,6 +176,17 @@ def round5(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
     640-700 GB/s. b1 and b16."""
     cands = [ModelCandidate(model, b, "fp16-sr256-inj8-mma", _variant("matmul", "fp16", sr=256, inj=8))
              for model in ("resnet50", "resnet18") for b in (1, 16)]
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
+def round6(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Round 5's InjectiveVectorize (8 elements per thread) on the other two models' fp16 picks: BERT-base
+    (mma; its elementwise kernels took 0.69 of 4.27 ms at b16 under Fallback, bench.kernel_breakdown) and
+    MobileNetV2 (conv lowered to matmul, mma, SmallReduction at 256). b1 and b16."""
+    cands = [ModelCandidate("bert_base", b, "fp16-inj8-mma", _variant("direct", "fp16", inj=8)) for b in (1, 16)]
+    cands += [ModelCandidate("mobilenet_v2", b, "fp16-sr256-inj8-mma", _variant("matmul", "fp16", sr=256, inj=8))
+              for b in (1, 16)]
     keep = set(models)
     return [c for c in cands if c.model in keep], []
 
@@ -379,7 +391,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5])
+    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5, 6])
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -399,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         cands, jobs = round4(models)
     elif a.round == 5:
         cands, jobs = round5(models)
+    elif a.round == 6:
+        cands, jobs = round6(models)
     else:
         cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
     out = Path(a.out)
