@@ -23,9 +23,6 @@ def test_spec_parse_names_the_bad_entry():
 
 @pytest.fixture(scope="module")
 def mlp_build(tmp_path_factory):
-    from workbench.models import schedules
-    if not schedules.tensorize_supported():
-        pytest.skip("fp16 needs apache-tvm-ffi<0.1.15 (schedules.check_tensorize_support)")
     out = tmp_path_factory.mktemp("kbd")
     built = kb.build([kb.Spec.parse("mlp:direct:16:fp16")], out)
     return out, built

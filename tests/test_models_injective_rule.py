@@ -102,8 +102,6 @@ def test_rule_takes_aligned_injective_kernels_and_declines_the_rest():
 def resnet18_fp16_kernels():
     from workbench.models import schedules, zoo
     from workbench.models.compiler import make_target
-    if not schedules.tensorize_supported():
-        pytest.skip("fp16 needs apache-tvm-ffi<0.1.15 (schedules.check_tensorize_support)")
     tgt = make_target("cuda", "sm_90")
     fused = schedules.fuse(zoo.get("resnet18", conv="matmul").make_module(1), tgt, "fp16")
     return tgt, schedules.kernels(fused, tgt)
