@@ -236,7 +236,7 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
         return json.loads(meta_path.read_text())
     from tvm import relax
     from workbench.models import schedules, zoo
-    from workbench.models.compiler import build_relax, cuda_sources, lower, main_function
+    from workbench.models.compiler import build_relax, cuda_kernels, cuda_sources, lower, main_function
     from workbench.models.tensorcore import cp_async_hazards
     from workbench.models.tuning import Variant
     v = Variant.from_json(c.variant)
@@ -261,7 +261,7 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
             "cuda_source_sha256": [hashlib.sha256(s.encode()).hexdigest() for s in sources],
             "kernels": sum(s.count("extern \"C\" __global__") for s in sources),
             "tensor_core": any("wmma::mma_sync" in s or "mma.sync" in s for s in sources),
-            "mma_sync_kernels": sum(_count_mma_kernels(s) for s in sources),
+            "mma_sync_kernels": sum("mma.sync" in body for s in sources for body in cuda_kernels(s).values()),
             "uses_cp_async": any("cp.async" in s for s in sources),
             # kernels that wait on uncommitted cp.async copies (a race: tensorcore.cp_async_hazards); must be []
             "cp_async_hazard_kernels": [h for s in sources for h in cp_async_hazards(s)],
@@ -269,12 +269,6 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
             "so_bytes": so.stat().st_size}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
-
-
-def _count_mma_kernels(src: str) -> int:
-    """Kernels of a CUDA source whose body uses mma.sync (the MmaMatmul rule's)."""
-    bodies = src.split('extern "C" __global__')[1:]
-    return sum(1 for b in bodies if "{" in b.split(";")[0] and "mma.sync" in b)
 
 
 def build_kernel_job(model: str, lowering: str, b: int, out: Path, force: bool, seen: set[str]) -> dict:

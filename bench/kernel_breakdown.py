@@ -54,7 +54,6 @@ RULE_LABELS = {"MmaMatmul": "mma", "ConfiguredMatmul": "dlight_matmul", "Matmul"
                "GEMV": "gemv", "Reduction": "reduction", "SmallReduction": "small_reduction",
                "GeneralReduction": "general_reduction", "Fallback": "fallback", "InjectiveVectorize": "injective"}
 WEIGHT_SCALE = 0.05                 # synthetic weights ~ N(0, 0.05^2): keeps deep fp16 models finite
-_KERNEL_RE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(')
 
 
 @dataclass(frozen=True)
@@ -177,13 +176,9 @@ def call_counts(func, kernel_names: set[str], num_inputs: int) -> tuple[dict, di
 
 def device_kernels(sources: list[str]) -> dict[str, dict]:
     """CUDA kernel name -> whether its body uses mma.sync / wmma (TVM names them <PrimFunc>_kernel[_N])."""
-    out = {}
-    for src in sources:
-        for chunk in src.split('extern "C" __global__')[1:]:
-            m = _KERNEL_RE.match('extern "C" __global__' + chunk)
-            if m:
-                out[m.group(1)] = {"mma_sync": "mma.sync" in chunk, "wmma": "wmma::" in chunk}
-    return out
+    from workbench.models.compiler import cuda_kernels
+    return {name: {"mma_sync": "mma.sync" in body, "wmma": "wmma::" in body}
+            for src in sources for name, body in cuda_kernels(src).items()}
 
 
 def _launched_by(name: str, dev_kernels: dict[str, dict]) -> list[str]:

@@ -252,6 +252,22 @@ def cuda_sources(executable) -> list[str]:
     return out
 
 
+_KERNEL_NAME = re.compile(r"void\s+(?:__launch_bounds__\(\s*\d+\s*\)\s*)?(\w+)\s*\(")
+
+
+def cuda_kernels(source: str) -> dict[str, str]:
+    """The kernels a CUDA source (TVM codegen) defines: name -> text from its signature to the next kernel
+    (forward declarations left out)."""
+    out: dict[str, str] = {}
+    for part in source.split('extern "C" __global__')[1:]:
+        if "{" not in part.split(";")[0]:
+            continue                                  # a forward declaration
+        m = _KERNEL_NAME.search(part)
+        if m:
+            out[m.group(1)] = part
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Compile
 # ---------------------------------------------------------------------------------------------------------

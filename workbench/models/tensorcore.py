@@ -554,12 +554,9 @@ def cp_async_hazards(cuda_source: str) -> list[str]:
     order for the straight-line pipeline prologue where TVM 0.27's injector put the wait too early for
     2-stage pipelines (see `_schedule_gemm`). Returns the names of the kernels with such a wait."""
     import re
+    from workbench.models.compiler import cuda_kernels
     bad = []
-    for part in cuda_source.split('extern "C" __global__')[1:]:
-        head = part.split(";")[0]
-        if "{" not in head:
-            continue                                  # a forward declaration
-        name = [n for n in re.findall(r"(\w+)\s*\(", head) if n != "__launch_bounds__"][0]
+    for name, part in cuda_kernels(cuda_source).items():
         pending = 0
         for tok in re.findall(r"ptx_cp_async\w*\(|cp\.async\.cg|cp\.async\.ca|commit_group\w*\(|wait_group\w*\(",
                               part):
