@@ -9,7 +9,7 @@ HERE (CPU, full TVM; fp16 needs the tvm-ffi of schedules.check_tensorize_support
 compiles each model variant (model:lowering:batch:precision, `tuning.Variant(lowering, precision)` with the
 default schedule settings) exactly as `workbench compile` does (compiler.lower + build_relax) into
 <out>/<id>.so and records in <out>/manifest.json, per kernel (PrimFunc the VM calls): the rule that scheduled
-it (caught while the pipeline schedules: mma, dlight_matmul, gemv, reduction, small_reduction,
+it (compiler.lower's rules_used: mma, dlight_matmul, gemv, reduction, small_reduction, injective,
 general_reduction, fallback; or a per-kernel choice of the spec), its buffer shapes, FLOPs (2 x the iteration
 space of its reduction blocks) and bytes (all its buffers once), the device kernels it launches, whether they
 use mma.sync/wmma, how many times the model calls it, and whether every call reads only weights (work that
@@ -33,7 +33,6 @@ whole-model time (the difference is what is not kernel time: launch gaps, VM int
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -87,39 +86,6 @@ class Spec:
 # ---------------------------------------------------------------------------------------------------------
 # build (CPU, full TVM)
 # ---------------------------------------------------------------------------------------------------------
-
-class _RecordingRule:
-    """Wraps a schedule rule; records kernel_key -> rule label for every kernel the rule schedules."""
-
-    def __init__(self, rule, seen: dict[str, str]):
-        self.rule = rule
-        self.label = RULE_LABELS.get(type(rule).__name__, type(rule).__name__)
-        self.seen = seen
-
-    def apply(self, func, target, tunable):
-        from workbench.models import schedules
-        sch = self.rule.apply(func, target, tunable)
-        if sch is not None and not (isinstance(sch, list) and not sch):
-            self.seen.setdefault(schedules.kernel_key(func), self.label)
-        return sch
-
-
-@contextlib.contextmanager
-def recording_rules(seen: dict[str, str]):
-    """While active, the pipeline's rule list (schedules.default_rules, looked up by _apply_tuned at each call)
-    records which rule scheduled each kernel. Only the list is wrapped: the schedules are unchanged."""
-    from workbench.models import schedules
-    original = schedules.default_rules
-
-    def wrapped(spec=None):
-        return [_RecordingRule(r, seen) for r in original(spec)]
-
-    schedules.default_rules = wrapped
-    try:
-        yield
-    finally:
-        schedules.default_rules = original
-
 
 def _dtype_bytes(dtype: str) -> int:
     m = re.search(r"(\d+)$", dtype)
@@ -204,9 +170,8 @@ def build_one(spec: Spec, out: Path, force: bool = False) -> dict:
     mod = src.make_module(spec.batch)
     fname, _ = main_function(mod)
     applied: dict = {}
-    seen: dict[str, str] = {}
-    with recording_rules(seen):
-        low = lower(mod, tgt, variant, applied)
+    rules_used: dict[str, str] = {}
+    low = lower(mod, tgt, variant, applied, rules_used)
     ex = build_relax(low, tgt)
     out.mkdir(parents=True, exist_ok=True)
     so = out / f"{spec.id}.so"
@@ -234,8 +199,8 @@ def build_one(spec: Spec, out: Path, force: bool = False) -> dict:
         key = schedules.kernel_key(base) if base is not None else None
         if name in applied:
             rule = "choice:" + str(applied[name].get("rule"))
-        elif key is not None and key in seen:
-            rule = seen[key]
+        elif name in rules_used:
+            rule = RULE_LABELS.get(rules_used[name], rules_used[name])
         else:
             rule = "unknown"
         launched = _launched_by(name, dev)

@@ -69,12 +69,13 @@ def make_target(target: str, arch: str | None = None):
     raise CompileError(f"unknown target {target!r}: use --target cpu or --target cuda")
 
 
-def lower(mod, tgt, variant=None, applied: dict | None = None):
+def lower(mod, tgt, variant=None, applied: dict | None = None, rules_used: dict | None = None):
     """Run the Relax pipeline tvm.compile would run (the CUDA one schedules kernels with dlight).
 
     variant (tuning.Variant, GPU targets): precision (fp16: ToMixedPrecision first), kernel schedules
     (schedules.relax_pipeline) and relax's CUDA-graph rewrite; None or the default variant runs TVM's default
-    pipeline unchanged. `applied` collects kernel name -> per-kernel choice used. Build the result with
+    pipeline unchanged. `applied` collects kernel name -> per-kernel choice used, `rules_used` kernel name ->
+    the rule that scheduled it (both only when the variant's pipeline runs). Build the result with
     `build_relax` (its PassContext config is what the fp16 mma kernels need)."""
     import tvm
     from tvm import relax
@@ -85,7 +86,7 @@ def lower(mod, tgt, variant=None, applied: dict | None = None):
             return pipeline(mod)
     from workbench.models import schedules
     mod = schedules.mixed_precision(mod, variant.precision)
-    pipeline = schedules.relax_pipeline(tgt, variant.schedule, applied)
+    pipeline = schedules.relax_pipeline(tgt, variant.schedule, applied, rules_used)
     with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": bool(variant.cuda_graph)}):
         with tgt:
             return pipeline(mod)

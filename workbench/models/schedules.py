@@ -473,6 +473,11 @@ def kernel_key(func) -> str:
 
 def apply_rules(func, target, rules: Iterable):
     """The first schedule a rule gives for `func` (or None)."""
+    return first_schedule(func, target, rules)[0]
+
+
+def first_schedule(func, target, rules: Iterable) -> tuple[Any, Any]:
+    """(schedule, the rule that gave it) for the first rule that schedules `func`; (None, None) if none does."""
     from tvm import s_tir
     for rule in rules:
         try:
@@ -483,11 +488,11 @@ def apply_rules(func, target, rules: Iterable):
             sch = sch[0] if sch else None
         if sch is not None:
             assert isinstance(sch, s_tir.Schedule)
-            return sch
-    return None
+            return sch, rule
+    return None, None
 
 
-def _apply_tuned(mod, spec: ScheduleSpec, target, applied: dict | None = None):
+def _apply_tuned(mod, spec: ScheduleSpec, target, applied: dict | None = None, rules_used: dict | None = None):
     from tvm import tirx
     rules = default_rules(spec)
     updated = {}
@@ -497,33 +502,36 @@ def _apply_tuned(mod, spec: ScheduleSpec, target, applied: dict | None = None):
         if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
             continue
         tgt = func.attrs["target"] if func.attrs is not None and "target" in func.attrs else target
-        sch = None
+        sch = by = None
         choice = spec.kernels.get(kernel_key(func)) if spec.kernels else None
         if choice is not None:
             rule = choice_rule(choice, spec)
             if rule is not None:
-                sch = apply_rules(func, tgt, [rule])
+                sch, by = first_schedule(func, tgt, [rule])
             if applied is not None:
                 applied[gv.name_hint] = choice if (sch is not None or rule is None) else {"rule": "default",
                                                                                          "note": "choice failed"}
         if sch is None:
-            sch = apply_rules(func, tgt, rules)
+            sch, by = first_schedule(func, tgt, rules)
         if sch is not None:
             updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            if rules_used is not None:
+                rules_used[gv.name_hint] = type(by).__name__
     for gv, f in updated.items():
         mod[gv] = f
     return mod
 
 
-def apply_tuned_schedule(spec: ScheduleSpec, applied: dict | None = None):
+def apply_tuned_schedule(spec: ScheduleSpec, applied: dict | None = None, rules_used: dict | None = None):
     """A module pass: schedule every unscheduled PrimFunc by its per-kernel choice if `spec` has one, else by
-    the (configured) dlight rules. `applied` (optional) collects kernel name -> choice used."""
+    the (configured) dlight rules. `applied` (optional) collects kernel name -> choice used; `rules_used`
+    (optional) kernel name -> class name of the rule that scheduled it."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0, name="ApplyTunedSchedule")
     def _pass(mod, _ctx):
         from tvm.target import Target
-        return _apply_tuned(mod, spec, Target.current(allow_none=False), applied)
+        return _apply_tuned(mod, spec, Target.current(allow_none=False), applied, rules_used)
 
     return _pass
 
@@ -549,7 +557,8 @@ def mixed_precision(mod, precision: str):
     return mod
 
 
-def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | None = None):
+def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | None = None,
+                   rules_used: dict | None = None):
     """The default relax CUDA pipeline (relax.backend.cuda.get_default_pipeline) scheduling with `spec`."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
@@ -559,7 +568,7 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                fusion_passes(target) + [apply_tuned_schedule(spec, applied)]
+                fusion_passes(target) + [apply_tuned_schedule(spec, applied, rules_used)]
                 + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return seq(mod)
 
