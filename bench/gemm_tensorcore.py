@@ -61,6 +61,7 @@ SHAPES: list[tuple[str, str, int, int, int]] = [
 # mma configs and the per-shape candidates: workbench.models.tensorcore (CONFIGS, configs_for), shared with the
 # relax rule (schedules.MmaMatmul), which uses tensorcore.choose_config.
 from workbench.models.tensorcore import CONFIGS, configs_for  # noqa: E402 (pure Python, no TVM)
+from bench.kernel_quality import _f, summary  # noqa: E402 (number formatting and p50/p99 stats of kernel_quality)
 
 
 # Small modules for tests/test_models_tensorcore.py's GPU test (checked against NumPy there): a multiple of the
@@ -74,11 +75,6 @@ TEST_CASES: list[tuple[str, int, int, int, str, str, str]] = [
 ]
 
 
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))] if s else float("nan")
-
-
 def tflops(m: int, n: int, k: int, ms: float | None) -> float | None:
     return None if not ms else 2.0 * m * n * k / (ms * 1e-3) / 1e12
 
@@ -87,16 +83,11 @@ def tflops(m: int, n: int, k: int, ms: float | None) -> float | None:
 # build (full TVM)
 # ---------------------------------------------------------------------------------------------------------
 
-def _cuda_sources(ex) -> list[str]:
-    from workbench.models.compiler import cuda_sources
-    return cuda_sources(ex)
-
-
 def build_one(out: Path, shape: tuple, label: str, force: bool) -> dict:
     """One module: the shape's gemm scheduled by dlight ("dlight") or by the mma schedule with CONFIGS[label]."""
     import tvm
     from workbench.models import schedules, tensorcore
-    from workbench.models.compiler import make_target
+    from workbench.models.compiler import cuda_sources, make_target
     name, _, m, n, k = shape
     mid = f"{name}__{label}"
     meta_path = out / "modules" / f"{mid}.json"
@@ -121,7 +112,7 @@ def build_one(out: Path, shape: tuple, label: str, force: bool) -> dict:
     so = out / "modules" / f"{mid}.so"
     so.parent.mkdir(parents=True, exist_ok=True)
     ex.export_library(str(so))
-    srcs = _cuda_sources(ex)
+    srcs = cuda_sources(ex)
     src = "\n".join(srcs)
     meta = {"id": mid, "shape": name, "label": label, "kind": "dlight" if label == "dlight" else "mma",
             "config": None if config is None else config.to_json(), "so": f"modules/{so.name}",
@@ -137,7 +128,7 @@ def build_test_case(out: Path, case: tuple, force: bool) -> dict:
     """One small module of TEST_CASES (the mma schedule only), for the GPU test."""
     import tvm
     from workbench.models import tensorcore
-    from workbench.models.compiler import make_target
+    from workbench.models.compiler import cuda_sources, make_target
     name, m, n, k, layout, out_dtype, label = case
     meta_path = out / "tests" / f"{name}.json"
     if meta_path.is_file() and not force:
@@ -150,7 +141,7 @@ def build_test_case(out: Path, case: tuple, force: bool) -> dict:
     so = out / "tests" / f"{name}.so"
     so.parent.mkdir(parents=True, exist_ok=True)
     ex.export_library(str(so))
-    srcs = _cuda_sources(ex)
+    srcs = cuda_sources(ex)
     meta = {"name": name, "m": m, "n": n, "k": k, "b_layout": layout, "out_dtype": out_dtype, "label": label,
             "config": cfg.to_json(), "so": f"tests/{so.name}", "function": FUNCTION,
             "cuda_source_sha256": [hashlib.sha256(x.encode()).hexdigest() for x in srcs]}
@@ -240,10 +231,6 @@ def time_launches(fn, reps: int, warmup: int = WARMUP) -> list[float]:
     return [s.elapsed_time(e) for s, e in ev]
 
 
-def _stats(ms: list[float]) -> dict:
-    return {"n": len(ms), "p50_ms": pct(ms, 0.5), "p99_ms": pct(ms, 0.99), "min_ms": min(ms)}
-
-
 def cmd_run(a) -> int:
     t0 = time.perf_counter()
     d = Path(a.dir)
@@ -304,7 +291,7 @@ def cmd_run(a) -> int:
         B = (torch.rand((k, n), device="cuda", generator=g) * 2 - 1).half()
         ref = A.float() @ B.float()
         scale = float(ref.abs().max()) or 1.0
-        t = _stats(time_launches(lambda: torch.matmul(A, B), a.reps))
+        t = summary(time_launches(lambda: torch.matmul(A, B), a.reps))
         t["tflops"] = tflops(m, n, k, t["p50_ms"])
         row["torch"] = t
         tA, tB = tvm.runtime.from_dlpack(A), tvm.runtime.from_dlpack(B)
@@ -326,7 +313,7 @@ def cmd_run(a) -> int:
                 err = float((C.float() - ref).abs().max()) / scale
                 r["rel_err"] = err if math.isfinite(err) else None
                 r["ok"] = bool(math.isfinite(err) and err <= TOLERANCE)
-                r.update(_stats(time_launches(call, a.reps)))
+                r.update(summary(time_launches(call, a.reps)))
                 r["tflops"] = tflops(m, n, k, r["p50_ms"])
             except Exception as e:  # noqa: BLE001 - one bad module must not stop the others
                 r["error"] = f"{type(e).__name__}: {str(e)[-600:]}"
@@ -356,10 +343,6 @@ def summarize(row: dict) -> dict:
             "mma_speedup_vs_dlight": (dl["p50_ms"] / mma["p50_ms"]) if dl and mma else None,
             "mma_vs_torch": (mma["p50_ms"] / torch_ms) if mma else None,
             "dlight_vs_torch": (dl["p50_ms"] / torch_ms) if dl else None}
-
-
-def _f(x, nd: int = 3) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
 
 
 def markdown(res: dict) -> str:

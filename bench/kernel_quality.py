@@ -44,17 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.worker_common import pct
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_ORDER = ("resnet50", "mobilenet_v2", "bert_base", "resnet18")
 TOLERANCE = {"fp32": 2e-3, "fp16": 3e-2}       # max |tvm - ref| / max |ref|
 KERNEL_TOLERANCE = 1e-3                         # max |choice - default| / max |default|, fp32 kernels
 TORCH_MODES = ("fp32_eager", "fp32_graph", "tf32_graph", "fp16_graph")
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))] if s else float("nan")
 
 
 def summary(ms: list[float]) -> dict:
