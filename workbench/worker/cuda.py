@@ -298,9 +298,10 @@ class CUDADevice(Device):
         """Enqueue the input copy on this GPU's input stream and return at once: the exec stream waits for it
         on the GPU (`_Staged.done`), and its duration is read from events after the exec (`input_timing`).
         Every input is copied from where it lies: one in pinned memory (the process worker's shared memory) by
-        DMA; a pageable one (a notebook's array) by the driver, which stages it itself. On the H200's host that
-        beat staging through pinned memory of our own at every size from 512 B to 9.6 MB, with the calling
-        thread hot or just woken (python -m bench.input_copy)."""
+        DMA; a pageable one (a notebook's array) by the driver, which stages it itself. On the H200's host
+        staging through pinned memory of our own lost by 1.2-1.5x at 2.4-9.6 MB, tied at 602 KB and was mixed
+        between runs at 8 KB and below, where end to end through the worker the driver's copy won (python -m
+        bench.input_copy)."""
         cp = self.cp
         rt = cp.cuda.runtime
         with cp.cuda.Device(self.devices[gpu]):
