@@ -491,3 +491,21 @@ def test_cpus_confine_every_thread_of_the_executor_process(mlp_artifact):
         w.close()
     with pytest.raises(ValueError, match=r"cpus=\[100000\].*CPU numbers of this machine"):
         ProcessWorker("cpu", config(), Collector(), cpus=[100000])
+
+
+def test_no_restart_when_close_gave_up_waiting_before_the_executor_died():
+    # close(timeout) that stops waiting for the supervisor kills the executor and marks the worker "closed";
+    # the supervisor, seeing the death only then, must not take it for a crash and start a new executor.
+    # The interleaving, forced: the state is "closed" before the executor dies.
+    threads = set(threading.enumerate())
+    restarted = []
+    w = ProcessWorker("cpu", config(), Collector(), on_restart=restarted.append)
+    old = w.pid
+    with w._lock:
+        w._state = "closed"
+    os.kill(old, signal.SIGKILL)
+    w._supervisor.join(30)
+    assert not w._supervisor.is_alive(), "the supervisor went on after the worker was closed"
+    assert restarted == [] and w.restarts == 0 and w.pid == old and wait_gone(old)
+    w._finalize()                      # what close() does after giving up: release everything
+    assert set(threading.enumerate()) - threads == set()

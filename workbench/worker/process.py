@@ -308,11 +308,11 @@ class ProcessWorker:
                     self._start_error = e
                     self._ready.set()
                     return
-                if self._state != "closing":
+                if self._state not in ("closing", "closed"):
                     self._break(f"executor process could not be restarted: {e}")
                 return
             with self._send_lock, self._lock:
-                closing = self._state == "closing"
+                closing = self._state in ("closing", "closed")   # "closed": close() gave up waiting for us
                 self._gen = gen
                 self.pid, self.info = gen.info["pid"], gen.info
                 self.num_gpus = gen.info["num_gpus"]
@@ -351,7 +351,7 @@ class ProcessWorker:
                 if self._pool is not None:
                     self._pool.clear()       # nothing of this generation is in flight any more
                     self._shm.read_pos.value = 0
-                closing = self._state == "closing"
+                closing = self._state in ("closing", "closed")
                 if not closing:
                     self._state = "restarting"
             tail = self._log_tail(gen.log)
