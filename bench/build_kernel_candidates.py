@@ -11,10 +11,12 @@ CNN lowering, b1 and b16, whole models only:
 
 4 = the ResNets (matmul lowering) with SmallReduction 256, fp32 and fp16; 5 = round 4's fp16 pick plus the
 injective rule (schedules.InjectiveVectorize: vectorized im2col/cast kernels); 6 = the injective rule on
-BERT's and MobileNetV2's fp16 picks:
+BERT's and MobileNetV2's fp16 picks; 7 = the fp16 picks of rounds 5/6 with fp16 activations between kernels
+(schedules.keep_fp16_activations), all four models:
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 7 --out .gpu/kq7 --bundle .gpu/kq7.tar.xz --no-kernels
 
 Two kinds of candidates, all for {"kind": "cuda", "arch": "sm_90"}:
 - whole models: a zoo model at one batch size compiled with one `tuning.Variant` (conv lowering, precision,
@@ -89,7 +91,7 @@ class ModelCandidate:
 
 
 def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, sr: int | None = None,
-             cuda_graph: bool = False, mma: bool = True, inj: int | None = None) -> dict:
+             cuda_graph: bool = False, mma: bool = True, inj: int | None = None, act16: bool = False) -> dict:
     sched: dict = {}
     if not mma:
         sched["mma"] = False                  # schedules.ScheduleSpec: dlight's wmma for fp16 matmuls
@@ -99,6 +101,8 @@ def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, 
         sched["small_reduction"] = sr
     if inj:
         sched["injective"] = inj              # schedules.InjectiveVectorize, `inj` elements per thread
+    if act16:
+        sched["activations"] = "fp16"         # schedules.keep_fp16_activations: kernels pass each other fp16
     return {"lowering": lowering, "precision": precision, "cuda_graph": cuda_graph, "schedule": sched}
 
 
@@ -191,6 +195,26 @@ def round6(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
     return [c for c in cands if c.model in keep], []
 
 
+def round7(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The fp16 picks of rounds 5 and 6 with fp16 activations between kernels (ScheduleSpec.activations,
+    schedules.keep_fp16_activations; label suffix `-act16`): ToMixedPrecision leaves every matmul/conv result
+    widened to fp32 by its bias add, so kernels store fp32 that the next one reads back and casts. Fused, at b16:
+    ResNet-50 146 launches, 15 of them lone casts of activations, 53 fp32 reads of another kernel's output ->
+    131, 0, 1 (the average pool's input), activations written 1198 -> 738 MiB; BERT-base 307, 48, 147 -> 259,
+    0, 38 (layer-norm and softmax inputs). ResNet-50, ResNet-18, MobileNetV2 (conv lowered to matmul,
+    SmallReduction 256, InjectiveVectorize 8, mma) and BERT-base (direct, InjectiveVectorize 8, mma), b1 and b16,
+    plus MobileNetV2 b16's pick exactly (round 6 left it without the injective rule)."""
+    cands = [ModelCandidate(model, b, "fp16-sr256-inj8-mma-act16", _variant("matmul", "fp16", sr=256, inj=8,
+                                                                             act16=True))
+             for model in ("resnet50", "resnet18", "mobilenet_v2") for b in (1, 16)]
+    cands += [ModelCandidate("bert_base", b, "fp16-inj8-mma-act16", _variant("direct", "fp16", inj=8, act16=True))
+              for b in (1, 16)]
+    cands.append(ModelCandidate("mobilenet_v2", 16, "fp16-sr256-mma-act16", _variant("matmul", "fp16", sr=256,
+                                                                                      act16=True)))
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """Whole models composed from the round-1 kernel winners (bench/results/kernel_quality.json from `pick`):
     per (model, lowering, batch) measured by the kernel search, the per-kernel choices on top of (a) TVM's
@@ -265,10 +289,29 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
             "uses_cp_async": any("cp.async" in s for s in sources),
             # kernels that wait on uncommitted cp.async copies (a race: tensorcore.cp_async_hazards); must be []
             "cp_async_hazard_kernels": [h for s in sources for h in cp_async_hazards(s)],
+            # kernels that only cast an intermediate (not an input or weight): what fp16 activations remove
+            "activation_cast_kernels": activation_casts(sources, [p.name for p in func.params]),
             "signature": _sig(low[fname]), "num_inputs": len(src.inputs), "compile_s": round(secs, 2),
             "so_bytes": so.stat().st_size}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def activation_casts(sources: list[str], param_names: list[str]) -> list[str]:
+    """Kernels of the CUDA sources that are a lone cast (TVM names them cast<N>_kernel) of an intermediate tensor,
+    not of one of the function's parameters `param_names` (inputs, weights): TVM names a kernel's pointer
+    parameters after the relax variables passed to it, "." and other non-word characters made "_")."""
+    import re
+    from workbench.models.compiler import cuda_kernels
+    params = {re.sub(r"\W", "_", n) + "_ptr" for n in param_names}
+    out = []
+    for s in sources:
+        for name, body in cuda_kernels(s).items():
+            m = re.search(r"\b" + re.escape(name) + r"\(([^)]*)\)", body)
+            if re.fullmatch(r"cast\d*_kernel", name) and m and \
+                    not any(p.split()[-1] in params for p in m.group(1).split(",")):
+                out.append(name)
+    return sorted(out)
 
 
 def build_kernel_job(model: str, lowering: str, b: int, out: Path, force: bool, seen: set[str]) -> dict:
@@ -385,7 +428,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5, 6])
+    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5, 6, 7])
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -407,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         cands, jobs = round5(models)
     elif a.round == 6:
         cands, jobs = round6(models)
+    elif a.round == 7:
+        cands, jobs = round7(models)
     else:
         cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
     out = Path(a.out)

@@ -4,7 +4,8 @@ TVM 0.27's default CUDA pipeline schedules every fused kernel with dlight rules 
 GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - `ScheduleSpec`: what tuning chooses (JSON-able): a global override of the dlight Matmul config, the
   `SmallReduction` rule on/off with its block size, the `MmaMatmul` rule on/off, the `InjectiveVectorize` rule
-  on/off with its lanes, and per-kernel choices keyed by `kernel_key`;
+  on/off with its lanes, the dtype of activations between fp16 kernels, and per-kernel choices keyed by
+  `kernel_key`;
 - `MmaMatmul`: fp16 matmul-like kernels (what `ToMixedPrecision` gives: fp16 inputs, fp32 accumulation) on
   mma.sync tensor cores with ldmatrix and cp.async (`workbench.models.tensorcore`, a tile config per shape),
   ahead of dlight's Matmul rule, whose wmma path is 2-5x slower (bench/results/gemm_tensorcore.md). On by
@@ -24,6 +25,9 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - `relax_pipeline(target, spec, precision)`: the default CUDA pipeline with `ApplyTunedSchedule` in place of
   dlight's ApplyDefaultSchedule, optionally after `ToMixedPrecision` (fp16 inputs to matmul/conv, fp32
   accumulation and outputs: the analogue of torch's fp16 autocast);
+- `keep_fp16_activations` (ScheduleSpec.activations = "fp16", run by relax_pipeline): after ToMixedPrecision,
+  every activation rounded to fp16 where it is produced, so kernels hand each other fp16 instead of fp32
+  (accumulation stays fp32; the function's outputs keep their dtype);
 - `candidate_schedules(func, target, choices)`: one scheduled PrimFunc per choice, for measuring kernels alone.
 
 Tensor cores (fp16): dlight's Matmul rule tensorizes fp16 matmuls with M, N, K > 64 through wmma intrinsics.
@@ -46,6 +50,9 @@ MATMUL_FIELDS = ("block_size_x", "block_size_y", "vthread_x", "vthread_y", "micr
                  "micro_size_k", "vector_size", "unroll", "use_shared", "storage_align", "inner_x")
 DEFAULT_SMALL_REDUCTION_MAX = 64          # longest reduction SmallReduction takes (3x3 depthwise = 9, 5x5 = 25)
 PRECISIONS = ("fp32", "fp16")
+# dtype of the activations fp16 kernels hand each other (ScheduleSpec.activations): "fp32" as ToMixedPrecision
+# leaves them (matmul/conv results and their elementwise epilogues in fp32), "fp16" (keep_fp16_activations)
+ACTIVATIONS = ("fp32", "fp16")
 RULES = ("default", "matmul", "small_reduction", "mma", "injective")
 INJECTIVE_LANES = (2, 4, 8, 16)           # elements per thread the injective rule may be given
 INJECTIVE_THREADS = 256                   # threads per block of InjectiveVectorize
@@ -114,10 +121,17 @@ class ScheduleSpec:
     kernels: dict[str, dict] = field(default_factory=dict)   # kernel_key -> choice (check_choice)
     mma: bool = True                              # MmaMatmul first for fp16 kernels (False: dlight's wmma)
     injective: int | None = None                  # lanes per thread of InjectiveVectorize (None: rule off)
+    # "fp16": kernels pass each other fp16 activations (keep_fp16_activations, run by relax_pipeline; precision
+    # fp16 only). It lives here, not in tuning.Variant, because the spec is what reaches relax_pipeline: every
+    # tool that builds through a spec (compiler.lower, the candidate builder) gets it without more plumbing.
+    activations: str = "fp32"
 
     def __post_init__(self):
         if not isinstance(self.mma, bool):
             raise ScheduleError(f"schedule.mma must be true or false, got {self.mma!r}")
+        if not isinstance(self.activations, str) or self.activations not in ACTIVATIONS:
+            raise ScheduleError(f"schedule.activations must be one of {', '.join(ACTIVATIONS)} (the dtype kernels "
+                                f"pass each other at precision fp16), got {self.activations!r}")
         check_matmul_config(self.matmul, "schedule.matmul")
         if self.small_reduction is not None:
             check_choice({"rule": "small_reduction", "threads": self.small_reduction}, "schedule.small_reduction")
@@ -129,7 +143,7 @@ class ScheduleSpec:
     @property
     def is_default(self) -> bool:
         return (self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
-                and self.injective is None)
+                and self.injective is None and self.activations == "fp32")
 
     def to_json(self) -> dict:
         """Only what differs from the default: {} is TVM's dlight rules plus MmaMatmul (written before the rule
@@ -146,17 +160,21 @@ class ScheduleSpec:
             out["mma"] = False
         if self.injective is not None:
             out["injective"] = self.injective
+        if self.activations != "fp32":
+            out["activations"] = self.activations
         return out
 
     @classmethod
     def from_json(cls, d: dict | None) -> "ScheduleSpec":
         d = d or {}
-        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels", "mma", "injective"})
+        if not isinstance(d, dict):
+            raise ScheduleError(f"schedule must be an object, got {d!r}")
+        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels", "mma", "injective", "activations"})
         if bad:
             raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: matmul, small_reduction, "
-                                f"kernels, mma, injective")
+                                f"kernels, mma, injective, activations")
         return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True),
-                   d.get("injective"))
+                   d.get("injective"), d.get("activations", "fp32"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -546,20 +564,201 @@ def fusion_passes(target) -> list:
         relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
-def mixed_precision(mod, precision: str):
-    """fp16: matmul/conv inputs in fp16, fp32 accumulation and outputs (relax ToMixedPrecision)."""
+def mixed_precision(mod, precision: str, activations: str = "fp32"):
+    """fp16: matmul/conv inputs in fp16 with fp32 accumulation (relax ToMixedPrecision, out_dtype fp32: its
+    matmul/conv results are rounded to fp16 and widened again, and elementwise ops that read an fp32 weight,
+    e.g. every bias add, run in fp32 after them, so many kernels hand each other fp32). activations "fp16":
+    then `keep_fp16_activations`, so kernels hand each other fp16. (ToMixedPrecision(out_dtype="float16")
+    would not do that: it makes the matmuls accumulate in fp16, and the bias adds still widen to fp32.)"""
     if precision not in PRECISIONS:
         raise ScheduleError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if activations not in ACTIVATIONS:
+        raise ScheduleError(f"unknown activations {activations!r}; valid: {', '.join(ACTIVATIONS)}")
+    if activations == "fp16" and precision != "fp16":
+        raise ScheduleError(f"activations fp16 needs precision fp16, got precision {precision!r}")
     if precision == "fp16":
         from tvm import relax
         check_tensorize_support()
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        if activations == "fp16":
+            mod = keep_fp16_activations(mod)
     return mod
+
+
+# Ops that give on fp16 inputs what they give in fp32 rounded to fp16: exactly for data movement (e.g. the matmul
+# lowering's im2col) and max/min/relu/clip; for + - * of two fp16 values up to the last bit (one correct rounding
+# instead of fp32's then fp16's). keep_fp16_activations runs them on fp16 inputs, so the kernel boundary in front of
+# them carries fp16: a widening cast there would be fused by FuseOps into the producing kernel, storing fp32.
+FP16_SAFE_OPS = frozenset({
+    "relax.nn.relu", "relax.clip", "relax.maximum", "relax.minimum", "relax.nn.pad", "relax.strided_slice",
+    "relax.concat", "relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze", "relax.flatten",
+    "relax.broadcast_to", "relax.nn.max_pool2d", "relax.add", "relax.subtract", "relax.multiply"})
+
+
+def keep_fp16_activations(mod):
+    """Rewrite a module after ToMixedPrecision(out_dtype="float32") so that every fp32 activation (a value
+    computed from the function's inputs, not from weights alone) is rounded to fp16 where it is produced and
+    every reader sees the rounded value; fused kernels then store and load fp16 between each other.
+
+    - An op that reads an fp32 weight (bias add, layer norm, the embedding gather) or is not in FP16_SAFE_OPS
+      (softmax, gelu, tanh, average pool) still computes in fp32 from its inputs widened in registers, and its
+      result is rounded. torch's fp16 autocast rounds the same values, except that it keeps layer-norm and
+      softmax outputs in fp32.
+    - Ops in FP16_SAFE_OPS whose float inputs are all fp16 run in fp16.
+    - matmul/conv keep ToMixedPrecision's fp32 accumulation (their result was rounded to fp16 already), so the
+      mma rule (schedules.MmaMatmul) still takes them, with a longer elementwise epilogue.
+    - What a function returns is not rounded: the outputs keep their dtype (fp32), so an artifact's output spec
+      does not change. Nor are values that leave their dataflow block.
+
+    What still crosses kernels in fp32: the input of a reduction that needs fp32 (layer norm, softmax, average
+    pool), whose widening cast FuseOps fuses into the producing kernel, and the weights, which the artifact stores
+    in fp32 (one cast kernel per weight per run, as before). Idempotent. Relax functions without fp16 values are
+    left alone; raises ScheduleError if no function has any (ToMixedPrecision, i.e. precision fp16, first)."""
+    import tvm
+    from tvm import relax
+    funcs = {gv: f for gv, f in mod.functions_items()}
+    relax_funcs = [gv for gv, f in funcs.items() if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)]
+    mixed = [gv for gv in relax_funcs if any(_dtype(bd.var) == "float16" for blk in funcs[gv].body.blocks
+                                             for bd in blk.bindings)]
+    if relax_funcs and not mixed:
+        raise ScheduleError(f"fp16 activations: {', '.join(gv.name_hint for gv in relax_funcs)} compute(s) no fp16 "
+                            f"values; activations fp16 needs precision fp16 (ToMixedPrecision first)")
+    for gv in mixed:
+        funcs[gv] = _fp16_activations_func(funcs[gv], gv.name_hint)
+    return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+def keep_fp16_activations_pass():
+    """`keep_fp16_activations` as a module pass (relax_pipeline runs it when spec.activations is "fp16")."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="KeepFP16Activations")
+    def _pass(mod, _ctx):
+        return keep_fp16_activations(mod)
+
+    return _pass
+
+
+def _dtype(expr) -> str | None:
+    """The dtype of a tensor-typed relax expression (None for shapes, tuples, scalars)."""
+    from tvm import relax
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _fp16_activations_func(func, name: str):
+    import tvm
+    from tvm import relax
+    attrs = dict(func.attrs.items()) if func.attrs is not None else {}
+    n_in = int(attrs["num_input"]) if "num_input" in attrs else len(func.params)
+    acts = set(func.params[:n_in])     # old vars computed from the inputs (the rest of the params: weights)
+    half: dict = {}                    # old fp32 activation var -> new fp16 var holding its rounded value
+    new: dict = {}                     # old var -> new var (same dtype)
+    body = func.body
+    returned: set = set()              # old vars the function returns (directly or through aliases)
+
+    def collect(e):
+        if isinstance(e, relax.Var):
+            returned.add(e)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                collect(f)
+
+    collect(body.body)
+    for blk in reversed(list(body.blocks)):
+        for bd in reversed(list(blk.bindings)):
+            if bd.var in returned and isinstance(bd.value, (relax.Var, relax.Tuple)):
+                collect(bd.value)
+    bb = relax.BlockBuilder()
+
+    def remap(e):
+        """`e` with old vars replaced by new ones; a rounded fp32 activation is read through a fresh widening
+        cast of its fp16 value, one per reader (a cast shared by readers would fuse into the producer)."""
+        if isinstance(e, relax.Var):
+            return bb.emit(relax.op.astype(half[e], "float32")) if e in half else new.get(e, e)
+        if isinstance(e, relax.Tuple):
+            return relax.Tuple([remap(f) for f in e.fields])
+        if isinstance(e, relax.TupleGetItem):
+            return relax.TupleGetItem(remap(e.tuple_value), e.index)
+        if isinstance(e, relax.Call):
+            return relax.Call(e.op, [remap(a) for a in e.args], e.attrs, e.ty_args)
+        if isinstance(e, (relax.If, relax.SeqExpr, relax.Function)):
+            raise ScheduleError(f"fp16 activations: function {name}: cannot rewrite a nested {type(e).__name__}")
+        return e                       # constants, shapes, scalars, strings, functions by name
+
+    def as_fp16(e):
+        """`e` as an operand of an fp16 op, or None (an fp32 tensor without an fp16 twin, e.g. a weight)."""
+        if isinstance(e, relax.Tuple):
+            fs = [as_fp16(f) for f in e.fields]
+            return None if any(f is None for f in fs) else relax.Tuple(fs)
+        if isinstance(e, relax.Var) and e in half:
+            return half[e]
+        d = _dtype(e)
+        if d is None or d == "float16" or not d.startswith(("float", "bfloat")):
+            return new.get(e, e) if isinstance(e, relax.Var) else e
+        return None
+
+    def from_inputs(e) -> bool:
+        if isinstance(e, relax.Var):
+            return e in acts
+        if isinstance(e, relax.Tuple):
+            return any(from_inputs(f) for f in e.fields)
+        if isinstance(e, relax.TupleGetItem):
+            return from_inputs(e.tuple_value)
+        if isinstance(e, relax.Call):
+            return any(from_inputs(a) for a in e.args)
+        return False
+
+    with bb.function(name, list(func.params), attrs={k: v for k, v in attrs.items() if k != "global_symbol"},
+                     pure=bool(func.is_pure), private="global_symbol" not in attrs):
+        for blk in body.blocks:
+            dataflow = isinstance(blk, relax.DataflowBlock)
+            scope = bb.dataflow() if dataflow else None
+            if scope is not None:
+                scope.__enter__()
+            for bd in blk.bindings:
+                v, val = bd.var, bd.value
+                vname = v.name
+                if not isinstance(bd, relax.VarBinding):
+                    raise ScheduleError(f"fp16 activations: function {name}: binding {vname} is a "
+                                        f"{type(bd).__name__}, which this rewrite does not handle")
+                leaves = dataflow and not isinstance(v, relax.DataflowVar)
+                emit = bb.emit_output if leaves else bb.emit
+                if from_inputs(val):
+                    acts.add(v)
+                dt = _dtype(v)
+                op = val.op.name if isinstance(val, relax.Call) and isinstance(val.op, tvm.ir.Op) else None
+                if v not in acts or op is None or v in returned or leaves or dt not in ("float32", "float16"):
+                    new[v] = emit(remap(val), vname)
+                    continue
+                if op == "relax.astype":
+                    src = val.args[0]
+                    if dt == "float16" and src in half:          # rounding a value rounded already
+                        new[v] = half[src]
+                        continue
+                    if dt == "float32" and _dtype(src) == "float16":
+                        half[v] = new.get(src, src)              # widened where it is read (remap)
+                        continue
+                if dt == "float32" and op in FP16_SAFE_OPS:
+                    args = [as_fp16(a) for a in val.args]
+                    if all(a is not None for a in args):
+                        half[v] = bb.emit(relax.Call(val.op, args, val.attrs, val.ty_args), vname)
+                        continue
+                r = emit(remap(val), vname)
+                if dt == "float32":
+                    half[v] = bb.emit(relax.op.astype(r, "float16"))
+                else:
+                    new[v] = r
+            if scope is not None:
+                scope.__exit__(None, None, None)
+        bb.emit_func_output(remap(body.body))
+    return bb.get()[name]
 
 
 def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | None = None,
                    rules_used: dict | None = None):
-    """The default relax CUDA pipeline (relax.backend.cuda.get_default_pipeline) scheduling with `spec`."""
+    """The default relax CUDA pipeline (relax.backend.cuda.get_default_pipeline) scheduling with `spec`; with
+    spec.activations "fp16", `keep_fp16_activations` first (on a module after mixed_precision(.., "fp16"))."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
     spec = spec or ScheduleSpec()
@@ -568,17 +767,18 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                fusion_passes(target) + [apply_tuned_schedule(spec, applied, rules_used)]
+                ([keep_fp16_activations_pass()] if spec.activations == "fp16" else [])
+                + fusion_passes(target) + [apply_tuned_schedule(spec, applied, rules_used)]
                 + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return seq(mod)
 
     return _pipeline
 
 
-def fuse(mod, target, precision: str = "fp32"):
+def fuse(mod, target, precision: str = "fp32", activations: str = "fp32"):
     """The relax module after fusion (kernels unscheduled), as the pipeline sees it before scheduling."""
     import tvm
-    mod = mixed_precision(mod, precision)
+    mod = mixed_precision(mod, precision, activations)
     with target:
         return tvm.transform.Sequential(fusion_passes(target))(mod)
 

@@ -4,10 +4,11 @@
 A *variant* is everything the compiler may choose without changing what the model computes (beyond
 floating-point rounding within the precision's tolerance): the conv lowering of a zoo model (which fixes the
 weights' layout), the precision, the kernel schedules (`schedules.ScheduleSpec`: dlight Matmul config, the
-small-reduction rule, per-kernel choices) and relax's CUDA-graph rewrite. Beware the last: the rewrite
-captures kernels that read weights and TVM replays the capture with the addresses of its first call, so a
-worker that moves weights between cache pages would compute with stale weights; `bench.kernel_quality pick`
-records a CUDA-graph variant only if it was measured correct with every weight moved (none so far).
+small-reduction rule, per-kernel choices, and at fp16 whether kernels pass each other fp16 activations) and
+relax's CUDA-graph rewrite. Beware the last: the rewrite captures kernels that read weights and TVM replays the
+capture with the addresses of its first call, so a worker that moves weights between cache pages would compute
+with stale weights; `bench.kernel_quality pick` records a CUDA-graph variant only if it was measured correct with
+every weight moved (none so far).
 
 Files: `data/tuning/<target>-<arch>/<model>.json` (e.g. data/tuning/cuda-sm_90/resnet50.json), or the directory
 in $WORKBENCH_TUNING_DB. One file per base zoo model (`resnet50`, not `resnet50-matmul`):
@@ -19,6 +20,8 @@ in $WORKBENCH_TUNING_DB. One file per base zoo model (`resnet50`, not `resnet50-
                 "batches": {"1": ENTRY, "16": ENTRY}, ...}}}
     ENTRY = {"variant": {"lowering": "matmul", "precision": "fp32", "cuda_graph": false,
                          "schedule": {"matmul": {...}, "small_reduction": 256, "kernels": {KEY: CHOICE}}},
+             # fp16 entries may add e.g. "injective": 8, "mma": false, "activations": "fp16" to the schedule
+             # (ScheduleSpec writes a key only when it differs from its default: older entries read unchanged)
              "measured": {"p50_ms": 3.1, "p99_ms": 3.2, "n": 200},       # exec on the GPU, CUDA events
              "baseline": {"p50_ms": 4.9, "p99_ms": 5.0},                 # TVM default pipeline, same run
              "torch": {"fp32_graph": {"p50_ms": 2.2, ...}, ...},          # torch on the same GPU, same run
@@ -69,6 +72,9 @@ class Variant:
             raise ScheduleError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if not isinstance(self.cuda_graph, bool):
             raise ScheduleError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
+        if self.schedule.activations != "fp32" and self.precision != "fp16":
+            raise ScheduleError(f"schedule.activations {self.schedule.activations!r} needs precision fp16 (fp32 "
+                                f"models compute and pass fp32 throughout), got precision {self.precision!r}")
 
     @property
     def is_default(self) -> bool:
@@ -97,6 +103,8 @@ class Variant:
             parts.append(f"small_reduction={s.small_reduction}")
         if s.injective:
             parts.append(f"injective={s.injective}")
+        if s.activations != "fp32":
+            parts.append(f"activations={s.activations}")
         if s.kernels:
             parts.append(f"{len(s.kernels)} tuned kernels")
         if self.cuda_graph:
