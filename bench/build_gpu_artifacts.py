@@ -5,7 +5,9 @@
 
 Writes <out>/<model>_cuda for every model, plus <out>/mlp_cpu and <out>/tiny_transformer_cpu (the GPU tests
 compare CUDA with CPU outputs) and <out>/mlp_fp16_cuda, <out>/tiny_transformer_fp16_cuda (precision fp16: the
-tensor-core kernels of schedules.MmaMatmul, checked against the same references), then one bundle <bundle> to
+tensor-core kernels of schedules.MmaMatmul, checked against the same references) and <out>/mlp_fp16w_cuda,
+<out>/tiny_transformer_fp16w_cuda (precision fp16 as the tuned zoo models run it: fp16 activations between
+kernels, vectorized injective kernels, and weights stored in fp16, FP16W_VARIANT), then one bundle <bundle> to
 carry to the GPU machine.
 
 Why a bundle, and why synthetic weights: the device tool carries at most 64 MiB of ignored files in all (the
@@ -25,6 +27,7 @@ database instead (a zoo model may then switch to its conv lowering, e.g. resnet5
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -32,17 +35,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_WEIGHTS = ("mlp", "tiny_transformer")       # small: keep the zoo's weights (checked against references)
 CPU_TOO = ("mlp", "tiny_transformer")
 FP16_TOO = ("mlp", "tiny_transformer")              # also compiled at precision fp16 (tensor cores)
+# ... and as <model>_fp16w_<target>: this variant (tuning.Variant JSON), what the tuning database's fp16 winners
+# look like: fp16 activations (schedules.keep_fp16_activations) and fp16 weights (schedules.keep_fp16_weights)
+FP16W_VARIANT = {"lowering": "direct", "precision": "fp16", "cuda_graph": False,
+                 "schedule": {"injective": 8, "activations": "fp16"}, "weights": "fp16"}
+KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w"}     # artifact kind -> directory suffix
 
 
 def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool,
-          tuning: str | None = None, precision: str = "fp32"):
-    """Compile <out>/<model>[_fp16]_<target> (untuned unless `tuning` is "auto" or a database directory), or
-    keep an existing artifact built the same way (a tuned artifact is always rebuilt: the database may have
-    changed)."""
+          tuning: str | None = None, precision: str = "fp32", kind: str | None = None):
+    """Compile <out>/<model>[_fp16|_fp16w]_<target> (untuned unless `tuning` is "auto" or a database directory),
+    or keep an existing artifact built the same way (a tuned artifact is always rebuilt: the database may have
+    changed). kind: "fp32", "fp16" or "fp16w" (FP16W_VARIANT); None: from `precision`."""
     from workbench.models import zoo
     from workbench.models.artifact import Artifact, ArtifactError
     from workbench.models.compiler import compile_model
-    d = out / f"{model}{'_fp16' if precision == 'fp16' else ''}_{target}"
+    from workbench.models.tuning import Variant
+    kind = kind or precision
+    if kind not in KINDS:
+        raise ValueError(f"artifact kind {kind!r}: use one of {', '.join(KINDS)}")
+    variant = Variant.from_json(FP16W_VARIANT) if kind == "fp16w" else None
+    precision = "fp32" if kind == "fp32" else "fp16"
+    d = out / f"{model}{KINDS[kind]}_{target}"
     weights = "source" if model in SOURCE_WEIGHTS else "synthetic"
     if not force and tuning is None and (d / "manifest.json").is_file():
         try:
@@ -50,14 +64,16 @@ def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str,
             m = art.manifest
             if (list(art.batch_sizes) == sorted(batch_sizes) and (m["arch"] == arch or target == "cpu")
                     and (m["weights"]["generator"] is None) == (weights == "source")
-                    and m.get("tuning") is None and m["name"] == model
-                    and all(art.precision(b) == precision for b in art.batch_sizes)):
+                    and m["name"] == model and all(art.precision(b) == precision for b in art.batch_sizes)
+                    and (m.get("tuning") is None if variant is None else
+                         (m.get("tuning") or {}).get("variant") == variant.to_json())):
                 return art, 0.0
         except ArtifactError:
             pass
     t0 = time.perf_counter()
     art = compile_model(zoo.get(model, seed=seed), d, batch_sizes=batch_sizes, target=target, arch=arch,
-                        weights=weights, seed=seed, overwrite=True, tuning=tuning, precision=precision)
+                        weights=weights, seed=seed, overwrite=True, tuning=tuning,
+                        precision=precision, variant=variant)
     return art, time.perf_counter() - t0
 
 
@@ -87,15 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, "cuda", "fp32") for m in models] + [(m, "cpu", "fp32") for m in models if m in CPU_TOO]
-    jobs += [(m, "cuda", "fp16") for m in models if m in FP16_TOO and tuning is None]
+    jobs += [(m, "cuda", kind) for kind in ("fp16", "fp16w") for m in models if m in FP16_TOO and tuning is None]
     dirs = []
-    for model, target, precision in jobs:
+    for model, target, kind in jobs:
         art, secs = build(model, target, out, batch_sizes, a.arch, a.seed, a.force,
-                          tuning if target == "cuda" else None, precision)
+                          tuning if target == "cuda" else None, kind=kind)
         size = sum(f.stat().st_size for f in art.path.iterdir())
         tuned = art.manifest.get("tuning")
         print(f"{art.path}: {'up to date' if secs == 0 else f'compiled in {secs:.0f} s'}, {size / 1e6:.1f} MB"
-              + (f", tuned ({art.manifest['name']}, from {tuned['database']})" if tuned else ""), flush=True)
+              + (f", tuned ({art.manifest['name']}, from {tuned['database']})" if tuned and tuned.get("database")
+                 else f", variant {json.dumps(tuned['variant'])}" if tuned else ""), flush=True)
         dirs.append(art.path)
     bundle = pack_bundle(dirs, bundle_path)
     print(f"wrote {bundle} ({bundle.stat().st_size / 1e6:.1f} MB): carry it with the device tool, e.g. "

@@ -12,11 +12,19 @@ CNN lowering, b1 and b16, whole models only:
 4 = the ResNets (matmul lowering) with SmallReduction 256, fp32 and fp16; 5 = round 4's fp16 pick plus the
 injective rule (schedules.InjectiveVectorize: vectorized im2col/cast kernels); 6 = the injective rule on
 BERT's and MobileNetV2's fp16 picks; 7 = the fp16 picks of rounds 5/6 with fp16 activations between kernels
-(schedules.keep_fp16_activations), all four models:
+(schedules.keep_fp16_activations), all four models; 8 = the fp16 winners in data/tuning after round 7 with fp16
+weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast kernels, half the weight bytes):
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 7 --out .gpu/kq7 --bundle .gpu/kq7.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 8 --out .gpu/kq8 --bundle .gpu/kq8.tar.xz --no-kernels
+
+Every candidate records its weights (dtypes, bytes, and the source's fp32 bytes) and `weight_cast_kernels`:
+calls of kernels that read only weights (ToMixedPrecision's fp32->fp16 weight casts, redone every inference),
+in the candidate and in the same variant with fp32 weights (counted after fusion). An fp16-weights candidate
+takes its weights in fp16: bench.kernel_quality must give each candidate the seeded weights in its signature's
+dtypes (weight_dtypes/as_dtypes there).
 
 Two kinds of candidates, all for {"kind": "cuda", "arch": "sm_90"}:
 - whole models: a zoo model at one batch size compiled with one `tuning.Variant` (conv lowering, precision,
@@ -91,7 +99,8 @@ class ModelCandidate:
 
 
 def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, sr: int | None = None,
-             cuda_graph: bool = False, mma: bool = True, inj: int | None = None, act16: bool = False) -> dict:
+             cuda_graph: bool = False, mma: bool = True, inj: int | None = None, act16: bool = False,
+             w16: bool = False) -> dict:
     sched: dict = {}
     if not mma:
         sched["mma"] = False                  # schedules.ScheduleSpec: dlight's wmma for fp16 matmuls
@@ -103,7 +112,10 @@ def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, 
         sched["injective"] = inj              # schedules.InjectiveVectorize, `inj` elements per thread
     if act16:
         sched["activations"] = "fp16"         # schedules.keep_fp16_activations: kernels pass each other fp16
-    return {"lowering": lowering, "precision": precision, "cuda_graph": cuda_graph, "schedule": sched}
+    out = {"lowering": lowering, "precision": precision, "cuda_graph": cuda_graph, "schedule": sched}
+    if w16:
+        out["weights"] = "fp16"               # tuning.Variant.weights: the artifact stores weights in fp16
+    return out
 
 
 def round1(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -215,6 +227,25 @@ def round7(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
     return [c for c in cands if c.model in keep], []
 
 
+def round8(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The fp16 winners in data/tuning after round 7 (kernel_quality pick over rounds 1, 3-7) with fp16 weights
+    (label suffix `-w16`): ToMixedPrecision casts every matmul/conv weight from the artifact's fp32 to fp16 in a
+    kernel of its own on every run (ResNet-50 54 of its 130 kernel calls at b16, BERT-base 73 of 257)
+    and the bias adds read fp32. ResNet-50 and ResNet-18 (conv lowered to matmul, SmallReduction 256,
+    InjectiveVectorize 8, mma, fp16 activations), BERT-base (direct, InjectiveVectorize 8, mma, fp16 activations),
+    b1 and b16; MobileNetV2's two winners (matmul, SmallReduction 256, mma; b1 with InjectiveVectorize 8)."""
+    cands = [ModelCandidate(model, b, "fp16-sr256-inj8-mma-act16-w16",
+                            _variant("matmul", "fp16", sr=256, inj=8, act16=True, w16=True))
+             for model in ("resnet50", "resnet18") for b in (1, 16)]
+    cands += [ModelCandidate("bert_base", b, "fp16-inj8-mma-act16-w16",
+                             _variant("direct", "fp16", inj=8, act16=True, w16=True)) for b in (1, 16)]
+    cands.append(ModelCandidate("mobilenet_v2", 1, "fp16-sr256-inj8-mma-w16",
+                                _variant("matmul", "fp16", sr=256, inj=8, w16=True)))
+    cands.append(ModelCandidate("mobilenet_v2", 16, "fp16-sr256-mma-w16", _variant("matmul", "fp16", sr=256, w16=True)))
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """Whole models composed from the round-1 kernel winners (bench/results/kernel_quality.json from `pick`):
     per (model, lowering, batch) measured by the kernel search, the per-kernel choices on top of (a) TVM's
@@ -292,9 +323,53 @@ def build_model(c: ModelCandidate, out: Path, force: bool) -> dict | None:
             # kernels that only cast an intermediate (not an input or weight): what fp16 activations remove
             "activation_cast_kernels": activation_casts(sources, [p.name for p in func.params]),
             "signature": _sig(low[fname]), "num_inputs": len(src.inputs), "compile_s": round(secs, 2),
-            "so_bytes": so.stat().st_size}
+            "so_bytes": so.stat().st_size,
+            "weights": weights_record(src, low[fname], v, c.batch, tgt)}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def weight_only_calls(func, num_inputs: int) -> int:
+    """Calls, in a relax function after fusion (call_tir) or lowered (a PrimFunc called with its output last), of
+    kernels whose every tensor input is a weight (a parameter after the inputs): work on weights alone, redone
+    every inference (ToMixedPrecision's fp32->fp16 weight casts)."""
+    from tvm import relax
+    weights = set(list(func.params)[num_inputs:])
+    n = 0
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            v = binding.value
+            if not isinstance(v, relax.Call):
+                continue
+            if getattr(v.op, "name", None) == "relax.call_tir":
+                ins = list(v.args[1].fields) if isinstance(v.args[1], relax.Tuple) else [v.args[1]]
+            elif isinstance(v.op, relax.GlobalVar):
+                ins = list(v.args[:-1])
+            else:
+                continue
+            ins = [a for a in ins if isinstance(a, relax.Var)]
+            n += bool(ins) and all(a in weights for a in ins)
+    return n
+
+
+def weights_record(src, lowered_main, v, batch: int, tgt) -> dict:
+    """The candidate's weights: dtypes, bytes (and the source's), and weight-only kernel calls in the lowered
+    model, after fusion, and after fusion of the same variant with fp32 weights (the `before` of fp16 weights)."""
+    from workbench.models import schedules
+    from workbench.models.compiler import _tensor_sig, _ty
+    n_in = len(src.inputs)
+    sigs = [_tensor_sig(_ty(p)) for p in list(lowered_main.params)[n_in:]]
+    nbytes = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for s, d in sigs)
+    source_bytes = sum(int(a.nbytes) for _, a in src.weights())
+    dtypes: dict[str, int] = {}
+    for _, d in sigs:
+        dtypes[d] = dtypes.get(d, 0) + 1
+    mod = src.make_module(batch)
+    fused = {w: weight_only_calls(schedules.fuse(mod, tgt, v.precision, v.schedule.activations, w)["main"], n_in)
+             for w in sorted({v.weights, "fp32"})} if v.precision == "fp16" else {}
+    return {"setting": v.weights, "dtypes": dtypes, "bytes": int(nbytes), "source_bytes": int(source_bytes),
+            "weight_cast_kernels": {"lowered": weight_only_calls(lowered_main, n_in),
+                                    "fused": fused.get(v.weights), "fused_fp32_weights": fused.get("fp32")}}
 
 
 def activation_casts(sources: list[str], param_names: list[str]) -> list[str]:
@@ -428,7 +503,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5, 6, 7])
+    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5, 6, 7, 8])
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -452,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         cands, jobs = round6(models)
     elif a.round == 7:
         cands, jobs = round7(models)
+    elif a.round == 8:
+        cands, jobs = round8(models)
     else:
         cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
     out = Path(a.out)
@@ -478,8 +555,13 @@ def main(argv: list[str] | None = None) -> int:
             meta = build_model(c, out, a.force)
             if meta is not None:
                 built.append(meta)
+                w = meta.get("weights") or {}
+                wc = w.get("weight_cast_kernels") or {}
                 print(f"[{i + 1}/{len(cands)}] {c.id}: {meta['kernels']} kernels, compile {meta['compile_s']} s "
-                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                      f"({time.perf_counter() - t0:.1f} s)"
+                      + (f"; weights {w['bytes'] / 1e6:.1f} MB (source {w['source_bytes'] / 1e6:.1f} MB), "
+                         f"weight-cast kernel calls {wc.get('fused_fp32_weights')} with fp32 weights -> "
+                         f"{wc.get('lowered')}" if w else ""), flush=True)
     kjobs = []
     if not a.no_kernels:
         seen: set[str] = set()

@@ -6,14 +6,23 @@ HERE (CPU, full TVM; fp16 needs the tvm-ffi of schedules.check_tensorize_support
     PYTHONPATH=.gpu/tvm-ffi-0.1.14 python -m bench.kernel_breakdown build \\
         --models resnet50:matmul:16:fp16,resnet50:matmul:1:fp16,bert_base:direct:16:fp16 --out .gpu/kbd
 
-compiles each model variant (model:lowering:batch:precision, `tuning.Variant(lowering, precision)` with the
-default schedule settings) exactly as `workbench compile` does (compiler.lower + build_relax) into
+compiles each model variant exactly as `workbench compile` does (compiler.lower + build_relax) into
 <out>/<id>.so and records in <out>/manifest.json, per kernel (PrimFunc the VM calls): the rule that scheduled
 it (compiler.lower's rules_used: mma, dlight_matmul, gemv, reduction, small_reduction, injective,
 general_reduction, fallback; or a per-kernel choice of the spec), its buffer shapes, FLOPs (2 x the iteration
 space of its reduction blocks) and bytes (all its buffers once), the device kernels it launches, whether they
 use mma.sync/wmma, how many times the model calls it, and whether every call reads only weights (work that
-could be done once at load).
+could be done once at load). Which variants:
+- `--models model:lowering:batch:precision,...`: `tuning.Variant(lowering, precision)` with the default
+  schedule settings (id e.g. resnet50-matmul_b16_fp16);
+- `--models model:batch:tuned:precision,...` (e.g. resnet50:16:tuned:fp16): the tuning database's variant for
+  that batch, what `workbench compile --precision fp16` gives (--tuning-db DIR; default data/tuning or
+  $WORKBENCH_TUNING_DB; id e.g. resnet50-matmul_b16_fp16-tuned);
+- `--variants FILE [--ids ID,...]`: variants from a JSON file: bench.build_kernel_candidates' manifest.json
+  (its candidates, ids as there: e.g. the round-8 ones) or a list of {"model", "batch", "variant"[, "label"]}:
+
+    PYTHONPATH=.gpu/tvm-ffi-0.1.14 python -m bench.kernel_breakdown build --variants .gpu/kq8/manifest.json \\
+        --ids resnet50-matmul_b16_fp16-sr256-inj8-mma-act16-w16 --out .gpu/kbd8
 
 ON THE GPU (runtime-only TVM, cupy; carry=['.device-site', '.gpu/kbd']):
 
@@ -57,30 +66,89 @@ WEIGHT_SCALE = 0.05                 # synthetic weights ~ N(0, 0.05^2): keeps de
 
 @dataclass(frozen=True)
 class Spec:
-    """One model variant to break down: zoo model, conv lowering, batch size, precision."""
+    """One model variant to break down: zoo model, conv lowering, batch size, precision, and the whole
+    tuning.Variant JSON when it is not the default schedule of (lowering, precision) (label: the id's suffix)."""
     model: str
     lowering: str
     batch: int
     precision: str
+    variant: dict | None = None
+    label: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Spec":
+    def parse(cls, text: str, tuning_db: str | None = None) -> "Spec":
         parts = text.strip().split(":")
+        tuned = len(parts) == 4 and parts[2] == "tuned"
         if len(parts) != 4:
             raise SystemExit(f"--models entry {text!r}: use model:lowering:batch:precision, e.g. "
-                             f"resnet50:matmul:16:fp16")
-        model, lowering, b, precision = parts
+                             f"resnet50:matmul:16:fp16, or model:batch:tuned:precision, e.g. resnet50:16:tuned:fp16")
+        model, lowering, b, precision = (parts[0], None, parts[1], parts[3]) if tuned else parts
         try:
             batch = int(b)
         except ValueError:
             raise SystemExit(f"--models entry {text!r}: batch {b!r} is not an integer") from None
         if batch < 1:
             raise SystemExit(f"--models entry {text!r}: batch must be >= 1")
-        return cls(model, lowering, batch, precision)
+        if not tuned:
+            return cls(model, lowering, batch, precision)
+        from workbench.models import tuning
+        try:
+            plan = tuning.plan(model, "cuda", ARCH, [batch], precision, directory=tuning_db)
+        except (tuning.TuningError, ValueError) as e:
+            raise SystemExit(f"--models entry {text!r}: {e}") from None
+        if plan is None:
+            raise SystemExit(f"--models entry {text!r}: the tuning database {tuning.db_dir(tuning_db)} has no "
+                             f"{precision} entry for {model} on cuda-{ARCH}: use model:lowering:batch:precision")
+        v = plan.variants[batch]
+        return cls(model, v.lowering, batch, v.precision, v.to_json(), f"{precision}-tuned")
+
+    @classmethod
+    def from_variant(cls, model: str, batch: int, variant: dict, label: str | None, where: str) -> "Spec":
+        """A spec for a tuning.Variant JSON (validated here, so a bad file fails before any compile)."""
+        from workbench.models.tuning import Variant
+        try:
+            v = Variant.from_json(variant)
+        except ValueError as e:
+            raise SystemExit(f"{where}: {e}") from None
+        if not isinstance(batch, int) or batch < 1:
+            raise SystemExit(f"{where}: batch must be a positive integer, got {batch!r}")
+        return cls(str(model), v.lowering, batch, v.precision, v.to_json(), label or "variant")
 
     @property
     def id(self) -> str:
-        return f"{self.model}{'-matmul' if self.lowering == 'matmul' else ''}_b{self.batch}_{self.precision}"
+        return (f"{self.model}{'-matmul' if self.lowering == 'matmul' else ''}_b{self.batch}_"
+                f"{self.label or self.precision}")
+
+    def tuning_variant(self):
+        from workbench.models.tuning import Variant
+        return Variant.from_json(self.variant) if self.variant is not None else \
+            Variant(lowering=self.lowering, precision=self.precision)
+
+
+def read_variants(path: str, ids: list[str] | None = None) -> list[Spec]:
+    """Specs from a JSON file: bench.build_kernel_candidates' manifest.json (its "candidates") or a list of
+    {"model", "batch", "variant"[, "label"]}; only those whose id is in `ids` if given (each must exist)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--variants {path}: cannot read it as JSON ({e})") from None
+    entries = doc.get("candidates") if isinstance(doc, dict) else doc
+    if not isinstance(entries, list):
+        raise SystemExit(f"--variants {path}: expected a list of {{model, batch, variant}} or a candidates "
+                         f"manifest (bench.build_kernel_candidates), got {type(doc).__name__}")
+    specs = []
+    for i, e in enumerate(entries):
+        where = f"--variants {path} entry {i}"
+        if not isinstance(e, dict) or not {"model", "batch", "variant"} <= set(e):
+            raise SystemExit(f"{where}: needs model, batch and variant")
+        specs.append(Spec.from_variant(e["model"], e["batch"], e["variant"], e.get("label"), where))
+    if ids:
+        by_id = {s.id: s for s in specs}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise SystemExit(f"--ids: {', '.join(missing)} not in {path} (it has {', '.join(sorted(by_id))})")
+        specs = [by_id[i] for i in ids]
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,8 +230,7 @@ def build_one(spec: Spec, out: Path, force: bool = False) -> dict:
     from workbench.models import schedules, zoo
     from workbench.models.compiler import (_tensor_sig, _ty, build_relax, cuda_sources, lower, main_function,
                                            make_target)
-    from workbench.models.tuning import Variant
-    variant = Variant(lowering=spec.lowering, precision=spec.precision)
+    variant = spec.tuning_variant()
     tgt = make_target("cuda", ARCH)
     src = zoo.get(spec.model, seed=0, conv=spec.lowering if spec.lowering != "direct" else None)
     t0 = time.perf_counter()
@@ -179,7 +246,8 @@ def build_one(spec: Spec, out: Path, force: bool = False) -> dict:
     compile_s = time.perf_counter() - t0
     sources = cuda_sources(ex)
     # the unscheduled kernels (the same fusion passes the pipeline ran) give each name its kernel_key
-    fused = schedules.fuse(src.make_module(spec.batch), tgt, spec.precision)
+    fused = schedules.fuse(src.make_module(spec.batch), tgt, variant.precision, variant.schedule.activations,
+                           variant.weights)
     unscheduled = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
     prims = {gv.name_hint: f for gv, f in low.functions_items() if isinstance(f, tirx.PrimFunc)}
     main = low[fname]
@@ -565,7 +633,15 @@ def cmd_run(a) -> int:
 
 
 def cmd_build(a) -> int:
-    specs = [Spec.parse(s) for s in a.models.split(",") if s.strip()]
+    models = a.models if a.models is not None else ("" if a.variants else DEFAULT_MODELS)
+    specs = [Spec.parse(s, a.tuning_db) for s in models.split(",") if s.strip()]
+    if a.variants:
+        specs += read_variants(a.variants, [i for i in (a.ids or "").split(",") if i] or None)
+    elif a.ids:
+        raise SystemExit("--ids selects entries of --variants FILE: give the file")
+    dup = sorted({s.id for s in specs if [t.id for t in specs].count(s.id) > 1})
+    if dup:
+        raise SystemExit(f"the same variant id twice: {', '.join(dup)}")
     out = Path(a.out)
     t0 = time.perf_counter()
     build(specs, out, a.force)
@@ -580,7 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernel_breakdown", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile the model variants and their kernel manifest (CPU, full TVM)")
-    b.add_argument("--models", default=DEFAULT_MODELS, help="model:lowering:batch:precision,...")
+    b.add_argument("--models", default=None, help="model:lowering:batch:precision or model:batch:tuned:precision, "
+                   f"comma-separated (default {DEFAULT_MODELS}, unless --variants)")
+    b.add_argument("--tuning-db", default=None, help="tuning database directory for the 'tuned' entries")
+    b.add_argument("--variants", default=None, help="JSON file of variants: build_kernel_candidates' manifest.json "
+                   "or a list of {model, batch, variant}")
+    b.add_argument("--ids", default=None, help="with --variants: only these ids (comma-separated)")
     b.add_argument("--out", default=str(ROOT / ".gpu" / "kbd"))
     b.add_argument("--force", action="store_true", help="rebuild variants already built")
     b.set_defaults(func=cmd_build)

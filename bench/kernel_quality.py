@@ -133,6 +133,20 @@ def lowered_weights(meta: dict, canonical: dict[str, np.ndarray], lowering: str)
     return [zoo.lowered_weight(w, shapes[n]) for n, w in canonical.items()]
 
 
+def weight_dtypes(c: dict) -> tuple[str, ...]:
+    """The dtypes candidate `c`'s compiled function takes its weights in (its signature after the inputs):
+    float16 for a variant with weights "fp16" (schedules.keep_fp16_weights), else the source's float32."""
+    return tuple(d for _, d in c["signature"][c["num_inputs"]:])
+
+
+def as_dtypes(weights: list[np.ndarray], dtypes: tuple[str, ...]) -> list[np.ndarray]:
+    """The seeded (fp32) weights in the dtypes a candidate takes (rounded to fp16 as compile_model stores them;
+    the reference stays the fp32 model's)."""
+    if len(weights) != len(dtypes):
+        raise ValueError(f"{len(weights)} weights for a signature of {len(dtypes)}")
+    return [w if str(w.dtype) == d else w.astype(d) for w, d in zip(weights, dtypes)]
+
+
 def numerics(y: np.ndarray, ref: np.ndarray, precision: str) -> dict:
     scale = float(np.abs(ref).max()) or 1.0
     err = float(np.abs(y.astype(np.float64) - ref).max()) if y.shape == ref.shape else float("inf")
@@ -687,11 +701,12 @@ def cmd_run(a) -> int:
             lw = c["variant"]["lowering"]
             try:
                 cg = bool(c["variant"].get("cuda_graph"))
-                if lw not in gpu_w:
-                    gpu_w[lw] = (*to_tvm(lowered_weights(meta, canon, lw)), None)
-                if cg and gpu_w[lw][2] is None:          # copies at other addresses, for the moved-weights check
-                    gpu_w[lw] = (gpu_w[lw][0], gpu_w[lw][1], to_tvm([cupy.asnumpy(g) for g in gpu_w[lw][0]]))
-                g, wt, copies = gpu_w[lw]
+                wk = (lw, weight_dtypes(c))              # fp16-weights candidates take their weights in fp16
+                if wk not in gpu_w:
+                    gpu_w[wk] = (*to_tvm(as_dtypes(lowered_weights(meta, canon, lw), wk[1])), None)
+                if cg and gpu_w[wk][2] is None:          # copies at other addresses, for the moved-weights check
+                    gpu_w[wk] = (gpu_w[wk][0], gpu_w[wk][1], to_tvm([cupy.asnumpy(g) for g in gpu_w[wk][0]]))
+                g, wt, copies = gpu_w[wk]
                 per = max(0.4, min(a.candidate_s, left / (n_left + 1)))
                 # no outside capture of a relax CUDA-graph candidate: its own capture cannot nest in ours (round
                 # 1: cudaErrorStreamCaptureInvalidated, and the next torch call failed 'stream is capturing')
@@ -767,6 +782,11 @@ def cmd_check(a) -> int:
                 want = [tuple(s) for s, _ in c["signature"][c["num_inputs"]:]]
                 if [w.shape for w in ws] != want:
                     print(f"  {c['id']}: weight shapes differ from the compiled signature")
+                    ok = False
+                elif any(str(w.dtype) != d and (str(w.dtype), d) != ("float32", "float16")
+                         for w, d in zip(ws, weight_dtypes(c))):
+                    print(f"  {c['id']}: weight dtypes {sorted(set(weight_dtypes(c)))} cannot be given from the "
+                          f"seeded {sorted({str(w.dtype) for w in ws})} ones")
                     ok = False
                 x_shape = tuple(c["signature"][0][0])
                 if x_shape != (c["batch"], *refs["x"].shape[1:]):

@@ -72,7 +72,8 @@ def make_target(target: str, arch: str | None = None):
 def lower(mod, tgt, variant=None, applied: dict | None = None, rules_used: dict | None = None):
     """Run the Relax pipeline tvm.compile would run (the CUDA one schedules kernels with dlight).
 
-    variant (tuning.Variant, GPU targets): precision (fp16: ToMixedPrecision first), kernel schedules
+    variant (tuning.Variant, GPU targets): precision (fp16: ToMixedPrecision first; weights "fp16":
+    schedules.keep_fp16_weights after it, so the function takes fp16 weights), kernel schedules
     (schedules.relax_pipeline) and relax's CUDA-graph rewrite; None or the default variant runs TVM's default
     pipeline unchanged. `applied` collects kernel name -> per-kernel choice used, `rules_used` kernel name ->
     the rule that scheduled it (both only when the variant's pipeline runs). Build the result with
@@ -85,7 +86,7 @@ def lower(mod, tgt, variant=None, applied: dict | None = None, rules_used: dict 
         with tgt:
             return pipeline(mod)
     from workbench.models import schedules
-    mod = schedules.mixed_precision(mod, variant.precision)
+    mod = schedules.mixed_precision(mod, variant.precision, weights=variant.weights)
     pipeline = schedules.relax_pipeline(tgt, variant.schedule, applied, rules_used)
     with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": bool(variant.cuda_graph)}):
         with tgt:
@@ -375,6 +376,9 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
     beside out_dir and renamed into place, so a failed compile leaves nothing behind.
     tuning / precision / variant: how kernels are chosen (see `resolve_tuning`); the manifest's "tuning"
     records what was applied (None: TVM's default pipeline).
+    Weights are written in the dtypes the compiled function takes them in: the source's, or float16 where the
+    variant says weights "fp16" (schedules.keep_fp16_weights: manifest tensors[].dtype "float16", half the
+    bytes and pages); every batch size must agree, since weights.bin serves them all.
     """
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
@@ -405,13 +409,8 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        named = source.weights()
-        specs = [(n, tuple(int(d) for d in a.shape), str(a.dtype)) for n, a in named]
-        arrays = [a for _, a in named] if weights == "source" else synthetic_weights(seed or 0, specs)
-        del named
-        layout = pack(specs, page_size)
-        wmeta = write_weights(tmp / "weights.bin", layout, arrays)
-        del arrays
+        specs = [(n, tuple(int(d) for d in a.shape), str(a.dtype)) for n, a in source.weights()]
+        stored: list[str] | None = None          # the weight dtypes the compiled functions take
         batches: dict[str, dict] = {}
         outputs_per_sample: list[TensorSpec] | None = None
         function_name = "main"
@@ -427,6 +426,12 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
                 outs = output_types(func)
                 applied: dict = {}
                 low = lower(mod, tgt, variants.get(b), applied)
+                dtypes = _weight_dtypes(where, low[function_name], len(source.inputs), specs)
+                if stored is not None and dtypes != stored:
+                    raise CompileError(f"{where}: takes weights in dtypes {_dtype_counts(dtypes)}, batch {bs[0]} "
+                                       f"in {_dtype_counts(stored)}; one weights.bin serves every batch size: "
+                                       f"give every batch size the same variant weights setting")
+                stored = dtypes
                 peak, _, alloc_total = plan_memory(low[function_name])
                 scratch = kernel_scratch_bytes(low)
                 workspace = peak + scratch
@@ -468,6 +473,8 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
                 cubins[str(b)] = sources
             batches[str(b)] = entry
             say(f"  {so.name}: {entry['bytes'] / 1e6:.2f} MB in {seconds:.1f} s")
+        layout, wmeta = _write_weights(tmp / "weights.bin", source, specs, stored or [d for _, _, d in specs],
+                                       weights, seed, page_size)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "name": source.name,
@@ -499,6 +506,47 @@ def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequenc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Artifact.open(out)
+
+
+def _weight_dtypes(where: str, func, num_inputs: int, specs: Sequence[tuple[str, tuple[int, ...], str]]) -> list[str]:
+    """The dtypes a lowered function takes its weights in; only the dtype may differ from the source's (float32
+    -> float16: schedules.keep_fp16_weights)."""
+    got = [_tensor_sig(_ty(p)) for p in list(func.params)[num_inputs:]]
+    if len(got) != len(specs):
+        raise CompileError(f"{where}: the lowered function takes {len(got)} weights, the source has {len(specs)}")
+    for (shape, dtype), (name, want_shape, want_dtype) in zip(got, specs):
+        if shape != tuple(want_shape) or (dtype != want_dtype and (want_dtype, dtype) != ("float32", "float16")):
+            raise CompileError(f"{where}: the lowered function takes weight {name} as {dtype}{list(shape)}, the "
+                               f"source has {want_dtype}{list(want_shape)}")
+    return [d for _, d in got]
+
+
+def _dtype_counts(dtypes: Sequence[str]) -> str:
+    return ", ".join(f"{dtypes.count(d)} {d}" for d in sorted(set(dtypes)))
+
+
+def _write_weights(path: Path, source: ModelSource, specs: Sequence[tuple[str, tuple[int, ...], str]],
+                   dtypes: Sequence[str], weights: str, seed: int | None, page_size: int):
+    """Pack and write weights.bin with every weight in `dtypes` (the compiled function's); (layout, meta).
+    Synthetic weights are generated in those dtypes, as artifact.regenerate_weights does from the manifest."""
+    stored = [(n, s, d) for (n, s, _), d in zip(specs, dtypes)]
+    if weights == "source":
+        arrays = []
+        for (name, _, _), (_, a), d in zip(specs, source.weights(), dtypes):
+            if str(a.dtype) != d:
+                finite = np.isfinite(a)
+                with np.errstate(over="ignore"):           # checked here, with the weight's name
+                    cast = a.astype(d)
+                if not np.isfinite(cast[finite]).all():
+                    raise CompileError(f"weight {name} has values beyond {d}'s range (max |w| "
+                                       f"{float(np.abs(a[finite]).max()):.3g}): compile it with the variant's "
+                                       f"weights \"fp32\"")
+                a = cast
+            arrays.append(a)
+    else:
+        arrays = synthetic_weights(seed or 0, stored)
+    layout = pack(stored, page_size)
+    return layout, write_weights(path, layout, arrays)
 
 
 def _tuning_summary(record: dict | None) -> dict | None:

@@ -28,6 +28,9 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - `keep_fp16_activations` (ScheduleSpec.activations = "fp16", run by relax_pipeline): after ToMixedPrecision,
   every activation rounded to fp16 where it is produced, so kernels hand each other fp16 instead of fp32
   (accumulation stays fp32; the function's outputs keep their dtype);
+- `keep_fp16_weights` (tuning.Variant.weights = "fp16", run by compiler.lower after mixed precision): the
+  function's float32 weight parameters become float16, so the artifact stores them in fp16 and no kernel casts
+  a weight per run (the cast's readers take the parameter itself; fp32 readers widen it in registers);
 - `candidate_schedules(func, target, choices)`: one scheduled PrimFunc per choice, for measuring kernels alone.
 
 Tensor cores (fp16): dlight's Matmul rule tensorizes fp16 matmuls with M, N, K > 64 through wmma intrinsics.
@@ -53,6 +56,9 @@ PRECISIONS = ("fp32", "fp16")
 # dtype of the activations fp16 kernels hand each other (ScheduleSpec.activations): "fp32" as ToMixedPrecision
 # leaves them (matmul/conv results and their elementwise epilogues in fp32), "fp16" (keep_fp16_activations)
 ACTIVATIONS = ("fp32", "fp16")
+# dtype the artifact stores float weights in at precision fp16 (tuning.Variant.weights): "fp32" (the source's, cast
+# to fp16 by one kernel per weight per run) or "fp16" (keep_fp16_weights)
+WEIGHTS = ("fp32", "fp16")
 RULES = ("default", "matmul", "small_reduction", "mma", "injective")
 INJECTIVE_LANES = (2, 4, 8, 16)           # elements per thread the injective rule may be given
 INJECTIVE_THREADS = 256                   # threads per block of InjectiveVectorize
@@ -284,6 +290,15 @@ def _rule_classes():
                 return None
             try:
                 return tensorcore.schedule_gemm(func, self.config, check_size=True)
+            except tensorcore.TensorCoreError:
+                pass
+            # an epilogue that reads a widened fp16 weight (keep_fp16_weights' bias): retried with the cast
+            # inlined, so kernels the schedule takes as they are stay exactly as they were
+            inlined = inline_weight_casts(func)
+            if inlined is func:
+                return None
+            try:
+                return tensorcore.schedule_gemm(inlined, self.config, check_size=True)
             except tensorcore.TensorCoreError:
                 return None
 
@@ -564,22 +579,30 @@ def fusion_passes(target) -> list:
         relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
-def mixed_precision(mod, precision: str, activations: str = "fp32"):
+def mixed_precision(mod, precision: str, activations: str = "fp32", weights: str = "fp32"):
     """fp16: matmul/conv inputs in fp16 with fp32 accumulation (relax ToMixedPrecision, out_dtype fp32: its
     matmul/conv results are rounded to fp16 and widened again, and elementwise ops that read an fp32 weight,
     e.g. every bias add, run in fp32 after them, so many kernels hand each other fp32). activations "fp16":
     then `keep_fp16_activations`, so kernels hand each other fp16. (ToMixedPrecision(out_dtype="float16")
-    would not do that: it makes the matmuls accumulate in fp16, and the bias adds still widen to fp32.)"""
+    would not do that: it makes the matmuls accumulate in fp16, and the bias adds still widen to fp32.)
+    weights "fp16": `keep_fp16_weights` right after ToMixedPrecision (the order compiler.lower runs them in:
+    there keep_fp16_activations runs in relax_pipeline)."""
     if precision not in PRECISIONS:
         raise ScheduleError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if activations not in ACTIVATIONS:
         raise ScheduleError(f"unknown activations {activations!r}; valid: {', '.join(ACTIVATIONS)}")
+    if weights not in WEIGHTS:
+        raise ScheduleError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     if activations == "fp16" and precision != "fp16":
         raise ScheduleError(f"activations fp16 needs precision fp16, got precision {precision!r}")
+    if weights == "fp16" and precision != "fp16":
+        raise ScheduleError(f"weights fp16 needs precision fp16, got precision {precision!r}")
     if precision == "fp16":
         from tvm import relax
         check_tensorize_support()
         mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        if weights == "fp16":
+            mod = keep_fp16_weights(mod)
         if activations == "fp16":
             mod = keep_fp16_activations(mod)
     return mod
@@ -755,6 +778,188 @@ def _fp16_activations_func(func, name: str):
     return bb.get()[name]
 
 
+def inline_weight_casts(func):
+    """`func` with every block that casts a kernel parameter alone elementwise (keep_fp16_weights' widening of an
+    fp16 bias, fused into a matmul's epilogue) inlined into its readers, so the epilogue reads the parameter
+    directly: tensorcore.schedule_gemm folds elementwise consumers that read parameters into its store, not
+    ones that read another block's output. Blocks a reduction reads (a matmul's operands: the schedule inlines
+    those into its shared-memory copies itself) are left alone; a kernel without such blocks (every kernel of
+    an fp32-weights build) is returned unchanged."""
+    from tvm import s_tir, tirx
+    sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 - no root block: nothing to inline
+        return func
+    blocks = sch.get_child_blocks(root)
+    local = {buf.name for buf in sch.get(root).alloc_buffers}
+
+    def reduction(b) -> bool:
+        return any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)            # kCommReduce
+
+    inlined = False
+    for b in blocks:
+        stmt = sch.get(b)
+        if (reduction(b) or not stmt.reads or len(stmt.writes) != 1
+                or any(_region_buffer(r).name in local for r in stmt.reads)
+                or not isinstance(getattr(stmt.body, "value", None), tirx.Cast)
+                or any(reduction(c) for c in sch.get_consumers(b))):
+            continue
+        try:
+            sch.compute_inline(b)
+            inlined = True
+        except Exception:  # noqa: BLE001 - not inlinable (e.g. not elementwise): left to the schedule
+            pass
+    return sch.mod["main"] if inlined else func
+
+
+def _region_buffer(region):
+    """The buffer of a block's read/write region (TVM 0.27 calls it `source`; older TVMs `buffer`)."""
+    return region.source if hasattr(region, "source") else region.buffer
+
+
+# Ops whose float weight operands keep_fp16_weights leaves in fp32: the norms. torch's fp16 autocast keeps them in
+# fp32 too, they are a negligible share of the bytes (BERT-base: 77 KB of 438 MB), and a widening cast in front of
+# them stays a kernel of its own after FuseOps (tried: tiny_transformer's 10 layer-norm gammas/betas in fp16 gave
+# 10 cast kernels per run, what this pass removes; the error is the same either way: 2.40e-3 of the output's
+# scale with them in fp16, 2.46e-3 in fp32, on the CPU against the NumPy reference).
+FP32_WEIGHT_OPS = frozenset({"relax.nn.layer_norm", "relax.nn.group_norm", "relax.nn.rms_norm",
+                             "relax.nn.batch_norm", "relax.nn.instance_norm"})
+# Data movement that keep_fp16_weights runs on the fp16 weight itself, widening its result instead: exact, and
+# FuseOps does not fuse a cast into a gather's data operand (take(astype(w)) cast the whole embedding table, a
+# kernel of its own: BERT-base's 30522x768 words every run).
+WEIGHT_MOVE_OPS = frozenset({"relax.take", "relax.strided_slice", "relax.reshape", "relax.permute_dims",
+                             "relax.expand_dims", "relax.squeeze", "relax.flatten", "relax.broadcast_to"})
+
+
+def keep_fp16_weights(mod):
+    """Rewrite a module after ToMixedPrecision so that its float32 weight parameters are float16: the function's
+    parameters after its `num_input` inputs (compiler.compile_model writes weights.bin in the parameter dtypes,
+    in this order). Uses of a converted weight `w` (now `w16`):
+
+    - `astype(w, "float16")` (ToMixedPrecision's cast of every matmul/conv weight, one cast kernel per weight per
+      run) is removed: its readers take `w16`;
+    - data movement of the weight alone (WEIGHT_MOVE_OPS: the embedding gather, a slice of position embeddings)
+      runs on `w16` and its result is widened: `astype(take(w16, ids), "float32")`;
+    - any other reader (a bias add) gets a fresh `astype(w16, "float32")` of its own, which FuseOps fuses into the
+      reader's kernel (widened in registers; one shared cast would be a kernel of its own).
+
+    torch's fp16 autocast does the same for linear/conv weights and biases. Left in fp32: weights read by an
+    op in FP32_WEIGHT_OPS (layer-norm gamma/beta), weights a function returns or aliases, and non-float32
+    weights. Inputs and outputs keep their dtypes; only weight parameter dtypes change. Idempotent. Relax
+    functions without a "num_input" attribute (no inputs/weights split) are left alone; raises ScheduleError if
+    no function computes in fp16 (ToMixedPrecision, i.e. precision fp16, first)."""
+    import tvm
+    from tvm import relax
+    funcs = {gv: f for gv, f in mod.functions_items()}
+    split = [gv for gv, f in funcs.items() if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
+             and f.attrs is not None and "num_input" in f.attrs]
+    mixed = [gv for gv in split if any(_dtype(bd.var) == "float16" for blk in funcs[gv].body.blocks
+                                       for bd in blk.bindings)]
+    if split and not mixed:
+        raise ScheduleError(f"fp16 weights: {', '.join(gv.name_hint for gv in split)} compute(s) no fp16 values; "
+                            f"weights fp16 needs precision fp16 (ToMixedPrecision first)")
+    for gv in mixed:
+        funcs[gv] = _fp16_weights_func(funcs[gv], gv.name_hint)
+    return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+def fp16_weight_params(func) -> list[int]:
+    """Indices (among all parameters) of the float32 weight parameters keep_fp16_weights converts in `func`."""
+    import tvm
+    from tvm import relax
+    n_in = int(func.attrs["num_input"])
+    weights = {p: i for i, p in enumerate(func.params) if i >= n_in and _dtype(p) == "float32"}
+    keep: set = set()
+
+    def visit(e, op: str | None):
+        """Keep the weights `e` holds in fp32 unless it is a direct operand of an op that may read fp16 or
+        widen it (op None: returned, aliased or nested somewhere this pass does not rewrite)."""
+        if isinstance(e, relax.Var):
+            if e in weights and (op is None or op in FP32_WEIGHT_OPS):
+                keep.add(e)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                visit(f, op)
+        elif isinstance(e, relax.TupleGetItem):
+            visit(e.tuple_value, None)
+        elif isinstance(e, relax.Call):
+            name = e.op.name if isinstance(e.op, tvm.ir.Op) else "call"
+            for a in e.args:
+                visit(a, name)
+
+    for blk in func.body.blocks:
+        for bd in blk.bindings:
+            visit(bd.value, None if isinstance(bd.value, (relax.Var, relax.TupleGetItem)) else "binding")
+    visit(func.body.body, None)
+    return sorted(i for p, i in weights.items() if p not in keep)
+
+
+def _fp16_weights_func(func, name: str):
+    import tvm
+    from tvm import relax
+    attrs = dict(func.attrs.items())
+    convert = set(fp16_weight_params(func))
+    if not convert:
+        return func
+    half: dict = {}                    # old fp32 weight param -> its fp16 parameter
+    params = []
+    for i, p in enumerate(func.params):
+        if i in convert:
+            half[p] = relax.Var(p.name, relax.TensorType(p.ty.shape, "float16"))
+            params.append(half[p])
+        else:
+            params.append(p)
+    new: dict = {}                     # old var -> what replaces it
+    bb = relax.BlockBuilder()
+
+    def remap(e):
+        """`e` with old vars replaced; a converted weight is read through a fresh widening cast per reader."""
+        if isinstance(e, relax.Var):
+            if e in half:
+                return bb.emit(relax.op.astype(half[e], "float32"))
+            return new.get(e, e)
+        if isinstance(e, relax.Tuple):
+            return relax.Tuple([remap(f) for f in e.fields])
+        if isinstance(e, relax.TupleGetItem):
+            return relax.TupleGetItem(remap(e.tuple_value), e.index)
+        if isinstance(e, relax.Call):
+            return relax.Call(e.op, [remap(a) for a in e.args], e.attrs, e.ty_args)
+        if isinstance(e, (relax.If, relax.SeqExpr, relax.Function)):
+            raise ScheduleError(f"fp16 weights: function {name}: cannot rewrite a nested {type(e).__name__}")
+        return e
+
+    astype = tvm.ir.Op.get("relax.astype")
+    with bb.function(name, params, attrs={k: v for k, v in attrs.items() if k != "global_symbol"},
+                     pure=bool(func.is_pure), private="global_symbol" not in attrs):
+        for blk in func.body.blocks:
+            dataflow = isinstance(blk, relax.DataflowBlock)
+            scope = bb.dataflow() if dataflow else None
+            if scope is not None:
+                scope.__enter__()
+            for bd in blk.bindings:
+                v, val = bd.var, bd.value
+                if not isinstance(bd, relax.VarBinding):
+                    raise ScheduleError(f"fp16 weights: function {name}: binding {v.name} is a "
+                                        f"{type(bd).__name__}, which this rewrite does not handle")
+                leaves = dataflow and not isinstance(v, relax.DataflowVar)
+                if (isinstance(val, relax.Call) and val.op.same_as(astype) and val.args[0] in half
+                        and str(val.attrs.dtype) == "float16" and not leaves):
+                    new[v] = half[val.args[0]]          # the cast kernel goes: readers take the fp16 parameter
+                    continue
+                if (isinstance(val, relax.Call) and isinstance(val.op, tvm.ir.Op) and val.op.name in WEIGHT_MOVE_OPS
+                        and val.args and val.args[0] in half and _dtype(v) == "float32"):
+                    moved = bb.emit(relax.Call(val.op, [half[val.args[0]]] + [remap(a) for a in val.args[1:]],
+                                               val.attrs, val.ty_args))
+                    new[v] = (bb.emit_output if leaves else bb.emit)(relax.op.astype(moved, "float32"), v.name)
+                    continue
+                new[v] = (bb.emit_output if leaves else bb.emit)(remap(val), v.name)
+            if scope is not None:
+                scope.__exit__(None, None, None)
+        bb.emit_func_output(remap(func.body.body))
+    return bb.get()[name]
+
+
 def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | None = None,
                    rules_used: dict | None = None):
     """The default relax CUDA pipeline (relax.backend.cuda.get_default_pipeline) scheduling with `spec`; with
@@ -775,10 +980,10 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
     return _pipeline
 
 
-def fuse(mod, target, precision: str = "fp32", activations: str = "fp32"):
+def fuse(mod, target, precision: str = "fp32", activations: str = "fp32", weights: str = "fp32"):
     """The relax module after fusion (kernels unscheduled), as the pipeline sees it before scheduling."""
     import tvm
-    mod = mixed_precision(mod, precision, activations)
+    mod = mixed_precision(mod, precision, activations, weights)
     with target:
         return tvm.transform.Sequential(fusion_passes(target))(mod)
 

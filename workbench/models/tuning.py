@@ -4,11 +4,12 @@
 A *variant* is everything the compiler may choose without changing what the model computes (beyond
 floating-point rounding within the precision's tolerance): the conv lowering of a zoo model (which fixes the
 weights' layout), the precision, the kernel schedules (`schedules.ScheduleSpec`: dlight Matmul config, the
-small-reduction rule, per-kernel choices, and at fp16 whether kernels pass each other fp16 activations) and
-relax's CUDA-graph rewrite. Beware the last: the rewrite captures kernels that read weights and TVM replays the
-capture with the addresses of its first call, so a worker that moves weights between cache pages would compute
-with stale weights; `bench.kernel_quality pick` records a CUDA-graph variant only if it was measured correct with
-every weight moved (none so far).
+small-reduction rule, per-kernel choices, and at fp16 whether kernels pass each other fp16 activations), at
+fp16 the dtype the artifact stores weights in (`weights`: "fp16" gives `schedules.keep_fp16_weights`: half the
+weight bytes and no weight-cast kernel per run) and relax's CUDA-graph rewrite. Beware the last: the rewrite
+captures kernels that read weights and TVM replays the capture with the addresses of its first call, so a worker
+that moves weights between cache pages would compute with stale weights; `bench.kernel_quality pick` records a
+CUDA-graph variant only if it was measured correct with every weight moved (none so far).
 
 Files: `data/tuning/<target>-<arch>/<model>.json` (e.g. data/tuning/cuda-sm_90/resnet50.json), or the directory
 in $WORKBENCH_TUNING_DB. One file per base zoo model (`resnet50`, not `resnet50-matmul`):
@@ -21,7 +22,8 @@ in $WORKBENCH_TUNING_DB. One file per base zoo model (`resnet50`, not `resnet50-
     ENTRY = {"variant": {"lowering": "matmul", "precision": "fp32", "cuda_graph": false,
                          "schedule": {"matmul": {...}, "small_reduction": 256, "kernels": {KEY: CHOICE}}},
              # fp16 entries may add e.g. "injective": 8, "mma": false, "activations": "fp16" to the schedule
-             # (ScheduleSpec writes a key only when it differs from its default: older entries read unchanged)
+             # (ScheduleSpec writes a key only when it differs from its default: older entries read unchanged),
+             # and "weights": "fp16" to the variant (written only when not "fp32", likewise)
              "measured": {"p50_ms": 3.1, "p99_ms": 3.2, "n": 200},       # exec on the GPU, CUDA events
              "baseline": {"p50_ms": 4.9, "p99_ms": 5.0},                 # TVM default pipeline, same run
              "torch": {"fp32_graph": {"p50_ms": 2.2, ...}, ...},          # torch on the same GPU, same run
@@ -30,7 +32,9 @@ in $WORKBENCH_TUNING_DB. One file per base zoo model (`resnet50`, not `resnet50-
 Lookup (`plan`): for each batch size to compile, the entry of that batch if measured, else of the nearest
 measured batch (log2 distance; per-kernel choices of every measured batch are merged, since kernel keys
 include shapes and only match the kernels they were measured on). The lowering is one per model (it fixes
-the weights layout shared by all batch sizes). Needs only json; TVM is not imported.
+the weights layout shared by all batch sizes), and so is the weights dtype: fp16 only if every entry used says
+so, else every batch size gets fp32 weights (one weights.bin serves all batch sizes; fp32 weights run with every
+variant, at the cost of their cast kernels). Needs only json; TVM is not imported.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from workbench.models.artifact import ArtifactError
-from workbench.models.schedules import PRECISIONS, ScheduleError, ScheduleSpec
+from workbench.models.schedules import PRECISIONS, WEIGHTS, ScheduleError, ScheduleSpec
 
 FORMAT = "workbench-tuning"
 VERSION = 1
@@ -64,6 +68,10 @@ class Variant:
     precision: str = "fp32"
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     cuda_graph: bool = False
+    # dtype of the artifact's float weights (schedules.WEIGHTS): "fp16" stores them in fp16 (keep_fp16_weights,
+    # run by compiler.lower; precision fp16 only). Here, not in ScheduleSpec: it changes the artifact's
+    # weights.bin and the function's signature, which all batch sizes share, not how kernels are scheduled.
+    weights: str = "fp32"
 
     def __post_init__(self):
         if self.lowering not in LOWERINGS:
@@ -72,27 +80,39 @@ class Variant:
             raise ScheduleError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if not isinstance(self.cuda_graph, bool):
             raise ScheduleError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
+        if not isinstance(self.weights, str) or self.weights not in WEIGHTS:
+            raise ScheduleError(f"variant.weights must be one of {', '.join(WEIGHTS)} (the dtype the artifact stores "
+                                f"weights in), got {self.weights!r}")
+        if self.weights != "fp32" and self.precision != "fp16":
+            raise ScheduleError(f"variant.weights {self.weights!r} needs precision fp16 (fp32 models compute with "
+                                f"their fp32 weights), got precision {self.precision!r}")
         if self.schedule.activations != "fp32" and self.precision != "fp16":
             raise ScheduleError(f"schedule.activations {self.schedule.activations!r} needs precision fp16 (fp32 "
                                 f"models compute and pass fp32 throughout), got precision {self.precision!r}")
 
     @property
     def is_default(self) -> bool:
-        return self.precision == "fp32" and self.schedule.is_default and not self.cuda_graph
+        return (self.precision == "fp32" and self.schedule.is_default and not self.cuda_graph
+                and self.weights == "fp32")
 
     def to_json(self) -> dict:
-        return {"lowering": self.lowering, "precision": self.precision, "cuda_graph": self.cuda_graph,
-                "schedule": self.schedule.to_json()}
+        out = {"lowering": self.lowering, "precision": self.precision, "cuda_graph": self.cuda_graph,
+               "schedule": self.schedule.to_json()}
+        if self.weights != "fp32":          # only when set: entries written before the field read unchanged
+            out["weights"] = self.weights
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "Variant":
         if not isinstance(d, dict):
             raise ScheduleError(f"a variant must be an object, got {d!r}")
-        bad = sorted(set(d) - {"lowering", "precision", "cuda_graph", "schedule"})
+        bad = sorted(set(d) - {"lowering", "precision", "cuda_graph", "schedule", "weights"})
         if bad:
-            raise ScheduleError(f"variant: unknown field(s) {', '.join(bad)}")
+            raise ScheduleError(f"variant: unknown field(s) {', '.join(bad)}; valid: lowering, precision, "
+                                f"cuda_graph, schedule, weights")
         return cls(d.get("lowering", "direct"), d.get("precision", "fp32"),
-                   ScheduleSpec.from_json(d.get("schedule")), bool(d.get("cuda_graph", False)))
+                   ScheduleSpec.from_json(d.get("schedule")), bool(d.get("cuda_graph", False)),
+                   d.get("weights", "fp32"))
 
     def describe(self) -> str:
         parts = [self.lowering, self.precision]
@@ -109,6 +129,8 @@ class Variant:
             parts.append(f"{len(s.kernels)} tuned kernels")
         if self.cuda_graph:
             parts.append("cuda_graph")
+        if self.weights != "fp32":
+            parts.append(f"weights={self.weights}")
         return " ".join(parts)
 
 
@@ -209,17 +231,26 @@ def plan(model: str, target: str, arch: str | None, batch_sizes: Sequence[int], 
     merged: dict[str, dict] = {}
     for b in sorted(entries):
         merged.update(Variant.from_json(entries[b]["variant"]).schedule.kernels)
+    sources = {b: b if b in entries else _nearest(sorted(entries), b) for b in batch_sizes}
+    # one weights dtype for the artifact (its weights.bin serves every batch size): fp16 only if all agree
+    weights = {Variant.from_json(entries[src]["variant"]).weights for src in sources.values()}
+    weights_dtype = weights.pop() if len(weights) == 1 else "fp32"
     variants, prov = {}, {}
     for b in batch_sizes:
-        src = b if b in entries else _nearest(sorted(entries), b)
+        src = sources[b]
         v = Variant.from_json(entries[src]["variant"])
         if merged:
             # (replace: every other setting of the entry's spec, mma and injective included, is kept)
-            v = Variant(v.lowering, v.precision, dataclasses.replace(v.schedule, kernels=dict(merged)), v.cuda_graph)
+            v = dataclasses.replace(v, schedule=dataclasses.replace(v.schedule, kernels=dict(merged)))
+        measured_weights = v.weights
+        if v.weights != weights_dtype:
+            v = dataclasses.replace(v, weights=weights_dtype)
         variants[b] = v
         m = entries[src].get("measured") or {}
         prov[b] = {"from_batch": src, "measured_p50_ms": m.get("p50_ms"), "gpu": entries[src].get("gpu"),
                    "date": entries[src].get("date")}
+        if measured_weights != weights_dtype:        # the figure was measured with the other weights dtype
+            prov[b]["measured_weights"] = measured_weights
     return TuningPlan(model, path, use, variants, prov, d.get("tvm_version"))
 
 
