@@ -13,12 +13,15 @@ CNN lowering, b1 and b16, whole models only:
 injective rule (schedules.InjectiveVectorize: vectorized im2col/cast kernels); 6 = the injective rule on
 BERT's and MobileNetV2's fp16 picks; 7 = the fp16 picks of rounds 5/6 with fp16 activations between kernels
 (schedules.keep_fp16_activations), all four models; 8 = the fp16 winners in data/tuning after round 7 with fp16
-weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast kernels, half the weight bytes):
+weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast kernels, half the weight bytes);
+9 = the CNNs' fp16 and fp32 winners after round 8 with the RGB stem's im2col as one gather (zoo.py):
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 7 --out .gpu/kq7 --bundle .gpu/kq7.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 8 --out .gpu/kq8 --bundle .gpu/kq8.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 9 --models resnet50,resnet18,mobilenet_v2 --out .gpu/kq9 \
+        --bundle .gpu/kq9.tar.xz --no-kernels
 
 Every candidate records its weights (dtypes, bytes, and the source's fp32 bytes) and `weight_cast_kernels`:
 calls of kernels that read only weights (ToMixedPrecision's fp32->fp16 weight casts, redone every inference),
@@ -244,6 +247,28 @@ def round8(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
     cands.append(ModelCandidate("mobilenet_v2", 16, "fp16-sr256-mma-w16", _variant("matmul", "fp16", sr=256, w16=True)))
     keep = set(models)
     return [c for c in cands if c.model in keep], []
+
+
+def round9(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The CNNs' winners in data/tuning after round 8, fp16 and fp32, rebuilt with the RGB stem's im2col as one
+    gather (zoo.IM2COL_SLICE_CHANNELS; label suffix `-g`): bench.kernel_breakdown found ResNet-50 b16 fp16's 7x7
+    stem im2col, a concatenation of 49 three-channel slices under dlight's Fallback, taking 0.67 of its 2.2 ms.
+    ResNet-50, ResNet-18 and MobileNetV2 (conv lowered to matmul), b1 and b16."""
+    fp16 = dict(sr=256, inj=8, act16=True, w16=True)
+    cands = [ModelCandidate(model, b, "fp16-sr256-inj8-mma-act16-w16-g", _variant("matmul", "fp16", **fp16))
+             for model in ("resnet50", "resnet18") for b in (1, 16)]
+    cands += [ModelCandidate("mobilenet_v2", 1, "fp16-sr256-inj8-mma-w16-g",
+                             _variant("matmul", "fp16", sr=256, inj=8, w16=True)),
+              ModelCandidate("mobilenet_v2", 16, "fp16-sr256-mma-w16-g", _variant("matmul", "fp16", sr=256, w16=True))]
+    cands += [ModelCandidate("resnet50", 1, "fp32-g", _variant("matmul")),
+              ModelCandidate("resnet50", 16, "fp32-sr256-g", _variant("matmul", sr=256))]
+    cands += [ModelCandidate("resnet18", b, "fp32-g", _variant("matmul")) for b in (1, 16)]
+    cands += [ModelCandidate("mobilenet_v2", b, "fp32-sr256-g", _variant("matmul", sr=256)) for b in (1, 16)]
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
+ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -503,7 +528,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=[1, 2, 3, 4, 5, 6, 7, 8])
+    p.add_argument("--round", type=int, default=1, choices=sorted([2, *ROUNDS]))
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -515,22 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
-    if a.round == 1:
-        cands, jobs = round1(models)
-    elif a.round == 3:
-        cands, jobs = round3(models)
-    elif a.round == 4:
-        cands, jobs = round4(models)
-    elif a.round == 5:
-        cands, jobs = round5(models)
-    elif a.round == 6:
-        cands, jobs = round6(models)
-    elif a.round == 7:
-        cands, jobs = round7(models)
-    elif a.round == 8:
-        cands, jobs = round8(models)
-    else:
+    if a.round == 2:
         cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
+    else:
+        cands, jobs = ROUNDS[a.round](models)
     out = Path(a.out)
     if a.dry_run:
         for c in cands:

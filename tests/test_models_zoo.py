@@ -224,6 +224,7 @@ def test_matmul_lowering_has_the_same_architecture(sources, name):
     assert "nn.conv2d" not in ops or name == "mobilenet_v2"          # only depthwise convs stay conv2d
     assert ops.get("nn.conv2d", 0) == (17 if name == "mobilenet_v2" else 0)
     assert ops.get("permute_dims", 0) == 1                           # the NCHW input, never a weight
+    assert ops.get("call_tir", 0) == 1                               # the RGB stem's im2col, as one gather
 
 
 def test_matmul_lowering_weights_are_the_direct_weights_re_laid_out(sources):

@@ -122,14 +122,37 @@ def _conv_factory(lowering: str):
                     x._expr, axes=[1, 2], begin=[0, 0], end=[h, w], strides=[s, s]), "subsample")
             else:
                 xp = op.pad(x, [0, 0, p, p, p, p, 0, 0])
-                taps = [_wrap(relax.op.strided_slice(xp._expr, axes=[1, 2], begin=[i, j],
-                                                     end=[i + s * (oh - 1) + 1, j + s * (ow - 1) + 1],
-                                                     strides=[s, s]), "tap")
-                        for i in range(k) for j in range(k)]
-                cols = op.concat(taps, dim=3)                             # [b, oh, ow, k*k*cin], tap-major
+                if self.cin % IM2COL_SLICE_CHANNELS:
+                    cols = op.tensor_expr_op(_im2col_te, "im2col", [xp, k, s, oh, ow])
+                else:
+                    taps = [_wrap(relax.op.strided_slice(xp._expr, axes=[1, 2], begin=[i, j],
+                                                         end=[i + s * (oh - 1) + 1, j + s * (ow - 1) + 1],
+                                                         strides=[s, s]), "tap")
+                            for i in range(k) for j in range(k)]
+                    cols = op.concat(taps, dim=3)                         # [b, oh, ow, k*k*cin], tap-major
             return op.matmul(cols, self.weight) + self.bias
 
     return MatmulConv2D
+
+
+# The matmul lowering's im2col: as a concatenation of k*k shifted slices where each slice's channels fill whole
+# 16-byte vectors (schedules.InjectiveVectorize then copies them at 2-3 TB/s on the H200); else (the RGB stems,
+# cin = 3) as one gather whose index is computed per element: the concatenation's kernel there tests up to k*k
+# slice bounds per element under dlight's Fallback (ResNet-50's 7x7 stem: 0.67 of 2.2 ms at b16 fp16, 103 GB/s,
+# bench/results/kernel_breakdown.md).
+IM2COL_SLICE_CHANNELS = 8
+
+
+def _im2col_te(xp, k: int, s: int, oh: int, ow: int):
+    """cols[n, y, x, (i*k + j)*cin + c] = xp[n, s*y + i, s*x + j, c] (xp: padded NHWC), the same tap-major
+    column order as the concatenation of slices, so the lowered weight is the same."""
+    from tvm import te
+    cin = xp.shape[3]
+
+    def at(n, y, x, col):
+        t = col // cin
+        return xp[n, s * y + t // k, s * x + t % k, col % cin]
+    return te.compute((xp.shape[0], oh, ow, k * k * cin), at, name="im2col")
 
 
 def lowered_weight(w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
