@@ -1,6 +1,11 @@
-"""Helpers for the controller benchmarks: the 4,000-instance model mix, Zipf rates, and CPU-time splits that say
+"""Helpers for the controller benchmarks: the 4,000-instance model mix, Zipf rates, CPU-time splits that say
 how much of a simulation's time the controller itself spent (vs the emulated workers, the clock and the
-workload): `CpuSplit` (controller vs the rest) and `Breakdown` (every component, exclusive times)."""
+workload): `CpuSplit` (controller vs the rest) and `Breakdown` (every component, exclusive times), and which
+build of the simulation core runs (`select_core`, `core_description`: compiled with mypyc or interpreted).
+
+The splits wrap entry points by assigning to class attributes. That works for the mypyc-compiled classes too:
+the callers enter through Python-level lookups (the workload's `controller.submit`, bound methods posted on the
+clock or handed to the workers), which find the wrappers; calls inside the compiled core do not, and need not."""
 from __future__ import annotations
 
 import contextlib
@@ -108,6 +113,21 @@ class CpuSplit:
             Worker.submit = saved_submit
             if _Lean is not None:
                 _Lean.submit = saved_lean
+
+
+def select_core(interpreted: bool) -> None:
+    """Run the simulation core from its .py sources even where the compiled build is present (`interpreted`),
+    else as built. Call before anything imports the core."""
+    if interpreted:
+        from workbench.controller.compiled import prefer_sources
+        prefer_sources()
+
+
+def core_description() -> str:
+    """How the simulation core ran (after it ran): compiled with mypyc, or interpreted."""
+    from workbench.controller.compiled import MODULES, loaded_compiled
+    n = len(loaded_compiled())
+    return f"compiled with mypyc ({n} of {len(MODULES)} core modules)" if n else "interpreted (pure Python)"
 
 
 def load_average() -> float:

@@ -2,7 +2,7 @@
 emulated H200s (Clockwork §6.5's set-up: 8 hours of the Azure Functions trace, 100 ms SLO).
 
     python -m bench.controller_simspeed [--hours 8] [--rate 500] [--trace DIR] [--functions 20000]
-                                        [--breakdown-hours 0.5]
+                                        [--breakdown-hours 0.5] [--interpreted]
 
 The trace: the real Azure Functions 2019 files if `--trace DIR` holds them, else a synthetic day in the same
 format (`workbench.workload.azure_synth`: heavy-tailed per-function rates, diurnal cycle, bursty minutes;
@@ -13,7 +13,8 @@ scaled so that the mean rate over the replayed hours is `--rate` requests/s.
 The main run is not instrumented (its speed is the figure). A second, shorter run over the first
 `--breakdown-hours` of the same trace measures where the time goes (`Breakdown`: exclusive time of the
 workload, the controller, the emulated workers and the clock), and those shares split the main run's CPU time
-per request. Writes bench/results/controller_simspeed.json and .md."""
+per request. Writes bench/results/controller_simspeed.json and .md; with `--interpreted` (the core run from its
+.py sources where the compiled build is present, to compare), controller_simspeed_interpreted.json and .md."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.controller_common import MIX_4000, Breakdown, load_average
+from bench.controller_common import MIX_4000, Breakdown, core_description, load_average, select_core
 from bench.worker_common import write
 
 GOAL = 100.0       # virtual seconds per wall second (issue 4)
@@ -52,7 +53,10 @@ def main() -> None:
                     help="hours of the trace replayed again, instrumented, for the per-component split (0: skip)")
     ap.add_argument("--policy", default="clockwork")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--interpreted", action="store_true",
+                    help="run the simulation core from its .py sources even where the compiled build is present")
     a = ap.parse_args()
+    select_core(a.interpreted)
 
     from workbench.workload.azure_synth import write_synthetic_trace
     from workbench.workload.azure_trace import AzureTrace
@@ -92,7 +96,8 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     d = res.to_dict()
     us_per_req = res.cpu_s / max(res.submitted, 1) * 1e6
-    d.update({"hours": a.hours, "target_rate": a.rate, "scale": scale, "synthetic_trace": synthetic,
+    core = core_description()
+    d.update({"hours": a.hours, "target_rate": a.rate, "core": core, "scale": scale, "synthetic_trace": synthetic,
               "functions": trace.num_functions, "rate": res.submitted / res.virtual_s,
               "virtual_per_cpu_s": res.virtual_s / res.cpu_s, "cpu_us_per_request": us_per_req,
               "events_per_request": res.events / max(res.submitted, 1), "breakdown": split,
@@ -119,7 +124,7 @@ def main() -> None:
                "| " + " | ".join(f"{v:.1f} ({split['shares'][k]:.0%})" for k, v in comp.items())
                + f" | {us_per_req:.1f} |", ""]
     md += [f"Policy {a.policy}; 4,000 instances ({', '.join(f'{v} {k}' for k, v in MIX_4000.items())}) on 6 emulated "
-           f"H200s (6 workers x 1 GPU, 21.5 GiB weights cache each); "
+           f"H200s (6 workers x 1 GPU, 21.5 GiB weights cache each); simulation core {core}; "
            + (f"synthetic Azure-format trace ({trace.num_functions:,} functions with invocations, "
               f"workbench.workload.azure_synth, seed {a.seed}; not real data)" if synthetic else f"trace {trace_dir}")
            + f", minutes {a.start_minute}..{a.start_minute + minutes} replayed at scale {scale:.3g} (mean "
@@ -128,7 +133,7 @@ def main() -> None:
            f"machine shared with other jobs (virtual/CPU-s is the fair figure). 'controller': its entry points "
            f"(scheduling, loads, bookkeeping); 'worker': the emulated workers' actions and clock events; "
            f"'workload': trace replay and completion callbacks; 'clock and driver': the event loop and heap."]
-    write("controller_simspeed", d, md)
+    write("controller_simspeed" + ("_interpreted" if a.interpreted else ""), d, md)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Scheduling throughput of the controller in virtual time: 4,000 model instances on 6 emulated H200s.
 
     python -m bench.controller_throughput [--rates 1000,3000,6000] [--warmup 10] [--seconds 20] [--policy clockwork]
+                                          [--interpreted]
 
 Each run is a Poisson open loop over the 4,000 instances with Zipf(1) popularity and a 100 ms SLO, simulated
 on a VirtualClock with 6 emulated workers (1 GPU each, profile h200, Clockwork's 21.5 GiB weights cache),
@@ -8,13 +9,15 @@ starting with every model cold. Reported per total rate, over the whole run (the
 the `--seconds` after a `--warmup` (steady state): requests per CPU second of the whole simulation
 (controller + emulated workers + clock + workload) and per CPU second spent inside the controller itself
 (`CpuSplit`: its entry points, minus the worker submits it makes; the scheduling throughput, goal >= 50,000),
-plus mean batch size and outcomes. Writes bench/results/controller_throughput.json and .md."""
+plus mean batch size and outcomes. Writes bench/results/controller_throughput.json and .md; with
+`--interpreted` (the core run from its .py sources where the compiled build is present, to compare),
+controller_throughput_interpreted.json and .md."""
 from __future__ import annotations
 
 import argparse
 import time
 
-from bench.controller_common import MIX_4000, CpuSplit, load_average, zipf_rates
+from bench.controller_common import MIX_4000, CpuSplit, core_description, load_average, select_core, zipf_rates
 from bench.worker_common import write
 
 NS = 1_000_000_000
@@ -66,8 +69,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="virtual seconds measured after the warm-up")
     ap.add_argument("--policy", default="clockwork")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--interpreted", action="store_true",
+                    help="run the simulation core from its .py sources even where the compiled build is present")
     a = ap.parse_args()
+    select_core(a.interpreted)
     rows = [run(float(r), a.warmup, a.seconds, a.policy, a.seed) for r in a.rates.split(",")]
+    core = core_description()
     md = ["| rate r/s | requests | success | dropped | loads | mean batch | CPU s | req/CPU-s | controller CPU s | "
           "controller req/CPU-s | steady: total us/req | steady: controller us/req | steady: controller req/CPU-s |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -85,7 +92,8 @@ def main() -> None:
            f"{'met' if met else 'NOT met'}** (best {best:,.0f} req/CPU-s = "
            f"{1e6 / max(best, 1e-9):.1f} us/request; the goal needs {1e6 / GOAL:.0f} us/request).",
            "", f"Policy {a.policy}; 4,000 instances ({', '.join(f'{v} {k}' for k, v in MIX_4000.items())}) on 6 "
-           f"emulated H200s (6 workers x 1 GPU, 21.5 GiB weights cache each, so models are swapped); Poisson "
+           f"emulated H200s (6 workers x 1 GPU, 21.5 GiB weights cache each, so models are swapped); simulation core "
+           f"{core}; Poisson "
            f"arrivals, Zipf(1) popularity, 100 ms SLO, {a.warmup + a.seconds:g} virtual s per rate from a cold start "
            f"(every model unloaded). The first columns cover the whole run; 'steady' the last {a.seconds:g} s after a "
            f"{a.warmup:g} s warm-up. One process, one thread. 'req/CPU-s' is the whole simulation (controller + "
@@ -93,8 +101,9 @@ def main() -> None:
            f"controller's entry points, minus the worker submits it makes (the scheduling throughput; goal >= "
            f"50,000). Load average during the runs: {loads} (2-core machine shared with other jobs: CPU figures "
            f"vary by ~10% run to run)."]
-    write("controller_throughput", {"policy": a.policy, "warmup_s": a.warmup, "seconds": a.seconds, "runs": rows,
-                                    "goal_requests_per_cpu_s": GOAL, "goal_met": met}, md)
+    write("controller_throughput" + ("_interpreted" if a.interpreted else ""),
+          {"policy": a.policy, "warmup_s": a.warmup, "seconds": a.seconds, "runs": rows, "core": core,
+           "goal_requests_per_cpu_s": GOAL, "goal_met": met}, md)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ import heapq
 import itertools
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, ClassVar, Final, SupportsInt
+
+from workbench.controller.compiled import mypyc_attr
 
 
 class Timer:
     __slots__ = ("t", "seq", "fn", "args", "cancelled")
 
-    def __init__(self, t: int, seq: int, fn: Callable, args: tuple):
+    def __init__(self, t: int, seq: int, fn: Callable[..., Any], args: tuple[Any, ...]):
         self.t, self.seq, self.fn, self.args, self.cancelled = t, seq, fn, args, False
 
     def cancel(self) -> None:
@@ -23,20 +25,21 @@ class Timer:
         return (self.t, self.seq) < (other.t, other.seq)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Clock:
     """Nanosecond time plus callbacks at a given time. Callbacks run one at a time, in (time, order) order."""
-    virtual: bool = False
+    virtual: ClassVar[bool] = False     # (a ClassVar: a subclass, compiled or not, sets it in its class body)
 
     def now(self) -> int:
         raise NotImplementedError
 
-    def call_at(self, t: int, fn: Callable, *args) -> Timer:
+    def call_at(self, t: SupportsInt, fn: Callable[..., Any], *args: Any) -> Timer:
         raise NotImplementedError
 
-    def call_soon(self, fn: Callable, *args) -> Timer:
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> Timer:
         return self.call_at(self.now(), fn, *args)
 
-    def post(self, t: int, fn: Callable, *args) -> None:
+    def post(self, t: int, fn: Callable[..., Any], *args: Any) -> None:
         """`call_at` without a handle (it cannot be cancelled): cheaper where nothing needs to cancel."""
         self.call_at(t, fn, *args)
 
@@ -46,13 +49,20 @@ class Clock:
         post = self.post
         return (lambda e: post(e[0], e[2], *e[3])), itertools.count().__next__
 
+    def run_until(self, t_end: int | None = None, max_events: int | None = None) -> int:
+        """Run the events due by t_end (virtual clocks only: a real clock runs them on its own thread)."""
+        raise NotImplementedError(f"{type(self).__name__} runs its events itself (only a virtual clock has run_until)")
+
     def close(self) -> None:
         pass
 
 
-_END = (1 << 127, -1, None, None)   # VirtualClock's heap sentinel: after every event (times are < 2**63)
+# VirtualClock's heap sentinel: after every event (times are < 2**63). A plain `tuple` for mypyc, so that it
+# stays one object (`e is not _END`) rather than a native tuple boxed anew at each use.
+_END: Final[tuple] = (1 << 127, -1, None, None)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class VirtualClock(Clock):
     """Discrete-event time. Nothing happens until `run()`/`run_until()` is called; time jumps event to event.
 
@@ -62,7 +72,7 @@ class VirtualClock(Clock):
     bottom is a sentinel later than any time, so the loop needs no emptiness test. `_heap` and `_seq` are never
     replaced, so `poster()` can hand out a push straight onto the heap (exactly what `post` does, without the
     call)."""
-    virtual = True
+    virtual: ClassVar[bool] = True
 
     def __init__(self, start: int = 0):
         self._now = start
@@ -73,15 +83,15 @@ class VirtualClock(Clock):
     def now(self) -> int:
         return self._now
 
-    def call_at(self, t: int, fn: Callable, *args) -> Timer:
-        t = int(t)
-        if t < self._now:
-            t = self._now
-        timer = Timer(t, next(self._seq), fn, args)
-        heapq.heappush(self._heap, (t, timer.seq, None, timer))
+    def call_at(self, t: SupportsInt, fn: Callable[..., Any], *args: Any) -> Timer:
+        ti = int(t)
+        if ti < self._now:
+            ti = self._now
+        timer = Timer(ti, next(self._seq), fn, args)
+        heapq.heappush(self._heap, (ti, timer.seq, None, timer))
         return timer
 
-    def post(self, t: int, fn: Callable, *args) -> None:
+    def post(self, t: int, fn: Callable[..., Any], *args: Any) -> None:
         """An event without a Timer: (t, seq, fn, args) goes on the heap as is (t: int ns)."""
         now = self._now
         heapq.heappush(self._heap, (t if t > now else now, next(self._seq), fn, args))
@@ -132,7 +142,9 @@ class VirtualClock(Clock):
             self._now = t_end
         return n
 
-    run = run_until
+    def run(self, t_end: int | None = None, max_events: int | None = None) -> int:
+        """`run_until`."""
+        return self.run_until(t_end, max_events)
 
 
 class RealClock(Clock):
@@ -143,13 +155,14 @@ class RealClock(Clock):
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=f"workbench-{name}", daemon=True)
-        self._thread.start()
+        # (not `_thread`: mypyc names the C field after the attribute, and `__thread` is a C keyword)
+        self._timer_thread = threading.Thread(target=self._loop, name=f"workbench-{name}", daemon=True)
+        self._timer_thread.start()
 
     def now(self) -> int:
         return time.monotonic_ns()
 
-    def call_at(self, t: int, fn: Callable, *args) -> Timer:
+    def call_at(self, t: SupportsInt, fn: Callable[..., Any], *args: Any) -> Timer:
         timer = Timer(int(t), next(self._seq), fn, args)
         with self._cv:
             if self._closed:
@@ -184,5 +197,5 @@ class RealClock(Clock):
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5)
+        if threading.current_thread() is not self._timer_thread:
+            self._timer_thread.join(timeout=5)

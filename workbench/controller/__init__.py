@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from workbench.controller import compiled as _compiled  # noqa: F401 - refuses a compiled build older than its sources
+
 _EXPORTS = {
     "Controller": "workbench.controller.controller",
     "ControllerError": "workbench.controller.controller",

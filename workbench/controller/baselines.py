@@ -20,14 +20,19 @@ in the order their batches became ready.
 from __future__ import annotations
 
 from collections import Counter, deque
+from typing import TYPE_CHECKING, ClassVar, Final
 
-from workbench.contract import FOREVER
+from workbench.contract import FOREVER, Result
 from workbench.controller import state
+from workbench.controller.compiled import mypyc_attr
 from workbench.controller.policy import Policy
 from workbench.controller.requests import DONE, ERROR, TIMEOUT, Request
 from workbench.controller.state import GPUState, ModelState
 
-MS = 1_000_000
+if TYPE_CHECKING:
+    from workbench.controller.controller import ActionRecord
+
+MS: Final = 1_000_000
 
 
 class Lane:
@@ -43,9 +48,10 @@ class Lane:
         self.inflight = 0       # requests of this lane in Infers not yet answered
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class QueueingBaseline(Policy):
     """Shared machinery: lanes, ready queues, on-demand loads with LRU eviction."""
-    expired_status = TIMEOUT
+    expired_status: ClassVar[str] = TIMEOUT
 
     def __init__(self, max_batch: int, batch_delay: int, max_inflight: int = 2, max_loads: int = 2):
         super().__init__()
@@ -83,6 +89,7 @@ class QueueingBaseline(Policy):
 
     def on_request(self, r: Request, now: int) -> None:
         m = r.model
+        assert m is not None, "an admitted request names its model"
         g = self.route(m, now)
         if g is None:
             self.ctl.finalize(r, ERROR, now, "no GPU can hold the model (every replica is busy or too small)")
@@ -125,6 +132,7 @@ class QueueingBaseline(Policy):
             n = min(len(ln.q), self.max_batch, m.max_batch)
             reqs = [ln.q.popleft() for _ in range(n)]
             self.queued[g.index] -= n
+            assert m.est is not None, "a ready model has estimates"
             est = m.est.exec_table(g.clock)[m.batch_sizes.index(m.pad(n))]
             begin = g.exec.available(now)
             ctl.send_infer(g, m, reqs, est, begin, now, FOREVER, now)
@@ -140,15 +148,18 @@ class QueueingBaseline(Policy):
         return [r for ln in self.lanes.values() for r in ln.q if r.state != DONE]
 
     # -- results
-    def on_infer_done(self, rec, result, now: int) -> None:
-        ln = self.lanes.get((rec.model.id, rec.gpu.index))
+    def on_infer_done(self, rec: ActionRecord, result: Result | None, now: int) -> None:
+        m, g = rec.model, rec.gpu
+        assert m is not None and g is not None, "an Infer names its model and GPU"
+        ln = self.lanes.get((m.id, g.index))
         if ln is not None:
             ln.inflight -= rec.batch_size
-        self._pump(rec.gpu, now)
+        self._pump(g, now)
         self._retry_loads(now)
 
-    def on_load_done(self, rec, result, now: int) -> None:
+    def on_load_done(self, rec: ActionRecord, result: Result | None, now: int) -> None:
         m, g = rec.model, rec.gpu
+        assert m is not None and g is not None, "a LoadWeights names its model and GPU"
         if m.id not in g.loading:
             return
         ok = result is not None and result.ok
@@ -168,7 +179,7 @@ class QueueingBaseline(Policy):
                                                               f"{g.local} failed")
         self._retry_loads(now)
 
-    def retry_fragmented(self, result, g: GPUState, m: ModelState, now: int) -> bool:
+    def retry_fragmented(self, result: Result | None, g: GPUState, m: ModelState, now: int) -> bool:
         """A load that failed for want of contiguous pages: evict one more model and try again (False: no)."""
         return False
 
@@ -203,6 +214,7 @@ class QueueingBaseline(Policy):
                 continue
             del self.want_load[key]
             begin = g.pcie.available(now)
+            assert m.est is not None, "a ready model has estimates"
             self.ctl.send_load(g, m, m.est.load_ns(), begin, now, FOREVER, now)
             state.begin_load(m, g)
             self.counters["loads_sent"] += 1
@@ -219,8 +231,9 @@ class QueueingBaseline(Policy):
         return {f"{self.name}_{k}": v for k, v in sorted(self.counters.items())}
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TritonPolicy(QueueingBaseline):
-    name = "triton"
+    name: ClassVar[str] = "triton"
 
     def __init__(self, max_batch: int = 16, max_queue_delay: int = 1 * MS, max_inflight: int = 2,
                  max_loads: int = 2):
@@ -236,7 +249,7 @@ class TritonPolicy(QueueingBaseline):
             return None
         return max(gpus, key=lambda g: (g.free_pages, -g.infers_outstanding, -g.index))
 
-    def retry_fragmented(self, result, g: GPUState, m: ModelState, now: int) -> bool:
+    def retry_fragmented(self, result: Result | None, g: GPUState, m: ModelState, now: int) -> bool:
         """ModelMesh accounts bytes, not page runs: when the worker finds no hole long enough, free the
         least-recently-used idle model and load again."""
         from workbench.contract import Status
@@ -270,8 +283,9 @@ class TritonPolicy(QueueingBaseline):
         return True
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RayServePolicy(QueueingBaseline):
-    name = "ray"
+    name: ClassVar[str] = "ray"
 
     def __init__(self, max_models_per_replica: int = 3, max_batch_size: int = 16,
                  batch_wait_timeout: int = 10 * MS, max_ongoing_requests: int = 5, max_inflight: int = 2,

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 MS = 1_000_000
 # a field's annotation -> (the values it takes, how to say so)
-_TYPES = {"int": (int, "an int (ns or a count)"), "float": ((int, float), "a number"), "bool": (bool, "True or False")}
+_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "int": (int, "an int (ns or a count)"), "float": ((int, float), "a number"), "bool": (bool, "True or False")}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class ControllerConfig:
             v = getattr(self, f.name)
             # Times and counts must be ints: a float (e.g. default_slo = 1e8 in a TOML file) flows into request
             # deadlines and breaks the int-only telemetry columns and the controller's int fast paths.
-            want, kind = _TYPES[f.type]
+            want, kind = _TYPES[str(f.type)]        # (the annotation as written: a str, see __future__)
             if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
                 hint = f" (write {int(v)})" if want is int and isinstance(v, float) and v.is_integer() else ""
                 raise ValueError(f"ControllerConfig.{f.name} must be {kind}, got {type(v).__name__} {v!r}{hint}")

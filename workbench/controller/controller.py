@@ -37,7 +37,6 @@ then the callbacks, is written out there too).
 from __future__ import annotations
 
 import heapq
-import itertools
 import json
 import math
 import threading
@@ -45,13 +44,15 @@ import warnings
 from threading import get_ident
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Final, cast
 
 import numpy as np
 
 from workbench.clock import Clock
-from workbench.contract import (FOREVER, Action, ActionType, EvictWeights, GetWorkerState, Infer,
-                                LoadModelFromDisk, LoadWeights, Result, Status)
+from workbench.contract import (FOREVER, Action, ActionType, EvictWeights, GetWorkerState, GetWorkerStateResult,
+                                Infer, InferResult, LoadModelFromDisk, LoadModelFromDiskResult, LoadWeights,
+                                LoadWeightsResult, Result, Status)
+from workbench.controller.compiled import mypyc_attr
 from workbench.controller.config import ControllerConfig
 from workbench.controller.estimates import ModelEstimates
 from workbench.controller.policy import Policy, split_outputs
@@ -59,25 +60,33 @@ from workbench.controller.requests import (DONE, ERROR, INFLIGHT, QUEUED, REJECT
                                            RequestOutcome)
 from workbench.controller.state import GPUState, ModelState
 
-DEADLINE, WATCHDOG, PROBE_DUE = 0, 1, 2
+# (Final: the compiled core inlines these constants rather than reading the module's namespace)
+DEADLINE: Final = 0
+WATCHDOG: Final = 1
+PROBE_DUE: Final = 2
+# A timer entry: (time, seq, kind, obj); obj is a Request (DEADLINE), an ActionRecord (WATCHDOG) or a
+# (worker, what, time) tuple (PROBE_DUE).
+TimerEntry = tuple[int, int, int, Any]
 # The longest SLO accepted (2**62 ns, ~146 years): a deadline (arrival + slo) must fit the int64 telemetry columns
 # and the workers' int64 times; a longer one is rejected like any other bad SLO.
-MAX_SLO = 1 << 62
+MAX_SLO: Final = 1 << 62
 
-_TYPE_NAMES = {t: t.name for t in ActionType}
-_REQUEST_FIELDS = ("request_id", "model_id", "model", "worker", "gpu", "batch_size", "arrival", "deadline",
-                   "completion", "slo", "status", "latency", "cold_start", "message", "action_id", "slo_factor")
-_ACTION_FIELDS = ("action_id", "worker", "gpu", "type", "model_id", "batch_size", "earliest", "latest", "sent",
-                  "planned_begin", "planned_end", "predicted_duration", "completed", "measured_begin",
-                  "measured_end", "measured_duration", "gpu_clock", "status", "status_name", "gpu_clock_before",
-                  "requests_queued", "copies_loaded", "message")
-_INFER = ActionType.INFER
-_new = object.__new__
-_tuple_new = tuple.__new__
-_setattr = object.__setattr__
-_STATUS_NAMES = {s: s.name for s in Status}
+_TYPE_NAMES: Final = {t: t.name for t in ActionType}
+_REQUEST_FIELDS: Final = ("request_id", "model_id", "model", "worker", "gpu", "batch_size", "arrival",
+                          "deadline", "completion", "slo", "status", "latency", "cold_start", "message", "action_id",
+                          "slo_factor")
+_ACTION_FIELDS: Final = ("action_id", "worker", "gpu", "type", "model_id", "batch_size", "earliest", "latest",
+                         "sent", "planned_begin", "planned_end", "predicted_duration", "completed", "measured_begin",
+                         "measured_end", "measured_duration", "gpu_clock", "status", "status_name",
+                         "gpu_clock_before", "requests_queued", "copies_loaded", "message")
+_INFER: Final = ActionType.INFER
+_new: Final = object.__new__
+_tuple_new: Final = tuple.__new__
+_setattr: Final = object.__setattr__
+_STATUS_NAMES: Final = {s: s.name for s in Status}
 
 
+@mypyc_attr(native_class=False)      # (a dict subclass: mypyc compiles those as plain Python classes)
 class _SameString(dict):
     """Stands in for a recorder's string table (`Recorder.strings`) where rows go by keyword: `s[x]` is x."""
 
@@ -85,9 +94,10 @@ class _SameString(dict):
         return key
 
 
-_SAME_STRING = _SameString()
+_SAME_STRING: Final = _SameString()
 
 
+@mypyc_attr(native_class=False)      # (an exception: a plain Python class for mypyc too)
 class ControllerError(RuntimeError):
     """A set-up problem (no workers, models added in the wrong order, startup failed)."""
 
@@ -119,7 +129,7 @@ class ActionRecord:
         self.copies = -1            # GPUs holding the model ready then
 
 
-PROBE = "probe"      # ActionRecord.extra of a GetWorkerState that probes a worker (not a start-up one)
+PROBE: Final = "probe"      # ActionRecord.extra of a GetWorkerState that probes a worker (not a start-up one)
 
 
 class WorkerInfo:
@@ -149,6 +159,7 @@ def make_policy(policy: str | Policy, **kw: Any) -> Policy:
     return table[policy](**kw)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)   # (tests and notebooks may override a method in Python)
 class Controller:
     def __init__(self, clock: Clock, policy: str | Policy = "clockwork", config: ControllerConfig | None = None,
                  recorder: Any = None, **policy_options: Any):
@@ -161,7 +172,8 @@ class Controller:
         fast = codes is not None and hasattr(recorder, "add_request_row") and hasattr(recorder, "add_action_row")
         self._request_row = recorder.add_request_row if fast else None
         self._action_row = recorder.add_action_row if fast else None
-        self._codes = codes if fast else _SAME_STRING   # str -> what a row carries for it
+        # str -> what a row carries for it (a dict whose __missing__ interns new strings)
+        self._codes: dict[str, Any] = codes if codes is not None and fast else _SAME_STRING
         self._type_codes = {t: self._codes[n] for t, n in _TYPE_NAMES.items()}
         self._status_codes = {s: self._codes[n] for s, n in _STATUS_NAMES.items()}
         self.policy = make_policy(policy, **policy_options)
@@ -174,24 +186,24 @@ class Controller:
         self._estimates: dict[str, ModelEstimates] = {}   # artifact path -> its copies' estimates (shared)
         self.page_size = 0
         self._next_model = 0
-        self._rid = itertools.count()
-        self._aid = itertools.count(1)
+        # (ints, not itertools.count: compiled, `next()` on a count is a call through the builtins module)
+        self._next_rid = 0                         # request ids
+        self._next_aid = 1                         # action ids
         self._actions: dict[int, ActionRecord] = {}
         self._lost: dict[int, ActionRecord] = {}   # given up by their watchdog; a late answer may still come
         self._winfo: list[WorkerInfo] = []
         self._flushing: set[int] = set()           # threads inside _flush (it is not re-entered)
         self._in_flush = False
-        if clock.virtual:
-            self._flush = self._flush_virtual
-        self._timers: list = []                    # (time, seq, kind, obj): watchdogs and other timers
+        self._virtual = bool(clock.virtual)        # one thread: _flush needs no per-thread bookkeeping
+        self._timers: list[TimerEntry] = []        # watchdogs and other timers (a heap)
         # FIFOs of timer entries that come in time order, merged with the heap by (time, seq): request deadlines
         # per SLO (key: the slo) and Infer watchdogs per GPU (key: -1 - gpu index)
-        self._fifos: dict[int, deque] = {}
-        self._tseq = itertools.count()
+        self._fifos: dict[int, deque[TimerEntry]] = {}
+        self._next_tseq = 0                        # timer entries' seq
         self._armed_at: int | None = None
         self._arm_gen = 0                # the armed timer's generation: older ones are cancelled
-        self._outbox: deque = deque()
-        self._callbacks: deque = deque()
+        self._outbox: deque[tuple[Any, Action]] = deque()     # (worker, action) to send
+        self._callbacks: deque[Request] = deque()             # finalised requests whose callback is due
         self._startup_pending = 0
         self._startup_errors: list[str] = []
         self._stats: Counter[str] = Counter()
@@ -234,13 +246,14 @@ class Controller:
                 worker.on_restart = restarted
             now = self.clock.now()
             self._startup_pending += 1
-            self._send_control(idx, GetWorkerState(id=next(self._aid), earliest=0, latest=FOREVER), now)
+            self._send_control(idx, GetWorkerState(id=self._new_aid(), earliest=0, latest=FOREVER), now)
         self._flush()
         return idx
 
-    def load_model(self, path: str, copies: int = 1, name: str | None = None) -> list[int]:
+    def load_model(self, path: object, copies: object = 1, name: str | None = None) -> list[int]:
         """Load a model (an artifact directory or "profile:<name>") on every worker as `copies` instances.
-        Returns their model ids (usable once `ready`)."""
+        Returns their model ids (usable once `ready`). (path: a str, copies: an int; checked here, hence
+        `object`: compiled, a declared type would be enforced with a TypeError before these messages.)"""
         if not isinstance(path, str) or not path:
             raise ValueError(f"model path must be a non-empty string, got {path!r}")
         if not isinstance(copies, int) or copies < 1:
@@ -260,7 +273,7 @@ class Controller:
             c = self.config
             for w in range(len(self.workers)):
                 self._startup_pending += 1
-                a = LoadModelFromDisk(id=next(self._aid), earliest=0, latest=FOREVER, model_id=first, path=path,
+                a = LoadModelFromDisk(id=self._new_aid(), earliest=0, latest=FOREVER, model_id=first, path=path,
                                       copies=copies, max_batch_size=c.max_batch, max_exec_duration=c.max_exec)
                 self._winfo[w].disk_loads.append(a)
                 self._send_control(w, a, now)
@@ -305,9 +318,11 @@ class Controller:
             w.close()
 
     # ====================================================================================== client API
-    def submit(self, model_id: int, inputs: Any = None, slo: int | None = None, slo_factor: float | None = None,
+    def submit(self, model_id: Any, inputs: Any = None, slo: Any = None, slo_factor: Any = None,
                callback: Callable[[RequestOutcome], Any] | None = None) -> int:
-        """Submit one request; returns its id. Never raises for a bad request: it ends with status rejected."""
+        """Submit one request; returns its id. Never raises for a bad request: it ends with status rejected.
+        (model_id: an int; slo: ns, an int or a float; slo_factor: a number. Anything else is checked here and
+        rejected, hence the `Any`s.)"""
         with self._lock:
             m = self.models.get(model_id) if type(model_id) is int else None
             s = self._default_slo if slo is None else slo
@@ -316,7 +331,8 @@ class Controller:
                     and m.min_slo <= s <= MAX_SLO and not self.closed:
                 slo = s
                 now = self.clock.now()
-                rid = next(self._rid)
+                rid = self._next_rid
+                self._next_rid = rid + 1
                 r = Request(rid, m, now, slo, 0.0, None, callback, self._buffer)
                 r.cold = not m.loaded
                 self._admitted += 1
@@ -326,7 +342,9 @@ class Controller:
                 dq = self._fifos.get(slo)
                 t = r.deadline
                 if dq and dq[-1][0] <= t:
-                    dq.append((t, next(self._tseq), DEADLINE, r))
+                    seq = self._next_tseq
+                    self._next_tseq = seq + 1
+                    dq.append((t, seq, DEADLINE, r))
                 else:
                     self._push_deadline(r)
                 self.policy.on_request(r, now)
@@ -338,7 +356,8 @@ class Controller:
 
     def _submit(self, model_id: Any, inputs: Any, slo: Any, slo_factor: Any, callback: Any) -> int:
         now = self.clock.now()
-        rid = next(self._rid)
+        rid = self._next_rid
+        self._next_rid = rid + 1
         c = self.config
         if type(model_id) is not int and isinstance(model_id, np.integer):
             model_id = int(model_id)
@@ -354,10 +373,10 @@ class Controller:
                        f"(load_model() returns them)")
         elif not m.ready:
             problem = m.error or f"model {model_id} is still being loaded by the workers: wait_ready() first"
-        if not problem:
+        else:
             slo, problem = self._slo(m, slo, slo_factor)
-        if not problem and inputs is not None:
-            inputs, problem = _check_inputs(m, inputs)
+            if not problem and inputs is not None:
+                inputs, problem = _check_inputs(m, inputs)
         if problem and not (isinstance(slo, int) and 0 < slo <= MAX_SLO):
             slo = 0                     # what the rejected request's row records
         r = Request(rid, m, now, slo,
@@ -369,6 +388,7 @@ class Controller:
         if self.closed:
             self._reject(r, now, "controller is closed")
             return rid
+        assert m is not None        # (no problem: the model is known)
         r.cold = not m.loaded
         self._admitted += 1
         if slo > self.max_slo:
@@ -442,9 +462,11 @@ class Controller:
         g = r.gpu
         m = r.model
         s = self._codes
+        status = r.status
+        assert status is not None, "a request is recorded once final"
         row = (r.id, m.id if m is not None else -1, s[m.name if m is not None else ""],
                g.worker if g is not None else -1, g.local if g is not None else -1, r.batch_size, r.arrival,
-               r.deadline, r.completion, r.slo, s[r.status], r.completion - r.arrival, bool(r.cold and g is not None),
+               r.deadline, r.completion, r.slo, s[status], r.completion - r.arrival, bool(r.cold and g is not None),
                s[r.message], r.action_id, r.slo_factor)
         if self._request_row is not None:     # the recorder's positional fast path (schema column order)
             self._request_row(row)
@@ -455,7 +477,8 @@ class Controller:
     def send_infer(self, g: GPUState, m: ModelState, reqs: list[Request], predicted: int, begin: int,
                    earliest: int, latest: int, now: int) -> ActionRecord:
         """Send an Infer of `reqs` (model m) to g, planned to run [begin, begin + predicted]."""
-        aid = next(self._aid)
+        aid = self._next_aid
+        self._next_aid = aid + 1
         n = len(reqs)
         inputs = None
         for r in reqs:
@@ -494,7 +517,9 @@ class Controller:
         t = (latest if latest < FOREVER else (now if now > begin else begin)) + predicted + self._grace
         dq = self._fifos.get(-1 - g.index)         # watchdogs per GPU come (nearly always) in time order
         if dq and dq[-1][0] <= t:
-            dq.append((t, next(self._tseq), WATCHDOG, rec))
+            seq = self._next_tseq
+            self._next_tseq = seq + 1
+            dq.append((t, seq, WATCHDOG, rec))
         else:
             self._push_watchdog(t, rec, -1 - g.index)
         self._outbox.append((self.workers[g.worker], action))
@@ -502,7 +527,7 @@ class Controller:
 
     def send_load(self, g: GPUState, m: ModelState, predicted: int, begin: int, earliest: int, latest: int,
                   now: int) -> ActionRecord:
-        aid = next(self._aid)
+        aid = self._new_aid()
         action = LoadWeights(id=aid, earliest=earliest, latest=latest, model_id=m.id, gpu=g.local,
                              expected_duration=predicted)
         rec = ActionRecord(aid, ActionType.LOAD_WEIGHTS, g.worker, g, m, earliest, latest, now, begin, predicted)
@@ -514,7 +539,7 @@ class Controller:
         return rec
 
     def send_evict(self, g: GPUState, m: ModelState, now: int) -> ActionRecord:
-        aid = next(self._aid)
+        aid = self._new_aid()
         action = EvictWeights(id=aid, earliest=0, latest=FOREVER, model_id=m.id, gpu=g.local)
         rec = ActionRecord(aid, ActionType.EVICT_WEIGHTS, g.worker, g, m, 0, FOREVER, now, now, 0)
         g.placing[m.id] = g.placing.get(m.id, 0) + 1
@@ -552,6 +577,16 @@ class Controller:
             if self._outbox or self._callbacks:
                 self._flush()
 
+    def _new_aid(self) -> int:
+        aid = self._next_aid
+        self._next_aid = aid + 1
+        return aid
+
+    def _new_tseq(self) -> int:
+        seq = self._next_tseq
+        self._next_tseq = seq + 1
+        return seq
+
     def _push_deadline(self, r: Request) -> None:
         self._push_fifo(r.slo, r.deadline, DEADLINE, r)
 
@@ -565,7 +600,7 @@ class Controller:
         if dq and dq[-1][0] > t:          # out of time order: the heap takes it
             self._push_timer(t, kind, obj)
             return
-        dq.append((t, next(self._tseq), kind, obj))
+        dq.append((t, self._new_tseq(), kind, obj))
         if self._armed_at is None or t < self._armed_at:
             self._arm(t)
 
@@ -604,7 +639,7 @@ class Controller:
         return t
 
     def _push_timer(self, t: int, kind: int, obj: Any) -> None:
-        heapq.heappush(self._timers, (t, next(self._tseq), kind, obj))
+        heapq.heappush(self._timers, (t, self._new_tseq(), kind, obj))
         if self._armed_at is None or t < self._armed_at:
             self._arm(t)
 
@@ -613,6 +648,13 @@ class Controller:
         self._arm_gen = gen = self._arm_gen + 1
         self._armed_at = t
         self.clock.post(t, self._on_timer, gen)
+
+    def _rearm(self) -> None:
+        """Arm the timer at the earliest pending entry, unless it is armed sooner. (A method of its own: in
+        _on_timer, which sets _armed_at to None, mypy would take it for None still, and mypyc check that.)"""
+        first = self._first_pending()
+        if first is not None and not self.closed and (self._armed_at is None or first < self._armed_at):
+            self._arm(first)
 
     def _on_timer(self, gen: int) -> None:
         try:
@@ -640,9 +682,7 @@ class Controller:
                 finally:
                     # Re-arm even if a handler failed: a controller without its timer would never give up on a
                     # lost result or tell a client its deadline passed. Finished entries are dropped in bulk.
-                    first = self._first_pending()
-                    if first is not None and not self.closed and (self._armed_at is None or first < self._armed_at):
-                        self._arm(first)
+                    self._rearm()
         finally:
             if self._outbox or self._callbacks:
                 self._flush()
@@ -680,6 +720,7 @@ class Controller:
         if t in (ActionType.GET_WORKER_STATE, ActionType.LOAD_MODEL_FROM_DISK):
             self._startup_failed(rec, msg)
         elif t == ActionType.INFER:
+            assert g is not None, "an Infer names its GPU"
             g.exec.error(rec.id)
             self._infer_finished(rec)
             for r in rec.reqs:
@@ -687,6 +728,7 @@ class Controller:
             if not self.closed:
                 self.policy.on_infer_done(rec, None, now)
         elif t == ActionType.LOAD_WEIGHTS:
+            assert g is not None, "a LoadWeights names its GPU"
             g.pcie.error(rec.id)
             self._placed(rec)
             if rec.epoch == g.epoch and not self.closed:
@@ -745,7 +787,7 @@ class Controller:
     def _send_reload(self, w: int, i: int, now: int) -> None:
         wi = self._winfo[w]
         a = wi.disk_loads[i]
-        again = LoadModelFromDisk(id=next(self._aid), earliest=0, latest=FOREVER, model_id=a.model_id, path=a.path,
+        again = LoadModelFromDisk(id=self._new_aid(), earliest=0, latest=FOREVER, model_id=a.model_id, path=a.path,
                                   copies=a.copies, max_batch_size=a.max_batch_size,
                                   max_exec_duration=a.max_exec_duration)
         self._send_control(w, again, now, extra=(i, wi.gen))
@@ -778,7 +820,7 @@ class Controller:
             wi.again = True
             return
         self._stats["probes"] += 1
-        a = GetWorkerState(id=next(self._aid), earliest=0, latest=FOREVER)
+        a = GetWorkerState(id=self._new_aid(), earliest=0, latest=FOREVER)
         wi.probe = self._send_control(w, a, now, extra=PROBE, timeout=self.config.probe_interval)
 
     def _probe_later(self, w: int, t: int, what: Any) -> None:
@@ -830,7 +872,7 @@ class Controller:
         if wi.reloading:
             return
         wi.stale = False
-        gpus = {int(gs["gpu"]): gs for gs in result.state.get("gpus", ())}
+        gpus = {int(gs["gpu"]): gs for gs in cast(GetWorkerStateResult, result).state.get("gpus", ())}
         for g in self.worker_gpus[w]:
             gs = gpus.get(g.local)
             if gs is not None:
@@ -864,8 +906,10 @@ class Controller:
 
     def _placed(self, rec: ActionRecord) -> None:
         """A LoadWeights/EvictWeights is no longer in flight (answered or given up)."""
-        p = rec.gpu.placing
-        mid = rec.model.id
+        g, m = rec.gpu, rec.model
+        assert g is not None and m is not None, "a LoadWeights/EvictWeights names its model and GPU"
+        p = g.placing
+        mid = m.id
         left = p.get(mid, 0) - 1
         if left > 0:
             p[mid] = left
@@ -910,7 +954,7 @@ class Controller:
                 t = rec.type
                 if t is _INFER:
                     if result.status == 0:
-                        self._infer_ok(rec, result, now)
+                        self._infer_ok(rec, cast(InferResult, result), now)
                     else:
                         self._infer_result(rec, result, now)
                 elif t == ActionType.LOAD_WEIGHTS:
@@ -933,10 +977,13 @@ class Controller:
             if self._outbox or self._callbacks:
                 self._flush()
 
-    def _infer_ok(self, rec: ActionRecord, result: Result, now: int) -> None:
+    def _infer_ok(self, rec: ActionRecord, result: InferResult, now: int) -> None:
         """A successful Infer: the hot path, written out."""
         g = rec.gpu
         m = rec.model
+        assert g is not None and m is not None, "an Infer names its model and GPU"
+        est = m.est
+        assert est is not None, "a model runs once it has estimates"
         g.infers_outstanding -= 1           # _infer_finished(rec), written out
         bm = g.busy_models
         mid = m.id
@@ -957,40 +1004,41 @@ class Controller:
         clk = (result.gpu_clock_before + result.gpu_clock) // 2
         if clk > 0:
             g.clock = clk
-        m.est.add_exec(m.pad(rec.batch_size), ex.duration, clk)
+        est.add_exec(m.pad(rec.batch_size), ex.duration, clk)
         reqs = rec.reqs
         outs = split_outputs(result, rec.batch_size) if result.outputs else None
-        finalize = self.finalize
         for i, r in enumerate(reqs):
             if r.state == DONE:
                 continue
             if now <= r.deadline:
                 if outs is None:
-                    finalize(r, SUCCESS, now)
+                    self.finalize(r, SUCCESS, now)
                 else:
-                    finalize(r, SUCCESS, now, "", outs[i])
+                    self.finalize(r, SUCCESS, now, "", outs[i])
             else:
-                finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the deadline")
+                self.finalize(r, TIMEOUT, now, f"result arrived {(now - r.deadline) / 1e6:.3f} ms after the deadline")
         if self.recorder is not None:
             self._record_action(rec, result, now)
         if not self.closed:
             self.policy.on_infer_done(rec, result, now)
 
     def _infer_finished(self, rec: ActionRecord) -> None:
-        g = rec.gpu
+        g, m = rec.gpu, rec.model
+        assert g is not None and m is not None, "an Infer names its model and GPU"
         g.infers_outstanding -= 1
         bm = g.busy_models
-        left = bm[rec.model.id] - 1
+        left = bm[m.id] - 1
         if left:
-            bm[rec.model.id] = left
+            bm[m.id] = left
         else:
-            del bm[rec.model.id]
+            del bm[m.id]
 
     def _infer_result(self, rec: ActionRecord, result: Result, now: int) -> None:
         if result.status == 0:
-            self._infer_ok(rec, result, now)
+            self._infer_ok(rec, cast(InferResult, result), now)
             return
         g = rec.gpu
+        assert g is not None, "an Infer names its GPU"
         self._infer_finished(rec)
         g.exec.error(rec.id)
         again = self.policy.retry(rec, result, now) if not self.closed else []
@@ -1004,11 +1052,13 @@ class Controller:
             self.policy.on_infer_done(rec, result, now)
 
     def _load_result(self, rec: ActionRecord, result: Result, now: int) -> None:
-        g = rec.gpu
+        g, m = rec.gpu, rec.model
+        assert g is not None and m is not None and m.est is not None, "a LoadWeights names a ready model and a GPU"
         self._placed(rec)
         if result.ok:
-            g.pcie.success(rec.id, result.timing.end)
-            rec.model.est.add_load(result.timing.duration)
+            timing = cast(LoadWeightsResult, result).timing
+            g.pcie.success(rec.id, timing.end)
+            m.est.add_load(timing.duration)
         else:
             g.pcie.error(rec.id)
         self._record_action(rec, result, now)
@@ -1022,6 +1072,7 @@ class Controller:
 
     def _evict_result(self, rec: ActionRecord, result: Result, now: int) -> None:
         g = rec.gpu
+        assert g is not None, "an EvictWeights names its GPU"
         self._placed(rec)
         self._record_action(rec, result, now)
         if self.closed:
@@ -1036,7 +1087,7 @@ class Controller:
         if not result.ok:
             self._startup_failed(rec, f"worker {w} GetWorkerState failed: {result.status.name}: {result.message}")
             return
-        st = result.state
+        st = cast(GetWorkerStateResult, result).state
         page_size = int(st["page_size"])
         if self.page_size and page_size != self.page_size:
             self._startup_failed(rec, f"worker {w} has page size {page_size}, others {self.page_size}: "
@@ -1053,9 +1104,10 @@ class Controller:
             self.policy.on_gpu_added(g)
         self._startup_done()
 
-    def _model_result(self, rec: ActionRecord, result: Result, now: int) -> None:
+    def _model_result(self, rec: ActionRecord, res: Result, now: int) -> None:
         a: LoadModelFromDisk = rec.extra
-        self._record_action(rec, result, now)
+        self._record_action(rec, res, now)
+        result = cast(LoadModelFromDiskResult, res)     # (its fields are read only when it is ok)
         ids = range(a.model_id, a.model_id + a.copies)
         if not result.ok:
             msg = (f"worker {rec.worker} could not load {a.path!r} (models {a.model_id}..{a.model_id + a.copies - 1})"
@@ -1118,7 +1170,12 @@ class Controller:
             return
         g = rec.gpu
         s = self._codes
-        mb = me = md = clk = clk0 = 0
+        # (Any: whatever numbers the worker reported go into the row as they are)
+        mb: Any = 0
+        me: Any = 0
+        md: Any = 0
+        clk: Any = 0
+        clk0: Any = 0
         message = ""
         if result is not None:
             st = int(result.status)
@@ -1132,6 +1189,7 @@ class Controller:
             clk0 = getattr(result, "gpu_clock_before", 0)
             message = result.message
         else:
+            assert status is not None, "an action without a result is recorded with a status"
             st, name = int(status), s[status_name or ""]
         latest = rec.latest if rec.latest < FOREVER else -1
         row = (rec.id, rec.worker, g.local if g is not None else -1, self._type_codes[rec.type],
@@ -1148,6 +1206,9 @@ class Controller:
         """Send queued actions, then call queued callbacks, outside the lock. Never re-entered on one thread:
         a worker that answers inside `submit` (a closed one does) or a callback that submits again only queues
         more for the loop below, so a long queue is delivered iteratively, not by recursion."""
+        if self._virtual:
+            self._flush_virtual()
+            return
         me = get_ident()
         flushing = self._flushing
         if me in flushing:
@@ -1188,6 +1249,7 @@ class Controller:
                 except IndexError:
                     break
                 cb = r.callback
+                assert cb is not None, "only requests with a callback are queued for one"
                 m = r.model
                 try:
                     cb(_tuple_new(RequestOutcome, (r.id, m.id if m is not None else -1, r.status, r.arrival,

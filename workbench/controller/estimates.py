@@ -26,8 +26,9 @@ def percentile(values: list[int], p: float) -> float:
 
 
 class SlidingEstimate:
-    """p-th percentile of the last `window` samples; `value` is in ns x MHz (or ns when clock=1)."""
-    __slots__ = ("samples", "p", "value", "_at", "_sorted")
+    """p-th percentile of the last `window` samples; `value` is in ns x MHz (or ns when clock=1). Samples are
+    kept as floats (exact for the integers they hold, < 2**53): a window of one type compares faster."""
+    __slots__ = ("samples", "p", "value", "window", "_at", "_sorted")
 
     def __init__(self, window: int = 10, p: float = 0.99, seed: float | None = None):
         if window < 1:
@@ -36,20 +37,24 @@ class SlidingEstimate:
             raise ValueError(f"estimate percentile must be in [0, 1], got {p}")
         self.samples: deque[float] = deque(maxlen=window)
         self._sorted: list[float] = []          # the samples, sorted (kept so, not re-sorted per sample)
+        self.window = window
         self.p = p
         self.value = 0.0
         # per number of samples n: (lo, rank - lo) of `percentile`, or None where it returns the maximum
         at = _AT.get((p, window))
         if at is None:
-            at = _AT[(p, window)] = [None] + [_interp(p, n) for n in range(1, window + 1)]
-        self._at = at
+            at = [None]
+            at += [_interp(p, n) for n in range(1, window + 1)]
+            _AT[(p, window)] = at
+        self._at: list[tuple[int, float] | None] = at
         if seed is not None and seed > 0:
             self.add(seed)
 
     def add(self, sample: float) -> None:
+        sample = float(sample)
         samples = self.samples
         s = self._sorted
-        if len(samples) == samples.maxlen:
+        if len(samples) == self.window:
             del s[bisect_left(s, samples[0])]
         samples.append(sample)
         insort(s, sample)
@@ -69,7 +74,7 @@ class SlidingEstimate:
         return len(self.samples)
 
 
-_AT: dict[tuple[float, int], list] = {}
+_AT: dict[tuple[float, int], list[tuple[int, float] | None]] = {}
 
 
 def _interp(p: float, n: int) -> tuple[int, float] | None:
@@ -118,14 +123,14 @@ class ModelEstimates:
     def add_exec(self, batch_size: int, duration_ns: int, clock_mhz: int) -> None:
         e = self.exec[batch_size]
         samples = e.samples
+        sample = float(duration_ns * (clock_mhz or self.ref_clock))
         if not samples:
-            e.add(duration_ns * (clock_mhz or self.ref_clock))
+            e.add(sample)
             self._recompute()
             return
         old = e.value
-        sample = duration_ns * (clock_mhz or self.ref_clock)
         s = e._sorted                           # e.add(sample), written out (a window that had a sample)
-        if len(samples) == samples.maxlen:
+        if len(samples) == e.window:
             del s[bisect_left(s, samples[0])]
         samples.append(sample)
         insort(s, sample)

@@ -19,15 +19,14 @@ for the models whose demand changed since the last load decision (Clockwork's st
 from __future__ import annotations
 
 import heapq
-import itertools
-from typing import Callable
+from typing import Callable, Final
 
 from workbench.controller import state
 from workbench.controller.requests import Request
 from workbench.controller.state import GPUState, ModelState
 
-BASE_OUTSTANDING = 1_000_000   # every GPU is assumed to have 1 ms of work outstanding (Clockwork)
-MIN_SIZE = 100_000             # demand of a request whose model has no batch-1 estimate yet (ns)
+BASE_OUTSTANDING: Final = 1_000_000   # every GPU is assumed to have 1 ms of work outstanding (Clockwork)
+MIN_SIZE: Final = 100_000             # demand of a request whose model has no batch-1 estimate yet (ns)
 
 
 class LoadTracker:
@@ -38,16 +37,16 @@ class LoadTracker:
         self.gpus = gpus                 # shared with the controller (it grows as workers report)
         for g in gpus:
             self.add_gpu(g)
-        self.expiry: list = []           # (time, seq, request): when a request's load demand lapses
+        self.expiry: list[tuple[int, int, Request]] = []   # (time, seq, request): when its load demand lapses
         self.stale: list[ModelState] = []
-        self.heap: list = []             # (-priority, -last_used, model id, load_version, model)
+        self.heap: list[tuple[float, int, int, int, ModelState]] = []   # (-priority, -last_used, id, load_version, m)
         self._live_hint = 0              # entries left by the last compaction
         self.scan_limit = scan_limit
-        self._seq = itertools.count()
-        self._used = itertools.count(1)
+        self._seq = 0                    # expiry entries pushed (their seq)
+        self._used = 0                   # model uses (their order: last_used)
 
     def add_gpu(self, g: GPUState) -> None:
-        g.outstanding = BASE_OUTSTANDING
+        g.outstanding = float(BASE_OUTSTANDING)
         g.weight = self.capacity / BASE_OUTSTANDING
 
     # ------------------------------------------------------------------------------------ demand
@@ -59,7 +58,8 @@ class LoadTracker:
         size = (b1 if b1 > MIN_SIZE else MIN_SIZE) * self.capacity    # unprofiled models still create demand
         r.exec_size = ex = size // (exec_slo if exec_slo > 1 else 1)
         r.lw_size = lw = size // (weights_slo if weights_slo > 1 else 1)
-        heapq.heappush(exp, (now + weights_slo, next(self._seq), r))
+        self._seq += 1
+        heapq.heappush(exp, (now + weights_slo, self._seq, r))
         m.outstanding_exec += ex
         m.outstanding_lw += lw
         self._distribute(m)
@@ -74,7 +74,8 @@ class LoadTracker:
             lw += r.lw_size
             r.lw_size = 0
         m.outstanding_lw -= lw
-        m.last_used = next(self._used)
+        self._used += 1
+        m.last_used = self._used
         if not m.stale:            # exec demand (what _distribute spreads) is unchanged
             m.stale = True
             self.stale.append(m)
@@ -102,6 +103,7 @@ class LoadTracker:
             r = heapq.heappop(exp)[2]
             if r.lw_size:
                 m = r.model
+                assert m is not None, "an admitted request names its model"
                 m.outstanding_lw -= r.lw_size
                 r.lw_size = 0
                 self._stale(m)
@@ -154,9 +156,9 @@ class LoadTracker:
             total_w += g.weight
         alloc = {}
         for g in holding:
-            a = int(m.outstanding_exec * (g.weight / total_w))
-            alloc[g.index] = a
-            g.outstanding += a
+            share = int(m.outstanding_exec * (g.weight / total_w))
+            alloc[g.index] = share
+            g.outstanding += share
             g.weight = cap / g.outstanding
         m.allocations = alloc
 
@@ -211,7 +213,7 @@ class LoadTracker:
         self.check(now)
         self.refresh()
         heap = self.heap
-        aside = []
+        aside: list[tuple[float, int, int, int, ModelState]] = []
         chosen = None
         while heap and len(aside) < self.scan_limit:
             e = heap[0]
@@ -231,7 +233,8 @@ class LoadTracker:
     # ----------------------------------------------------------------------------------- placement
     def begin_load(self, m: ModelState, g: GPUState) -> None:
         state.begin_load(m, g)
-        m.last_used = next(self._used)
+        self._used += 1
+        m.last_used = self._used
         self._distribute(m)
         self._update_priority(m)   # at once: the next GPU in this pass must see the new copy
 

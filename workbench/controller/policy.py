@@ -3,9 +3,10 @@ scheduling policy (decisions: what to load, evict and run where, and when). Cloc
 policies; they run in the same harness, so their telemetry is comparable row for row."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from workbench.contract import InferResult, Result
+from workbench.controller.compiled import mypyc_attr
 from workbench.controller.requests import DROPPED, Request
 
 if TYPE_CHECKING:
@@ -13,13 +14,16 @@ if TYPE_CHECKING:
     from workbench.controller.state import GPUState, ModelState
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)   # policies are pluggable: subclasses may be plain Python
 class Policy:
-    name = "policy"
+    # (ClassVars: a subclass, compiled or not, overrides them in its class body)
+    name: ClassVar[str] = "policy"
     # What a request still queued (never sent) at its deadline becomes.
-    expired_status = DROPPED
+    expired_status: ClassVar[str] = DROPPED
+    ctl: Controller                 # set by attach(), when the controller takes the policy
 
     def __init__(self) -> None:
-        self.ctl: "Controller" = None  # type: ignore[assignment]
+        pass
 
     def attach(self, ctl: "Controller") -> None:
         self.ctl = ctl

@@ -14,19 +14,23 @@ Every request ends with exactly one final status (the controller finalises it on
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Final, NamedTuple
 
-SUCCESS = "success"
-TIMEOUT = "timeout"
-DROPPED = "dropped"
-REJECTED = "rejected"
-ERROR = "error"
-STATUSES = (SUCCESS, TIMEOUT, DROPPED, REJECTED, ERROR)
+if TYPE_CHECKING:
+    from workbench.controller.state import GPUState, ModelState
+
+# (Final: the compiled core inlines them rather than reading the module's namespace)
+SUCCESS: Final = "success"
+TIMEOUT: Final = "timeout"
+DROPPED: Final = "dropped"
+REJECTED: Final = "rejected"
+ERROR: Final = "error"
+STATUSES: Final = (SUCCESS, TIMEOUT, DROPPED, REJECTED, ERROR)
 
 # Request.state: where the request is in its life (the final status is separate)
-QUEUED = 0      # waiting in a model queue
-INFLIGHT = 1    # part of an Infer action that has been sent
-DONE = 2        # finalised (status set, callback queued)
+QUEUED: Final = 0      # waiting in a model queue
+INFLIGHT: Final = 1    # part of an Infer action that has been sent
+DONE: Final = 2        # finalised (status set, callback queued)
 
 
 class RequestOutcome(NamedTuple):
@@ -47,7 +51,7 @@ class RequestOutcome(NamedTuple):
         return self.status == SUCCESS
 
 
-_tuple_new = tuple.__new__
+_tuple_new: Final = tuple.__new__
 
 
 class Request:
@@ -56,23 +60,23 @@ class Request:
                  "callback", "state", "status", "message", "completion", "outputs", "gpu", "batch_size",
                  "action_id", "cold", "lw_size", "exec_size", "seq", "skipped")
 
-    def __init__(self, rid: int, model: Any, arrival: int, slo: int, slo_factor: float, inputs: Any,
+    def __init__(self, rid: int, model: ModelState | None, arrival: int, slo: int, slo_factor: float, inputs: Any,
                  callback: Callable[[RequestOutcome], Any] | None, buffer: int):
         self.id = rid
-        self.model = model                     # controller.ModelState (None if unknown)
+        self.model = model                     # None if the model is unknown (a rejected request)
         self.arrival = arrival
         self.slo = slo
         self.slo_factor = slo_factor
         self.deadline = arrival + slo          # the client's deadline
         self.exec_deadline = self.deadline - buffer   # exec must end by this to be reported in time
-        self.inputs = inputs
+        self.inputs: Any = inputs              # what the client gave (checked: a tuple of arrays) or None
         self.callback = callback
         self.state = QUEUED
         self.status: str | None = None
         self.message = ""
         self.completion = 0
-        self.outputs = None
-        self.gpu = None                        # controller.GPUState it ran on
+        self.outputs: tuple | None = None
+        self.gpu: GPUState | None = None       # the GPU it ran on
         self.batch_size = 0
         self.action_id = -1
         self.cold = False                      # no copy of the model was loaded when it arrived

@@ -39,26 +39,40 @@ Decisions (documented here because the brief asks for them):
 from __future__ import annotations
 
 import heapq
-import itertools
 from bisect import bisect_left
 from collections import Counter
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from workbench.contract import Result, Status
+from workbench.controller.compiled import mypyc_attr
+from workbench.controller.estimates import ModelEstimates
 from workbench.controller.loads import MIN_SIZE, LoadTracker
 from workbench.controller.policy import Policy
 from workbench.controller.requests import DROPPED, INFLIGHT, QUEUED, Request
 from workbench.controller.state import GPUState, ModelState
 
-RETRYABLE = frozenset({Status.COULD_NOT_START_IN_TIME, Status.COPY_INPUT_TOO_LATE, Status.EXEC_TOO_LATE,
+if TYPE_CHECKING:
+    from workbench.controller.controller import ActionRecord, Controller
+
+RETRYABLE: Final = frozenset({Status.COULD_NOT_START_IN_TIME, Status.COPY_INPUT_TOO_LATE, Status.EXEC_TOO_LATE,
                        Status.NETWORK_SEND_TOO_LATE, Status.EXEC_WEIGHTS_MISSING, Status.COPY_INPUT_UNKNOWN_MODEL,
                        Status.COPY_INPUT_IO_POOL_EXHAUSTED, Status.EXEC_WORKSPACE_POOL_EXHAUSTED,
                        Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION})
-NOT_LOADED = frozenset({Status.EXEC_WEIGHTS_MISSING, Status.COPY_INPUT_UNKNOWN_MODEL})
+NOT_LOADED: Final = frozenset({Status.EXEC_WEIGHTS_MISSING, Status.COPY_INPUT_UNKNOWN_MODEL})
 
 
+def _est(m: ModelState) -> ModelEstimates:
+    """m's estimates (a model is only scheduled once it is ready, i.e. has them)."""
+    est = m.est
+    assert est is not None, f"model {m.id} has no estimates yet"
+    return est
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ClockworkPolicy(Policy):
-    name = "clockwork"
-    expired_status = DROPPED
+    name: ClassVar[str] = "clockwork"
+    expired_status: ClassVar[str] = DROPPED
+    tracker: LoadTracker            # made by attach()
 
     def __init__(self, batching: str = "efficient") -> None:
         super().__init__()
@@ -66,8 +80,7 @@ class ClockworkPolicy(Policy):
             raise ValueError(f"clockwork: batching must be 'efficient' or 'front', got {batching!r}")
         self.batching = batching
         self.efficient = batching == "efficient"
-        self.tracker: LoadTracker | None = None
-        self._seq = itertools.count()
+        self._seq = 0               # strategies pushed (their seq)
         self._dirty: dict[int, GPUState] = {}
         self._scheduling = False
         self._load_timer_at: int | None = None
@@ -75,7 +88,7 @@ class ClockworkPolicy(Policy):
         self.counters: Counter[str] = Counter()
         self.n_batches = 0          # batches sent (counters["batches"], kept apart: the hot path avoids the Counter)
 
-    def attach(self, ctl) -> None:
+    def attach(self, ctl: Controller) -> None:
         super().attach(ctl)
         c = ctl.config
         self.sa = c.schedule_ahead
@@ -93,12 +106,13 @@ class ClockworkPolicy(Policy):
     # ====================================================================================== requests
     def on_request(self, r: Request, now: int) -> None:
         m = r.model
+        assert m is not None, "an admitted request names its model"
         loaded = m.loaded
         if not m.queue and len(loaded) == 1 and not self._dirty and not self._scheduling:
             g = loaded[0]
             if not g.heap and not g.failed and self._dispatch_alone(r, m, g, now):
                 return
-        est = m.est
+        est = _est(m)
         sa_buf = self.sa + self.buffer
         weights_slo = r.slo - (int(est.load.value) + m.b1_ns + sa_buf)
         if weights_slo > self.max_lw_slo:
@@ -128,7 +142,7 @@ class ClockworkPolicy(Policy):
         free_at = g.exec.available(now)
         if free_at >= now + self.sa:
             return False
-        est = m.est
+        est = _est(m)
         table = est._tables.get(g.clock)
         if table is None:
             table = est.exec_table(g.clock)
@@ -158,6 +172,7 @@ class ClockworkPolicy(Policy):
 
     def on_finalized(self, r: Request, prev_state: int, now: int) -> None:
         m = r.model
+        assert m is not None, "an admitted request names its model"
         if prev_state == QUEUED:
             m.n_queued -= 1
         ex = r.exec_size
@@ -191,7 +206,7 @@ class ClockworkPolicy(Policy):
             return
         ed = q[0][0]
         ver = m.version
-        est = m.est
+        est = _est(m)
         dirty = self._dirty
         for g in m.loaded:
             if g.failed:
@@ -199,7 +214,8 @@ class ClockworkPolicy(Policy):
             t = est._tables.get(g.clock)
             if t is None:
                 t = est.exec_table(g.clock)
-            heapq.heappush(g.heap, (ed - t[0], next(self._seq), ver, m))
+            self._seq += 1
+            heapq.heappush(g.heap, (ed - t[0], self._seq, ver, m))
             dirty[g.index] = g
 
     def _run_dirty(self, now: int) -> None:
@@ -209,14 +225,13 @@ class ClockworkPolicy(Policy):
         try:
             dirty = self._dirty
             rounds = 0
-            schedule = self._schedule
             while dirty:
                 rounds += 1
                 if rounds > 10_000:   # GPUs handing the same work back and forth without time advancing
                     raise self.ctl.internal_error(f"scheduling loop at t={now}: GPUs {sorted(dirty)} keep "
                                                   f"rescheduling")
                 idx = next(iter(dirty))
-                schedule(dirty.pop(idx), now)
+                self._schedule(dirty.pop(idx), now)
         finally:
             self._scheduling = False
 
@@ -254,7 +269,7 @@ class ClockworkPolicy(Policy):
             self._serve_many(g, m, free_at, now)
             return
         q = m.queue
-        table = m.est.exec_table(g.clock)
+        table = _est(m).exec_table(g.clock)
         sizes = m.batch_sizes
         while True:
             while q and q[0][2].state != QUEUED:
@@ -279,7 +294,7 @@ class ClockworkPolicy(Policy):
                 k -= 1
             b = sizes[k]
             n = b if b < n_avail else n_avail
-            reqs = []
+            reqs: list[Request] = []
             while len(reqs) < n:
                 rr = heapq.heappop(q)[2]
                 if rr.state == QUEUED:
@@ -299,7 +314,7 @@ class ClockworkPolicy(Policy):
         size) strategies by latest start and skipping older requests). Requests skipped stay queued (they
         may fit the next batch); those that cannot finish even alone are dropped (or left to another GPU
         holding the model that still can)."""
-        table = m.est.exec_table(g.clock)
+        table = _est(m).exec_table(g.clock)
         sizes = m.batch_sizes
         live = sorted(e for e in m.queue if e[2].state == QUEUED)
         thr0 = free_at + table[0]
@@ -361,16 +376,18 @@ class ClockworkPolicy(Policy):
     def _elsewhere(self, m: ModelState, r: Request, g: GPUState, now: int) -> bool:
         """Another GPU holding m could still finish r in time: make sure it looks at m."""
         ed = r.exec_deadline
+        est = _est(m)
         for h in m.loaded:
             if h is g or h.failed:
                 continue
-            e1 = m.est.exec_table(h.clock)[0]
+            e1 = est.exec_table(h.clock)[0]
             if h.exec.available(now) + e1 <= ed:
-                heapq.heappush(h.heap, (ed - e1, next(self._seq), m.version, m))
+                self._seq += 1
+                heapq.heappush(h.heap, (ed - e1, self._seq, m.version, m))
                 self._dirty[h.index] = h
                 return True
         for h in m.loading:
-            if max(h.pcie.available(now), h.exec.available(now)) + m.est.exec_table(h.clock)[0] <= ed:
+            if max(h.pcie.available(now), h.exec.available(now)) + est.exec_table(h.clock)[0] <= ed:
                 return True
         return False
 
@@ -389,8 +406,9 @@ class ClockworkPolicy(Policy):
         self._run_dirty(now)
 
     # ====================================================================================== results
-    def retry(self, rec, result: Result, now: int) -> list[Request]:
+    def retry(self, rec: ActionRecord, result: Result, now: int) -> list[Request]:
         m, g = rec.model, rec.gpu
+        assert m is not None and g is not None, "an Infer names its model and GPU"
         if result.status in NOT_LOADED and m.id in g.loaded and rec.epoch == g.epoch:   # our view was wrong
             self.tracker.unload(m, g)
             self.counters["repaired_placement"] += 1
@@ -413,15 +431,17 @@ class ClockworkPolicy(Policy):
                 self._kick_loads(now)
         return again
 
-    def on_infer_done(self, rec, result, now: int) -> None:
+    def on_infer_done(self, rec: ActionRecord, result: Result | None, now: int) -> None:
         g = rec.gpu
+        assert g is not None, "an Infer names its GPU"
         if not g.failed and g.heap:     # (with nothing in its heap, scheduling g does nothing)
             self._dirty[g.index] = g
         if self._dirty and not self._scheduling:
             self._run_dirty(now)
 
-    def on_load_done(self, rec, result: Result | None, now: int) -> None:
+    def on_load_done(self, rec: ActionRecord, result: Result | None, now: int) -> None:
         m, g = rec.model, rec.gpu
+        assert m is not None and g is not None, "a LoadWeights names its model and GPU"
         if m.id not in g.loading:      # the GPU failed meanwhile and was cleared
             return
         ok = result is not None and result.ok
@@ -440,7 +460,7 @@ class ClockworkPolicy(Policy):
                 self.counters["fragmentation_evictions"] += 1
         self._kick_loads(now)
 
-    def on_evict_done(self, rec, ok: bool, now: int) -> None:
+    def on_evict_done(self, rec: ActionRecord, ok: bool, now: int) -> None:
         if not ok:
             self.counters["evict_errors"] += 1
 
@@ -483,7 +503,7 @@ class ClockworkPolicy(Policy):
         self._load_timer_at = t
         self.ctl.call_at(t, self._on_load_timer)
 
-    def _on_load_timer(self, _arg, now: int) -> None:
+    def _on_load_timer(self, _arg: Any, now: int) -> None:
         self._load_timer_at = None
         self._load_pass(now)
 
@@ -510,11 +530,12 @@ class ClockworkPolicy(Policy):
                         self._load_timer_at = t
                         ctl.call_at(t, self._on_load_timer)
                     break
-                m = tr.choose(g, now, lambda m, g=g: m.num_pages <= g.total_pages)
+                total = g.total_pages       # (choose() calls fits at once: the loop variable is current)
+                m = tr.choose(g, now, lambda m: m.num_pages <= total)
                 if m is None or not self._make_room(g, m, now):
                     break
                 latest = max(now + self.future + self.sa, pa + self.sa)
-                ctl.send_load(g, m, m.est.load_ns(), pa, now, latest, now)
+                ctl.send_load(g, m, _est(m).load_ns(), pa, now, latest, now)
                 tr.begin_load(m, g)
                 self.counters["loads_sent"] += 1
             if not tr.wants_load():

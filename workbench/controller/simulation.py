@@ -145,8 +145,11 @@ def simulate(models: Mapping[str, int] | Sequence[tuple[str, int]], *, num_gpus:
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
     clock = VirtualClock()
     ctl = Controller(clock, policy=policy, config=config, recorder=recorder, **(policy_options or {}))
+    def make_worker(w: int) -> Callable[[Callable[[Any], None]], EmulatedWorker]:
+        return lambda cb: EmulatedWorker(clock, num_gpus, prof, worker_config, cb, seed=seed * 1000 + w)
+
     for w in range(workers):
-        ctl.add_worker(lambda cb, w=w: EmulatedWorker(clock, num_gpus, prof, worker_config, cb, seed=seed * 1000 + w))
+        ctl.add_worker(make_worker(w))
     ids: list[int] = []
     for path, copies in specs:
         ids += ctl.load_model(path, copies)
@@ -155,7 +158,8 @@ def simulate(models: Mapping[str, int] | Sequence[tuple[str, int]], *, num_gpus:
         on_ready(ctl, clock)
     t0 = clock.now()
     t_end = t0 + int(duration_s * NS)
-    pump = wl = None
+    pump: ArrivalPump | None = None
+    wl: Any = None              # the Workload (anything with start(), submitted and stats())
     if arrivals is not None:
         pump = ArrivalPump(ctl, clock, ((t0 + a[0],) + tuple(a[1:]) for a in arrivals), t_end)
     else:

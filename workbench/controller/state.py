@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING
 
 from workbench.controller.estimates import ModelEstimates
 from workbench.controller.tracker import Timeline
+
+if TYPE_CHECKING:
+    from workbench.controller.requests import Request
 
 
 class ModelState:
@@ -29,13 +32,13 @@ class ModelState:
         self.b1_ns = 0                         # batch-1 estimate at start-up (for slo_factor), fixed
         self.min_slo = 0                       # shortest admissible SLO: b1_ns + the controller's buffer
         # queue of pending requests: heap of (exec_deadline, seq, request); finalised ones are skipped lazily
-        self.queue: list = []
+        self.queue: list[tuple[int, int, Request]] = []
         self.n_queued = 0
         self.version = 0                       # bumped whenever the queue front may have changed
         # placement
-        self.loaded: list[Any] = []            # GPUStates holding ready weights
-        self.loading: list[Any] = []           # GPUStates with a LoadWeights in flight
-        self.holding: list[Any] = []           # loaded + loading (the LoadTracker's `model.gpus`)
+        self.loaded: list[GPUState] = []       # GPUs holding ready weights
+        self.loading: list[GPUState] = []      # GPUs with a LoadWeights in flight
+        self.holding: list[GPUState] = []      # loaded + loading (the LoadTracker's `model.gpus`)
         # LoadTracker demand (clockwork.md §4.8)
         self.outstanding_exec = 0.0
         self.outstanding_lw = 0.0
@@ -71,7 +74,7 @@ class GPUState:
         self.total_pages = total_pages
         self.free_pages = total_pages
         self.page_size = page_size
-        self.heap: list = []        # (latest start time, seq, model version, model)
+        self.heap: list[tuple[int, int, int, ModelState]] = []   # (latest start time, seq, model version, model)
         self.loaded: OrderedDict[int, ModelState] = OrderedDict()   # LRU order, oldest first
         self.loading: dict[int, ModelState] = {}
         self.loads_outstanding = 0
