@@ -14,7 +14,8 @@ injective rule (schedules.InjectiveVectorize: vectorized im2col/cast kernels); 6
 BERT's and MobileNetV2's fp16 picks; 7 = the fp16 picks of rounds 5/6 with fp16 activations between kernels
 (schedules.keep_fp16_activations), all four models; 8 = the fp16 winners in data/tuning after round 7 with fp16
 weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast kernels, half the weight bytes);
-9 = the CNNs' fp16 and fp32 winners after round 8 with the RGB stem's im2col as one gather (zoo.py):
+9 = the CNNs' fp16 and fp32 winners after round 8 with the RGB stem's im2col as one gather (zoo.py);
+10 = BERT-base's fp16 winner with the attention matmuls on the batched mma schedule (label suffix -bmma):
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -22,6 +23,8 @@ weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast ker
     python -m bench.build_kernel_candidates --round 8 --out .gpu/kq8 --bundle .gpu/kq8.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 9 --models resnet50,resnet18,mobilenet_v2 --out .gpu/kq9 \
         --bundle .gpu/kq9.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 10 --models bert_base --out .gpu/kq10 \
+        --bundle .gpu/kq10.tar.xz --no-kernels
 
 Every candidate records its weights (dtypes, bytes, and the source's fp32 bytes) and `weight_cast_kernels`:
 calls of kernels that read only weights (ToMixedPrecision's fp32->fp16 weight casts, redone every inference),
@@ -268,7 +271,20 @@ def round9(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str
     return [c for c in cands if c.model in keep], []
 
 
-ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9}
+def round10(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """BERT-base's fp16 winner in data/tuning after round 9 (direct, InjectiveVectorize 8, mma, fp16 activations,
+    fp16 weights) rebuilt with the mma rule taking the batched attention matmuls too (label suffix `-bmma`):
+    bench.kernel_breakdown found QK^T (f16[16,12,128,64] x f16[16,12,64,128]) and PV under dlight's Matmul rule
+    at ~20 TFLOP/s, 0.46 of b16's 3.4 ms. MmaMatmul now gives each thread block one tile of one (batch, head)
+    entry (tensorcore.choose_batched_config); every non-batched kernel is unchanged, so the round-8 ids
+    without the suffix still describe what their variant builds without batched support. b1 and b16."""
+    cands = [ModelCandidate("bert_base", b, "fp16-inj8-mma-act16-w16-bmma",
+                            _variant("direct", "fp16", inj=8, act16=True, w16=True)) for b in (1, 16)]
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
+ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:

@@ -73,6 +73,19 @@ TEST_CASES: list[tuple[str, int, int, int, str, str, str]] = [
     ("ragged_kn_f16", 200, 72, 100, "kn", "float16", "t64"),
     ("ragged_nk_f32", 130, 96, 88, "nk", "float32", "t128x64"),
 ]
+# Batched (one tile of one batch entry per block, blockIdx.z): attention's QK^T with K^T as B[b, n, k] ("nk", no
+# ldmatrix .trans) and already transposed (B[b, k, n], as BERT's fused kernels read it), its PV ("kn"), at
+# BERT-base's per-head shapes (b1: 12 heads; b16's 192 entries for QK^T), plus ragged batched shapes.
+# (name, batch, M, N, K, b_layout, out_dtype, config)
+BATCHED_TEST_CASES: list[tuple[str, int, int, int, int, str, str, str]] = [
+    ("batched_qkt_nk_f32", 192, 128, 128, 64, "nk", "float32", "t64"),
+    ("batched_qkt_kn_f32", 12, 128, 128, 64, "kn", "float32", "t64"),
+    ("batched_pv_kn_f16", 12, 128, 64, 128, "kn", "float16", "t64"),
+    ("batched_pv_nk_f16_t128x64", 12, 128, 64, 128, "nk", "float16", "t128x64"),
+    ("batched_long_k_nk_f32_t128", 4, 128, 128, 256, "nk", "float32", "t128"),
+    ("batched_ragged_nk_f16", 6, 100, 72, 40, "nk", "float16", "t64"),
+    ("batched_ragged_kn_f32", 5, 130, 96, 88, "kn", "float32", "t128x64"),
+]
 
 
 def tflops(m: int, n: int, k: int, ms: float | None) -> float | None:
@@ -125,15 +138,18 @@ def build_one(out: Path, shape: tuple, label: str, force: bool) -> dict:
 
 
 def build_test_case(out: Path, case: tuple, force: bool) -> dict:
-    """One small module of TEST_CASES (the mma schedule only), for the GPU test."""
+    """One small module of TEST_CASES or BATCHED_TEST_CASES (the mma schedule only), for the GPU test."""
     import tvm
     from workbench.models import tensorcore
     from workbench.models.compiler import cuda_sources, make_target
-    name, m, n, k, layout, out_dtype, label = case
+    if len(case) == 8:
+        name, batch, m, n, k, layout, out_dtype, label = case
+    else:
+        (name, m, n, k, layout, out_dtype, label), batch = case, None
     meta_path = out / "tests" / f"{name}.json"
     if meta_path.is_file() and not force:
         return json.loads(meta_path.read_text())
-    func = tensorcore.gemm_func(m, n, k, out_dtype, layout)
+    func = tensorcore.gemm_func(m, n, k, out_dtype, layout, batch=batch)
     cfg = tensorcore.MmaConfig.from_json(CONFIGS[label])
     f = tensorcore.scheduled_func(func, cfg).with_attr("global_symbol", FUNCTION)
     with tvm.transform.PassContext(opt_level=3, config=tensorcore.PASS_CONFIG):
@@ -145,6 +161,8 @@ def build_test_case(out: Path, case: tuple, force: bool) -> dict:
     meta = {"name": name, "m": m, "n": n, "k": k, "b_layout": layout, "out_dtype": out_dtype, "label": label,
             "config": cfg.to_json(), "so": f"tests/{so.name}", "function": FUNCTION,
             "cuda_source_sha256": [hashlib.sha256(x.encode()).hexdigest() for x in srcs]}
+    if batch is not None:
+        meta["batch"] = batch                   # A[batch, M, K], B[batch, ...], C[batch, M, N]
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -175,7 +193,7 @@ def cmd_build(a) -> int:
                 failed.append({"shape": shape[0], "label": label, "error": f"{type(e).__name__}: {str(e)[-800:]}"})
                 print(f"  FAILED {shape[0]} {label}: {str(e)[-300:]}", flush=True)
     tests = []
-    for case in TEST_CASES:
+    for case in TEST_CASES + BATCHED_TEST_CASES:
         try:
             tests.append(build_test_case(out, case, a.force))
         except (RuntimeError, ValueError) as e:

@@ -3,7 +3,8 @@
 CPU (no GPU): configs are validated; the schedule applies to a multiple-of-tile and to a ragged matmul, the
 module builds for sm_90 and its CUDA source really uses ldmatrix + mma.sync + cp.async (not wmma), and NVRTC
 compiles it. GPU (marker `gpu`, runtime-only TVM on the H200): the modules `python -m bench.gemm_tensorcore
-build` puts under .gpu/gemm_tc/tests (WORKBENCH_GEMM_TC overrides the directory) agree with NumPy:
+build` puts under .gpu/gemm_tc/tests (WORKBENCH_GEMM_TC overrides the directory; 2-D and batched, as attention's
+QK^T and PV) agree with NumPy:
 
     PYTHONPATH=$PWD/.device-site:$PWD TVM_USE_RUNTIME_LIB=1 python -m pytest -m gpu tests/test_models_tensorcore.py
 """
@@ -115,14 +116,15 @@ def test_mma_gemm_matches_numpy_on_gpu(tmp_path):
     rng = np.random.default_rng(0)
     for t in tests:
         m, n, k = t["m"], t["n"], t["k"]
-        a = rng.uniform(-1, 1, (m, k)).astype("float16")
-        b = rng.uniform(-1, 1, (k, n) if t["b_layout"] == "kn" else (n, k)).astype("float16")
-        bk = b.astype(np.float64) if t["b_layout"] == "kn" else b.astype(np.float64).T
+        lead = (t["batch"],) if t.get("batch") else ()        # batched: A[q, M, K] x B[q, ...] -> C[q, M, N]
+        a = rng.uniform(-1, 1, lead + (m, k)).astype("float16")
+        b = rng.uniform(-1, 1, lead + ((k, n) if t["b_layout"] == "kn" else (n, k))).astype("float16")
+        bk = b.astype(np.float64) if t["b_layout"] == "kn" else b.astype(np.float64).swapaxes(-1, -2)
         ref = a.astype(np.float64) @ bk
         with cubin_cache.compiling_for(arch):
             f = tvm.runtime.load_module(str(d / t["so"]))[t["function"]]
         ga, gb = cupy.asarray(a), cupy.asarray(b)
-        gc = cupy.full((m, n), np.nan, dtype=t["out_dtype"])
+        gc = cupy.full(lead + (m, n), np.nan, dtype=t["out_dtype"])
         f(tvm.runtime.from_dlpack(ga), tvm.runtime.from_dlpack(gb), tvm.runtime.from_dlpack(gc))
         cupy.cuda.runtime.deviceSynchronize()
         out = cupy.asnumpy(gc).astype(np.float64)
@@ -130,4 +132,7 @@ def test_mma_gemm_matches_numpy_on_gpu(tmp_path):
         tol = 1e-4 if t["out_dtype"] == "float32" else 2e-3
         err = np.abs(out - ref).max() / np.abs(ref).max()
         assert np.isfinite(out).all(), f"{t['name']}: non-finite outputs (unwritten elements?)"
-        assert err <= tol, f"{t['name']} ({m}x{n}x{k}, {t['b_layout']}, {t['label']}): rel err {err:.2e} > {tol}"
+        assert err <= tol, f"{t['name']} ({lead}{m}x{n}x{k}, {t['b_layout']}, {t['label']}): rel err {err:.2e} > {tol}"
+    names = {t["name"] for t in tests}
+    assert any(n.startswith("batched_") for n in names), \
+        f"{sorted(names)}: no batched cases: rebuild with `python -m bench.gemm_tensorcore build`"

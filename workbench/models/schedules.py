@@ -272,8 +272,9 @@ def _rule_classes():
 
     class MmaMatmul(GPUScheduleRule):
         """fp16-input, fp32-accumulating matmul-like kernels on mma.sync tensor cores (tensorcore.schedule_gemm,
-        `config` a tensorcore.CONFIGS label or None: per shape). Returns None for kernels it does not take
-        (see the module docstring), so the next rule schedules them."""
+        `config` a tensorcore.CONFIGS label or None: per shape). Batched matmuls (attention's per-head QK^T and
+        PV) are taken too, one batch entry per thread block (tensorcore.choose_batched_config per shape).
+        Returns None for kernels it does not take (see the module docstring), so the next rule schedules them."""
 
         def __init__(self, config: str | None = None):
             from workbench.models import tensorcore

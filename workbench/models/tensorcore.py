@@ -29,9 +29,12 @@ C[i, j] += f32(A[i, k]) * f32(B[k, j]) (or B[j, k]); the output is C (fp32) or a
 
 Whole models: `schedules.MmaMatmul` (first in the CUDA rule list, `ScheduleSpec.mma`) applies this schedule to
 the fused kernels of a relax module after ToMixedPrecision, with `choose_config` per shape. `_normalize` folds a
-matmul-like block into the 2-D form first (dlight's iter-trait analysis and reindex, without a batch axis):
-BERT's [b, s, k] x [k, n] and ResNet's conv-as-matmul (b*h*w rows); batched matmuls (attention) and direct
-convolutions (shifted reads: TVM's CUDA codegen breaks on their vectorized gathers) are refused. Elementwise
+matmul-like block into the 2-D form first (dlight's iter-trait analysis and reindex): BERT's [b, s, k] x [k, n]
+and ResNet's conv-as-matmul (b*h*w rows). Batched matmuls (attention's [b, h, s, d] x [b, h, d, s] and
+[b, h, s, s] x [b, h, s, d]: axes both inputs read) fold into C[q, i, j] += A[q, i, k] * B[q, k, j] (or
+B[q, j, k]) with every batch axis fused into q, and each thread block computes one ordinary tile of one batch
+entry (q on blockIdx.z, `choose_batched_config`); kernels without a batch axis are scheduled exactly as before.
+Direct convolutions (shifted reads: TVM's CUDA codegen breaks on their vectorized gathers) are refused. Elementwise
 producers fold into the shared-memory copies, elementwise consumers (bias, ReLU, GELU, residual add, casts) into
 the store.
 
@@ -53,6 +56,7 @@ MIN_ARCH = 80                             # mma.m16n8k16 f16 and cp.async need s
 # is mostly padding and dlight's SIMT or GEMV rules are the better fit (MobileNetV2's 16-channel 1x1 convs,
 # batch-1 classifier heads with M = 1).
 MIN_M, MIN_N, MIN_K = 16, 32, 32
+MAX_GRID_Z = 65535                        # CUDA's gridDim.z limit: a batched matmul's batch entries
 
 
 class TensorCoreError(ValueError):
@@ -161,6 +165,18 @@ def choose_config(m: int, n: int, k: int) -> str:
     return "t128"
 
 
+def choose_batched_config(batch: int, m: int, n: int, k: int) -> str:
+    """The config for `batch` independent M x N x K matmuls (one tile of one entry per block). Short K
+    (attention: K = head dim 64 or sequence 128) makes them memory-bound with a large output tile per FLOP:
+    64x64 tiles fit up to 4 blocks per SM (56 KiB shared memory each) and give the most blocks (BERT-base
+    b16's QK^T: 768 over 132 SMs). Long K: the 2-D choice for the stacked batch * M rows, but no taller tile
+    than one entry has rows. Not measured on the H200 yet (round 10 builds it)."""
+    if k <= 256 or m <= 64:
+        return "t64"
+    label = choose_config(batch * m, n, k)
+    return "t64" if CONFIGS[label]["block_m"] > max(m, 64) else label
+
+
 def named_config(label: str) -> "MmaConfig":
     if label not in CONFIGS:
         raise TensorCoreError(f"unknown mma config {label!r}; valid: {', '.join(CONFIGS)}")
@@ -171,14 +187,19 @@ def named_config(label: str) -> "MmaConfig":
 # Workloads
 # ---------------------------------------------------------------------------------------------------------
 
-def gemm_func(m: int, n: int, k: int, out_dtype: str = "float32", b_layout: str = "kn"):
+def gemm_func(m: int, n: int, k: int, out_dtype: str = "float32", b_layout: str = "kn", batch: int | None = None):
     """C[m, n] = A[m, k] (fp16) x B (fp16, [k, n] for "kn" or [n, k] for "nk"), fp32 accumulation; out_dtype
-    float16 adds a cast block (as ToMixedPrecision's fused kernels have). Returns a PrimFunc (main)."""
+    float16 adds a cast block (as ToMixedPrecision's fused kernels have). batch: `batch` independent matmuls,
+    C[b, m, n] = A[b, m, k] x B[b, k, n] (or B[b, n, k]: "nk", attention's Q x K^T). Returns a PrimFunc (main)."""
     from tvm import te, tirx
     if b_layout not in ("kn", "nk"):
         raise TensorCoreError(f"b_layout must be 'kn' (B[K, N]) or 'nk' (B[N, K]), got {b_layout!r}")
     if out_dtype not in ("float32", "float16"):
         raise TensorCoreError(f"out_dtype must be float32 or float16, got {out_dtype!r}")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise TensorCoreError(f"batch must be None or a positive integer, got {batch!r}")
+    if batch is not None:
+        return _batched_gemm_func(batch, m, n, k, out_dtype, b_layout)
     a = te.placeholder((m, k), "float16", name="A")
     b = te.placeholder((k, n) if b_layout == "kn" else (n, k), "float16", name="B")
     r = te.reduce_axis((0, k), name="k")
@@ -195,13 +216,42 @@ def gemm_func(m: int, n: int, k: int, out_dtype: str = "float32", b_layout: str 
     return te.create_prim_func(outs).with_attr("global_symbol", "main")
 
 
+def _batched_gemm_func(batch: int, m: int, n: int, k: int, out_dtype: str, b_layout: str):
+    from tvm import te, tirx
+    a = te.placeholder((batch, m, k), "float16", name="A")
+    b = te.placeholder((batch, k, n) if b_layout == "kn" else (batch, n, k), "float16", name="B")
+    r = te.reduce_axis((0, k), name="k")
+
+    def bval(q, j):
+        return b[q, r, j] if b_layout == "kn" else b[q, j, r]
+
+    c = te.compute((batch, m, n), lambda q, i, j: te.sum(tirx.Cast("float32", a[q, i, r]) *
+                                                         tirx.Cast("float32", bval(q, j)), axis=[r]), name="C")
+    outs = [a, b, c]
+    if out_dtype == "float16":
+        d = te.compute((batch, m, n), lambda q, i, j: tirx.Cast("float16", c[q, i, j]), name="D")
+        outs = [a, b, d]
+    return te.create_prim_func(outs).with_attr("global_symbol", "main")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The schedule
 # ---------------------------------------------------------------------------------------------------------
 
 def _matmul_block(sch):
     """The one reduction block (in the form `_normalize` gives), and its layout facts: (block, trans_b,
-    extents (M, N, K))."""
+    extents (M, N, K)). Batched blocks: see `_batched_matmul_block`."""
+    block, trans_b, ext, batch = _batched_matmul_block(sch)
+    if batch is not None:
+        raise TensorCoreError(f"block {sch.get(block).name_hint}: a batched matmul ({batch} x {ext}); "
+                              f"use _batched_matmul_block")
+    return block, trans_b, ext
+
+
+def _batched_matmul_block(sch):
+    """(block, trans_b, (M, N, K), batch) of the one reduction block: batch None for the 2-D form
+    C[i, j] += A[i, k] * B[k, j] (or B[j, k]), else the extent of the batch axis of the batched form
+    C[b, i, j] += A[b, i, k] * B[b, k, j] (or B[b, j, k]) `_normalize` gives attention's matmuls."""
     root = sch.get_sblock("root") if _has_root(sch) else None
     blocks = sch.get_child_blocks(root) if root is not None else []
     red = []
@@ -213,13 +263,16 @@ def _matmul_block(sch):
         raise TensorCoreError(f"expected exactly one reduction block (the matmul), found {len(red)}")
     block = red[0]
     stmt = sch.get(block)
-    if len(stmt.iter_vars) != 3 or len(stmt.reads) < 2:
+    if len(stmt.iter_vars) not in (3, 4) or len(stmt.reads) < 2:
         raise TensorCoreError(f"block {stmt.name_hint}: expected a 2-D matmul C[i, j] += A[i, k] * B[.., ..] "
                               f"with 3 iteration variables, got {len(stmt.iter_vars)}")
-    vi, vj, vk = (iv.var for iv in stmt.iter_vars)
+    batched = len(stmt.iter_vars) == 4
+    ivs = [iv.var for iv in stmt.iter_vars]
+    vb = ivs[0] if batched else None
+    vi, vj, vk = ivs[-3:]
     kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
-    if kinds != [_SPATIAL, _SPATIAL, _REDUCE]:
-        raise TensorCoreError(f"block {stmt.name_hint}: expected iteration kinds (S, S, R)")
+    if kinds != [_SPATIAL] * (len(kinds) - 1) + [_REDUCE]:
+        raise TensorCoreError(f"block {stmt.name_hint}: expected iteration kinds (S, S, R) or (S, S, S, R)")
     out = _buf(stmt.writes[0])
     ins = [r for r in stmt.reads if _buf(r).name != out.name]
     if len(ins) != 2:
@@ -227,17 +280,22 @@ def _matmul_block(sch):
     a_reg, b_reg = ins
 
     def idx(region):
-        return [rg.min for rg in region.region]
+        return [str(rg.min) for rg in region.region]
 
-    if [str(x) for x in idx(a_reg)] != [str(vi), str(vk)]:
-        raise TensorCoreError(f"block {stmt.name_hint}: A must be read as A[i, k], got {idx(a_reg)}")
-    bi = [str(x) for x in idx(b_reg)]
-    if bi == [str(vk), str(vj)]:
+    lead = [str(vb)] if batched else []
+    if idx(a_reg) != lead + [str(vi), str(vk)]:
+        raise TensorCoreError(f"block {stmt.name_hint}: A must be read as A[{'b, ' if batched else ''}i, k], "
+                              f"got {idx(a_reg)}")
+    bi = idx(b_reg)
+    if bi == lead + [str(vk), str(vj)]:
         trans_b = False
-    elif bi == [str(vj), str(vk)]:
+    elif bi == lead + [str(vj), str(vk)]:
         trans_b = True
     else:
-        raise TensorCoreError(f"block {stmt.name_hint}: B must be read as B[k, j] or B[j, k], got {bi}")
+        raise TensorCoreError(f"block {stmt.name_hint}: B must be read as B[k, j] or B[j, k]"
+                              f"{' (after the batch index)' if batched else ''}, got {bi}")
+    if batched and [str(x.min) for x in stmt.writes[0].region] != [str(vb), str(vi), str(vj)]:
+        raise TensorCoreError(f"block {stmt.name_hint}: C must be written as C[b, i, j]")
     for r in (a_reg, b_reg):
         if str(_buf(r).dtype) != "float16":
             raise TensorCoreError(f"block {stmt.name_hint}: inputs must be float16, {_buf(r).name} is "
@@ -245,7 +303,7 @@ def _matmul_block(sch):
     if str(out.dtype) != "float32":
         raise TensorCoreError(f"block {stmt.name_hint}: the accumulator must be float32, got {out.dtype}")
     ext = tuple(int(iv.dom.extent) for iv in stmt.iter_vars)
-    return block, trans_b, ext
+    return block, trans_b, ext[-3:], (ext[0] if batched else None)
 
 
 _SPATIAL, _REDUCE = 0, 2                   # IterVar kinds (kDataPar, kCommReduce)
@@ -290,12 +348,19 @@ def schedule_gemm(func, cfg: MmaConfig | None = None, check_size: bool = False, 
 
 
 def gemm_shape(func) -> tuple[int, int, int, bool]:
-    """(M, N, K, trans_b) of a matmul-like kernel as the schedule sees it (after `_normalize`)."""
+    """(M, N, K, trans_b) of a matmul-like kernel as the schedule sees it (after `_normalize`); for a batched
+    matmul those of one batch entry (`batched_gemm_shape` gives the batch too)."""
+    return batched_gemm_shape(func)[1:]
+
+
+def batched_gemm_shape(func) -> tuple[int | None, int, int, int, bool]:
+    """(batch, M, N, K, trans_b) of a matmul-like kernel after `_normalize`: batch None for a 2-D matmul, else
+    the number of independent matmuls (every axis both inputs read, fused: attention's batch x heads)."""
     from tvm import s_tir
     sch = s_tir.Schedule(func)
     _normalize(sch)
-    _, trans_b, (m, n, k) = _matmul_block(sch)
-    return m, n, k, trans_b
+    _, trans_b, (m, n, k), batch = _batched_matmul_block(sch)
+    return batch, m, n, k, trans_b
 
 
 def _is_canonical(stmt) -> bool:
@@ -308,6 +373,17 @@ def _is_canonical(stmt) -> bool:
     return a == [vi, vk] and b in ([vk, vj], [vj, vk])
 
 
+def _is_canonical_batched(stmt) -> bool:
+    """C[b, i, j] += A[b, i, k] * B[b, k, j] (or B[b, j, k]) with exactly these four iteration variables."""
+    if len(stmt.iter_vars) != 4 or len(stmt.reads) != 2:
+        return False
+    vb, vi, vj, vk = (str(iv.var) for iv in stmt.iter_vars)
+    a = [str(r.min) for r in stmt.reads[0].region]
+    b = [str(r.min) for r in stmt.reads[1].region]
+    c = [str(r.min) for r in stmt.writes[0].region]
+    return a == [vb, vi, vk] and b in ([vb, vk, vj], [vb, vj, vk]) and c == [vb, vi, vj]
+
+
 def _normalize(sch) -> None:
     """Bring the one reduction block into C[I, J] += A[I, K] * B[K, J] (or B[J, K]) form, as dlight's Matmul
     rule does (its iter-trait analysis and reindex), but without a batch axis: the spatial axes only A reads
@@ -315,7 +391,12 @@ def _normalize(sch) -> None:
     axis is K. B keeps its global memory order: [K, J] when its innermost axis is a J axis (Dense weights
     [in, out]), else [J, K] (nn.Linear-style), so the shared-memory copy reads contiguous rows either way. A block that
     is already in that form is left alone. Raises TensorCoreError for batched matmuls (an axis both inputs
-    read, e.g. attention's per-head matmuls), direct convolutions and anything that is not a matmul."""
+    read), direct convolutions and anything that is not a matmul.
+
+    Batched matmuls (axes both inputs read: attention's batch x heads, `IterKind.kIter_S`) fold into
+    C[b, i, j] += A[b, i, k] * B[b, k, j] (or B[b, j, k]), every batch axis fused into b: `_schedule_gemm` gives
+    each block one tile of one batch entry (b on blockIdx.z). A kernel without a batch axis takes exactly the
+    2-D path it took before batched support (the same TIR, the same CUDA)."""
     from tvm import tirx
     from tvm.s_tir.dlight.gpu.matmul import IterKind, detect_iter_traits, make_iter_fusion_index_map
     from tvm.tirx.analysis import undefined_vars
@@ -333,7 +414,7 @@ def _normalize(sch) -> None:
                                  str(_buf(stmt.writes[0]).dtype) != "float32"):
         raise TensorCoreError(f"block {stmt.name_hint}: inputs must be float16 and the accumulator float32, got "
                               f"{[str(_buf(r).dtype) for r in stmt.reads]} -> {_buf(stmt.writes[0]).dtype}")
-    if _is_canonical(stmt):
+    if _is_canonical(stmt) or _is_canonical_batched(stmt):
         return
     for iv in stmt.iter_vars:
         if not hasattr(iv.dom.extent, "value"):
@@ -344,8 +425,7 @@ def _normalize(sch) -> None:
                               f"or a matmul-like block that folds into one (dlight's iter-trait analysis)")
     a_t, b_t, c_t, blk_t = traits
     S, I, J, K = IterKind.kIter_S, IterKind.kIter_I, IterKind.kIter_J, IterKind.kIter_K
-    if any(t.kind == S for t in blk_t):
-        raise TensorCoreError(f"block {stmt.name_hint}: a batched matmul (an axis both inputs read): not supported")
+    batched = any(t.kind == S for t in blk_t)
     # Only operands whose reads are plain variables with A's innermost one the single K axis: the fused K (and
     # J) axes are then contiguous rows of the buffers. A direct conv's shifted reads (h + ry) and multi-axis K
     # make the vectorized copies gather with 8-lane int64 index vectors, which TVM 0.27's CUDA codegen emits as
@@ -363,10 +443,11 @@ def _normalize(sch) -> None:
     ra = sch.reindex(block, ("read", 0))
     rb = sch.reindex(block, ("read", 1))
     rc = sch.reindex(block, ("write", 0))
-    sch.transform_layout(ra, ("write", 0), make_iter_fusion_index_map(a_t, [I, K]))
-    sch.transform_layout(rb, ("write", 0), make_iter_fusion_index_map(b_t, [K, J] if kn else [J, K]))
-    sch.transform_layout(rc, ("read", 0), make_iter_fusion_index_map(c_t, [I, J]))
-    sch.transform_block_layout(block, make_iter_fusion_index_map(blk_t, [I, J, K]))
+    lead = [S] if batched else []         # no batch axis: exactly the 2-D maps of before
+    sch.transform_layout(ra, ("write", 0), make_iter_fusion_index_map(a_t, lead + [I, K]))
+    sch.transform_layout(rb, ("write", 0), make_iter_fusion_index_map(b_t, lead + ([K, J] if kn else [J, K])))
+    sch.transform_layout(rc, ("read", 0), make_iter_fusion_index_map(c_t, lead + [I, J]))
+    sch.transform_block_layout(block, make_iter_fusion_index_map(blk_t, lead + [I, J, K]))
 
 
 TWO_STAGE = (None, "legacy", "ordered")
@@ -377,10 +458,12 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
     from tvm.s_tir.tensor_intrin.cuda import get_mma_intrin_group, shared_16x16_to_ldmatrix_32x8_layout
     sch = s_tir.Schedule(func)
     _normalize(sch)
-    block, trans_b, (m, n, k) = _matmul_block(sch)
+    block, trans_b, (m, n, k), batch = _batched_matmul_block(sch)
     if check_size and (m < MIN_M or n < MIN_N or k < MIN_K):
         raise TensorCoreError(f"M, N, K = {m}, {n}, {k}: below the rule's minimum {MIN_M}, {MIN_N}, {MIN_K}")
-    cfg = cfg or named_config(choose_config(m, n, k))
+    if batch is not None and batch > MAX_GRID_Z:
+        raise TensorCoreError(f"batch {batch} exceeds gridDim.z's limit {MAX_GRID_Z} (one batch entry per block)")
+    cfg = cfg or named_config(choose_config(m, n, k) if batch is None else choose_batched_config(batch, m, n, k))
     wm = cfg.block_m // cfg.warps_m // MMA                # fragments per warp along M
     wn = cfg.block_n // cfg.warps_n // MMA
     kk = cfg.block_k // MMA
@@ -391,9 +474,14 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
     # a cropping consumer of C, inlined below into the copies.
     pad = [cfg.block_m, cfg.block_n, cfg.block_k]
     if m % pad[0] or n % pad[1] or k % pad[2]:
-        sch.pad_einsum(block, pad)
+        sch.pad_einsum(block, pad if batch is None else [1] + pad)
 
-    i, j, r = sch.get_loops(block)
+    # batched: the batch loop stays outermost, one batch entry per block (blockIdx.z); the tiles below it are
+    # those of a 2-D matmul, the buffers keep a leading batch axis of extent 1 per block
+    if batch is None:
+        i, j, r = sch.get_loops(block)
+    else:
+        bz, i, j, r = sch.get_loops(block)
     i, i_tc = sch.split(i, factors=[None, MMA])
     j, j_tc = sch.split(j, factors=[None, MMA])
     r, r_tc = sch.split(r, factors=[None, MMA])
@@ -404,6 +492,8 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
     j0, j1, j2 = sch.split(j, factors=[None, cfg.warps_n, wn])
     k0, k1 = sch.split(r, factors=[None, kk])
     sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2)
+    if batch is not None:
+        sch.bind(bz, "blockIdx.z")
     sch.bind(i0, "blockIdx.y")
     sch.bind(j0, "blockIdx.x")
     ty = sch.fuse(i1, j1)
@@ -449,8 +539,12 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
     loop_b = tile_fragments(b_w, MMA, MMA)
     loop_c = tile_fragments(c_w, MMA, MMA)
 
-    def frag_map(x, y):
-        return (x // MMA, y // MMA, *shared_16x16_to_ldmatrix_32x8_layout(x % MMA, y % MMA))
+    if batch is None:
+        def frag_map(x, y):
+            return (x // MMA, y // MMA, *shared_16x16_to_ldmatrix_32x8_layout(x % MMA, y % MMA))
+    else:                                 # the same fragment layout below the batch index
+        def frag_map(b, x, y):
+            return (b, x // MMA, y // MMA, *shared_16x16_to_ldmatrix_32x8_layout(x % MMA, y % MMA))
 
     sch.transform_layout(a_w, ("write", 0), frag_map)
     sch.transform_layout(b_w, ("write", 0), frag_map)
