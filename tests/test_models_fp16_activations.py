@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bench.kernel_quality import TOLERANCE, numerics
+from relax_walk import bindings as _bindings, dtype as _dtype, op_name as _op
 from workbench.models.schedules import ScheduleError, ScheduleSpec
 from workbench.models.tuning import TuningError, Variant, load_model_file
 
@@ -97,21 +98,6 @@ def test_a_database_entry_selects_fp16_activations_and_fp16_alone_does_not(tmp_p
 # ---------------------------------------------------------------------------------------------------------
 # The Relax module after the mixed-precision pass
 # ---------------------------------------------------------------------------------------------------------
-
-def _bindings(func):
-    for block in func.body.blocks:
-        yield from block.bindings
-
-
-def _op(value) -> str | None:
-    import tvm
-    from tvm import relax
-    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
-
-
-def _dtype(expr) -> str:
-    return str(expr.ty.dtype)
-
 
 def test_mixed_precision_module_dtypes():
     """ResNet-18 (conv as matmul) b2: the im2col, relu, max-pool and residual-add activations are fp16 (fp32 with

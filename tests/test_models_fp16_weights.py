@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from bench.kernel_quality import TOLERANCE, numerics
+from relax_walk import bindings as _bindings, dtype as _dtype, op_name as _op
 from workbench.models.schedules import ScheduleError, ScheduleSpec
 from workbench.models.tuning import TuningError, Variant, load_model_file
 
@@ -99,21 +100,6 @@ def test_plan_gives_one_weights_dtype_for_every_batch_size(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # The Relax module after the pass
 # ---------------------------------------------------------------------------------------------------------
-
-def _bindings(func):
-    for block in func.body.blocks:
-        yield from block.bindings
-
-
-def _op(value) -> str | None:
-    import tvm
-    from tvm import relax
-    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
-
-
-def _dtype(expr) -> str:
-    return str(expr.ty.dtype)
-
 
 @pytest.mark.parametrize("activations", ["fp32", "fp16"])
 def test_weight_parameters_become_fp16_and_their_casts_go(activations):

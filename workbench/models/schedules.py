@@ -46,7 +46,7 @@ import functools
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 # dlight's Matmul config for CUDA in TVM 0.27 (dl.gpu.Matmul.get_configs): a 32x64 tile, 128 threads.
 MATMUL_FIELDS = ("block_size_x", "block_size_y", "vthread_x", "vthread_y", "micro_size_x", "micro_size_y",
@@ -638,17 +638,24 @@ def keep_fp16_activations(mod):
     pool), whose widening cast FuseOps fuses into the producing kernel, and the weights, which the artifact stores
     in fp32 (one cast kernel per weight per run, as before). Idempotent. Relax functions without fp16 values are
     left alone; raises ScheduleError if no function has any (ToMixedPrecision, i.e. precision fp16, first)."""
+    return _rewrite_mixed_funcs(mod, "activations", lambda f: True, _fp16_activations_func)
+
+
+def _rewrite_mixed_funcs(mod, what: str, eligible: Callable, rewrite: Callable):
+    """`rewrite(func, name)` applied to each Relax function that `eligible(func)` and that computes fp16 values
+    (after ToMixedPrecision); ScheduleError naming them if there are eligible functions but none computes any."""
     import tvm
     from tvm import relax
     funcs = {gv: f for gv, f in mod.functions_items()}
-    relax_funcs = [gv for gv, f in funcs.items() if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)]
-    mixed = [gv for gv in relax_funcs if any(_dtype(bd.var) == "float16" for blk in funcs[gv].body.blocks
-                                             for bd in blk.bindings)]
-    if relax_funcs and not mixed:
-        raise ScheduleError(f"fp16 activations: {', '.join(gv.name_hint for gv in relax_funcs)} compute(s) no fp16 "
-                            f"values; activations fp16 needs precision fp16 (ToMixedPrecision first)")
+    cands = [gv for gv, f in funcs.items() if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
+             and eligible(f)]
+    mixed = [gv for gv in cands if any(_dtype(bd.var) == "float16" for blk in funcs[gv].body.blocks
+                                       for bd in blk.bindings)]
+    if cands and not mixed:
+        raise ScheduleError(f"fp16 {what}: {', '.join(gv.name_hint for gv in cands)} compute(s) no fp16 values; "
+                            f"{what} fp16 needs precision fp16 (ToMixedPrecision first)")
     for gv in mixed:
-        funcs[gv] = _fp16_activations_func(funcs[gv], gv.name_hint)
+        funcs[gv] = rewrite(funcs[gv], gv.name_hint)
     return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
@@ -850,19 +857,8 @@ def keep_fp16_weights(mod):
     weights. Inputs and outputs keep their dtypes; only weight parameter dtypes change. Idempotent. Relax
     functions without a "num_input" attribute (no inputs/weights split) are left alone; raises ScheduleError if
     no function computes in fp16 (ToMixedPrecision, i.e. precision fp16, first)."""
-    import tvm
-    from tvm import relax
-    funcs = {gv: f for gv, f in mod.functions_items()}
-    split = [gv for gv, f in funcs.items() if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
-             and f.attrs is not None and "num_input" in f.attrs]
-    mixed = [gv for gv in split if any(_dtype(bd.var) == "float16" for blk in funcs[gv].body.blocks
-                                       for bd in blk.bindings)]
-    if split and not mixed:
-        raise ScheduleError(f"fp16 weights: {', '.join(gv.name_hint for gv in split)} compute(s) no fp16 values; "
-                            f"weights fp16 needs precision fp16 (ToMixedPrecision first)")
-    for gv in mixed:
-        funcs[gv] = _fp16_weights_func(funcs[gv], gv.name_hint)
-    return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
+    return _rewrite_mixed_funcs(mod, "weights", lambda f: f.attrs is not None and "num_input" in f.attrs,
+                                _fp16_weights_func)
 
 
 def fp16_weight_params(func) -> list[int]:
