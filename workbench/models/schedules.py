@@ -641,6 +641,27 @@ def keep_fp16_activations(mod):
     return _rewrite_mixed_funcs(mod, "activations", lambda f: True, _fp16_activations_func)
 
 
+def _remapper(bb, half: dict, new: dict, where: str) -> Callable:
+    """remap(e): `e` with old vars replaced by `new` ones; a var with an fp16 twin in `half` (a rounded fp32
+    activation, a converted weight) is read through a fresh widening cast, one per reader (a cast shared by
+    readers would fuse into the producer)."""
+    from tvm import relax
+
+    def remap(e):
+        if isinstance(e, relax.Var):
+            return bb.emit(relax.op.astype(half[e], "float32")) if e in half else new.get(e, e)
+        if isinstance(e, relax.Tuple):
+            return relax.Tuple([remap(f) for f in e.fields])
+        if isinstance(e, relax.TupleGetItem):
+            return relax.TupleGetItem(remap(e.tuple_value), e.index)
+        if isinstance(e, relax.Call):
+            return relax.Call(e.op, [remap(a) for a in e.args], e.attrs, e.ty_args)
+        if isinstance(e, (relax.If, relax.SeqExpr, relax.Function)):
+            raise ScheduleError(f"{where}: cannot rewrite a nested {type(e).__name__}")
+        return e                       # constants, shapes, scalars, strings, functions by name
+    return remap
+
+
 def _rewrite_mixed_funcs(mod, what: str, eligible: Callable, rewrite: Callable):
     """`rewrite(func, name)` applied to each Relax function that `eligible(func)` and that computes fp16 values
     (after ToMixedPrecision); ScheduleError naming them if there are eligible functions but none computes any."""
@@ -702,20 +723,7 @@ def _fp16_activations_func(func, name: str):
                 collect(bd.value)
     bb = relax.BlockBuilder()
 
-    def remap(e):
-        """`e` with old vars replaced by new ones; a rounded fp32 activation is read through a fresh widening
-        cast of its fp16 value, one per reader (a cast shared by readers would fuse into the producer)."""
-        if isinstance(e, relax.Var):
-            return bb.emit(relax.op.astype(half[e], "float32")) if e in half else new.get(e, e)
-        if isinstance(e, relax.Tuple):
-            return relax.Tuple([remap(f) for f in e.fields])
-        if isinstance(e, relax.TupleGetItem):
-            return relax.TupleGetItem(remap(e.tuple_value), e.index)
-        if isinstance(e, relax.Call):
-            return relax.Call(e.op, [remap(a) for a in e.args], e.attrs, e.ty_args)
-        if isinstance(e, (relax.If, relax.SeqExpr, relax.Function)):
-            raise ScheduleError(f"fp16 activations: function {name}: cannot rewrite a nested {type(e).__name__}")
-        return e                       # constants, shapes, scalars, strings, functions by name
+    remap = _remapper(bb, half, new, f"fp16 activations: function {name}")
 
     def as_fp16(e):
         """`e` as an operand of an fp16 op, or None (an fp32 tensor without an fp16 twin, e.g. a weight)."""
@@ -910,21 +918,7 @@ def _fp16_weights_func(func, name: str):
     new: dict = {}                     # old var -> what replaces it
     bb = relax.BlockBuilder()
 
-    def remap(e):
-        """`e` with old vars replaced; a converted weight is read through a fresh widening cast per reader."""
-        if isinstance(e, relax.Var):
-            if e in half:
-                return bb.emit(relax.op.astype(half[e], "float32"))
-            return new.get(e, e)
-        if isinstance(e, relax.Tuple):
-            return relax.Tuple([remap(f) for f in e.fields])
-        if isinstance(e, relax.TupleGetItem):
-            return relax.TupleGetItem(remap(e.tuple_value), e.index)
-        if isinstance(e, relax.Call):
-            return relax.Call(e.op, [remap(a) for a in e.args], e.attrs, e.ty_args)
-        if isinstance(e, (relax.If, relax.SeqExpr, relax.Function)):
-            raise ScheduleError(f"fp16 weights: function {name}: cannot rewrite a nested {type(e).__name__}")
-        return e
+    remap = _remapper(bb, half, new, f"fp16 weights: function {name}")
 
     astype = tvm.ir.Op.get("relax.astype")
     with bb.function(name, params, attrs={k: v for k, v in attrs.items() if k != "global_symbol"},
