@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(CORE): $(STAMP) $(CORE_SRC)
-	WORKBENCH_COMPILE=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	WORKBENCH_COMPILE=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e . || { $(PY) setup.py -q \
+	  clean_compiled; echo "note: the simulation core did not compile (no C compiler?): it runs as pure Python"; }
 
 kernel: $(CORE)
 	$(PY) -m workbench kernel install
