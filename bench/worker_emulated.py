@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     rows = [run(a.gpus, a.models, a.actions, a.depth, a.churn, a.seed),
             run(1, 100, a.actions // 2, a.depth, 10**9, a.seed)]
+    from bench.controller_common import core_description
+    core = core_description()
     md = ["| GPUs | model copies | actions | errors | wall s | CPU s | virtual s | actions/s wall | actions per CPU-s "
           "| virtual/wall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -104,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "Infer actions (batch 1..16 on ResNet-50 copies, profile h200) with an evict+load every "
            f"{a.churn} actions in the first row and none in the second; every action answered, cache consistent: "
            f"{all(r['consistent'] for r in rows)}. One process, one thread; 'per CPU-s' divides by the process's "
-           f"CPU time, the fair figure on a shared machine (load average {os.getloadavg()[0]:.1f} during this run)."]
-    write("worker_emulated", {"runs": rows, "args": vars(a)}, md)
+           f"CPU time, the fair figure on a shared machine (load average {os.getloadavg()[0]:.1f} during this run). "
+           f"The worker's state machine (emulated_lean): {core}."]
+    write("worker_emulated", {"runs": rows, "args": vars(a), "core": core}, md)
     return 0
 
 
