@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
            "config": {"rows": a.rows, "pairs": a.pairs, "duration_s": a.duration, "rate": a.rate, "seed": a.seed,
                       "timed_runs": a.timed_runs},
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "load_average": os.getloadavg()[0]},
+                       "load_average": os.getloadavg()[0], "core": _core()},
            "command": "python -m bench.telemetry_overhead"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "telemetry_overhead.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -435,11 +435,20 @@ def _verdict(sim: dict) -> tuple[bool, dict, dict]:
     return o["q1"] <= p["median"] <= o["q3"], p, o
 
 
+def _core() -> str:
+    """How the simulation core runs in this tree (the simulations run in child processes that import the same)."""
+    import workbench.controller.controller  # noqa: F401 - loads the core as the children do
+    from bench.controller_common import core_description
+    return core_description()
+
+
 def report(res: dict) -> str:
     m, sim, ins, c = res["micro_ns"], res["simulation"], res["instructions"], res["config"]
-    lines = [f"# Telemetry recording overhead (`{res['command']}`)", "",
-             f"Machine: {res['machine']['cpus']} CPUs, load average {res['machine']['load_average']:.1f} at the end "
-             f"(shared with other work). Python {res['machine']['python']}.", ""] + summary(res) + [
+    head = [f"# Telemetry recording overhead (`{res['command']}`)", "",
+            f"Machine: {res['machine']['cpus']} CPUs, load average {res['machine']['load_average']:.1f} at the end "
+            f"(shared with other work). Python {res['machine']['python']}. Simulation core (controller, clock, "
+            f"emulated worker; the recorder is plain Python): {res['machine'].get('core', 'interpreted')}.", ""]
+    lines = head + summary(res) + [
              f"## (a) Per row (best of 5, {c['rows']:,} rows, full rows as the controller sends them)", "",
              "| API | request row (16 columns) ns | action row (23 columns) ns |", "| --- | --- | --- |",
              f"| `add_request_row(t)` / `add_action_row(t)`: the positional fast path (the call, and packing "
