@@ -8,6 +8,7 @@ import hashlib
 import importlib.machinery
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,38 +44,51 @@ def scenario_digests() -> dict[str, str]:
     return out
 
 
-def _in_sources_process(code: str) -> str:
-    """Run `code` in a fresh interpreter that imports the core from its .py sources; its stdout."""
-    prog = ("import sys; sys.path.insert(0, %r)\n"
-            "from workbench.controller.compiled import prefer_sources; prefer_sources()\n" % str(TESTS)) + code
-    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=300,
-                       cwd=compiled.ROOT, env={**os.environ, "PYTHONPATH": str(compiled.ROOT)})
+def _run_in(root: Path, code: str, sources: bool = False) -> str:
+    """Run `code` in a fresh interpreter importing the package from `root` (its .py sources if `sources`);
+    its stdout."""
+    prog = "import sys; sys.path.insert(0, %r)\n" % str(TESTS)
+    if sources:
+        prog += "from workbench.controller.compiled import prefer_sources; prefer_sources()\n"
+    r = subprocess.run([sys.executable, "-c", prog + code], capture_output=True, text=True, timeout=600, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
 
-def _core_is_compiled() -> bool:
-    import workbench.controller.controller  # noqa: F401 - the core, as built
-    import workbench.worker.emulated  # noqa: F401
-    return bool(compiled.loaded_compiled())
+@pytest.fixture(scope="module")
+def built_root(tmp_path_factory) -> Path:
+    """A tree whose core is compiled: this one where `make` built it, else a copy built here the same way
+    (setup.py with WORKBENCH_COMPILE=1; a few minutes)."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    if all(compiled.source_path(m).with_suffix(suffix).exists() for m in compiled.MODULES):
+        return compiled.ROOT
+    root = tmp_path_factory.mktemp("built")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(compiled.ROOT / name, root / name)
+    shutil.copytree(compiled.ROOT / "workbench", root / "workbench",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "compiled.json"))
+    (root / "data").symlink_to(compiled.ROOT / "data")      # the emulation profiles
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root, capture_output=True,
+                       text=True, timeout=1800, env={**os.environ, "WORKBENCH_COMPILE": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return root
+
+
+SCENARIOS = ("import json, sys, test_compiled_core as t\n"
+             "from workbench.controller.compiled import MODULES, loaded_compiled\n"
+             "d = t.scenario_digests()\n"
+             "files = {m: sys.modules[m].__file__ for m in MODULES}\n"
+             "print(json.dumps({'digests': d, 'compiled': loaded_compiled(), 'files': files}))\n")
 
 
 @pytest.mark.slow
-def test_sources_run_beside_the_compiled_build_and_give_its_results():
-    out = json.loads(_in_sources_process(
-        "import json, test_compiled_core as t\n"
-        "from workbench.controller.compiled import MODULES, loaded_compiled\n"
-        "d = t.scenario_digests()\n"
-        "import sys\n"
-        "files = {m: sys.modules[m].__file__ for m in MODULES}\n"
-        "print(json.dumps({'digests': d, 'compiled': loaded_compiled(), 'files': files}))\n").splitlines()[-1])
-    assert out["compiled"] == [] and all(f.endswith(".py") for f in out["files"].values()), out["files"]
-    if not _core_is_compiled():
-        pytest.skip("the core runs from its .py sources here (not built: WORKBENCH_COMPILE=1 pip install "
-                    "--no-build-isolation -e .)")
-    digests = scenario_digests()
-    assert compiled.loaded_compiled() == list(compiled.MODULES)
-    assert digests == out["digests"], "the compiled core ran the simulations differently"
+def test_sources_run_beside_the_compiled_build_and_give_its_results(built_root):
+    src = json.loads(_run_in(built_root, SCENARIOS, sources=True).splitlines()[-1])
+    assert src["compiled"] == [] and all(f.endswith(".py") for f in src["files"].values()), src["files"]
+    out = json.loads(_run_in(built_root, SCENARIOS).splitlines()[-1])
+    assert out["compiled"] == list(compiled.MODULES), out["files"]
+    assert out["digests"] == src["digests"], "the compiled core ran the simulations differently"
 
 
 def test_a_compiled_build_older_than_its_sources_is_refused(tmp_path):
@@ -95,13 +109,13 @@ def test_a_compiled_build_older_than_its_sources_is_refused(tmp_path):
         compiled.check_fresh(tmp_path, manifest, modules)
 
 
-def test_the_build_manifest_matches_the_tree_when_built():
-    if not _core_is_compiled():
-        pytest.skip("the core runs from its .py sources here (not built)")
-    hashes = json.loads(compiled.MANIFEST.read_text())
-    assert hashes == {m: compiled.source_hash(m) for m in compiled.MODULES}
-    with pytest.raises(RuntimeError, match="prefer_sources"):
-        compiled.prefer_sources()        # too late in this process: the compiled modules are in use
+def test_the_build_records_the_sources_it_compiled(built_root):
+    hashes = json.loads((built_root / "workbench" / "controller" / "compiled.json").read_text())
+    assert hashes == {m: compiled.source_hash(m, built_root) for m in compiled.MODULES}
+    out = _run_in(built_root, "import workbench.controller.controller\n"
+                              "from workbench.controller.compiled import prefer_sources\n"
+                              "try:\n    prefer_sources()\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    assert "refused: prefer_sources() after" in out     # too late: the compiled modules are in use
 
 
 @pytest.mark.slow
@@ -124,7 +138,7 @@ def test_cpu_split_and_breakdown_time_the_entry_points_of_the_core_as_built(monk
 
 @pytest.mark.slow
 def test_the_compiled_modules_type_check():
-    api = pytest.importorskip("mypy.api", reason="mypy is not installed (the compiled build needs it)")
+    from mypy import api                 # a dev dependency: the compiled build needs it
     files = [str(compiled.source_path(m)) for m in compiled.MODULES]
     out, err, status = api.run(["--ignore-missing-imports", "--follow-imports=silent", "--check-untyped-defs",
                                 "--disallow-untyped-defs", "--no-incremental", *files])
