@@ -190,11 +190,19 @@ class ScheduleSpec:
 @functools.lru_cache(maxsize=None)
 def _rule_classes():
     """The rule classes, built on first use (they subclass dlight's, which need the TVM compiler)."""
-    from tvm import s_tir
+    from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+
+    def normalized(rule, func, target):
+        """(schedule, block infos) of a PrimFunc for `rule`'s target, as dlight's rules start; None otherwise."""
+        if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        return None if infos is None else (sch, infos)
 
     class ConfiguredMatmul(dl.gpu.Matmul):
         """dlight's Matmul rule with some fields of its CUDA config replaced (tensor-core paths unchanged)."""
@@ -216,13 +224,10 @@ def _rule_classes():
             self.max_reduction = max_reduction
 
         def apply(self, func, target, _):
-            from tvm import tirx
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            got = normalized(self, func, target)
+            if got is None or not any(i.is_reduction() for i in got[1]):
                 return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None or not any(i.is_reduction() for i in infos):
-                return None
+            sch, infos = got
             for info in infos:
                 if not info.is_reduction():
                     continue
@@ -281,7 +286,6 @@ def _rule_classes():
             self.config = None if config is None else tensorcore.named_config(config)
 
         def apply(self, func, target, _):
-            from tvm import tirx
             from tvm.s_tir.dlight.gpu.matmul import check_sm_version
             from workbench.models import tensorcore
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -325,13 +329,10 @@ def _rule_classes():
             self.threads = threads
 
         def apply(self, func, target, _):
-            from tvm import tirx
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            got = normalized(self, func, target)
+            if got is None or not all(i.is_injective() for i in got[1]):
                 return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None or not all(i.is_injective() for i in infos):
-                return None
+            sch, infos = got
             infos = try_inline(sch, infos)
             if len(infos) != 1 or not infos[0].is_injective():
                 return None
