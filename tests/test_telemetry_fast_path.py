@@ -145,15 +145,14 @@ def test_subclass_hooking_keyword_methods_sees_positional_rows():
     rec.close()
 
 
-def test_ui_session_recorder_is_poked_for_positional_rows():
-    from workbench.ui.session import _NotifyingRecorder
-
-    rec = _NotifyingRecorder()
+def test_on_row_pokes_for_positional_rows_and_for_the_controllers_row_writers():
+    rec = Recorder()                   # as the UI session keeps it: its pump is poked through `on_row`
     pokes = []
     rec.on_row = lambda: pokes.append(1)
     rec.add_request_row(as_tuple(req(0), REQUEST_FIELDS, rec))
     rec.add_action_row(as_tuple(act(0), ACTION_FIELDS, rec))
-    assert len(pokes) == 2 and rec.num_requests == 1 and rec.num_actions == 1
+    rec.row_writer("request").write(as_tuple(req(1), REQUEST_FIELDS, rec))
+    assert len(pokes) == 3 and rec.num_requests == 2 and rec.num_actions == 1
     rec.close()
 
 

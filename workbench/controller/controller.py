@@ -56,9 +56,10 @@ from workbench.controller.compiled import mypyc_attr
 from workbench.controller.config import ControllerConfig
 from workbench.controller.estimates import ModelEstimates
 from workbench.controller.policy import Policy, split_outputs
-from workbench.controller.requests import (DONE, ERROR, INFLIGHT, QUEUED, REJECTED, SUCCESS, TIMEOUT, Request,
-                                           RequestOutcome)
+from workbench.controller.requests import (DONE, ERROR, INFLIGHT, QUEUED, REJECTED, STATUSES, SUCCESS, TIMEOUT,
+                                           Request, RequestOutcome)
 from workbench.controller.state import GPUState, ModelState
+from workbench.telemetry.row_writer import RowWriter
 
 # (Final: the compiled core inlines these constants rather than reading the module's namespace)
 DEADLINE: Final = 0
@@ -172,10 +173,21 @@ class Controller:
         fast = codes is not None and hasattr(recorder, "add_request_row") and hasattr(recorder, "add_action_row")
         self._request_row = recorder.add_request_row if fast else None
         self._action_row = recorder.add_action_row if fast else None
+        # cheaper still: the rows packed straight into the recorder's memory (Recorder.row_writer), one C call each
+        row_writer = getattr(recorder, "row_writer", None) if fast else None
+        self._request_writer: RowWriter | None = row_writer("request") if row_writer is not None else None
+        self._action_writer: RowWriter | None = row_writer("action") if row_writer is not None else None
         # str -> what a row carries for it (a dict whose __missing__ interns new strings)
         self._codes: dict[str, Any] = codes if codes is not None and fast else _SAME_STRING
         self._type_codes = {t: self._codes[n] for t, n in _TYPE_NAMES.items()}
         self._status_codes = {s: self._codes[n] for s, n in _STATUS_NAMES.items()}
+        # the strings of nearly every request row, looked up once (a plain dict: cheaper than the string table's)
+        stable = getattr(self._codes, "stable", None)
+        self._row_codes: dict[str, Any] = {}
+        for x in ("", *STATUSES):
+            c = stable(x) if stable is not None else self._codes[x]
+            if c is not None:
+                self._row_codes[x] = c
         self.policy = make_policy(policy, **policy_options)
         self._lock = threading.RLock()
         self._ready_cv = threading.Condition(self._lock)
@@ -466,12 +478,19 @@ class Controller:
         assert status is not None, "a request is recorded once final"
         row = (r.id, m.id if m is not None else -1, s[m.name if m is not None else ""],
                g.worker if g is not None else -1, g.local if g is not None else -1, r.batch_size, r.arrival,
-               r.deadline, r.completion, r.slo, s[status], r.completion - r.arrival, bool(r.cold and g is not None),
-               s[r.message], r.action_id, r.slo_factor)
-        if self._request_row is not None:     # the recorder's positional fast path (schema column order)
+               r.deadline, r.completion, r.slo, self._row_code(status), r.completion - r.arrival,
+               bool(r.cold and g is not None), self._row_code(r.message), r.action_id, r.slo_factor)
+        w = self._request_writer
+        if w is not None and w.write(row):
+            return
+        if self._request_row is not None:     # the recorder's positional path (checks each value, names a bad one)
             self._request_row(row)
         else:
             self.recorder.add_request(**dict(zip(_REQUEST_FIELDS, row)))
+
+    def _row_code(self, x: str) -> Any:
+        c = self._row_codes.get(x)
+        return c if c is not None else self._codes[x]
 
     # ====================================================================================== sending actions
     def send_infer(self, g: GPUState, m: ModelState, reqs: list[Request], predicted: int, begin: int,
@@ -1196,6 +1215,9 @@ class Controller:
                rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1), rec.batch_size,
                rec.earliest, latest, rec.sent, rec.planned_begin, rec.planned_end, rec.predicted, now, mb, me, md,
                clk, st, name, clk0, rec.queued, rec.copies, s[message])
+        w = self._action_writer
+        if w is not None and w.write(row):
+            return
         if self._action_row is not None:
             self._action_row(row)
         else:

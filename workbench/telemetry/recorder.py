@@ -1,8 +1,15 @@
 """`Recorder`: one row per request and per action, cheap on the controller's hot path.
 
-Two ways to add a row (both thread-safe, both keep rows in call order):
+Three ways to add a row (all thread-safe; each keeps its rows in call order):
 
-- Positional fast path, for the controller: `add_request_row(values)` / `add_action_row(values)`, where `values`
+- Row writers, for the controller: `w = recorder.row_writer("request")` (or "action") gives a `RowWriter`
+  (workbench/telemetry/row_writer.py, compiled with the simulation core) for one writer at a time; `w.write(values)`
+  takes the same tuple as `add_request_row` and packs it with one C call (`struct.Struct.pack_into`) straight into
+  a buffer of the recorder's, which keeps full buffers as blocks of packed rows and takes the rows of a partly
+  filled one whenever it is read. No recorder code runs per row. A row that does not pack is not written
+  (`write` returns False); the writer then hands it to `add_*_row`, which records it in its place and names the
+  bad value. A subclass that hooks the row methods gets no writers (its hooks must see every row).
+- Positional tuples: `add_request_row(values)` / `add_action_row(values)`, where `values`
   is a tuple of *every* column in schema order (`REQUEST_FIELDS` / `ACTION_FIELDS`, i.e. `REQUEST_COLUMNS` /
   `ACTION_COLUMNS` in `workbench.telemetry.schema`, optional columns included: 16 request values, 23 action
   values), every value a number: Int64 columns an int, Float64 a float (or int), Boolean a bool (or 0/1), and
@@ -22,6 +29,8 @@ Two ways to add a row (both thread-safe, both keep rows in call order):
   overrides `add_request` / `add_action` (e.g. to be notified of each row) also sees the rows given
   positionally: they are routed through its override, codes turned back into strings.
 
+`on_row`, if set, is called after every row whichever way it came (e.g. to poke a live view).
+
 Where the time goes (measured by `python -m bench.telemetry_overhead`, bench/results/telemetry_overhead.md;
 section (c) times each call inside the simulation): inside a simulation the recorder's code and data are cold,
 and in this VM every first touch of a 4 KiB page costs ~1-3 us, so what counts is the code a row runs, the
@@ -33,8 +42,13 @@ during the run (the previous design: ~1.2 us a call inside the run, though 0.5 u
 code and ~2,000 page faults a run); packing each row into bytes as it comes (~0.6-0.7 us a call inside the
 run, cold code every time: no better than packing in batches; a growing bytearray of a whole chunk also
 faulted every page anew, and `mmap.write` per row is slower than `bytearray +=`); packing every 4 or 16 rows
-(a fixed cost per batch of a few us). So:
+(a fixed cost per batch of a few us). What did win: packing each row as it comes *from compiled code, with a C
+call that converts the values itself* (the row writers): the per-value conversion was the cost of every design
+above (struct's generic item path, ~140 instructions a value; `_rowpack.c` a few), and the compiled controller
+calling the compiled writer runs no interpreted frame. Under callgrind recording adds +4.3% instructions to a
+simulation this way (+3.4% of it the controller gathering the row's values), against +7.2% for tuples. So:
 
+0. Row writers pack each row into a buffer of `_WRITER_ROWS` rows; full buffers become blocks as in 1.
 1. The tuples wait in `rows` (at most `stage_rows`, default 256: bounded Python objects); then the adding
    thread packs them, in one C loop (`b"".join(starmap(pack, rows))`), into one more block of bytes: ~0.6 us
    a call inside the simulation, most of it reading tuples that are no longer in the CPU's caches and storing
@@ -66,11 +80,12 @@ import threading
 import time
 from itertools import starmap
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import polars as pl
 
+from workbench.telemetry.row_writer import RowWriter
 from workbench.telemetry.schema import ACTION_COLUMNS, REQUEST_COLUMNS, REQUIRED, Column
 
 REQUESTS_FILE = "requests.parquet"
@@ -85,6 +100,7 @@ _INT, _FLOAT, _BOOL, _STR = "q", "d", "?", "s"   # how a column travels: its str
 #                                                  "s": 'q' holding a string code)
 _KINDS = {pl.Int64: _INT, pl.Float64: _FLOAT, pl.Boolean: _BOOL, pl.Utf8: _STR}
 _PACK_Q, _PACK_D = struct.Struct("q").pack, struct.Struct("d").pack
+_WRITER_ROWS = 1024    # rows per RowWriter buffer (128 KiB of request rows)
 _HUGE = 2 << 20        # a huge page
 _BLOCK = 256           # rows transposed at a time
 _MAP_FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)   # private: huge pages allowed
@@ -127,22 +143,24 @@ class StringCodes(dict):
         self._series: pl.Series | None = None  # `values` as a polars column (rebuilt when it grew)
 
     def __missing__(self, key: Any) -> int:
-        if type(key) is not str:
-            return self.one_shot(key)
-        with self._lock:
-            code = dict.get(self, key)
-            if code is None:
-                if len(self.values) >= self.CAP:
-                    return self.one_shot(key)
-                code = len(self.values)
-                self.values.append(key)
-                dict.__setitem__(self, key, code)
-            return code
+        code = self.stable(key) if type(key) is str else None
+        return code if code is not None else self.one_shot(key)
 
     def one_shot(self, value: Any) -> int:
         k = next(self._next)
         self.pending[k] = value
         return self.ONE_SHOT + k
+
+    def stable(self, s: str) -> int | None:
+        """The code of `s` for the whole run (interning it), or None once the table is full and `s` is not in it
+        (a one-shot code is for one row only: never keep one)."""
+        with self._lock:
+            code = dict.get(self, s)
+            if code is None and len(self.values) < self.CAP:
+                code = len(self.values)
+                self.values.append(s)
+                dict.__setitem__(self, s, code)
+            return code
 
     def code(self, value: Any) -> int:
         """`self[value]`, for any value (an unhashable one gets a one-shot code)."""
@@ -231,14 +249,16 @@ class _Table:
         self.schema = {c.name: c.dtype for c in columns}
         self.kinds = tuple(_KINDS[c.dtype] for c in columns)
         self.str_idx = tuple(i for i, k in enumerate(self.kinds) if k is _STR)
-        self.packer = struct.Struct("@" + "".join("d" if k is _FLOAT else "q" for k in self.kinds))
+        self.layout = "".join("d" if k is _FLOAT else "q" for k in self.kinds)   # a struct code per column
+        self.packer = struct.Struct("@" + self.layout)
         self.rowsize = self.packer.size
         assert self.rowsize == 8 * self.width   # every column 8 bytes: the rows read back as an int64 matrix
         self.chunk_rows = max(1, chunk_rows)
         self.rows: list[tuple] = []       # the newest rows, as the callers' tuples: only ever appended to (one C
         #                                   call each) and cut from the front when packed, never replaced
         self.stage_limit = max(1, stage_rows)   # len(rows) at which the adding thread packs them
-        self.blocks: list[bytes] = []       # packed rows not yet sealed, oldest first (each as packed)
+        self.writers: list[RowWriter] = []  # writers packing rows straight into buffers (`Recorder.row_writer`)
+        self.blocks: list[Any] = []         # packed rows not yet sealed, oldest first (bytes, or a writer's view)
         self.packed = 0                     # rows in `blocks`
         self.frames: list[pl.DataFrame] = []      # every sealed frame, in order
         self.frame_rows = 0
@@ -250,7 +270,7 @@ class _Table:
     @property
     def pending(self) -> int:
         """Rows not yet sealed (caller holds the lock)."""
-        return self.packed + len(self.rows)
+        return self.packed + len(self.rows) + sum(w.waiting for w in self.writers)
 
     def bad_row(self, row: dict) -> TelemetryError:
         unknown = sorted(set(row) - self.keys)
@@ -279,7 +299,11 @@ class _Table:
         """Pack the rows waiting in `rows` into one more block of bytes: all of them in one C loop
         (`b"".join(starmap(pack, rows))`: inside a simulation no dearer than packing each row as it comes, whose
         code is cold every time). The list is cut from the front: other threads only append to it, so the rows
-        after the cut stay, in order. A row that does not pack takes the slow path (`fix`)."""
+        after the cut stay, in order. A row that does not pack takes the slow path (`fix`). The writers' rows
+        come first: a writer's row that did not pack is added as a tuple and packed at once (`Recorder`), so
+        every writer's rows keep their order."""
+        for w in self.writers:
+            self.add_view(w.take())
         rows = self.rows
         n = len(rows)
         if not n:
@@ -312,6 +336,11 @@ class _Table:
             err = err or e or e2
         self.add_block(good)
         return err
+
+    def add_view(self, view: memoryview | None) -> None:
+        if view is not None:
+            self.blocks.append(view)
+            self.packed += len(view) // self.rowsize
 
     def add_block(self, packed_rows: list[bytes]) -> None:
         if packed_rows:
@@ -477,6 +506,7 @@ class Recorder:
         self._act_rows, self._act_limit = self._act.rows, self._act.stage_limit
         self._error: BaseException | None = None
         self._closed = False
+        self._on_row: Callable[[], None] | None = None
         self.convert_cpu_s = 0.0              # CPU time spent sealing, all threads (for benchmarks)
         self._wake = threading.Event()        # the spill thread: part files are due (or stop)
         self._thread: threading.Thread | None = None
@@ -493,6 +523,38 @@ class Recorder:
             cls.add_action_row = Recorder._action_row_via_keywords     # type: ignore[method-assign]
 
     # ------------------------------------------------------------------------------------------ hot path
+    def row_writer(self, kind: str) -> RowWriter | None:
+        """A `RowWriter` for one writer's rows of `kind` ("request" or "action": tuples as `add_request_row` /
+        `add_action_row` take them), packing each straight into the recorder's memory; None for a subclass
+        that hooks the row methods (its hooks must see every row: use `add_*_row`). A row the writer cannot
+        pack goes to `add_*_row`, which records it in its place and names the bad value."""
+        cls = type(self)
+        if kind not in ("request", "action"):
+            raise ValueError(f"row_writer: kind must be 'request' or 'action', not {kind!r}")
+        if any(getattr(cls, m) is not getattr(Recorder, m) for m in
+               ("add_request", "add_action", "add_request_row", "add_action_row")):
+            return None
+        t = self._req if kind == "request" else self._act
+        w = RowWriter(t.layout, _WRITER_ROWS, lambda w: self._writer_full(t, w))
+        w.notify = self._on_row
+        with self._lock:
+            t.writers.append(w)
+        return w
+
+    @property
+    def on_row(self) -> Callable[[], None] | None:
+        """Called (no arguments, in the adding thread) after every row, whichever way it came: e.g. to poke a
+        live view. Keep it cheap: it runs on the hot path."""
+        return self._on_row
+
+    @on_row.setter
+    def on_row(self, fn: Callable[[], None] | None) -> None:
+        with self._lock:
+            self._on_row = fn
+            for t in (self._req, self._act):
+                for w in t.writers:
+                    w.notify = fn
+
     def add_request_row(self, values: tuple) -> None:
         """One request row: a tuple of all `REQUEST_FIELDS` in order, String columns as codes from
         `self.strings` (see the module docstring)."""
@@ -500,8 +562,10 @@ class Recorder:
             values = self._req.as_tuple(values)
         rows = self._req_rows
         rows.append(values)   # one C call: atomic, so concurrent rows never interleave
-        if len(rows) >= self._req_limit:
+        if len(rows) >= self._req_limit or self._req.writers:
             self._pack(self._req)
+        if self._on_row is not None:
+            self._on_row()
 
     def add_action_row(self, values: tuple) -> None:
         """One action row: a tuple of all `ACTION_FIELDS` in order, String columns as codes (see
@@ -510,8 +574,10 @@ class Recorder:
             values = self._act.as_tuple(values)
         rows = self._act_rows
         rows.append(values)
-        if len(rows) >= self._act_limit:
+        if len(rows) >= self._act_limit or self._act.writers:
             self._pack(self._act)
+        if self._on_row is not None:
+            self._on_row()
 
     def add_request(self, **row: Any) -> None:
         """One request row by column name; optional columns may be left out. Raises TelemetryError (recording
@@ -536,8 +602,10 @@ class Recorder:
             vals[i] = code(vals[i])
         rows = t.rows
         rows.append(tuple(vals))
-        if len(rows) >= t.stage_limit:
+        if len(rows) >= t.stage_limit or t.writers:
             self._pack(t)
+        if self._on_row is not None:
+            self._on_row()
 
     def _request_row_via_keywords(self, values: tuple) -> None:
         self.add_request(**self._decoded(self._req, values))
@@ -551,11 +619,20 @@ class Recorder:
             vals[i] = self.strings.value(vals[i])
         return dict(zip(t.names, vals))
 
+    def _writer_full(self, t: _Table, w: RowWriter) -> None:
+        """A writer's buffer is full: keep it as a block, hand the writer a new one."""
+        with self._lock:
+            t.add_view(w.renew())
+            due = self._thread is not None and t.pending + t.unwritten_rows >= self.spill_rows
+        if due:
+            self._wake.set()
+
     def _pack(self, t: _Table) -> None:
         """`stage_rows` rows wait: pack them now, in this thread (no conversion: frames are built when read).
-        If another thread holds the lock, leave them: the next row retries. Wakes the spill thread when
-        `spill_rows` rows wait for a part file."""
-        if not self._lock.acquire(blocking=False):
+        If another thread holds the lock, leave them: the next row retries (where the table has writers, wait
+        instead: a writer's row that fell back here must be packed before the writer's next rows). Wakes the
+        spill thread when `spill_rows` rows wait for a part file."""
+        if not self._lock.acquire(blocking=bool(t.writers)):
             return
         try:
             err = t.pack(self.strings)

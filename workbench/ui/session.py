@@ -34,7 +34,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import polars as pl
 
@@ -88,31 +88,6 @@ class LoadedModel:
         span = f"{self.ids[0]}" if len(self.ids) == 1 else f"{self.ids[0]}-{self.ids[-1]}"
         how = "compiled" if self.compiled else "cached"
         return f"{self.name} ×{self.copies} (ids {span}, {how} artifact, {self.seconds:.1f} s)"
-
-
-class _NotifyingRecorder(Recorder):
-    """The session's telemetry: pokes the UI pump on every row (a flag; the pump does the work)."""
-    on_row: Callable[[], None] | None = None
-
-    def add_request(self, **row: Any) -> None:
-        super().add_request(**row)
-        if self.on_row is not None:
-            self.on_row()
-
-    def add_action(self, **row: Any) -> None:
-        super().add_action(**row)
-        if self.on_row is not None:
-            self.on_row()
-
-    def add_request_row(self, values: tuple) -> None:     # the controller's positional fast path
-        super().add_request_row(values)
-        if self.on_row is not None:
-            self.on_row()
-
-    def add_action_row(self, values: tuple) -> None:
-        super().add_action_row(values)
-        if self.on_row is not None:
-            self.on_row()
 
 
 def cuda_devices() -> tuple[int, str]:
@@ -297,7 +272,7 @@ class Session:
                 WorkerConfig.load(**CPU_DEFAULTS)
         self.worker_config = worker_config
         self.clock = RealClock(name=f"session{self.id}-clock")
-        self.recorder = _NotifyingRecorder()
+        self.recorder = Recorder()
         if controller_config is None:
             from workbench.controller.config import ControllerConfig
             controller_config = ControllerConfig().replace(**SESSION_CONTROLLER)

@@ -1,0 +1,219 @@
+"""Row writers (`Recorder.row_writer`, workbench/telemetry/row_writer.py): rows packed straight into the recorder's
+memory, by the C helper (_rowpack.c) where it is built and by struct otherwise; read back exactly as the tuple
+path records them, in order, mid-run included; a row that does not pack falls back in its place."""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from workbench.telemetry import ACTION_FIELDS, REQUEST_FIELDS, Recorder, TelemetryError
+from workbench.telemetry.recorder import _WRITER_ROWS
+from workbench.telemetry.row_writer import RowWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def request_row(rec: Recorder, i: int, status: str = "success") -> tuple:
+    s = rec.strings
+    t = 1_000_000_000 + 37_000 * i
+    return (i, i % 15, s["resnet50"], 0, i % 2, 1 << (i % 4), t, t + 100_000_000, t + 9_000_000 + i, 100_000_000,
+            s[status], 9_000_000 + i, i % 100 == 0, s[""], i // 3, 0.25 * i)
+
+
+def action_row(rec: Recorder, i: int) -> tuple:
+    s = rec.strings
+    t = 2_000_000_000 + 41_000 * i
+    return (i, 0, i % 2, s["INFER"], i % 15, 4, t, t + 5_000_000, t - 10_000, t + 1000, t + 2_001_000, 2_000_000,
+            t + 2_100_000, t + 1500, t + 2_050_000, 2_048_500, 1980, 0, s["SUCCESS"], 1980, i % 7, 1, s[""])
+
+
+class TuplesOnly(Recorder):
+    """Records through `add_*_row` only (it hooks them, so it gets no writers): the reference."""
+
+    def add_request_row(self, values: tuple) -> None:
+        super().add_request_row(values)
+
+    def add_action_row(self, values: tuple) -> None:
+        super().add_action_row(values)
+
+
+def test_writer_rows_read_back_as_the_tuple_path_records_them_across_buffers():
+    n = 2 * _WRITER_ROWS + 377                      # two full buffers handed back, one partly filled
+    rec, ref = Recorder(), TuplesOnly()
+    assert ref.row_writer("request") is None
+    wr, wa = rec.row_writer("request"), rec.row_writer("action")
+    for i in range(n):
+        assert wr.write(request_row(rec, i))
+        ref.add_request_row(request_row(ref, i))
+        if i % 5 == 0:
+            assert wa.write(action_row(rec, i))
+            ref.add_action_row(action_row(ref, i))
+    assert rec.num_requests == n and rec.num_actions == len(range(0, n, 5))
+    assert rec.requests().equals(ref.requests()) and rec.actions().equals(ref.actions())
+    assert rec.requests()["request_id"].to_list() == list(range(n))
+    assert rec.requests()["slo_factor"][-1] == 0.25 * (n - 1) and rec.requests()["cold_start"][100]
+
+
+def test_a_read_sees_every_row_written_and_later_rows_follow_in_order():
+    rec = Recorder()
+    w = rec.row_writer("request")
+    for i in range(10):
+        w.write(request_row(rec, i))
+    assert rec.requests()["request_id"].to_list() == list(range(10))     # a partly filled buffer, taken
+    for i in range(10, 10 + _WRITER_ROWS + 5):
+        w.write(request_row(rec, i))
+        if i == 600:
+            assert rec.num_requests == 601
+    assert rec.requests()["request_id"].to_list() == list(range(10 + _WRITER_ROWS + 5))
+
+
+def test_a_row_that_does_not_pack_is_recorded_in_its_place_and_named():
+    rec = Recorder()
+    w = rec.row_writer("request")
+    w.write(request_row(rec, 0))
+    nulls = list(request_row(rec, 1))
+    nulls[8] = None                                   # completion unknown: a null, not an error
+    assert not w.write(tuple(nulls))
+    rec.add_request_row(tuple(nulls))                 # what the controller does with a row the writer refused
+    bad = list(request_row(rec, 2))
+    bad[6] = "soon"                                   # a str in the Int64 column `arrival`
+    assert not w.write(tuple(bad))
+    rec.add_request_row(tuple(bad))
+    w.write(request_row(rec, 3))
+    assert not w.write(request_row(rec, 4)[:14])     # too short: refused, nothing written
+    with pytest.raises(TelemetryError, match=r"column 'arrival'.*'soon'"):
+        rec.flush()
+    df = rec.requests()
+    assert df["request_id"].to_list() == [0, 1, 2, 3]
+    assert df["completion"][1] is None and df["arrival"][2] is None and df["arrival"][3] is not None
+
+
+def test_on_row_is_told_of_writer_rows_and_of_the_others():
+    rec = Recorder()
+    w = rec.row_writer("action")
+    seen = []
+    rec.on_row = lambda: seen.append(1)
+    w.write(action_row(rec, 0))
+    rec.add_request_row(request_row(rec, 1))
+    rec.add_request(**dict(zip(REQUEST_FIELDS, request_row(rec, 2)), model="resnet50", status="success",
+                           message=""))
+    assert len(seen) == 3
+    rec.on_row = None
+    w.write(action_row(rec, 1))
+    assert len(seen) == 3 and rec.num_actions == 2
+
+
+def test_bad_kind_and_layout_are_named():
+    with pytest.raises(ValueError, match="'request' or 'action'"):
+        Recorder().row_writer("requests")
+    with pytest.raises(ValueError, match="one 'd' or 'q' per column"):
+        RowWriter("qqx", 4, lambda w: None)
+
+
+def test_a_reader_thread_beside_the_writer_loses_and_repeats_nothing():
+    rec = Recorder()
+    w = rec.row_writer("request")
+    n, stop, counts = 6 * _WRITER_ROWS + 11, threading.Event(), []
+
+    def read() -> None:
+        while not stop.is_set():
+            counts.append(rec.requests().height)
+
+    t = threading.Thread(target=read)
+    t.start()
+    for i in range(n):
+        w.write(request_row(rec, i))
+    stop.set()
+    t.join()
+    assert rec.requests()["request_id"].to_list() == list(range(n))
+    assert counts == sorted(counts) and counts[-1] <= n       # reads only ever grew
+
+
+def test_spilling_recorder_writes_writer_rows_to_its_parts(tmp_path):
+    rec = Recorder(tmp_path, spill_rows=_WRITER_ROWS, flush_interval_s=60)
+    w = rec.row_writer("request")
+    for i in range(3 * _WRITER_ROWS):
+        w.write(request_row(rec, i))
+    rec.close()
+    df = pl.read_parquet(tmp_path / "requests.parquet")
+    assert df["request_id"].to_list() == list(range(3 * _WRITER_ROWS))
+
+
+def test_a_simulation_records_the_same_through_writers_as_through_tuples():
+    from workbench.controller.simulation import simulate
+    from workbench.workload import Poisson
+
+    frames = []
+    for rec in (Recorder(), TuplesOnly()):
+        res = simulate({"resnet50": 6}, num_gpus=1, workers=1, duration_s=1.0, seed=2, recorder=rec,
+                       workload=lambda ids: Poisson(ids, rate=800, slo_ms=50, seed=3))
+        assert rec.num_requests == res.submitted > 500
+        frames.append((rec.requests(), rec.actions()))
+    assert frames[0][0].equals(frames[1][0]) and frames[0][1].equals(frames[1][1])
+
+
+# ----------------------------------------------------------------------------- the C helper and struct agree
+@pytest.fixture(scope="module")
+def rowpack(tmp_path_factory):
+    """workbench.telemetry._rowpack as built with the core; where this tree has no build, built here alone."""
+    try:
+        return importlib.import_module("workbench.telemetry._rowpack")
+    except ImportError:
+        pass
+    d = tmp_path_factory.mktemp("rowpack")
+    src = ROOT / "workbench" / "telemetry" / "_rowpack.c"
+    code = ("from setuptools import setup, Extension\n"
+            f"setup(name='rp', ext_modules=[Extension('_rowpack', [{str(src)!r}])], script_args=['-q', "
+            f"'build_ext', '--build-lib', {str(d)!r}, '--build-temp', {str(d / 'tmp')!r}])\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=d, capture_output=True)
+    sys.path.insert(0, str(d))
+    try:
+        return importlib.import_module("_rowpack")
+    finally:
+        sys.path.remove(str(d))
+
+
+def _both(rowpack, layout: str, row: tuple) -> tuple[bytes | None, bytes | None]:
+    out = []
+    for c in (rowpack.pack, None):
+        w = RowWriter(layout, 4, lambda w: None)
+        w.c_pack = c
+        out.append(bytes(w.buf[:w.rowsize]) if w.write(row) else None)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("layout,row", [
+    ("qqdq", (1, -2, 3.5, 2**62)),
+    ("qd", (True, 7)),                                # a bool as 1, an int as a double
+    ("qd", (np.int64(-5), np.float64(0.125))),        # __index__ / float subclasses, as struct takes them
+    ("q", (2**63,)),                                  # out of range
+    ("q", (1.0,)),                                    # a float for an int64: refused, as by struct
+    ("d", ("1.0",)),
+    ("q", (None,)),
+    ("qq", (1,)),                                     # wrong length
+])
+def test_the_c_helper_packs_exactly_what_struct_packs(rowpack, layout, row):
+    c, s = _both(rowpack, layout, row)
+    assert c == s
+    if s is not None:
+        assert np.frombuffer(s, dtype=np.int64).size == len(layout)
+
+
+def test_the_c_helper_refuses_a_buffer_overrun(rowpack):
+    with pytest.raises(ValueError, match="do not fit"):
+        rowpack.pack(bytearray(16), 8, (1, 2), b"qq")
+    with pytest.raises(TypeError, match="bytearray"):
+        rowpack.pack(b"x" * 16, 0, (1, 2), b"qq")
+
+
+def test_request_and_action_layouts_match_the_schema():
+    rec = Recorder()
+    assert len(rec.row_writer("request").layout) == len(REQUEST_FIELDS)
+    assert len(rec.row_writer("action").layout) == len(ACTION_FIELDS)
