@@ -15,7 +15,9 @@ BERT's and MobileNetV2's fp16 picks; 7 = the fp16 picks of rounds 5/6 with fp16 
 (schedules.keep_fp16_activations), all four models; 8 = the fp16 winners in data/tuning after round 7 with fp16
 weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast kernels, half the weight bytes);
 9 = the CNNs' fp16 and fp32 winners after round 8 with the RGB stem's im2col as one gather (zoo.py);
-10 = BERT-base's fp16 winner with the attention matmuls on the batched mma schedule (label suffix -bmma):
+10 = BERT-base's fp16 winner with the attention matmuls on the batched mma schedule (label suffix -bmma);
+11 = the fp16 winners with reductions reading fp16 (-ri16), fitted row reductions (-rr256) and InjectiveRows
+(-rows8), BERT-base, ResNet-50, ResNet-18 (see round11):
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -25,6 +27,8 @@ weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast ker
         --bundle .gpu/kq9.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 10 --models bert_base --out .gpu/kq10 \
         --bundle .gpu/kq10.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 11 --models bert_base,resnet50,resnet18 --out .gpu/kq11 \
+        --bundle .gpu/kq11.tar.xz --no-kernels
 
 Every candidate records its weights (dtypes, bytes, and the source's fp32 bytes) and `weight_cast_kernels`:
 calls of kernels that read only weights (ToMixedPrecision's fp32->fp16 weight casts, redone every inference),
@@ -106,7 +110,7 @@ class ModelCandidate:
 
 def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, sr: int | None = None,
              cuda_graph: bool = False, mma: bool = True, inj: int | None = None, act16: bool = False,
-             w16: bool = False) -> dict:
+             w16: bool = False, ri16: bool = False, rows: int | None = None, rr: int | None = None) -> dict:
     sched: dict = {}
     if not mma:
         sched["mma"] = False                  # schedules.ScheduleSpec: dlight's wmma for fp16 matmuls
@@ -118,6 +122,12 @@ def _variant(lowering: str, precision: str = "fp32", matmul: str | None = None, 
         sched["injective"] = inj              # schedules.InjectiveVectorize, `inj` elements per thread
     if act16:
         sched["activations"] = "fp16"         # schedules.keep_fp16_activations: kernels pass each other fp16
+    if ri16:
+        sched["reduce_inputs"] = "fp16"       # softmax/layer norm/avg pool read fp16, widen in their own kernel
+    if rows:
+        sched["rows"] = rows                  # schedules.InjectiveRows: gathers/transposes, `rows` per thread
+    if rr:
+        sched["row_reduction"] = rr           # schedules.RowReduction: threads per row fitted, at most `rr`
     out = {"lowering": lowering, "precision": precision, "cuda_graph": cuda_graph, "schedule": sched}
     if w16:
         out["weights"] = "fp16"               # tuning.Variant.weights: the artifact stores weights in fp16
@@ -284,7 +294,47 @@ def round10(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return [c for c in cands if c.model in keep], []
 
 
-ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10}
+def round11(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The fp16 winners in data/tuning after round 10 (BERT-base: direct, InjectiveVectorize 8, mma, fp16
+    activations and weights; the ResNets: conv lowered to matmul, SmallReduction 256, the same) with the levers
+    of bench/results/kernel_breakdown.md's round-10 findings:
+    - `-ri16` (schedule.reduce_inputs "fp16", schedules.keep_fp16_activations): softmax, layer norm and the
+      average pool read their fp16 input and widen it in their own kernel; the producers (QK^T, the residual
+      adds' matmul epilogues, the last conv) store fp16 instead of fp32 (BERT b16: softmax read f32[16,12,128,128],
+      12 x 30.7 us; 25 layer norms read f32[16,128,768]);
+    - `-rr256` (schedule.row_reduction 256, schedules.RowReduction): softmax and layer norm with threads per
+      row fitted to the row (32 warp-shuffle threads per 128-long softmax row instead of GeneralReduction's 256);
+    - `-rows8` (schedule.rows 8, schedules.InjectiveRows): the gathers InjectiveVectorize declines, ahead of
+      dlight's Fallback: the RGB stem's im2col (ResNet-50 b16: 130 us at 529 GB/s) and BERT's head transposes
+      (K to [b, H, d, s]: 12 x 8.8 us at 717 GB/s; the context merge: 12 x 4.3 us).
+    All levers on (label suffix `-ri16-rr256-rows8`) for BERT-base b1/b16, ResNet-50 b1/b16, ResNet-18 b16; at
+    b16 also each lever alone on the winner (BERT: -ri16, -ri16-rr256, -rows8; ResNet-50: -ri16, -rows8), so the
+    lead can attribute the change."""
+    bert = dict(inj=8, act16=True, w16=True)
+    cnn = dict(sr=256, inj=8, act16=True, w16=True)
+    levers = dict(ri16=True, rr=256, rows=8)
+    cands = [ModelCandidate("bert_base", b, "fp16-inj8-mma-act16-w16-ri16-rr256-rows8",
+                            _variant("direct", "fp16", **bert, **levers)) for b in (16, 1)]
+    cands += [ModelCandidate("resnet50", b, "fp16-sr256-inj8-mma-act16-w16-ri16-rr256-rows8",
+                             _variant("matmul", "fp16", **cnn, **levers)) for b in (16, 1)]
+    cands.append(ModelCandidate("resnet18", 16, "fp16-sr256-inj8-mma-act16-w16-ri16-rr256-rows8",
+                                _variant("matmul", "fp16", **cnn, **levers)))
+    cands += [ModelCandidate("bert_base", 16, "fp16-inj8-mma-act16-w16-ri16", _variant("direct", "fp16", **bert,
+                                                                                      ri16=True)),
+              ModelCandidate("bert_base", 16, "fp16-inj8-mma-act16-w16-ri16-rr256",
+                             _variant("direct", "fp16", **bert, ri16=True, rr=256)),
+              ModelCandidate("bert_base", 16, "fp16-inj8-mma-act16-w16-rows8", _variant("direct", "fp16", **bert,
+                                                                                       rows=8)),
+              ModelCandidate("resnet50", 16, "fp16-sr256-inj8-mma-act16-w16-ri16",
+                             _variant("matmul", "fp16", **cnn, ri16=True)),
+              ModelCandidate("resnet50", 16, "fp16-sr256-inj8-mma-act16-w16-rows8",
+                             _variant("matmul", "fp16", **cnn, rows=8))]
+    keep = set(models)
+    return [c for c in cands if c.model in keep], []
+
+
+ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
+          11: round11}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -406,7 +456,8 @@ def weights_record(src, lowered_main, v, batch: int, tgt) -> dict:
     for _, d in sigs:
         dtypes[d] = dtypes.get(d, 0) + 1
     mod = src.make_module(batch)
-    fused = {w: weight_only_calls(schedules.fuse(mod, tgt, v.precision, v.schedule.activations, w)["main"], n_in)
+    fused = {w: weight_only_calls(schedules.fuse(mod, tgt, v.precision, v.schedule.activations, w,
+                                                 v.schedule.reduce_inputs)["main"], n_in)
              for w in sorted({v.weights, "fp32"})} if v.precision == "fp16" else {}
     return {"setting": v.weights, "dtypes": dtypes, "bytes": int(nbytes), "source_bytes": int(source_bytes),
             "weight_cast_kernels": {"lowered": weight_only_calls(lowered_main, n_in),

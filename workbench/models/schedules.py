@@ -20,6 +20,11 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
   matmul lowering's im2col: pad, shifted slices, concatenation) with vectorized innermost accesses (16-byte
   loads/stores) instead of dlight Fallback's one scalar element per thread; it declines what it cannot
   vectorize whole and aligned;
+- `InjectiveRows` (ScheduleSpec.rows, off by default): injective kernels InjectiveVectorize declines (the RGB
+  stem's im2col gather, BERT's head transposes) as rows: one thread per innermost output element, `rows`
+  positions of the next axis per thread, so index arithmetic is done once per thread, ahead of Fallback;
+- `RowReduction` (ScheduleSpec.row_reduction, off by default): dlight GeneralReduction's schedule (softmax,
+  layer norm) with threads per row fitted to the row (one warp for a 128-long softmax row, not 256 threads);
 - `kernel_key(func)`: a stable id of an unscheduled kernel (structural hash of its TIR, which includes the
   shapes), so a choice measured for one kernel applies wherever the same kernel appears;
 - `relax_pipeline(target, spec, precision)`: the default CUDA pipeline with `ApplyTunedSchedule` in place of
@@ -27,7 +32,8 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
   accumulation and outputs: the analogue of torch's fp16 autocast);
 - `keep_fp16_activations` (ScheduleSpec.activations = "fp16", run by relax_pipeline): after ToMixedPrecision,
   every activation rounded to fp16 where it is produced, so kernels hand each other fp16 instead of fp32
-  (accumulation stays fp32; the function's outputs keep their dtype);
+  (accumulation stays fp32; the function's outputs keep their dtype); with ScheduleSpec.reduce_inputs "fp16"
+  the fp32 reductions (softmax, layer norm, average pool) read fp16 too and widen it in their own kernel;
 - `keep_fp16_weights` (tuning.Variant.weights = "fp16", run by compiler.lower after mixed precision): the
   function's float32 weight parameters become float16, so the artifact stores them in fp16 and no kernel casts
   a weight per run (the cast's readers take the parameter itself; fp32 readers widen it in registers);
@@ -56,6 +62,10 @@ PRECISIONS = ("fp32", "fp16")
 # dtype of the activations fp16 kernels hand each other (ScheduleSpec.activations): "fp32" as ToMixedPrecision
 # leaves them (matmul/conv results and their elementwise epilogues in fp32), "fp16" (keep_fp16_activations)
 ACTIVATIONS = ("fp32", "fp16")
+# dtype in which the fp32 reductions (softmax, layer norm, average pool: WIDEN_INSIDE_OPS) read an fp16 activation
+# (ScheduleSpec.reduce_inputs, with activations "fp16"): "fp32", widened by the producing kernel (FuseOps fuses the
+# widening cast into it: a matmul epilogue stores fp32), or "fp16", widened inside the reduction's own kernel
+REDUCE_INPUTS = ("fp32", "fp16")
 # dtype the artifact stores float weights in at precision fp16 (tuning.Variant.weights): "fp32" (the source's, cast
 # to fp16 by one kernel per weight per run) or "fp16" (keep_fp16_weights)
 WEIGHTS = ("fp32", "fp16")
@@ -67,6 +77,10 @@ INJECTIVE_MAX_BYTES = 16                  # widest vector per thread: TVM 0.27 w
 # dtypes InjectiveVectorize accepts: TVM 0.27's CUDA codegen has no valid 8-lane int64 vectors (see
 # tensorcore.gemm_shape), and bool/sub-byte vectors are untested
 INJECTIVE_DTYPES = ("float16", "bfloat16", "float32", "int32")
+INJECTIVE_ROWS = (1, 2, 4, 8, 16, 32)    # positions per thread InjectiveRows may be given
+ROW_REDUCTION_THREADS = (32, 64, 128, 256, 512, 1024)   # most threads per row RowReduction may be given
+SPEC_FIELDS = ("matmul", "small_reduction", "kernels", "mma", "injective", "activations", "reduce_inputs", "rows",
+               "row_reduction")
 
 
 class ScheduleError(ValueError):
@@ -131,6 +145,16 @@ class ScheduleSpec:
     # fp16 only). It lives here, not in tuning.Variant, because the spec is what reaches relax_pipeline: every
     # tool that builds through a spec (compiler.lower, the candidate builder) gets it without more plumbing.
     activations: str = "fp32"
+    # "fp16": softmax, layer norm and average pool read their fp16 input and widen it in registers (the
+    # producer stores fp16; keep_fp16_activations(reduce_inputs="fp16")); needs activations "fp16"
+    reduce_inputs: str = "fp32"
+    # InjectiveRows (None: off): injective kernels InjectiveVectorize declines (gathers such as the RGB stem's
+    # im2col, with an innermost extent no vector divides) get one thread per innermost element and `rows`
+    # positions of the next axis per thread, so each thread computes its column's index arithmetic once
+    rows: int | None = None
+    # RowReduction (None: off): GeneralReduction's kernels (softmax, layer norm) with threads per row fitted to
+    # the row, at most `row_reduction` (32 for BERT's 128-long softmax rows instead of 256)
+    row_reduction: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.mma, bool):
@@ -138,6 +162,21 @@ class ScheduleSpec:
         if not isinstance(self.activations, str) or self.activations not in ACTIVATIONS:
             raise ScheduleError(f"schedule.activations must be one of {', '.join(ACTIVATIONS)} (the dtype kernels "
                                 f"pass each other at precision fp16), got {self.activations!r}")
+        if not isinstance(self.reduce_inputs, str) or self.reduce_inputs not in REDUCE_INPUTS:
+            raise ScheduleError(f"schedule.reduce_inputs must be one of {', '.join(REDUCE_INPUTS)} (the dtype softmax, "
+                                f"layer norm and average pool read activations in), got {self.reduce_inputs!r}")
+        if self.reduce_inputs != "fp32" and self.activations != "fp16":
+            raise ScheduleError(f"schedule.reduce_inputs {self.reduce_inputs!r} needs activations 'fp16' (with fp32 "
+                                f"activations every reduction input is fp32 anyway), got {self.activations!r}")
+        if self.rows is not None and (not isinstance(self.rows, int) or isinstance(self.rows, bool)
+                                      or self.rows not in INJECTIVE_ROWS):
+            raise ScheduleError(f"schedule.rows must be one of {', '.join(map(str, INJECTIVE_ROWS))} (positions per "
+                                f"thread of InjectiveRows), got {self.rows!r}")
+        if self.row_reduction is not None and (not isinstance(self.row_reduction, int)
+                                               or isinstance(self.row_reduction, bool)
+                                               or self.row_reduction not in ROW_REDUCTION_THREADS):
+            raise ScheduleError(f"schedule.row_reduction must be one of {', '.join(map(str, ROW_REDUCTION_THREADS))} "
+                                f"(most threads per row of RowReduction), got {self.row_reduction!r}")
         check_matmul_config(self.matmul, "schedule.matmul")
         if self.small_reduction is not None:
             check_choice({"rule": "small_reduction", "threads": self.small_reduction}, "schedule.small_reduction")
@@ -149,7 +188,8 @@ class ScheduleSpec:
     @property
     def is_default(self) -> bool:
         return (self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
-                and self.injective is None and self.activations == "fp32")
+                and self.injective is None and self.activations == "fp32" and self.reduce_inputs == "fp32"
+                and self.rows is None and self.row_reduction is None)
 
     def to_json(self) -> dict:
         """Only what differs from the default: {} is TVM's dlight rules plus MmaMatmul (written before the rule
@@ -168,6 +208,12 @@ class ScheduleSpec:
             out["injective"] = self.injective
         if self.activations != "fp32":
             out["activations"] = self.activations
+        if self.reduce_inputs != "fp32":
+            out["reduce_inputs"] = self.reduce_inputs
+        if self.rows is not None:
+            out["rows"] = self.rows
+        if self.row_reduction is not None:
+            out["row_reduction"] = self.row_reduction
         return out
 
     @classmethod
@@ -175,12 +221,12 @@ class ScheduleSpec:
         d = d or {}
         if not isinstance(d, dict):
             raise ScheduleError(f"schedule must be an object, got {d!r}")
-        bad = sorted(set(d) - {"matmul", "small_reduction", "kernels", "mma", "injective", "activations"})
+        bad = sorted(set(d) - set(SPEC_FIELDS))
         if bad:
-            raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: matmul, small_reduction, "
-                                f"kernels, mma, injective, activations")
+            raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: {', '.join(SPEC_FIELDS)}")
         return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True),
-                   d.get("injective"), d.get("activations", "fp32"))
+                   d.get("injective"), d.get("activations", "fp32"), d.get("reduce_inputs", "fp32"), d.get("rows"),
+                   d.get("row_reduction"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -451,6 +497,127 @@ def _rule_classes():
     return ConfiguredMatmul, SmallReduction, MmaMatmul, InjectiveVectorize
 
 
+@functools.lru_cache(maxsize=None)
+def _row_rule_classes():
+    """RowReduction and InjectiveRows (built on first use: they need the TVM compiler)."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
+    from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+
+    def const(e) -> int | None:
+        return int(e) if isinstance(e, (int, tirx.IntImm)) else None
+
+    class RowReduction(GPUScheduleRule):
+        """dlight's GeneralReduction schedule (softmax, layer norm: reductions along the last axis, then an
+        elementwise block over the same axes; one thread block per row, each reduction a cross-thread one) with
+        the threads per row fitted to the row: the fewest of 32, 64, ... `max_threads` that leave each thread at
+        most `per_thread` elements. GeneralReduction always gives 256 threads: a 128-long softmax row (BERT's
+        attention) leaves half of them idle and pays two block-wide reductions through shared memory, where 32
+        threads reduce with warp shuffles alone. Declines (the next rule, GeneralReduction, takes it) anything
+        else: several trailing reduction axes, a non-constant row, an epilogue of another shape."""
+
+        def __init__(self, max_threads: int = 256, per_thread: int = 4):
+            self.max_threads = max_threads
+            self.per_thread = per_thread
+
+        def apply(self, func, target, _):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            infos = None if infos is None else try_inline_contiguous_spatial(sch, infos)
+            if not infos or len(infos) < 2:
+                return None
+            dom = infos[0].dom_kind()
+            lead = len(dom) - len(dom.lstrip("S"))
+            if lead == 0 or dom[lead:] != "R" or any(i.dom_kind() != dom for i in infos[:-1]):
+                return None
+            last = infos[-1]
+            if not last.is_injective() or len(last.dom_kind()) != len(dom):
+                return None
+            row = const(infos[0].iters[-1].dom)
+            loops = sch.get_loops(last.block_rv)
+            if row is None or len(loops) != len(dom) or const(sch.get(loops[-1]).extent) != row:
+                return None
+            threads = 32
+            while threads < self.max_threads and threads * self.per_thread < row:
+                threads *= 2
+            bx = sch.fuse(*loops[:lead])
+            r_loop, tx = sch.split(loops[-1], [None, threads])
+            sch.reorder(tx, r_loop)
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            sch.unroll(r_loop)
+            for info in reversed(infos[:-1]):
+                block = info.block_rv
+                for i, _ in enumerate(sch.get(block).writes):
+                    sch.set_scope(block, buffer_index=i, storage_scope="shared")
+                sch.compute_at(block, bx, preserve_unit_loops=True)
+                r_loop, tx = sch.split(sch.get_loops(block)[-1], [None, threads])
+                sch.reorder(tx, r_loop)
+                sch.bind(tx, "threadIdx.x")
+                sch.unroll(r_loop)
+            return sch
+
+    class InjectiveRows(GPUScheduleRule):
+        """Injective kernels as a grid of output rows: one thread per element of the innermost output axis
+        (consecutive threads store consecutive elements), each thread `rows` consecutive positions of the next
+        axis (unrolled), the remaining axes over thread blocks. For gathers that InjectiveVectorize declines and
+        dlight's Fallback runs one element per thread, recomputing the whole index arithmetic per element: the
+        RGB stem's im2col (f32 NCHW image -> f16 [b, 112, 112, 147] columns, divisions by 147, 21, 7 and 3 per
+        element; 130 us at b16 on the H200) does its column's divisions once per thread here. Takes a kernel
+        whose single block (after inlining) stores out[..., v] with v the innermost loop, of constant extent in
+        [32, max_threads]; fewer rows are used where `rows` does not divide the next axis."""
+
+        def __init__(self, rows: int = 8, max_threads: int = 1024):
+            self.rows = rows
+            self.max_threads = max_threads
+
+        def apply(self, func, target, _):
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or not all(i.is_injective() for i in infos):
+                return None
+            infos = try_inline(sch, infos)
+            if len(infos) != 1 or not infos[0].is_injective():
+                return None
+            block = infos[0].block_rv
+            stmt = sch.get(block)
+            loops = sch.get_loops(block)
+            if len(loops) < 2 or len(loops) != len(stmt.iter_vars):
+                return None
+            inner = const(sch.get(loops[-1]).extent)
+            outer = const(sch.get(loops[-2]).extent)
+            if inner is None or outer is None or not 32 <= inner <= self.max_threads:
+                return None
+            if not isinstance(stmt.body, tirx.BufferStore) or not stmt.body.indices or \
+                    not stmt.body.indices[-1].same_as(stmt.iter_vars[-1].var):
+                return None                           # the innermost loop must walk the output's last axis
+            rows = self.rows
+            while outer % rows:
+                rows //= 2
+            o, r = sch.split(loops[-2], [None, rows])
+            bx = sch.fuse(*loops[:-2], o)
+            sch.reorder(bx, loops[-1], r)
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(loops[-1], "threadIdx.x")
+            sch.unroll(r)
+            return sch
+
+    return RowReduction, InjectiveRows
+
+
+def row_reduction_rule(max_threads: int = 256):
+    return _row_rule_classes()[0](max_threads)
+
+
+def injective_rows_rule(rows: int = 8):
+    return _row_rule_classes()[1](rows)
+
+
 def mma_rule(config: str | None = None):
     return _rule_classes()[2](config)
 
@@ -477,6 +644,10 @@ def default_rules(spec: ScheduleSpec | None = None) -> list:
         rules.append(small_reduction_rule(spec.small_reduction))
     if spec.injective is not None:                # kernels without reduction only: no other rule's
         rules.append(injective_rule(spec.injective))
+    if spec.rows is not None:                     # what InjectiveVectorize declines, ahead of Fallback
+        rules.append(injective_rows_rule(spec.rows))
+    if spec.row_reduction is not None:            # GeneralReduction's kernels whose rows it can fit
+        rules.append(row_reduction_rule(spec.row_reduction))
     return rules + [dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
@@ -581,14 +752,16 @@ def fusion_passes(target) -> list:
         relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
-def mixed_precision(mod, precision: str, activations: str = "fp32", weights: str = "fp32"):
+def mixed_precision(mod, precision: str, activations: str = "fp32", weights: str = "fp32",
+                    reduce_inputs: str = "fp32"):
     """fp16: matmul/conv inputs in fp16 with fp32 accumulation (relax ToMixedPrecision, out_dtype fp32: its
     matmul/conv results are rounded to fp16 and widened again, and elementwise ops that read an fp32 weight,
     e.g. every bias add, run in fp32 after them, so many kernels hand each other fp32). activations "fp16":
     then `keep_fp16_activations`, so kernels hand each other fp16. (ToMixedPrecision(out_dtype="float16")
     would not do that: it makes the matmuls accumulate in fp16, and the bias adds still widen to fp32.)
     weights "fp16": `keep_fp16_weights` right after ToMixedPrecision (the order compiler.lower runs them in:
-    there keep_fp16_activations runs in relax_pipeline)."""
+    there keep_fp16_activations runs in relax_pipeline). reduce_inputs "fp16" (activations fp16 only): see
+    keep_fp16_activations."""
     if precision not in PRECISIONS:
         raise ScheduleError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     if activations not in ACTIVATIONS:
@@ -597,6 +770,10 @@ def mixed_precision(mod, precision: str, activations: str = "fp32", weights: str
         raise ScheduleError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     if activations == "fp16" and precision != "fp16":
         raise ScheduleError(f"activations fp16 needs precision fp16, got precision {precision!r}")
+    if reduce_inputs not in REDUCE_INPUTS:
+        raise ScheduleError(f"unknown reduce_inputs {reduce_inputs!r}; valid: {', '.join(REDUCE_INPUTS)}")
+    if reduce_inputs == "fp16" and activations != "fp16":
+        raise ScheduleError(f"reduce_inputs fp16 needs activations fp16, got activations {activations!r}")
     if weights == "fp16" and precision != "fp16":
         raise ScheduleError(f"weights fp16 needs precision fp16, got precision {precision!r}")
     if precision == "fp16":
@@ -606,7 +783,7 @@ def mixed_precision(mod, precision: str, activations: str = "fp32", weights: str
         if weights == "fp16":
             mod = keep_fp16_weights(mod)
         if activations == "fp16":
-            mod = keep_fp16_activations(mod)
+            mod = keep_fp16_activations(mod, reduce_inputs)
     return mod
 
 
@@ -620,7 +797,7 @@ FP16_SAFE_OPS = frozenset({
     "relax.broadcast_to", "relax.nn.max_pool2d", "relax.add", "relax.subtract", "relax.multiply"})
 
 
-def keep_fp16_activations(mod):
+def keep_fp16_activations(mod, reduce_inputs: str = "fp32"):
     """Rewrite a module after ToMixedPrecision(out_dtype="float32") so that every fp32 activation (a value
     computed from the function's inputs, not from weights alone) is rounded to fp16 where it is produced and
     every reader sees the rounded value; fused kernels then store and load fp16 between each other.
@@ -636,10 +813,22 @@ def keep_fp16_activations(mod):
       does not change. Nor are values that leave their dataflow block.
 
     What still crosses kernels in fp32: the input of a reduction that needs fp32 (layer norm, softmax, average
-    pool), whose widening cast FuseOps fuses into the producing kernel, and the weights, which the artifact stores
-    in fp32 (one cast kernel per weight per run, as before). Idempotent. Relax functions without fp16 values are
-    left alone; raises ScheduleError if no function has any (ToMixedPrecision, i.e. precision fp16, first)."""
-    return _rewrite_mixed_funcs(mod, "activations", lambda f: True, _fp16_activations_func)
+    pool), whose widening cast FuseOps fuses into the producing kernel (BERT-base b16: QK^T stores its scores in
+    fp32 for the softmax, the residual adds theirs for the layer norms), and the weights, which the artifact stores
+    in fp32 (one cast kernel per weight per run, as before) unless keep_fp16_weights ran.
+
+    reduce_inputs "fp16": those reductions (WIDEN_INSIDE_OPS, with an fp16 activation as their data operand) are
+    legalized here instead, by the op's own legalization with the widening cast inside its PrimFunc and the
+    result rounded in it: the producer stores fp16, the reduction reads fp16 and computes in fp32 (max, sums,
+    mean and variance), as torch's fused softmax and layer norm do. Same values as with "fp32" (the widened
+    value was an fp16 value either way), half the bytes between the two kernels.
+
+    Idempotent. Relax functions without fp16 values are left alone; raises ScheduleError if no function has any
+    (ToMixedPrecision, i.e. precision fp16, first)."""
+    if reduce_inputs not in REDUCE_INPUTS:
+        raise ScheduleError(f"unknown reduce_inputs {reduce_inputs!r}; valid: {', '.join(REDUCE_INPUTS)}")
+    return _rewrite_mixed_funcs(mod, "activations", lambda f: True,
+                                functools.partial(_fp16_activations_func, reduce_inputs=reduce_inputs))
 
 
 def _remapper(bb, half: dict, new: dict, where: str) -> Callable:
@@ -664,8 +853,10 @@ def _remapper(bb, half: dict, new: dict, where: str) -> Callable:
 
 
 def _rewrite_mixed_funcs(mod, what: str, eligible: Callable, rewrite: Callable):
-    """`rewrite(func, name)` applied to each Relax function that `eligible(func)` and that computes fp16 values
-    (after ToMixedPrecision); ScheduleError naming them if there are eligible functions but none computes any."""
+    """`rewrite(func, name, others)` applied to each Relax function that `eligible(func)` and that computes fp16
+    values (after ToMixedPrecision); ScheduleError naming them if there are eligible functions but none computes
+    any. `others` is an IRModule of the module's other functions; a rewrite returns the new function, or an
+    IRModule holding it under `name` plus functions it added (PrimFuncs it called with call_tir)."""
     import tvm
     from tvm import relax
     funcs = {gv: f for gv, f in mod.functions_items()}
@@ -677,17 +868,27 @@ def _rewrite_mixed_funcs(mod, what: str, eligible: Callable, rewrite: Callable):
         raise ScheduleError(f"fp16 {what}: {', '.join(gv.name_hint for gv in cands)} compute(s) no fp16 values; "
                             f"{what} fp16 needs precision fp16 (ToMixedPrecision first)")
     for gv in mixed:
-        funcs[gv] = rewrite(funcs[gv], gv.name_hint)
+        others = tvm.IRModule({g: f for g, f in funcs.items() if g is not gv})
+        out = rewrite(funcs[gv], gv.name_hint, others)
+        if not isinstance(out, tvm.IRModule):
+            funcs[gv] = out
+            continue
+        names = {g.name_hint for g in funcs}
+        for g, f in out.functions_items():
+            if g.name_hint == gv.name_hint:
+                funcs[gv] = f
+            elif g.name_hint not in names:          # new (the builder named it apart from every other)
+                funcs[g] = f
     return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
-def keep_fp16_activations_pass():
+def keep_fp16_activations_pass(reduce_inputs: str = "fp32"):
     """`keep_fp16_activations` as a module pass (relax_pipeline runs it when spec.activations is "fp16")."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0, name="KeepFP16Activations")
     def _pass(mod, _ctx):
-        return keep_fp16_activations(mod)
+        return keep_fp16_activations(mod, reduce_inputs)
 
     return _pass
 
@@ -699,7 +900,7 @@ def _dtype(expr) -> str | None:
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
 
 
-def _fp16_activations_func(func, name: str):
+def _fp16_activations_func(func, name: str, others=None, reduce_inputs: str = "fp32"):
     import tvm
     from tvm import relax
     attrs = dict(func.attrs.items()) if func.attrs is not None else {}
@@ -722,7 +923,7 @@ def _fp16_activations_func(func, name: str):
         for bd in reversed(list(blk.bindings)):
             if bd.var in returned and isinstance(bd.value, (relax.Var, relax.Tuple)):
                 collect(bd.value)
-    bb = relax.BlockBuilder()
+    bb = relax.BlockBuilder(others)           # (names new PrimFuncs apart from the module's)
 
     remap = _remapper(bb, half, new, f"fp16 activations: function {name}")
 
@@ -779,6 +980,12 @@ def _fp16_activations_func(func, name: str):
                     if dt == "float32" and _dtype(src) == "float16":
                         half[v] = new.get(src, src)              # widened where it is read (remap)
                         continue
+                if (reduce_inputs == "fp16" and dt == "float32" and op in WIDEN_INSIDE_OPS and val.args
+                        and val.args[0] in half and not any(a in half for a in val.args[1:])):
+                    r = _widened_inside(bb, val, half[val.args[0]], [remap(a) for a in val.args[1:]])
+                    if r is not None:
+                        half[v] = bb.emit(r, vname)   # (readers widen it in registers, like any fp16 twin)
+                        continue
                 if dt == "float32" and op in FP16_SAFE_OPS:
                     args = [as_fp16(a) for a in val.args]
                     if all(a is not None for a in args):
@@ -792,7 +999,52 @@ def _fp16_activations_func(func, name: str):
             if scope is not None:
                 scope.__exit__(None, None, None)
         bb.emit_func_output(remap(body.body))
-    return bb.get()[name]
+    return bb.get()
+
+
+# Reductions that compute in fp32 from an fp16 activation (keep_fp16_activations, reduce_inputs "fp16"): their
+# legalizations (relax.transform.legalize_ops) are one `bb.call_te(topi_op, data, ...)` each, which
+# `_widened_inside` reruns with the data widened inside the PrimFunc.
+WIDEN_INSIDE_OPS = frozenset({"relax.nn.softmax", "relax.nn.log_softmax", "relax.nn.layer_norm",
+                              "relax.nn.rms_norm", "relax.nn.group_norm", "relax.nn.adaptive_avg_pool2d"})
+
+
+class _WidenFirstOperand:
+    """The BlockBuilder an op's legalization sees in `_widened_inside`: its call_te computes the op on the first
+    operand widened to fp32 and rounds the result to fp16, inside one PrimFunc."""
+
+    def __init__(self, bb):
+        self.bb = bb
+        self.calls = 0
+
+    def call_te(self, func, *args, **kwargs):
+        from tvm import topi
+        self.calls += 1
+        kwargs.setdefault("primfunc_name_hint", func.__name__)
+
+        def widened(data, *rest, **kw):
+            return topi.cast(func(topi.cast(data, "float32"), *rest, **kw), "float16")
+
+        return self.bb.call_te(widened, *args, **kwargs)
+
+
+def _widened_inside(bb, call, x16, rest: list):
+    """`call` (an op of WIDEN_INSIDE_OPS on an fp32 activation whose fp16 value is `x16`) as a call_tir whose
+    PrimFunc reads `x16`, computes the op's legalization in fp32 and stores fp16; None if the op's legalization
+    is not one call_te (the caller then keeps the op)."""
+    import tvm
+    from tvm import relax
+    legalize = tvm.ir.Op.get(call.op.name).get_attr("FLegalize")
+    if legalize is None:
+        return None
+    shim = _WidenFirstOperand(bb)
+    try:
+        out = legalize(shim, relax.Call(call.op, [x16, *rest], call.attrs, call.ty_args))
+    except Exception:  # noqa: BLE001 - a legalization that needs more than call_te: the op stays as it was
+        return None
+    if shim.calls != 1 or not isinstance(out, relax.Call) or getattr(out.op, "name", None) != "relax.call_tir":
+        return None
+    return out
 
 
 def inline_weight_casts(func):
@@ -901,7 +1153,7 @@ def fp16_weight_params(func) -> list[int]:
     return sorted(i for p, i in weights.items() if p not in keep)
 
 
-def _fp16_weights_func(func, name: str):
+def _fp16_weights_func(func, name: str, _others=None):
     import tvm
     from tvm import relax
     attrs = dict(func.attrs.items())
@@ -964,7 +1216,7 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                ([keep_fp16_activations_pass()] if spec.activations == "fp16" else [])
+                ([keep_fp16_activations_pass(spec.reduce_inputs)] if spec.activations == "fp16" else [])
                 + fusion_passes(target) + [apply_tuned_schedule(spec, applied, rules_used)]
                 + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return seq(mod)
@@ -972,10 +1224,11 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
     return _pipeline
 
 
-def fuse(mod, target, precision: str = "fp32", activations: str = "fp32", weights: str = "fp32"):
+def fuse(mod, target, precision: str = "fp32", activations: str = "fp32", weights: str = "fp32",
+         reduce_inputs: str = "fp32"):
     """The relax module after fusion (kernels unscheduled), as the pipeline sees it before scheduling."""
     import tvm
-    mod = mixed_precision(mod, precision, activations, weights)
+    mod = mixed_precision(mod, precision, activations, weights, reduce_inputs)
     with target:
         return tvm.transform.Sequential(fusion_passes(target))(mod)
 

@@ -125,6 +125,12 @@ class Variant:
             parts.append(f"injective={s.injective}")
         if s.activations != "fp32":
             parts.append(f"activations={s.activations}")
+        if s.reduce_inputs != "fp32":
+            parts.append(f"reduce_inputs={s.reduce_inputs}")
+        if s.row_reduction:
+            parts.append(f"row_reduction={s.row_reduction}")
+        if s.rows:
+            parts.append(f"rows={s.rows}")
         if s.kernels:
             parts.append(f"{len(s.kernels)} tuned kernels")
         if self.cuda_graph:
