@@ -233,22 +233,26 @@ class ScheduleSpec:
 # Rules
 # ---------------------------------------------------------------------------------------------------------
 
+def normalized(rule, func, target):
+    """(schedule, block infos) of a PrimFunc for `rule`'s target, as dlight's rules start; None otherwise (the
+    opening every rule of this module shares)."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return None if infos is None else (sch, infos)
+
+
 @functools.lru_cache(maxsize=None)
 def _rule_classes():
     """The rule classes, built on first use (they subclass dlight's, which need the TVM compiler)."""
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
-
-    def normalized(rule, func, target):
-        """(schedule, block infos) of a PrimFunc for `rule`'s target, as dlight's rules start; None otherwise."""
-        if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        return None if infos is None else (sch, infos)
 
     class ConfiguredMatmul(dl.gpu.Matmul):
         """dlight's Matmul rule with some fields of its CUDA config replaced (tensor-core paths unchanged)."""
@@ -500,8 +504,7 @@ def _rule_classes():
 @functools.lru_cache(maxsize=None)
 def _row_rule_classes():
     """RowReduction and InjectiveRows (built on first use: they need the TVM compiler)."""
-    from tvm import s_tir, tirx
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm import tirx
     from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
@@ -522,11 +525,11 @@ def _row_rule_classes():
             self.per_thread = per_thread
 
         def apply(self, func, target, _):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            got = normalized(self, func, target)
+            if got is None:
                 return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            infos = None if infos is None else try_inline_contiguous_spatial(sch, infos)
+            sch, infos = got
+            infos = try_inline_contiguous_spatial(sch, infos)
             if not infos or len(infos) < 2:
                 return None
             dom = infos[0].dom_kind()
@@ -575,12 +578,10 @@ def _row_rule_classes():
             self.max_threads = max_threads
 
         def apply(self, func, target, _):
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            got = normalized(self, func, target)
+            if got is None or not all(i.is_injective() for i in got[1]):
                 return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None or not all(i.is_injective() for i in infos):
-                return None
+            sch, infos = got
             infos = try_inline(sch, infos)
             if len(infos) != 1 or not infos[0].is_injective():
                 return None
