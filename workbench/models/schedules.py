@@ -246,6 +246,19 @@ def normalized(rule, func, target):
     return None if infos is None else (sch, infos)
 
 
+def one_injective_block(rule, func, target):
+    """(schedule, block) of a kernel that is one injective block once its producers are inlined (what the
+    injective rules take), else None."""
+    from tvm.s_tir.dlight.base import try_inline
+
+    got = normalized(rule, func, target)
+    if got is None or not all(i.is_injective() for i in got[1]):
+        return None
+    sch, infos = got
+    infos = try_inline(sch, infos)
+    return (sch, infos[0].block_rv) if len(infos) == 1 and infos[0].is_injective() else None
+
+
 @functools.lru_cache(maxsize=None)
 def _rule_classes():
     """The rule classes, built on first use (they subclass dlight's, which need the TVM compiler)."""
@@ -379,17 +392,14 @@ def _rule_classes():
             self.threads = threads
 
         def apply(self, func, target, _):
-            got = normalized(self, func, target)
-            if got is None or not all(i.is_injective() for i in got[1]):
+            got = one_injective_block(self, func, target)
+            if got is None:
                 return None
-            sch, infos = got
-            infos = try_inline(sch, infos)
-            if len(infos) != 1 or not infos[0].is_injective():
-                return None
-            name = sch.get(infos[0].block_rv).name_hint
+            sch, block_rv = got
+            name = sch.get(block_rv).name_hint
             lanes = self.lanes
             while lanes >= 2:
-                plan = _injective_plan(sch, infos[0].block_rv, lanes)
+                plan = _injective_plan(sch, block_rv, lanes)
                 if plan is not None:
                     break
                 lanes //= 2
@@ -505,7 +515,7 @@ def _rule_classes():
 def _row_rule_classes():
     """RowReduction and InjectiveRows (built on first use: they need the TVM compiler)."""
     from tvm import tirx
-    from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
+    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
     def const(e) -> int | None:
@@ -578,14 +588,10 @@ def _row_rule_classes():
             self.max_threads = max_threads
 
         def apply(self, func, target, _):
-            got = normalized(self, func, target)
-            if got is None or not all(i.is_injective() for i in got[1]):
+            got = one_injective_block(self, func, target)
+            if got is None:
                 return None
-            sch, infos = got
-            infos = try_inline(sch, infos)
-            if len(infos) != 1 or not infos[0].is_injective():
-                return None
-            block = infos[0].block_rv
+            sch, block = got
             stmt = sch.get(block)
             loops = sch.get_loops(block)
             if len(loops) < 2 or len(loops) != len(stmt.iter_vars):
