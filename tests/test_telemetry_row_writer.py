@@ -159,6 +159,24 @@ def test_a_simulation_records_the_same_through_writers_as_through_tuples():
     assert frames[0][0].equals(frames[1][0]) and frames[0][1].equals(frames[1][1])
 
 
+def test_a_full_string_table_gives_one_shot_codes_and_the_same_rows():
+    """The controller keeps the string codes of its rows in a dict of its own: only codes the table keeps for
+    the run, never a one-shot code (which stands for one row only)."""
+    from workbench.controller.simulation import simulate
+    from workbench.workload import Poisson
+
+    frames = []
+    for cap in (0, 16_384):
+        rec = Recorder()
+        rec.strings.CAP = cap                         # 0: the table is full from the start
+        simulate({"resnet50": 3}, num_gpus=1, workers=1, duration_s=0.5, seed=4, recorder=rec,
+                 workload=lambda ids: Poisson(ids, rate=400, slo_ms=50, seed=5))
+        assert len(rec.strings.values) == (0 if cap == 0 else len(set(rec.strings.values)))
+        frames.append(rec.requests())
+    assert frames[0].height > 100 and frames[0].equals(frames[1])
+    assert set(frames[0]["model"]) == {"resnet50"} and "success" in set(frames[0]["status"])
+
+
 # ----------------------------------------------------------------------------- the C helper and struct agree
 @pytest.fixture(scope="module")
 def rowpack(tmp_path_factory):
@@ -191,6 +209,7 @@ def _both(rowpack, layout: str, row: tuple) -> tuple[bytes | None, bytes | None]
 
 @pytest.mark.parametrize("layout,row", [
     ("qqdq", (1, -2, 3.5, 2**62)),
+    ("qqqqq", (0, 2**30, -(2**40) - 7, 2**60 - 1, -(2**60) + 1)),   # one and two 30-bit digits, read in place
     ("qd", (True, 7)),                                # a bool as 1, an int as a double
     ("qd", (np.int64(-5), np.float64(0.125))),        # __index__ / float subclasses, as struct takes them
     ("q", (2**63,)),                                  # out of range

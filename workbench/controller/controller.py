@@ -56,7 +56,7 @@ from workbench.controller.compiled import mypyc_attr
 from workbench.controller.config import ControllerConfig
 from workbench.controller.estimates import ModelEstimates
 from workbench.controller.policy import Policy, split_outputs
-from workbench.controller.requests import (DONE, ERROR, INFLIGHT, QUEUED, REJECTED, STATUSES, SUCCESS, TIMEOUT,
+from workbench.controller.requests import (DONE, ERROR, INFLIGHT, QUEUED, REJECTED, SUCCESS, TIMEOUT,
                                            Request, RequestOutcome)
 from workbench.controller.state import GPUState, ModelState
 from workbench.telemetry.row_writer import RowWriter
@@ -179,15 +179,10 @@ class Controller:
         self._action_writer: RowWriter | None = row_writer("action") if row_writer is not None else None
         # str -> what a row carries for it (a dict whose __missing__ interns new strings)
         self._codes: dict[str, Any] = codes if codes is not None and fast else _SAME_STRING
-        self._type_codes = {t: self._codes[n] for t, n in _TYPE_NAMES.items()}
-        self._status_codes = {s: self._codes[n] for s, n in _STATUS_NAMES.items()}
-        # the strings of nearly every request row, looked up once (a plain dict: cheaper than the string table's)
-        stable = getattr(self._codes, "stable", None)
-        self._row_codes: dict[str, Any] = {}
-        for x in ("", *STATUSES):
-            c = stable(x) if stable is not None else self._codes[x]
-            if c is not None:
-                self._row_codes[x] = c
+        # the strings of the rows (statuses, model names, ""), each looked up in the string table once and kept
+        # in a plain dict, cheaper to read; only codes the table keeps for the whole run (`StringCodes.stable`)
+        self._stable_code: Any = getattr(self._codes, "stable", None)
+        self._row_codes: dict[Any, Any] = {}
         self.policy = make_policy(policy, **policy_options)
         self._lock = threading.RLock()
         self._ready_cv = threading.Condition(self._lock)
@@ -473,10 +468,9 @@ class Controller:
             return
         g = r.gpu
         m = r.model
-        s = self._codes
         status = r.status
         assert status is not None, "a request is recorded once final"
-        row = (r.id, m.id if m is not None else -1, s[m.name if m is not None else ""],
+        row = (r.id, m.id if m is not None else -1, self._row_code(m.name if m is not None else ""),
                g.worker if g is not None else -1, g.local if g is not None else -1, r.batch_size, r.arrival,
                r.deadline, r.completion, r.slo, self._row_code(status), r.completion - r.arrival,
                bool(r.cold and g is not None), self._row_code(r.message), r.action_id, r.slo_factor)
@@ -488,9 +482,19 @@ class Controller:
         else:
             self.recorder.add_request(**dict(zip(_REQUEST_FIELDS, row)))
 
-    def _row_code(self, x: str) -> Any:
+    def _row_code(self, x: Any) -> Any:
+        """What a row carries for string `x`: its code in the recorder's string table (the string itself for
+        keyword rows)."""
         c = self._row_codes.get(x)
-        return c if c is not None else self._codes[x]
+        if c is not None:
+            return c
+        if self._stable_code is None or type(x) is not str:   # keyword rows; or a bad value, named when sealed
+            return self._codes[x]
+        c = self._stable_code(x)
+        if c is None:                       # the table is full: a one-shot code, for this row only
+            return self._codes[x]
+        self._row_codes[x] = c              # bounded: as many as the table keeps (StringCodes.CAP)
+        return c
 
     # ====================================================================================== sending actions
     def send_infer(self, g: GPUState, m: ModelState, reqs: list[Request], predicted: int, begin: int,
@@ -1188,7 +1192,6 @@ class Controller:
         if self.recorder is None:
             return
         g = rec.gpu
-        s = self._codes
         # (Any: whatever numbers the worker reported go into the row as they are)
         mb: Any = 0
         me: Any = 0
@@ -1198,9 +1201,7 @@ class Controller:
         message = ""
         if result is not None:
             st = int(result.status)
-            name = self._status_codes.get(result.status)
-            if name is None:
-                name = s[str(st)]
+            name = self._row_code(_STATUS_NAMES.get(result.status) or str(st))
             t = getattr(result, "exec", None) or getattr(result, "timing", None)
             if t is not None:
                 mb, me, md = t.begin, t.end, t.duration
@@ -1209,12 +1210,12 @@ class Controller:
             message = result.message
         else:
             assert status is not None, "an action without a result is recorded with a status"
-            st, name = int(status), s[status_name or ""]
+            st, name = int(status), self._row_code(status_name or "")
         latest = rec.latest if rec.latest < FOREVER else -1
-        row = (rec.id, rec.worker, g.local if g is not None else -1, self._type_codes[rec.type],
+        row = (rec.id, rec.worker, g.local if g is not None else -1, self._row_code(_TYPE_NAMES[rec.type]),
                rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1), rec.batch_size,
                rec.earliest, latest, rec.sent, rec.planned_begin, rec.planned_end, rec.predicted, now, mb, me, md,
-               clk, st, name, clk0, rec.queued, rec.copies, s[message])
+               clk, st, name, clk0, rec.queued, rec.copies, self._row_code(message))
         w = self._action_writer
         if w is not None and w.write(row):
             return

@@ -14,6 +14,21 @@
 
 static int as_int64(PyObject *v, long long *out) {
     int overflow = 0;
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyLong_CheckExact(v)) {        /* the usual row value: an int of up to two 30-bit digits (< 2**60), read
+                                          in place (CPython < 3.12's layout; 3.12+ takes PyLong_AsLongLong...) */
+        Py_ssize_t size = Py_SIZE(v);
+        const digit *d = ((PyLongObject *)v)->ob_digit;
+        if (size >= -2 && size <= 2) {
+            long long x = size == 0 ? 0 : (long long)d[0];
+            if (size == 2 || size == -2) {
+                x |= (long long)d[1] << PyLong_SHIFT;
+            }
+            *out = size < 0 ? -x : x;
+            return 1;
+        }
+    }
+#endif
     if (PyLong_Check(v)) {
         *out = PyLong_AsLongLongAndOverflow(v, &overflow);
     } else {
