@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (setup.py); rebuilt whenever one of its sources changes. The .py files stay the source and the fallback.
 CORE     := workbench/controller/compiled.json
 CORE_SRC := setup.py workbench/clock.py $(wildcard workbench/controller/*.py) workbench/worker/emulated_lean.py \
-            workbench/telemetry/row_writer.py workbench/telemetry/_rowpack.c
+            workbench/telemetry/row_writer.py
 
 .PHONY: lab headless test test-gpu bench kernel clean clean-compiled
 

@@ -1,8 +1,8 @@
 """Build hook beside pyproject.toml (which holds the metadata): pure Python by default; with WORKBENCH_COMPILE=1 the
 simulation core (`MODULES` in workbench/controller/compiled.py: the clock, the controller, the emulated
-worker and the telemetry row writer) is compiled with mypyc, 2-3x faster in virtual time, with the small C helper
-of `C_MODULES` (packing telemetry rows). The .py files stay the source and the fallback: a
-tree or an interpreter without the compiled modules (the GPU machine) runs them as they are.
+worker and the telemetry row writer) is compiled with mypyc, 2-3x faster in virtual time. The .py files stay the
+source and the fallback: a tree or an interpreter without the compiled modules (the GPU machine) runs them as they
+are.
 
     WORKBENCH_COMPILE=1 pip install --no-build-isolation -e .    # compiled, in place (mypy from the environment)
     pip install -e .                                              # pure Python
@@ -28,22 +28,16 @@ MANIFEST = SPEC.with_name("compiled.json")
 GROUP = "workbench_core"        # the shared library: workbench_core__mypyc.<abi>.so at the top of the tree
 
 
-def _spec_tuple(name: str) -> list[str]:
-    """A tuple of compiled.py, read without importing the package (importing checks the compiled build)."""
-    for node in ast.parse(SPEC.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            return list(ast.literal_eval(node.value))
-    raise RuntimeError(f"{SPEC}: no {name} tuple")
-
-
 def core_modules() -> list[str]:
-    """The mypyc-compiled modules (MODULES) and the hand-written C ones (C_MODULES)."""
-    return _spec_tuple("MODULES") + _spec_tuple("C_MODULES")
+    """MODULES of compiled.py, read without importing the package (importing checks the compiled build)."""
+    for node in ast.parse(SPEC.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODULES" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError(f"{SPEC}: no MODULES tuple")
 
 
 def source(module: str) -> Path:
-    c = module in _spec_tuple("C_MODULES")
-    return ROOT.joinpath(*module.split(".")).with_suffix(".c" if c else ".py")
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
 
 
 class BuildExt(build_ext):
@@ -86,13 +80,10 @@ def compiled_extensions() -> list:
     from mypyc.build import mypycify     # only needed here: pure-Python installs do not need mypy
     # --follow-imports=silent: modules imported by the core but not compiled (contract, worker.base, numpy)
     # are analysed for their types, their own type errors not reported.
-    from setuptools import Extension
-    return mypycify([str(source(m).relative_to(ROOT)) for m in _spec_tuple("MODULES")]
+    return mypycify([str(source(m).relative_to(ROOT)) for m in core_modules()]
                     + ["--ignore-missing-imports", "--follow-imports=silent"],
                     opt_level=os.environ.get("WORKBENCH_COMPILE_OPT", "3"), group_name=GROUP,
-                    target_dir=str(Path("build") / "mypyc")) + \
-        [Extension(m, [str(source(m).relative_to(ROOT))], extra_compile_args=["-O3"])
-         for m in _spec_tuple("C_MODULES")]
+                    target_dir=str(Path("build") / "mypyc"))
 
 
 setup(ext_modules=compiled_extensions(), cmdclass={"build_ext": BuildExt, "clean_compiled": CleanCompiled})

@@ -61,7 +61,7 @@ def built_root(tmp_path_factory) -> Path:
     """A tree whose core is compiled: this one where `make` built it, else a copy built here the same way
     (setup.py with WORKBENCH_COMPILE=1; a few minutes)."""
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    if all(compiled.source_path(m).with_suffix(suffix).exists() for m in compiled.MODULES + compiled.C_MODULES):
+    if all(compiled.source_path(m).with_suffix(suffix).exists() for m in compiled.MODULES):
         return compiled.ROOT
     root = tmp_path_factory.mktemp("built")
     for name in ("setup.py", "pyproject.toml", "README.md"):
@@ -79,18 +79,15 @@ SCENARIOS = ("import json, sys, test_compiled_core as t\n"
              "from workbench.controller.compiled import MODULES, loaded_compiled\n"
              "d = t.scenario_digests()\n"
              "files = {m: sys.modules[m].__file__ for m in MODULES}\n"
-             "c = 'workbench.telemetry._rowpack' in sys.modules\n"
-             "print(json.dumps({'digests': d, 'compiled': loaded_compiled(), 'files': files, 'rowpack': c}))\n")
+             "print(json.dumps({'digests': d, 'compiled': loaded_compiled(), 'files': files}))\n")
 
 
 @pytest.mark.slow
 def test_sources_run_beside_the_compiled_build_and_give_its_results(built_root):
     src = json.loads(_run_in(built_root, SCENARIOS, sources=True).splitlines()[-1])
     assert src["compiled"] == [] and all(f.endswith(".py") for f in src["files"].values()), src["files"]
-    assert not src["rowpack"]        # the sources pack telemetry rows with struct: the C helper is compiled only
     out = json.loads(_run_in(built_root, SCENARIOS).splitlines()[-1])
     assert out["compiled"] == list(compiled.MODULES), out["files"]
-    assert out["rowpack"]
     assert out["digests"] == src["digests"], "the compiled core ran the simulations differently"
 
 
@@ -114,7 +111,7 @@ def test_a_compiled_build_older_than_its_sources_is_refused(tmp_path):
 
 def test_the_build_records_the_sources_it_compiled(built_root):
     hashes = json.loads((built_root / "workbench" / "controller" / "compiled.json").read_text())
-    assert hashes == {m: compiled.source_hash(m, built_root) for m in compiled.MODULES + compiled.C_MODULES}
+    assert hashes == {m: compiled.source_hash(m, built_root) for m in compiled.MODULES}
     out = _run_in(built_root, "import workbench.controller.controller\n"
                               "from workbench.controller.compiled import prefer_sources\n"
                               "try:\n    prefer_sources()\nexcept RuntimeError as e:\n    print('refused:', e)\n")

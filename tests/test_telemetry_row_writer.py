@@ -1,11 +1,8 @@
-"""Row writers (`Recorder.row_writer`, workbench/telemetry/row_writer.py): rows packed straight into the recorder's
-memory, by the C helper (_rowpack.c) where it is built and by struct otherwise; read back exactly as the tuple
-path records them, in order, mid-run included; a row that does not pack falls back in its place."""
+"""Row writers (`Recorder.row_writer`, workbench/telemetry/row_writer.py): rows written straight into the recorder's
+memory (by librt's native byte writer, or its Python stand-in where librt is missing); read back exactly as the
+tuple path records them, in order, mid-run included; a row that does not convert falls back in its place."""
 from __future__ import annotations
 
-import importlib
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +14,6 @@ from workbench.telemetry import ACTION_FIELDS, REQUEST_FIELDS, Recorder, Telemet
 from workbench.telemetry.recorder import _WRITER_ROWS
 from workbench.telemetry.row_writer import RowWriter
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def request_row(rec: Recorder, i: int, status: str = "success") -> tuple:
@@ -177,39 +173,10 @@ def test_a_full_string_table_gives_one_shot_codes_and_the_same_rows():
     assert set(frames[0]["model"]) == {"resnet50"} and "success" in set(frames[0]["status"])
 
 
-# ----------------------------------------------------------------------------- the C helper and struct agree
-@pytest.fixture(scope="module")
-def rowpack(tmp_path_factory):
-    """workbench.telemetry._rowpack as built with the core; where this tree has no build, built here alone."""
-    try:
-        return importlib.import_module("workbench.telemetry._rowpack")
-    except ImportError:
-        pass
-    d = tmp_path_factory.mktemp("rowpack")
-    src = ROOT / "workbench" / "telemetry" / "_rowpack.c"
-    code = ("from setuptools import setup, Extension\n"
-            f"setup(name='rp', ext_modules=[Extension('_rowpack', [{str(src)!r}])], script_args=['-q', "
-            f"'build_ext', '--build-lib', {str(d)!r}, '--build-temp', {str(d / 'tmp')!r}])\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=d, capture_output=True)
-    sys.path.insert(0, str(d))
-    try:
-        return importlib.import_module("_rowpack")
-    finally:
-        sys.path.remove(str(d))
-
-
-def _both(rowpack, layout: str, row: tuple) -> tuple[bytes | None, bytes | None]:
-    out = []
-    for c in (rowpack.pack, None):
-        w = RowWriter(layout, 4, lambda w: None)
-        w.c_pack = c
-        out.append(bytes(w.buf[:w.rowsize]) if w.write(row) else None)
-    return out[0], out[1]
-
-
+# ------------------------------------------------------- librt's byte writer and the Python one agree with struct
 @pytest.mark.parametrize("layout,row", [
     ("qqdq", (1, -2, 3.5, 2**62)),
-    ("qqqqq", (0, 2**30, -(2**40) - 7, 2**60 - 1, -(2**60) + 1)),   # one and two 30-bit digits, read in place
+    ("qqqqq", (0, 2**30, -(2**40) - 7, 2**60 - 1, -(2**60) + 1)),
     ("qd", (True, 7)),                                # a bool as 1, an int as a double
     ("qd", (np.int64(-5), np.float64(0.125))),        # __index__ / float subclasses, as struct takes them
     ("q", (2**63,)),                                  # out of range
@@ -218,21 +185,78 @@ def _both(rowpack, layout: str, row: tuple) -> tuple[bytes | None, bytes | None]
     ("q", (None,)),
     ("qq", (1,)),                                     # wrong length
 ])
-def test_the_c_helper_packs_exactly_what_struct_packs(rowpack, layout, row):
-    c, s = _both(rowpack, layout, row)
-    assert c == s
-    if s is not None:
-        assert np.frombuffer(s, dtype=np.int64).size == len(layout)
+def test_rows_are_written_as_struct_packs_them(layout, row):
+    import struct
+
+    try:
+        want = struct.pack("<" + layout, *row)
+    except (struct.error, TypeError):
+        want = None
+    w = RowWriter(layout, 4, lambda w: None)
+    assert (w.buf.getvalue() if w.write(row) else None) == want
+    assert want is not None or len(w.buf) == 0        # a refused row leaves nothing written
 
 
-def test_the_c_helper_refuses_a_buffer_overrun(rowpack):
-    with pytest.raises(ValueError, match="do not fit"):
-        rowpack.pack(bytearray(16), 8, (1, 2), b"qq")
-    with pytest.raises(TypeError, match="bytearray"):
-        rowpack.pack(b"x" * 16, 0, (1, 2), b"qq")
+@pytest.mark.parametrize("fn,value", [("write_i64_le", v) for v in (0, -1, 2**62, 2**63, -(2**63), 1.0, "1", None)]
+                         + [("write_f64_le", v) for v in (0.0, -2.5, 3, "1", None)])
+def test_the_python_byte_writer_behaves_as_librts(fn, value):
+    """Where librt (mypyc's runtime, installed with mypy) is missing, row_writer runs on byte_writer."""
+    import librt.strings as lib
+    from workbench.telemetry import byte_writer as py
+
+    out = []
+    for mod in (lib, py):
+        w = mod.BytesWriter()
+        try:
+            getattr(mod, fn)(w, value)
+            out.append(w.getvalue())
+        except (TypeError, ValueError) as e:
+            out.append(type(e))
+    assert out[0] == out[1]
+
+
+def test_write_request_writes_what_write_does_from_the_tuple():
+    rec = Recorder()
+    a, b = rec.row_writer("request"), rec.row_writer("request")
+    for i in (0, 1, 7, 10**6):
+        row = request_row(rec, i)
+        assert a.write_request(*row) and b.write(row)
+    assert a.buf.getvalue() == b.buf.getvalue() and len(a.buf) == 4 * a.rowsize
+    assert not a.write_request(2**63, *request_row(rec, 5)[1:])     # out of int64: refused, nothing written
+    assert len(a.buf) == 4 * a.rowsize
+    with pytest.raises(ValueError, match="write_request on a writer of layout"):
+        rec.row_writer("action").write_request(*request_row(rec, 0))
 
 
 def test_request_and_action_layouts_match_the_schema():
     rec = Recorder()
     assert len(rec.row_writer("request").layout) == len(REQUEST_FIELDS)
     assert len(rec.row_writer("action").layout) == len(ACTION_FIELDS)
+
+
+def test_without_librt_the_python_byte_writer_records_the_same(tmp_path):
+    """The GPU machine has no librt (and runs the core from its sources): the rows must come out the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, json\n"
+            "sys.modules['librt'] = sys.modules['librt.strings'] = None      # as if not installed\n"
+            "from workbench.controller.compiled import prefer_sources; prefer_sources()\n"
+            "import test_telemetry_row_writer as t\n"
+            "from workbench.telemetry import Recorder\n"
+            "from workbench.telemetry import row_writer\n"
+            "rec = Recorder(); w = rec.row_writer('request')\n"
+            "[w.write_request(*t.request_row(rec, i)) for i in range(3000)]\n"
+            "print(json.dumps([row_writer.BytesWriter.__module__, rec.requests().write_csv()]))\n")
+    here = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=here.parent, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": f"{here.parent}:{here}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, csv = json.loads(out.stdout.strip().splitlines()[-1])
+    rec = Recorder()
+    w = rec.row_writer("request")
+    for i in range(3000):
+        w.write_request(*request_row(rec, i))
+    assert module == "workbench.telemetry.byte_writer" and csv == rec.requests().write_csv()

@@ -32,9 +32,6 @@ MODULES = (
     "workbench.worker.emulated_lean",
     "workbench.telemetry.row_writer",
 )
-C_MODULES = (
-    "workbench.telemetry._rowpack",     # hand-written C (module.c) built with the core: packs a telemetry row
-)
 ROOT = Path(__file__).resolve().parent.parent.parent      # the directory holding the `workbench` package
 MANIFEST = ROOT / "workbench" / "controller" / "compiled.json"
 
@@ -51,7 +48,7 @@ else:
 
 
 def source_path(module: str, root: Path = ROOT) -> Path:
-    return root.joinpath(*module.split(".")).with_suffix(".c" if module in C_MODULES else ".py")
+    return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
 def source_hash(module: str, root: Path = ROOT) -> str:
@@ -64,7 +61,7 @@ def loaded_compiled() -> list[str]:
     return [m for m in MODULES if m in sys.modules and str(getattr(sys.modules[m], "__file__", "")).endswith(suffixes)]
 
 
-def check_fresh(root: Path = ROOT, manifest: Path = MANIFEST, modules: Sequence[str] = MODULES + C_MODULES) -> None:
+def check_fresh(root: Path = ROOT, manifest: Path = MANIFEST, modules: Sequence[str] = MODULES) -> None:
     """Raise ImportError if a compiled module of this interpreter's ABI is in the tree but its source changed
     since it was built (or the build's manifest is missing). Other ABIs' builds are ignored: this interpreter
     does not load them."""
@@ -89,8 +86,6 @@ class _Sources(importlib.abc.MetaPathFinder):
     """Finds the modules of MODULES as their .py sources, ahead of the compiled extensions beside them."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name in C_MODULES:       # no Python source: absent, as in a tree without the build (callers fall back)
-            raise ModuleNotFoundError(f"{name} is compiled only (prefer_sources() is in effect)", name=name)
         return importlib.util.spec_from_file_location(name, source_path(name)) if name in MODULES else None
 
 

@@ -173,7 +173,7 @@ class Controller:
         fast = codes is not None and hasattr(recorder, "add_request_row") and hasattr(recorder, "add_action_row")
         self._request_row = recorder.add_request_row if fast else None
         self._action_row = recorder.add_action_row if fast else None
-        # cheaper still: the rows packed straight into the recorder's memory (Recorder.row_writer), one C call each
+        # cheaper still: the rows written straight into the recorder's memory (Recorder.row_writer), no object made
         row_writer = getattr(recorder, "row_writer", None) if fast else None
         self._request_writer: RowWriter | None = row_writer("request") if row_writer is not None else None
         self._action_writer: RowWriter | None = row_writer("action") if row_writer is not None else None
@@ -470,13 +470,16 @@ class Controller:
         m = r.model
         status = r.status
         assert status is not None, "a request is recorded once final"
-        row = (r.id, m.id if m is not None else -1, self._row_code(m.name if m is not None else ""),
-               g.worker if g is not None else -1, g.local if g is not None else -1, r.batch_size, r.arrival,
-               r.deadline, r.completion, r.slo, self._row_code(status), r.completion - r.arrival,
-               bool(r.cold and g is not None), self._row_code(r.message), r.action_id, r.slo_factor)
+        mid, model = (m.id, self._row_code(m.name)) if m is not None else (-1, self._row_code(""))
+        worker, gpu = (g.worker, g.local) if g is not None else (-1, -1)
+        st, cold, message = self._row_code(status), bool(r.cold and g is not None), self._row_code(r.message)
         w = self._request_writer
-        if w is not None and w.write(row):
-            return
+        if w is not None and w.write_request(r.id, mid, model, worker, gpu, r.batch_size, r.arrival, r.deadline,
+                                             r.completion, r.slo, st, r.completion - r.arrival, cold, message,
+                                             r.action_id, r.slo_factor):
+            return                            # native values straight into the recorder's memory
+        row = (r.id, mid, model, worker, gpu, r.batch_size, r.arrival, r.deadline, r.completion, r.slo, st,
+               r.completion - r.arrival, cold, message, r.action_id, r.slo_factor)
         if self._request_row is not None:     # the recorder's positional path (checks each value, names a bad one)
             self._request_row(row)
         else:

@@ -3,12 +3,13 @@
 Three ways to add a row (all thread-safe; each keeps its rows in call order):
 
 - Row writers, for the controller: `w = recorder.row_writer("request")` (or "action") gives a `RowWriter`
-  (workbench/telemetry/row_writer.py, compiled with the simulation core) for one writer at a time; `w.write(values)`
-  takes the same tuple as `add_request_row` and packs it with one C call (`struct.Struct.pack_into`) straight into
-  a buffer of the recorder's, which keeps full buffers as blocks of packed rows and takes the rows of a partly
-  filled one whenever it is read. No recorder code runs per row. A row that does not pack is not written
-  (`write` returns False); the writer then hands it to `add_*_row`, which records it in its place and names the
-  bad value. A subclass that hooks the row methods gets no writers (its hooks must see every row).
+  (workbench/telemetry/row_writer.py, compiled with the simulation core) for one writer at a time: `w.write(values)`
+  takes the same tuple as `add_request_row`, and `w.write_request(...)` a request's values as native arguments
+  (compiled, no Python object is made for them); either writes the row's bytes straight into a buffer of the
+  recorder's, which keeps full buffers as blocks of packed rows and takes the whole rows of a partly filled one
+  whenever it is read. No recorder code runs per row. A row with a value that does not convert is not written
+  (False); the writer's caller then hands it to `add_*_row`, which records it in its place and names the bad
+  value. A subclass that hooks the row methods gets no writers (its hooks must see every row).
 - Positional tuples: `add_request_row(values)` / `add_action_row(values)`, where `values`
   is a tuple of *every* column in schema order (`REQUEST_FIELDS` / `ACTION_FIELDS`, i.e. `REQUEST_COLUMNS` /
   `ACTION_COLUMNS` in `workbench.telemetry.schema`, optional columns included: 16 request values, 23 action
@@ -42,13 +43,12 @@ during the run (the previous design: ~1.2 us a call inside the run, though 0.5 u
 code and ~2,000 page faults a run); packing each row into bytes as it comes (~0.6-0.7 us a call inside the
 run, cold code every time: no better than packing in batches; a growing bytearray of a whole chunk also
 faulted every page anew, and `mmap.write` per row is slower than `bytearray +=`); packing every 4 or 16 rows
-(a fixed cost per batch of a few us). What did win: packing each row as it comes *from compiled code, with a C
-call that converts the values itself* (the row writers): the per-value conversion was the cost of every design
-above (struct's generic item path, ~140 instructions a value; `_rowpack.c` a few), and the compiled controller
-calling the compiled writer runs no interpreted frame. Under callgrind recording adds +4.3% instructions to a
-simulation this way (+3.4% of it the controller gathering the row's values), against +7.2% for tuples. So:
+(a fixed cost per batch of a few us). What did win: writing each row as it comes *from compiled code, without
+making Python objects* (the row writers): every design above paid for a tuple of boxed values and for converting
+each value back (struct's generic item path, ~140 instructions a value); the compiled controller hands a
+request's native values to the compiled writer, whose writes are mypyc's native byte-writer primitives. So:
 
-0. Row writers pack each row into a buffer of `_WRITER_ROWS` rows; full buffers become blocks as in 1.
+0. Row writers write each row into a buffer of `_WRITER_ROWS` rows; full buffers become blocks as in 1.
 1. The tuples wait in `rows` (at most `stage_rows`, default 256: bounded Python objects); then the adding
    thread packs them, in one C loop (`b"".join(starmap(pack, rows))`), into one more block of bytes: ~0.6 us
    a call inside the simulation, most of it reading tuples that are no longer in the CPU's caches and storing
@@ -258,7 +258,7 @@ class _Table:
         #                                   call each) and cut from the front when packed, never replaced
         self.stage_limit = max(1, stage_rows)   # len(rows) at which the adding thread packs them
         self.writers: list[RowWriter] = []  # writers packing rows straight into buffers (`Recorder.row_writer`)
-        self.blocks: list[Any] = []         # packed rows not yet sealed, oldest first (bytes, or a writer's view)
+        self.blocks: list[bytes] = []       # packed rows not yet sealed, oldest first
         self.packed = 0                     # rows in `blocks`
         self.frames: list[pl.DataFrame] = []      # every sealed frame, in order
         self.frame_rows = 0
@@ -337,10 +337,11 @@ class _Table:
         self.add_block(good)
         return err
 
-    def add_view(self, view: memoryview | None) -> None:
-        if view is not None:
-            self.blocks.append(view)
-            self.packed += len(view) // self.rowsize
+    def add_view(self, rows: bytes | None) -> None:
+        """Whole packed rows from a writer."""
+        if rows is not None:
+            self.blocks.append(rows)
+            self.packed += len(rows) // self.rowsize
 
     def add_block(self, packed_rows: list[bytes]) -> None:
         if packed_rows:

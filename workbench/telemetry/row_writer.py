@@ -1,83 +1,156 @@
-"""`RowWriter`: one writer's telemetry rows packed straight into the recorder's memory (the controller's hot path).
+"""`RowWriter`: one writer's telemetry rows written straight into the recorder's memory (the controller's hot path).
 
-`write(row)` packs a row's values into the current buffer with one C call (`_rowpack.pack`, _rowpack.c, built
-with the compiled core; else `struct.Struct.pack_into`, the same values at ~4x the cost): no Python frame of
-the recorder's, no tuple kept, no second pass. A full buffer goes to the recorder (`full`, under its
-lock), which keeps it as a block of packed rows and hands a new one. The recorder also takes the rows written
-so far (`take`, under its lock) whenever it is read, so readers see every row at once.
+Compiled with the simulation core (workbench/controller/compiled.py), the writes are mypyc's native
+`librt.strings` byte-writer primitives: the controller passes a request's values to `write_request` as native
+ints and floats, which land in the buffer as 8 little-endian bytes each with no Python object made (no boxed
+int, no tuple, no Python frame of the recorder's). Rows of other kinds, and rows from Python, take `write(row)`:
+a tuple of the table's values, converted one by one as struct would (an int, a bool or anything with __index__
+as int64; a float, an int or anything with __float__ as a double); a value that does not convert leaves nothing
+written and `write` returns False, so the caller hands the row to the recorder's checking path, which names it.
+Where librt is missing (a pure-Python install, the GPU machine) the buffer is `workbench.telemetry.byte_writer`'s
+(librt's API in Python) and a row is one struct call.
 
-One writer at a time (the controller writes under its own lock); the recorder only moves `start`. A row written
-while a reader takes is either in the view taken or after `start`: `used` moves only once the row is packed.
-
-Compiled with the simulation core (workbench/controller/compiled.py), so the controller's calls are native.
+A full buffer goes to the recorder (`full`, under its lock), which keeps its rows as a block and starts the
+writer afresh; readers take the whole rows written so far (`take`, under the recorder's lock). One writer at a
+time (the controller writes under its own lock); the recorder only moves `start`, and takes only whole rows, so
+a row being written is never split.
 """
 from __future__ import annotations
 
+import operator
 import struct
 from typing import Any, Callable
 
 from workbench.controller import compiled as _compiled  # noqa: F401 - refuses a compiled build older than its sources
 
 try:
-    from workbench.telemetry._rowpack import pack as _c_pack
-except ImportError:     # not built (pure Python): struct packs the same values
-    _c_pack = None
+    from librt.strings import BytesWriter, write_f64_le, write_i64_le
+    NATIVE = True
+except ImportError:     # no librt (it comes with mypy, which the compiled build needs): the same API in Python
+    from workbench.telemetry.byte_writer import BytesWriter, write_f64_le, write_i64_le  # type: ignore
+    NATIVE = False
+
+REQUEST_LAYOUT = "q" * 15 + "d"    # the request row's columns (workbench.telemetry.schema): slo_factor a double
+
+
+def _int(v: Any) -> int:
+    if type(v) is int or type(v) is bool:
+        return v
+    if isinstance(v, float):        # as struct: no silent truncation
+        raise TypeError(f"float {v!r} for an int column")
+    return operator.index(v)
+
+
+def _float(v: Any) -> float:
+    if type(v) is float:
+        return v
+    if isinstance(v, (str, bytes, bytearray)):
+        raise TypeError(f"{type(v).__name__} {v!r} for a float column")
+    return float(v)
 
 
 class RowWriter:
-    """Rows of one table, written by one writer into buffers of `rows` rows. `layout`: a struct code per column,
-    "d" for a double, "q" for an int64 (8 bytes each)."""
+    """Rows of one table, written by one writer into a buffer of up to `rows` rows. `layout`: a struct code per
+    column, "d" for a double, "q" for an int64 (8 bytes each)."""
 
     def __init__(self, layout: str, rows: int, full: Callable[["RowWriter"], None]) -> None:
         if not layout or set(layout) - {"d", "q"}:
             raise ValueError(f"RowWriter layout {layout!r}: one 'd' or 'q' per column")
-        self.layout = layout.encode()
-        self.struct = struct.Struct("@" + layout)
-        self.c_pack: Any = _c_pack
+        self.layout = layout
+        self.floats = [c == "d" for c in layout]
         self.rowsize = 8 * len(layout)
         self.size = self.rowsize * max(1, rows)
-        self.buf = bytearray(self.size)
-        self.used = 0                   # bytes of `buf` holding rows
+        self.buf = BytesWriter()
         self.start = 0                  # bytes of `buf` the recorder has taken already
-        self.full = full                # the recorder's: keep `buf` (via `renew`), under its lock
+        self.full = full                # the recorder's: keep the rows (via `renew`), under its lock
         self.notify: Any = None         # called after each row (the recorder's `on_row` hook), or None
+        # without librt a call per value costs ~0.15 us in Python: there a row is one struct call instead
+        self.pack: Any = None if NATIVE else struct.Struct("<" + layout).pack
 
     def write(self, row: tuple) -> bool:
-        """Pack one row (all the table's values, in schema order). False where a value does not pack (nothing
-        written: the caller records the row by the recorder's checking path, which names the value)."""
-        c_pack = self.c_pack
-        if c_pack is not None:
-            if not c_pack(self.buf, self.used, row, self.layout):
-                return False
-        else:
+        """Write one row (all the table's values, in schema order). False where a value does not convert or the
+        row has the wrong length (nothing written: the caller records it by the recorder's checking path)."""
+        buf = self.buf
+        at = len(buf)
+        if len(row) != len(self.floats):
+            return False
+        if self.pack is not None:
             try:
-                self.struct.pack_into(self.buf, self.used, *row)
-            except Exception:  # noqa: BLE001 - struct.error, TypeError, OverflowError: all mean "check it slowly"
+                buf.write(self.pack(*row))
+            except (struct.error, TypeError):
                 return False
-        self.used += self.rowsize
-        if self.used >= self.size:
+            self._written()
+            return True
+        try:
+            for v, f in zip(row, self.floats):
+                if f:
+                    write_f64_le(buf, _float(v))
+                else:
+                    write_i64_le(buf, _int(v))
+        except (TypeError, ValueError, OverflowError):
+            buf.truncate(at)
+            return False
+        self._written()
+        return True
+
+    def write_request(self, request_id: int, model_id: int, model: int, worker: int, gpu: int, batch_size: int,
+                      arrival: int, deadline: int, completion: int, slo: int, status: int, latency: int,
+                      cold_start: bool, message: int, action_id: int, slo_factor: float) -> bool:
+        """One request row from native values (REQUEST_LAYOUT; String columns as codes): no object is made.
+        False (nothing written) only where a value does not convert, which the compiled build rules out."""
+        if self.layout != REQUEST_LAYOUT:
+            raise ValueError(f"write_request on a writer of layout {self.layout!r}")
+        if self.pack is not None:
+            return self.write((request_id, model_id, model, worker, gpu, batch_size, arrival, deadline, completion,
+                               slo, status, latency, cold_start, message, action_id, slo_factor))
+        buf = self.buf
+        at = len(buf)
+        try:
+            write_i64_le(buf, request_id)
+            write_i64_le(buf, model_id)
+            write_i64_le(buf, model)
+            write_i64_le(buf, worker)
+            write_i64_le(buf, gpu)
+            write_i64_le(buf, batch_size)
+            write_i64_le(buf, arrival)
+            write_i64_le(buf, deadline)
+            write_i64_le(buf, completion)
+            write_i64_le(buf, slo)
+            write_i64_le(buf, status)
+            write_i64_le(buf, latency)
+            write_i64_le(buf, cold_start)
+            write_i64_le(buf, message)
+            write_i64_le(buf, action_id)
+            write_f64_le(buf, slo_factor)
+        except (TypeError, ValueError, OverflowError):
+            buf.truncate(at)
+            return False
+        self._written()
+        return True
+
+    def _written(self) -> None:
+        if len(self.buf) >= self.size:
             self.full(self)
         if self.notify is not None:
             self.notify()
-        return True
 
     @property
     def waiting(self) -> int:
-        """Rows written and not yet taken."""
-        return (self.used - self.start) // self.rowsize
+        """Whole rows written and not yet taken."""
+        return (len(self.buf) - self.start) // self.rowsize
 
-    def take(self) -> memoryview | None:
-        """The rows written since the last take (recorder, under its lock), or None."""
-        used = self.used
-        if used == self.start:
+    def take(self) -> bytes | None:
+        """The whole rows written since the last take (recorder, under its lock), or None."""
+        end = self.start + self.waiting * self.rowsize
+        if end == self.start:
             return None
-        view = memoryview(self.buf)[self.start:used]
-        self.start = used
-        return view
+        data = self.buf.getvalue()[self.start:end]
+        self.start = end
+        return data
 
-    def renew(self) -> memoryview | None:
-        """`take`, then a fresh buffer (recorder, under its lock, when the buffer is full)."""
-        view = self.take()
-        self.buf = bytearray(self.size)
-        self.used = self.start = 0
-        return view
+    def renew(self) -> bytes | None:
+        """`take`, then an empty buffer (the writer's own thread, via `full`, under the recorder's lock)."""
+        data = self.take()
+        self.buf.truncate(0)
+        self.start = 0
+        return data
