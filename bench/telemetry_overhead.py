@@ -20,7 +20,7 @@ with recording on vs off, measured side by side.
     the last conversion and the Parquet writes; an in-memory one builds no frames at close) is included. The
     first `requests()` + `actions()` after the run, which builds the frames of an in-memory recorder, is timed
     separately and reported next to it. The controller records through the recorder's row writers
-    (`Recorder.row_writer`: each row packed into the recorder's memory by one C call); the "positional" variant
+    (`Recorder.row_writer`: each request's native values written into the recorder's memory); the "positional" variant
     hides them, so the controller hands tuples to `add_*_row`, and the "keywords" variant hides those too, so it
     falls back to `add_request(**row)`. The goal's figure is the row writers' ratio.
 (c) The positional tuple path's own cost inside the run: each `add_*_row` call timed (`perf_counter_ns`) in --timed-runs
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
 NAMES = {"off_again": "off again (the noise: off vs off)",
          "gather_only": "controller gathers each row's values into a tuple, the recorder drops it",
-         "writer": "row writers (`Recorder.row_writer`: the controller packs each row into the recorder's memory), "
+         "writer": "row writers (`Recorder.row_writer`: the controller writes each row into the recorder's memory), "
                    "in memory",
          "positional": "positional tuples `add_request_row(t)` (the controller's path before row writers), in memory",
          "writer_spill": "row writers, spilling Parquet parts every 1 s",
@@ -474,7 +474,7 @@ def report(res: dict) -> str:
     head = [f"# Telemetry recording overhead (`{res['command']}`)", "",
             f"Machine: {res['machine']['cpus']} CPUs, load average {res['machine']['load_average']:.1f} at the end "
             f"(shared with other work). Python {res['machine']['python']}. Simulation core (controller, clock, "
-            f"emulated worker, the telemetry row writer; with it the C row packer; the rest of the recorder is plain "
+            f"emulated worker, the telemetry row writer; the rest of the recorder is plain "
             f"Python): {res['machine'].get('core', 'interpreted')}.", ""]
     lines = head + summary(res) + [
              f"## (a) Per row (best of 5, {c['rows']:,} rows, full rows as the controller sends them)", "",
