@@ -155,6 +155,20 @@ def test_a_simulation_records_the_same_through_writers_as_through_tuples():
     assert frames[0][0].equals(frames[1][0]) and frames[0][1].equals(frames[1][1])
 
 
+def test_recording_changes_nothing_a_simulation_serves():
+    """In virtual time recording costs CPU only: the same arrivals give the same outcomes, request by request, and
+    the same number of clock events with recording on and off."""
+    from workbench.controller.simulation import simulate
+    from workbench.workload import Poisson
+
+    runs = []
+    for rec in (None, Recorder()):
+        res = simulate({"resnet50": 6}, num_gpus=2, workers=1, duration_s=1.0, seed=4, recorder=rec,
+                       workload=lambda ids: Poisson(ids, rate=1500, slo_ms=25, seed=5))
+        runs.append((res.submitted, res.statuses, res.events, res.summary))
+    assert runs[0] == runs[1] and runs[0][0] > 1000 and sum(runs[0][1].values()) == runs[0][0]
+
+
 def test_a_full_string_table_gives_one_shot_codes_and_the_same_rows():
     """The controller keeps the string codes of its rows in a dict of its own: only codes the table keeps for
     the run, never a one-shot code (which stands for one row only)."""
@@ -215,17 +229,39 @@ def test_the_python_byte_writer_behaves_as_librts(fn, value):
     assert out[0] == out[1]
 
 
-def test_write_request_writes_what_write_does_from_the_tuple():
+@pytest.mark.parametrize("kind, method, make", [("request", "write_request", request_row),
+                                                 ("action", "write_action", action_row)])
+def test_native_row_methods_write_what_write_does_from_the_tuple(kind, method, make):
     rec = Recorder()
-    a, b = rec.row_writer("request"), rec.row_writer("request")
+    a, b = rec.row_writer(kind), rec.row_writer(kind)
     for i in (0, 1, 7, 10**6):
-        row = request_row(rec, i)
-        assert a.write_request(*row) and b.write(row)
+        row = make(rec, i)
+        assert getattr(a, method)(*row) and b.write(row)
     assert a.buf.getvalue() == b.buf.getvalue() and len(a.buf) == 4 * a.rowsize
-    assert not a.write_request(2**63, *request_row(rec, 5)[1:])     # out of int64: refused, nothing written
+    assert not getattr(a, method)(2**63, *make(rec, 5)[1:])     # out of int64: refused, nothing written
     assert len(a.buf) == 4 * a.rowsize
-    with pytest.raises(ValueError, match="write_request on a writer of layout"):
-        rec.row_writer("action").write_request(*request_row(rec, 0))
+    other = "action" if kind == "request" else "request"
+    with pytest.raises(ValueError, match=f"{method} on a writer of layout"):
+        getattr(rec.row_writer(other), method)(*make(rec, 0))
+
+
+def test_an_action_row_with_a_number_of_another_type_is_recorded_and_named():
+    """A worker that reports a float time: the native call refuses it (compiled, at the call), the row goes to the
+    recorder's checking path in its place, which names the value."""
+    from workbench.clock import VirtualClock
+    from workbench.contract import ActionType, LoadWeightsResult, Status, Timing
+    from workbench.controller.controller import ActionRecord, Controller
+
+    rec = Recorder()
+    ctl = Controller(VirtualClock(), recorder=rec)
+    ok = ActionRecord(1, ActionType.LOAD_WEIGHTS, 0, None, None, 10, 20, 5, 10, 7)
+    bad = ActionRecord(2, ActionType.LOAD_WEIGHTS, 0, None, None, 10, 20, 5, 10, 7)
+    ctl._record_action(ok, LoadWeightsResult(1, ActionType.LOAD_WEIGHTS, timing=Timing(11, 18, 7)), 30)
+    ctl._record_action(bad, LoadWeightsResult(2, ActionType.LOAD_WEIGHTS, timing=Timing(11, 18.5, 7.5)), 31)
+    ctl._record_action(ok, LoadWeightsResult(1, ActionType.LOAD_WEIGHTS, timing=Timing(12, 19, 7)), 32)
+    with pytest.raises(TelemetryError, match="measured_end"):
+        rec.actions()
+    assert rec.num_actions == 3
 
 
 def test_request_and_action_layouts_match_the_schema():

@@ -1215,13 +1215,21 @@ class Controller:
             assert status is not None, "an action without a result is recorded with a status"
             st, name = int(status), self._row_code(status_name or "")
         latest = rec.latest if rec.latest < FOREVER else -1
-        row = (rec.id, rec.worker, g.local if g is not None else -1, self._row_code(_TYPE_NAMES[rec.type]),
-               rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1), rec.batch_size,
-               rec.earliest, latest, rec.sent, rec.planned_begin, rec.planned_end, rec.predicted, now, mb, me, md,
-               clk, st, name, clk0, rec.queued, rec.copies, self._row_code(message))
+        gpu = g.local if g is not None else -1
+        typ = self._row_code(_TYPE_NAMES[rec.type])
+        mid = rec.model.id if rec.model is not None else getattr(rec.extra, "model_id", -1)
+        msg = self._row_code(message)
         w = self._action_writer
-        if w is not None and w.write(row):
-            return
+        if w is not None:
+            try:                              # native values straight into the recorder's memory
+                if w.write_action(rec.id, rec.worker, gpu, typ, mid, rec.batch_size, rec.earliest, latest, rec.sent,
+                                  rec.planned_begin, rec.planned_end, rec.predicted, now, mb, me, md, clk, st, name,
+                                  clk0, rec.queued, rec.copies, msg):
+                    return
+            except TypeError:                 # a number the worker reported is no int: the checking path names it
+                pass
+        row = (rec.id, rec.worker, gpu, typ, mid, rec.batch_size, rec.earliest, latest, rec.sent, rec.planned_begin,
+               rec.planned_end, rec.predicted, now, mb, me, md, clk, st, name, clk0, rec.queued, rec.copies, msg)
         if self._action_row is not None:
             self._action_row(row)
         else:

@@ -1,12 +1,13 @@
 """`RowWriter`: one writer's telemetry rows written straight into the recorder's memory (the controller's hot path).
 
 Compiled with the simulation core (workbench/controller/compiled.py), the writes are mypyc's native
-`librt.strings` byte-writer primitives: the controller passes a request's values to `write_request` as native
-ints and floats, which land in the buffer as 8 little-endian bytes each with no Python object made (no boxed
-int, no tuple, no Python frame of the recorder's). Rows of other kinds, and rows from Python, take `write(row)`:
-a tuple of the table's values, converted one by one as struct would (an int, a bool or anything with __index__
-as int64; a float, an int or anything with __float__ as a double); a value that does not convert leaves nothing
-written and `write` returns False, so the caller hands the row to the recorder's checking path, which names it.
+`librt.strings` byte-writer primitives: the controller passes a request's values to `write_request` and an
+action's to `write_action` as native ints and floats, which land in the buffer as 8 little-endian bytes each with
+no Python object made (no boxed int, no tuple, no Python frame of the recorder's). Rows from Python take
+`write(row)`: a tuple of the table's values, converted one by one as struct would (an int, a bool or anything
+with __index__ as int64; a float, an int or anything with __float__ as a double); a value that does not convert
+leaves nothing written and `write` returns False, so the caller hands the row to the recorder's checking path,
+which names it.
 Where librt is missing (a pure-Python install, the GPU machine) the buffer is `workbench.telemetry.byte_writer`'s
 (librt's API in Python) and a row is one struct call.
 
@@ -31,6 +32,7 @@ except ImportError:     # no librt (it comes with mypy, which the compiled build
     NATIVE = False
 
 REQUEST_LAYOUT = "q" * 15 + "d"    # the request row's columns (workbench.telemetry.schema): slo_factor a double
+ACTION_LAYOUT = "q" * 23           # the action row's: all int64 (String columns as codes)
 
 
 def _int(v: Any) -> int:
@@ -122,6 +124,51 @@ class RowWriter:
             write_i64_le(buf, message)
             write_i64_le(buf, action_id)
             write_f64_le(buf, slo_factor)
+        except (TypeError, ValueError, OverflowError):
+            buf.truncate(at)
+            return False
+        self._written()
+        return True
+
+    def write_action(self, action_id: int, worker: int, gpu: int, type: int, model_id: int, batch_size: int,
+                     earliest: int, latest: int, sent: int, planned_begin: int, planned_end: int,
+                     predicted_duration: int, completed: int, measured_begin: int, measured_end: int,
+                     measured_duration: int, gpu_clock: int, status: int, status_name: int, gpu_clock_before: int,
+                     requests_queued: int, copies_loaded: int, message: int) -> bool:
+        """One action row from native values (ACTION_LAYOUT; String columns as codes), as `write_request`."""
+        if self.layout != ACTION_LAYOUT:
+            raise ValueError(f"write_action on a writer of layout {self.layout!r}")
+        if self.pack is not None:
+            return self.write((action_id, worker, gpu, type, model_id, batch_size, earliest, latest, sent,
+                               planned_begin, planned_end, predicted_duration, completed, measured_begin,
+                               measured_end, measured_duration, gpu_clock, status, status_name, gpu_clock_before,
+                               requests_queued, copies_loaded, message))
+        buf = self.buf
+        at = len(buf)
+        try:
+            write_i64_le(buf, action_id)
+            write_i64_le(buf, worker)
+            write_i64_le(buf, gpu)
+            write_i64_le(buf, type)
+            write_i64_le(buf, model_id)
+            write_i64_le(buf, batch_size)
+            write_i64_le(buf, earliest)
+            write_i64_le(buf, latest)
+            write_i64_le(buf, sent)
+            write_i64_le(buf, planned_begin)
+            write_i64_le(buf, planned_end)
+            write_i64_le(buf, predicted_duration)
+            write_i64_le(buf, completed)
+            write_i64_le(buf, measured_begin)
+            write_i64_le(buf, measured_end)
+            write_i64_le(buf, measured_duration)
+            write_i64_le(buf, gpu_clock)
+            write_i64_le(buf, status)
+            write_i64_le(buf, status_name)
+            write_i64_le(buf, gpu_clock_before)
+            write_i64_le(buf, requests_queued)
+            write_i64_le(buf, copies_loaded)
+            write_i64_le(buf, message)
         except (TypeError, ValueError, OverflowError):
             buf.truncate(at)
             return False
