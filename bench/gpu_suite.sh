@@ -2,7 +2,7 @@
 # The GPU half of the test suite and the GPU benchmarks, on the H200 with a runtime-only TVM.
 # Run from the repo root on the GPU machine, carrying .device-site (../shared/tools/device-site) and
 # .gpu/artifacts.tar.xz (python -m bench.build_gpu_artifacts):   bash bench/gpu_suite.sh STAGE...
-# Stages: setup tests floors exec worker wexec inputcopy isolation isopin isocpu controller ctlbusy hotpath nbcheck notebooks experiments. Results land in bench/results/ (and $OUT when set).
+# Stages: setup tests floors exec worker wexec parts inputcopy isolation isopin isocpu controller ctlbusy hotpath nbcheck notebooks experiments. Results land in bench/results/ (and $OUT when set).
 set -uo pipefail
 export PYTHONPATH=$PWD/.device-site:$PWD TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1
 # polars (.whl, 52 MiB) does not fit in one carry with TVM: a first call carries it alone; the notebook stack
@@ -40,6 +40,7 @@ for d in sorted(Path('.gpu/artifacts').glob('*_cuda')): print(d.name, c.precompi
     exec)   $PY -m bench.exec_latency --artifacts .gpu/artifacts.tar.xz ${EXEC_ARGS:-} ;;
     worker) $PY -m bench.worker_load; $PY -m bench.worker_exec --device cuda; $PY -m bench.worker_emulated_vs_real ;;
     wexec)  $PY -m bench.worker_exec --device cuda ${WEXEC_ARGS:-} ;;
+    parts)  $PY -m bench.worker_parts --device cuda ${PARTS_ARGS:-} ;;
     inputcopy) $PY -m bench.input_copy ;;
     isolation) $PY -m bench.isolation --device cuda ;;
     isopin) $PY -m bench.isolation --device cuda --worker-cpus 8-11 --session-cpus 0-7 --name isolation_pinned ;;

@@ -1,0 +1,248 @@
+"""Where the worker's overhead per action goes, part by part, next to the floors a Python worker cannot go below.
+
+    python -m bench.worker_parts [--device cuda] [--models mlp_cuda,resnet50_cuda] [--reps 300]
+
+(a) Thread hand-off floor: the round trip of the benchmark's caller handing work to another Python thread and
+    being woken by its answer (a `threading.Condition` each way, as `bench.worker_exec` waits for on_result), hot
+    (back to back) and idle (the caller sleeps the given exec time first, as it does while an action runs). The
+    in-process worker's result is delivered from its executor thread, so one wake of a sleeping caller is part of
+    any end-to-end figure; the hand-off to the executor thread that waits for the GPU is the other.
+(b) The worker's path traced: Infer actions one at a time (as bench.worker_exec), each step stamped
+    (`perf_counter_ns`) by wrappers around the worker's own methods; the p50 of each gap between consecutive
+    stamps. The wrappers add ~0.3-1 us per stamp.
+(c) CUDA (cupy) host-call costs on this machine: the calls one action makes, each timed alone (p50 of 2,000).
+Writes bench/results/worker_parts.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.worker_common import ARTIFACTS, artifact, pct, write
+from bench.worker_exec import CFG, inputs_for
+from workbench.contract import Infer, LoadModelFromDisk, LoadWeights
+from workbench.worker.config import WorkerConfig
+
+
+# ------------------------------------------------------------------------------------------- (a) hand-off floor
+def handoff(reps: int, idle_s: float) -> dict:
+    """p50/p99 (us) of a round trip caller -> thread -> caller through two Conditions."""
+    cv = threading.Condition()
+    state = {"job": 0, "done": 0, "stop": False}
+
+    def serve() -> None:
+        with cv:
+            while not state["stop"]:
+                while state["job"] == state["done"] and not state["stop"]:
+                    cv.wait(0.5)
+                state["done"] = state["job"]
+                cv.notify_all()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    out = []
+    for i in range(reps + 20):
+        if idle_s:
+            time.sleep(idle_s)
+        t0 = time.perf_counter_ns()
+        with cv:
+            state["job"] += 1
+            cv.notify_all()
+            cv.wait_for(lambda: state["done"] == state["job"], 5)
+        if i >= 20:
+            out.append(time.perf_counter_ns() - t0)
+    with cv:
+        state["stop"] = True
+        cv.notify_all()
+    t.join()
+    return {"p50_us": pct(out, 0.5) / 1e3, "p99_us": pct(out, 0.99) / 1e3}
+
+
+# ------------------------------------------------------------------------------------------- (b) traced steps
+class Tracer:
+    def __init__(self) -> None:
+        self.stamps: list[tuple[str, int]] = []
+        self.undo: list = []
+
+    def stamp(self, name: str) -> None:
+        self.stamps.append((name, time.perf_counter_ns()))
+
+    def wrap(self, owner: type, attr: str) -> None:
+        fn = owner.__dict__[attr]
+        prop = isinstance(fn, property)
+        if prop:
+            return
+        stamp, name = self.stamp, f"{owner.__name__}.{attr}"
+
+        @functools.wraps(fn)
+        def wrapped(*a, **kw):
+            stamp(name + " >")
+            try:
+                return fn(*a, **kw)
+            finally:
+                stamp(name + " <")
+        setattr(owner, attr, wrapped)
+        self.undo.append((owner, attr, fn))
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self.undo):
+            setattr(owner, attr, fn)
+
+
+def traced(path: Path, art, device: str, b: int, reps: int, warmup: int) -> dict:
+    from workbench.worker import base, executor
+    tr = Tracer()
+    if device == "cpu":
+        from workbench.worker.cpu import CPUDevice as Dev, CPUWorker as W
+    else:
+        from workbench.worker.cuda import CUDADevice as Dev, CUDAWorker as W
+    for owner, attrs in ((base.Worker, ("submit", "_deliver")), (base.CopyInputTask, ("begin", "finish")),
+                         (base.ExecTask, ("begin", "launch", "wait", "finish", "run")),
+                         (executor.ThreadExecutor, ("_run_inline",)),
+                         (Dev, ("copy_input", "launch_exec", "wait_exec", "execute"))):
+        for attr in attrs:
+            if attr in owner.__dict__:
+                tr.wrap(owner, attr)
+    cv = threading.Condition()
+    box: dict = {}
+
+    def on(r):
+        tr.stamp("on_result")
+        with cv:
+            box[r.id] = r
+            cv.notify_all()
+
+    w = W(WorkerConfig.load(None, **CFG), on, num_gpus=1) if device == "cuda" else W(WorkerConfig.load(None, **CFG), on)
+
+    def do(a):
+        w.submit(a)
+        with cv:
+            cv.wait_for(lambda: a.id in box, 120)
+            r = box.pop(a.id)
+        tr.stamp("caller woke")
+        return r
+    gaps: dict[str, list[int]] = {}
+    try:
+        assert do(LoadModelFromDisk(id=1, model_id=0, path=str(path))).ok
+        assert do(LoadWeights(id=2, model_id=0, gpu=0)).ok
+        x = tuple(inputs_for(art, b, np.random.default_rng(0)))
+        order: list[str] = []
+        for i in range(warmup + reps):
+            tr.stamps.clear()
+            tr.stamp("caller submits")
+            r = do(Infer(id=10 + i, model_id=0, gpu=0, batch_size=b, inputs=x))
+            assert r.ok, r.message
+            if i < warmup:
+                continue
+            s = tr.stamps
+            for (n0, t0), (n1, t1) in zip(s, s[1:]):
+                k = f"{n0} -> {n1}"
+                if k not in gaps:
+                    gaps[k] = []
+                    order.append(k)
+                gaps[k].append(t1 - t0)
+            gaps.setdefault("total", []).append(s[-1][1] - s[0][1])
+            gaps.setdefault("exec (CUDA events)", []).append(r.exec.duration)
+    finally:
+        w.close()
+        tr.restore()
+    return {k: {"p50_us": pct(v, 0.5) / 1e3, "n": len(v)} for k, v in gaps.items()}
+
+
+# ------------------------------------------------------------------------------------------- (c) CUDA call costs
+def cuda_calls(reps: int = 2000) -> dict:
+    import cupy as cp
+    rt = cp.cuda.runtime
+    s = cp.cuda.Stream(non_blocking=True)
+    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+    host4k, host600k = np.ones(1024, np.float32), np.ones(150_528, np.float32)
+    dev = cp.empty(1 << 22, cp.uint8)
+    dev2 = cp.empty(1 << 22, cp.uint8)
+    pinned = np.frombuffer(cp.cuda.alloc_pinned_memory(1 << 20), np.uint8)
+    e0.record(s)
+    e0.synchronize()
+    calls = {
+        "with cp.cuda.Device(0)": lambda: cp.cuda.Device(0).__enter__() and None,
+        "Event.record": lambda: e1.record(s),
+        "stream.wait_event": lambda: s.wait_event(e0),
+        "memcpyAsync H2D 4 KB pageable": lambda: rt.memcpyAsync(dev.data.ptr, host4k.ctypes.data, 4096, 1, s.ptr),
+        "memcpyAsync H2D 602 KB pageable": lambda: rt.memcpyAsync(dev.data.ptr, host600k.ctypes.data, 602_112, 1,
+                                                                   s.ptr),
+        "memcpyAsync D2D 4 KB": lambda: rt.memcpyAsync(dev2.data.ptr, dev.data.ptr, 4096, 3, s.ptr),
+        "memcpyAsync D2H 4 KB pinned": lambda: rt.memcpyAsync(pinned.ctypes.data, dev.data.ptr, 4096, 2, s.ptr),
+        "Event.synchronize (done)": lambda: e0.synchronize(),
+        "Event.done": lambda: e0.done,
+        "get_elapsed_time": lambda: cp.cuda.get_elapsed_time(e0, e0),
+        "numpy copy of 4 KB": lambda: pinned[:4096].view(np.float32).copy(),
+        "np.ascontiguousarray(4 KB)": lambda: np.ascontiguousarray(host4k),
+        "time.monotonic_ns": time.monotonic_ns,
+    }
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        calls["NVML SM clock read"] = lambda: pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    out = {}
+    for name, fn in calls.items():
+        ts = []
+        for i in range(reps):
+            t0 = time.perf_counter_ns()
+            fn()
+            ts.append(time.perf_counter_ns() - t0)
+            if i % 64 == 63:
+                s.synchronize()
+        s.synchronize()
+        out[name] = pct(ts, 0.5) / 1e3
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.worker_parts", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--models", default=None)
+    p.add_argument("--artifacts", default=str(ARTIFACTS))
+    p.add_argument("--batch-sizes", default="1")
+    p.add_argument("--reps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
+    a = p.parse_args(argv)
+    from workbench.models.artifact import Artifact
+    names = a.models.split(",") if a.models else (["mlp_cpu"] if a.device == "cpu" else ["mlp_cuda", "resnet50_cuda"])
+    res: dict = {"handoff": {}, "traced": {}, "cuda_calls": {}}
+    for idle_ms in (0.0, 0.1, 5.0):
+        res["handoff"][f"idle {idle_ms:g} ms"] = handoff(a.reps, idle_ms / 1e3)
+    for name in names:
+        path = artifact(name, Path(a.artifacts))
+        if path is None and name == "mlp_cpu":
+            from bench.worker_artifacts import build
+            path, _ = build("mlp", "cpu", Path(a.artifacts), True)
+        art = Artifact.open(path)
+        for b in (int(x) for x in a.batch_sizes.split(",")):
+            res["traced"][f"{name} b{b}"] = traced(path, art, a.device, b, a.reps, a.warmup)
+    if a.device == "cuda":
+        res["cuda_calls"] = cuda_calls()
+    md = [f"Python {platform.python_version()}, {a.reps} reps. Part (a): round trip caller -> thread -> caller "
+          f"(two Condition hand-offs), after the caller idled:", "", "| idle before | p50 (us) | p99 (us) |",
+          "| --- | --- | --- |"]
+    md += [f"| {k} | {v['p50_us']:.1f} | {v['p99_us']:.1f} |" for k, v in res["handoff"].items()]
+    for k, steps in res["traced"].items():
+        md += ["", f"Part (b): {k}, p50 of each gap between consecutive stamps (us):", "", "| gap | p50 (us) | n |",
+               "| --- | --- | --- |"]
+        md += [f"| {g} | {v['p50_us']:.1f} | {v['n']} |" for g, v in steps.items()]
+    if res["cuda_calls"]:
+        md += ["", "Part (c): host cost of one call, p50 (us):", "", "| call | p50 (us) |", "| --- | --- |"]
+        md += [f"| {k} | {v:.2f} |" for k, v in res["cuda_calls"].items()]
+    write("worker_parts", res, md)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
