@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return on >= noise["q1"] if m == "slo_attainment" else on <= noise["q3"]
     within = {m: no_worse(m) for m in metrics}
     where = "CPU worker, mlp" if cpu else "H200, ResNet-50"
-    md = [f"Real-time serving ({where}, {a.copies} copies, Poisson {a.rate:g} r/s with Zipf(1) popularity, SLO "
+    from bench.controller_common import core_description
+    md = [f"Simulation core (controller, clock, telemetry row writer): {core_description()}.", "",
+          f"Real-time serving ({where}, {a.copies} copies, Poisson {a.rate:g} r/s with Zipf(1) popularity, SLO "
           f"{a.slo_ms:g} ms, {a.seconds:g} s per run, isolated executor process), {a.rounds} rounds of "
           f"{', '.join(VARIANTS)} in shuffled order. Ratios are paired within a round; median (quartiles). "
           "Recording slows the hot path measurably where `on / off` is worse than the upper quartile of "
@@ -167,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", f"The session's CPU per request, on minus off (median of the rounds' differences): {cpu_cost:.1f} us "
                f"(the controller, the workload threads and the recorder; the executor process not counted). "
                f"Rows recorded per `on` run: {runs['on'][0].get('rows')}.", "",
-           "The recording calls themselves, timed by the calling thread's CPU clock in one more `on` run: "
+           ("The recording calls themselves cannot be timed in this tree: the compiled controller's methods "
+            "cannot be wrapped (an interpreted run times them)." if not sum(calls["calls"].values()) else
+            "The recording calls themselves, timed by the calling thread's CPU clock in one more `on` run: "
            + ", ".join(f"`{n}` {v:.2f} us per call ({calls['calls'][n]:,} calls)"
                        for n, v in calls["us_per_call"].items())
            + f"; {calls['us_per_request']:.2f} us of CPU per request. (Inside the virtual-time simulation the same "
            "calls cost ~1 us: `python -m bench.telemetry_overhead`. In real time the controller's thread sleeps "
-           "between events, so each call touches code and objects that are no longer in the CPU's caches.)"]
+           "between events, so each call touches code and objects that are no longer in the CPU's caches.)")]
     write(a.name or ("telemetry_hot_path" + ("_cpu" if cpu else "")),
           {"runs": runs, "ratios": ratios, "medians": med, "cpu_cost_us_per_request": cpu_cost,
            "recording_calls": calls,
