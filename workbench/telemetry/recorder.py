@@ -4,10 +4,10 @@ Three ways to add a row (all thread-safe; each keeps its rows in call order):
 
 - Row writers, for the controller: `w = recorder.row_writer("request")` (or "action") gives a `RowWriter`
   (workbench/telemetry/row_writer.py, compiled with the simulation core) for one writer at a time: `w.write(values)`
-  takes the same tuple as `add_request_row`, and `w.write_request(...)` a request's values as native arguments
-  (compiled, no Python object is made for them); either writes the row's bytes straight into a buffer of the
-  recorder's, which keeps full buffers as blocks of packed rows and takes the whole rows of a partly filled one
-  whenever it is read. No recorder code runs per row. A row with a value that does not convert is not written
+  takes the same tuple as `add_request_row`, and `w.write_request(...)` / `w.write_action(...)` a row's values as
+  native arguments (compiled, no Python object is made for them); either writes the row's bytes straight into a
+  buffer of the recorder's, which keeps full buffers as blocks of packed rows and takes the whole rows of a partly
+  filled one whenever it is read. No recorder code runs per row. A row with a value that does not convert is not written
   (False); the writer's caller then hands it to `add_*_row`, which records it in its place and names the bad
   value. A subclass that hooks the row methods gets no writers (its hooks must see every row).
 - Positional tuples: `add_request_row(values)` / `add_action_row(values)`, where `values`
