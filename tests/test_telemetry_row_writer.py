@@ -265,9 +265,12 @@ def test_an_action_row_with_a_number_of_another_type_is_recorded_and_named():
 
 
 def test_request_and_action_layouts_match_the_schema():
+    """The native row methods' layouts are the schema's (a column added there must be added to them)."""
+    from workbench.telemetry.row_writer import ACTION_LAYOUT, REQUEST_LAYOUT
+
     rec = Recorder()
-    assert len(rec.row_writer("request").layout) == len(REQUEST_FIELDS)
-    assert len(rec.row_writer("action").layout) == len(ACTION_FIELDS)
+    assert rec.row_writer("request").layout == REQUEST_LAYOUT and len(REQUEST_LAYOUT) == len(REQUEST_FIELDS)
+    assert rec.row_writer("action").layout == ACTION_LAYOUT and len(ACTION_LAYOUT) == len(ACTION_FIELDS)
 
 
 def test_without_librt_the_python_byte_writer_records_the_same(tmp_path):
