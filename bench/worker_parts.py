@@ -75,9 +75,6 @@ class Tracer:
 
     def wrap(self, owner: type, attr: str) -> None:
         fn = owner.__dict__[attr]
-        prop = isinstance(fn, property)
-        if prop:
-            return
         stamp, name = self.stamp, f"{owner.__name__}.{attr}"
 
         @functools.wraps(fn)
@@ -167,8 +164,12 @@ def cuda_calls(reps: int = 2000) -> dict:
     pinned = np.frombuffer(cp.cuda.alloc_pinned_memory(1 << 20), np.uint8)
     e0.record(s)
     e0.synchronize()
+    def device_context() -> None:
+        with cp.cuda.Device(0):
+            pass
+
     calls = {
-        "with cp.cuda.Device(0)": lambda: cp.cuda.Device(0).__enter__() and None,
+        "with cp.cuda.Device(0)": device_context,
         "Event.record": lambda: e1.record(s),
         "stream.wait_event": lambda: s.wait_event(e0),
         "memcpyAsync H2D 4 KB pageable": lambda: rt.memcpyAsync(dev.data.ptr, host4k.ctypes.data, 4096, 1, s.ptr),
