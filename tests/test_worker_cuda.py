@@ -356,6 +356,38 @@ def test_cuda_graphs_replay_the_vm_exactly_and_follow_weights_that_move(gpu_work
 
 
 @pytest.mark.gpu
+def test_inputs_staged_in_the_exec_slot_or_while_an_exec_runs_give_the_same_outputs(gpu_worker):
+    """An Infer whose exec launches at once has its inputs copied straight into the slot its graph reads; Infers
+    sent together (their inputs copied while an earlier exec runs) are staged in the io arena and copied into
+    the slot on the GPU. Both give every Infer its own outputs, bit for bit."""
+    w = gpu_worker
+    stats = w.device.graph_stats
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(artifact("resnet50_cuda")))).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(5)]
+    alone = []
+    for x in xs:                                      # one at a time: each exec follows its copy at once
+        before = stats["staged_in_slot"]
+        r = w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=1, inputs=(x,)))
+        assert r.ok, r.message
+        assert stats["staged_in_slot"] == before + 1
+        alone.append(r.outputs[0])
+    assert all(not np.array_equal(alone[0], o) for o in alone[1:])
+    col = Collector()
+    w.on_result = col
+    before = stats["staged_in_slot"]
+    for k, x in enumerate(xs):                        # together: inputs 2..5 are copied while execs run
+        w.submit(Infer(id=1000 + k, model_id=0, gpu=0, batch_size=1, inputs=(x,)))
+    together = [col.wait(1000 + k) for k in range(len(xs))]
+    assert all(r.ok for r in together), [r.message for r in together]
+    assert stats["staged_in_slot"] - before < len(xs), "an Infer sent during a 5 ms exec was staged in the slot"
+    for r, ref in zip(together, alone):
+        np.testing.assert_array_equal(r.outputs[0], ref)
+    assert stats["failures"] == 0 and w.check_consistency() == []
+
+
+@pytest.mark.gpu
 def test_cuda_graphs_off_runs_the_vm(tmp_path):
     col = Collector()
     w = mlp_on_gpu0(col, cuda_graphs=False)
@@ -363,7 +395,8 @@ def test_cuda_graphs_off_runs_the_vm(tmp_path):
         for i in range(3, 8):
             w.submit(Infer(id=i, model_id=0, gpu=0, batch_size=4))
             assert col.wait(i).ok
-        assert not w.device.graphs and w.device.graph_stats == {"launches": 0, "captures": 0, "failures": 0}
+        assert not w.device.graphs and w.device.graph_stats == {"launches": 0, "captures": 0, "failures": 0,
+                                                          "staged_in_slot": 0}
     finally:
         w.close()
 

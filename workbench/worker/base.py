@@ -240,9 +240,11 @@ class Device:
         raise NotImplementedError
 
     def copy_input(self, gpu: int, entry: ModelEntry, batch: int, n: int, inputs: Sequence[np.ndarray] | None,
-                   io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
+                   io_offset: int, host_offset: int, now: int, exec_next: bool = False) -> tuple[Timing, Any]:
         """Stage n samples of input (None: generate them) for the padded batch `batch` at `io_offset` of the
-        GPU's io pool, through `host_offset` of the host io pool; returns (timing, staged)."""
+        GPU's io pool, through `host_offset` of the host io pool; returns (timing, staged). `exec_next`: the
+        exec of these inputs is launched right after, before any other exec on this GPU (a device may then
+        stage them where that exec reads them)."""
         raise NotImplementedError
 
     async_exec = False   # True: launch_exec returns without waiting, and wait_exec waits (execute = both)
@@ -701,9 +703,10 @@ _NO_TIMING = Timing()
 class _InferState:
     """What an Infer holds while it moves through its three tasks."""
     __slots__ = ("model", "entry", "batch", "plan", "io_offset", "staged", "copy_input", "exec", "outputs",
-                 "clock_before", "clock_after", "host_offset")
+                 "clock_before", "clock_after", "host_offset", "exec_next")
 
     def __init__(self) -> None:
+        self.exec_next = False
         self.io_offset = -1
         self.host_offset = -1
         self.staged = self.outputs = None
@@ -765,6 +768,10 @@ class CopyInputTask(InferTask):
             self.release()
             return self.fail(Status.COPY_INPUT_HOST_ALLOC, str(ex))
         s.model, s.entry, s.batch, s.plan = m, e, plan.batch, plan
+        # its exec will launch the moment the copy is enqueued (in `finish`, under the lock this task holds from
+        # here on or that only this GPU's input executor, busy with it, could hand on an exec under)
+        s.exec_next = (a.earliest <= now and self.w.device.async_exec
+                       and self.w.gpus[a.gpu].executors["exec"].idle())
         return None
 
     def _check_inputs(self, e: ModelEntry, a: Infer) -> Result | None:
@@ -798,7 +805,7 @@ class CopyInputTask(InferTask):
         a: Infer = self.action
         s = self.s
         timing, s.staged = self.w.device.copy_input(a.gpu, s.entry, s.batch, a.batch_size, a.inputs,
-                                                    s.io_offset, s.host_offset, now)
+                                                    s.io_offset, s.host_offset, now, s.exec_next)
         return timing
 
     def finish(self, timing: Timing) -> Result | None:

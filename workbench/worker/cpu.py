@@ -139,7 +139,7 @@ class CPUDevice(Device):
         return st
 
     def copy_input(self, gpu: int, entry: ModelEntry, batch: int, n: int, inputs: Sequence[np.ndarray] | None,
-                   io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
+                   io_offset: int, host_offset: int, now: int, exec_next: bool = False) -> tuple[Timing, Any]:
         t0 = time.monotonic_ns()
         staged = self._staged(gpu, entry, batch, io_offset)
         for i, view in enumerate(staged.arrays):

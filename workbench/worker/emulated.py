@@ -116,7 +116,7 @@ class EmulatedDevice(Device):
         return Timing(now, now + d, d)
 
     def copy_input(self, gpu: int, entry: ModelEntry, batch: int, n: int, inputs: Sequence[np.ndarray] | None,
-                   io_offset: int, host_offset: int, now: int) -> tuple[Timing, Any]:
+                   io_offset: int, host_offset: int, now: int, exec_next: bool = False) -> tuple[Timing, Any]:
         return self._copy(entry.input_bytes * n, self.profile.h2d_bytes_per_s, now), None
 
     def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,

@@ -103,6 +103,7 @@ class Executor:
         self.deliver = deliver
         self.on_task_done = on_task_done   # telemetry hook
         self.heap: list[Task] = []
+        self.busy: Task | None = None   # the task running (a launched split task until it has been waited for)
         self.closed = False
 
     def submit(self, task: Task, inline: bool = False) -> Result | None:
@@ -113,6 +114,10 @@ class Executor:
 
     def queued(self) -> int:
         return len(self.heap)
+
+    def idle(self) -> bool:
+        """Nothing runs and nothing waits: a task submitted now with `inline` starts before any other."""
+        return self.busy is None and not self.heap and not self.closed
 
     def drain(self) -> list[Task]:
         """Remove and return every queued task (shutdown)."""
@@ -134,7 +139,6 @@ class ClockExecutor(Executor):
 
     def __init__(self, *a, outbox: list | None = None, **kw):
         super().__init__(*a, **kw)
-        self.busy: Task | None = None
         self._done_timer: "Timer | None" = None
         self._wake: "Timer | None" = None
         self._wake_at = 0
@@ -238,7 +242,6 @@ class ThreadExecutor(Executor):
         super().__init__(*a, **kw)
         self.wake_early = wake_early
         self._cv = threading.Condition(self.lock)
-        self.busy: Task | None = None
         self._later: list[Result] = []
         self._launched: Task | None = None   # a split task launched inline, for this thread to wait for
         self._thread = threading.Thread(target=self._loop, name=f"worker-{self.name}", daemon=True)
