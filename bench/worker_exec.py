@@ -57,6 +57,9 @@ class DirectRunner(Protocol):
     def exec_ns(self) -> int:
         """The exec time of the latest call (read after the timed span)."""
 
+    def back_to_back(self, n: int) -> int:
+        """ns for n calls queued with nothing waited for in between (the device's throughput bound)."""
+
 
 class DirectCPU:
     """The direct call on the CPU: inputs staged, the model run through TVM's VM, outputs copied to numpy."""
@@ -82,6 +85,12 @@ class DirectCPU:
 
     def exec_ns(self) -> int:
         return self._exec
+
+    def back_to_back(self, n: int) -> int:       # the CPU runs each call to its end: n calls one after another
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            self.call()
+        return time.perf_counter_ns() - t0
 
 
 class DirectGraphModel:
@@ -149,6 +158,18 @@ class DirectGraph:
 
     def exec_ns(self) -> int:
         return int(self.cp.cuda.get_elapsed_time(self.events[0], self.events[1]) * 1e6)
+
+    def back_to_back(self, n: int) -> int:
+        """n copies and graph launches queued on the stream, one wait at the end: the GPU never waits for the host
+        (each graph's output copy lands in the same buffer: only the time matters here)."""
+        stream, graph, dev_in, x = self.stream, self.graph, self.dev_in, self.x
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            for d, h in zip(dev_in, x):
+                d.set(h, stream=stream)
+            graph.launch(stream)
+        self.events[2].synchronize()
+        return time.perf_counter_ns() - t0
 
 
 class WorkerSession:
@@ -361,6 +382,42 @@ def interleaved(direct_run: DirectRunner, worker_run: WorkerInfer, idle_s: float
     return out
 
 
+def under_load(direct_run: DirectRunner, worker_run: WorkerInfer, n: int, depth: int) -> dict:
+    """Per action with the device kept busy (Clockwork's controller keeps up to schedule_ahead of work queued on
+    each GPU): n Infers with `depth` always in flight, each result answered by sending the next, against the
+    direct path's n calls queued back to back. ns per action both ways, and the worker's GPU busy fraction."""
+    session, b, x = worker_run.session, worker_run.b, worker_run.x
+    w, cv, box = session.w, session.cv, session.box
+
+    def send() -> None:
+        w.submit(Infer(id=next(session.ids), model_id=0, gpu=0, batch_size=b, inputs=x))
+
+    direct_ns = direct_run.back_to_back(n)
+    execs: list[int] = []
+    t0 = time.monotonic_ns()
+    last = sent = 0
+    for _ in range(min(depth, n)):
+        send()
+        sent += 1
+    while len(execs) < n:
+        with cv:
+            if not cv.wait_for(lambda: box, 120):
+                raise TimeoutError("no Infer result within 120 s under load")
+            got = list(box.values())
+            box.clear()
+        for r, t in got:
+            assert r.ok, r.message
+            execs.append(r.exec.duration)
+            last = max(last, t)
+        while sent < n and sent - len(execs) < depth:
+            send()
+            sent += 1
+    span = last - t0
+    return {"load_depth": depth, "load_n": n, "direct_back_to_back_per_action_us": direct_ns / n / 1e3,
+            "worker_loaded_per_action_us": span / n / 1e3, "worker_loaded_gpu_busy": sum(execs) / span,
+            "overhead_loaded_us": (span - direct_ns) / n / 1e3}
+
+
 def interleaved_figures(il: dict[str, list[int]]) -> dict:
     """The row's interleaved figures (us): both sides' stats, p50(worker) - p50(direct), and the median and
     quartiles of the per-pair differences (also split by which side went first)."""
@@ -385,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default=None, help="default: every compiled size")
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--depth", type=int, default=4, help="Infers kept in flight in the under-load phase")
     a = p.parse_args(argv)
     from workbench.models.artifact import Artifact
     names = a.models.split(",") if a.models else (["mlp_cpu"] if a.device == "cpu" else
@@ -393,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                     "worker exec p50 / p99 / p99.9 (us) | worker p99/p50 | direct VM / graph e2e p50 (us) | "
                     "worker e2e p50 / p99 (us) | overhead per action (us) | vs the VM (us) | direct graph e2e p50, "
                     "idle caller (us) | overhead vs the idle caller (us) | interleaved e2e p50, direct / worker (us) "
-                    "| overhead, interleaved (us): p50 diff; paired median [p25, p75] |"),
-                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                    "| overhead, interleaved (us): p50 diff; paired median [p25, p75] | under load: per action, "
+                    "direct / worker (us); GPU busy | overhead under load (us) |"),
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
         path = artifact(name, Path(a.artifacts))
         if path is None and a.device == "cpu" and name == "mlp_cpu":
@@ -414,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             workers, worker_runners = through_worker(session, art, sizes, a.reps, a.warmup)
             inter = {b: interleaved(direct_runners[b], worker_runners[b], pct(workers[b]["e2e"], 0.5) / 1e9,
                                     a.reps, a.warmup) for b in sizes}
+            loaded = {b: under_load(direct_runners[b], worker_runners[b], a.reps, a.depth) for b in sizes}
         for b in sizes:
             (d_exec, d_e2e), (g_exec, g_e2e, g_idle), wk = directs[b], graphs[b], workers[b]
             row = {"model": name, "batch": b, "direct_exec": stats_us(d_exec), "direct_e2e": stats_us(d_e2e),
@@ -428,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                    "overhead_idle_caller_us": (pct(wk["e2e"], 0.5) - pct(g_idle, 0.5)) / 1e3 if g_idle else None,
                    "gpu_clock_mhz_p50": pct(wk["gpu_clock"], 0.5),
                    "steps_p50_us": {k: pct(v, 0.5) / 1e3 for k, v in wk["steps"].items()},
-                   "interleaved_idle_us": pct(wk["e2e"], 0.5) / 1e3, **interleaved_figures(inter[b])}
+                   "interleaved_idle_us": pct(wk["e2e"], 0.5) / 1e3, **interleaved_figures(inter[b]), **loaded[b]}
             rows.append(row)
             de, ge, we = row["direct_exec"], row["direct_graph_exec"], row["worker_exec"]
             md.append(f"| {name} | {b} | {de['p50_us']:.1f} / {de['p99_us']:.1f} / {de['p999_us']:.1f} | "
@@ -443,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                       + f" {row['interleaved_direct_e2e']['p50_us']:.1f} / "
                       f"{row['interleaved_worker_e2e']['p50_us']:.1f} | "
                       f"{row['overhead_interleaved_us']:.1f}; {row['overhead_paired_us']:.1f} "
-                      f"[{row['overhead_paired_p25_us']:.1f}, {row['overhead_paired_p75_us']:.1f}] |")
+                      f"[{row['overhead_paired_p25_us']:.1f}, {row['overhead_paired_p75_us']:.1f}] | "
+                      f"{row['direct_back_to_back_per_action_us']:.1f} / {row['worker_loaded_per_action_us']:.1f}; "
+                      f"{row['worker_loaded_gpu_busy']:.3f} | {row['overhead_loaded_us']:.1f} |")
     md += ["", (f"{a.reps} actions per row after {a.warmup} warm-up, one at a time. Goals: worker p99/p50 <= 1.01, "
            "overhead per action < 50 us. Overhead = p50 end to end through the worker (submit -> on_result) "
            "minus p50 of the same steps done directly in one thread (inputs from the caller's numpy arrays, "
@@ -462,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
            "caller figure), so both sides start from an equally idle caller and see the same drift. 'p50 diff' = "
            "p50(worker) - p50(direct) of those calls; 'paired median [p25, p75]' = the median and quartiles of "
            "worker - direct within each pair, the figure least moved by drift."), "",
+           (f"Under load: the worker kept busy as Clockwork's controller keeps it (work queued ahead, up to "
+            f"schedule_ahead per GPU): {a.reps} Infers with {a.depth} always in flight, each result answered by "
+            "sending the next; per action = from the first submit to the last on_result, divided by their number. "
+            "Direct: the same number of input copies and graph launches queued back to back on one stream, one "
+            "wait at the end (the GPU never waits for the host). Overhead under load = worker - direct per action: "
+            "what the worker costs the GPU's throughput (its exec launches one at a time per GPU, after the "
+            "previous one is waited for). GPU busy = the worker's exec times summed / its span."), "",
            ("Where the worker's host time goes (p50, us, on the worker's clock): submit -> input copy begins | "
            "input copy enqueued -> exec launch begins | exec host span minus its device time (launch, output "
            "copy, the one wait) | exec end -> on_result."), "",
