@@ -9,7 +9,8 @@ Per GPU:
   accounts for and the free-memory check reserves room for;
 - executor threads (weights, inputs, exec, outputs), each with its own non-blocking CUDA stream (inputs at
   higher priority), durations from CUDA events recorded on those streams. An Infer waits on the host once:
-  its input copy is enqueued without a sync (the exec stream waits for it on the GPU), and the exec stream
+  its input copy is enqueued without a sync (the exec stream waits for it on the GPU; when the exec launches
+  at once, the copy goes on the exec stream straight into the slot its CUDA graph reads), and the exec stream
   copies the outputs to pinned memory right after the model, so the exec thread's one wait covers both;
 - the SM clock read through NVML while each exec runs (after its launch, and again before its end when it is
   still running), so the reads overlap the GPU work; an exec too short to sample reuses a recent reading.

@@ -9,8 +9,9 @@ on the H200 (`.gpu/graph_probe.py`): a replay costs 6 us of host time, and devic
 What a graph bakes in, and how each stays valid:
 - the weights' addresses: a graph belongs to one `WeightBinding` (its `launch_cache`) and dies with it, so a
   model evicted and loaded again into other pages gets new graphs;
-- the inputs' address: graphs read a per-GPU exec slot (one exec per GPU at a time); each exec first copies its
-  staged inputs there on the GPU (D2D, a few us), before the graph's start event;
+- the inputs' address: graphs read a per-GPU exec slot (one exec per GPU at a time). An Infer whose exec
+  launches as soon as its inputs are enqueued copies them straight into the slot, on the exec stream; one staged
+  while another exec runs is copied there on the GPU (D2D, a few us) before its graph's start event;
 - the outputs' destination: the pinned output buffer's address is part of the key;
 - the intermediates' addresses: TVM's pooled allocator hands the capture call blocks that it takes back when the
   call returns. Every exec on a GPU runs on that GPU's one exec stream, one at a time, so whoever uses those
