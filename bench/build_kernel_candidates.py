@@ -17,7 +17,8 @@ weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast ker
 9 = the CNNs' fp16 and fp32 winners after round 8 with the RGB stem's im2col as one gather (zoo.py);
 10 = BERT-base's fp16 winner with the attention matmuls on the batched mma schedule (label suffix -bmma);
 11 = the fp16 winners with reductions reading fp16 (-ri16), fitted row reductions (-rr256) and InjectiveRows
-(-rows8), BERT-base, ResNet-50, ResNet-18 (see round11):
+(-rows8), BERT-base, ResNet-50, ResNet-18 (see round11); 12 = what `workbench compile` builds from the tuning
+database at b2, b4 and b8 (fp32 and fp16, every model), the compiled batch sizes no round measured:
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -29,6 +30,7 @@ weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast ker
         --bundle .gpu/kq10.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 11 --models bert_base,resnet50,resnet18 --out .gpu/kq11 \
         --bundle .gpu/kq11.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 12 --out .gpu/kq12 --bundle .gpu/kq12.tar.xz --no-kernels
 
 Every candidate records its weights (dtypes, bytes, and the source's fp32 bytes) and `weight_cast_kernels`:
 calls of kernels that read only weights (ToMixedPrecision's fp32->fp16 weight casts, redone every inference),
@@ -333,8 +335,43 @@ def round11(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return [c for c in cands if c.model in keep], []
 
 
+def variant_label(v: dict) -> str:
+    """The candidate label of a tuning.Variant JSON, in the order the rounds' labels use (fp16-sr256-inj8-mma-...)."""
+    s = v.get("schedule", {})
+    parts = [v["precision"]]
+    parts += [f"sr{s['small_reduction']}"] if "small_reduction" in s else []
+    parts += [f"inj{s['injective']}"] if "injective" in s else []
+    parts += ["mma"] if v["precision"] == "fp16" and s.get("mma", True) else []
+    parts += ["act16"] if s.get("activations") == "fp16" else []
+    parts += ["w16"] if v.get("weights") == "fp16" else []
+    parts += ["ri16"] if s.get("reduce_inputs") == "fp16" else []
+    parts += [f"rr{s['row_reduction']}"] if "row_reduction" in s else []
+    parts += [f"rows{s['rows']}"] if "rows" in s else []
+    parts += ["k"] if s.get("kernels") else []
+    parts += ["g"] if v.get("cuda_graph") else []
+    return "-".join(parts)
+
+
+def round12(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """What `workbench compile` builds at the batch sizes no round measured: the tuning database's variant (the
+    nearest measured batch's winner, tuning.plan) at b2, b4 and b8, fp32 and fp16, every model. With b1 and b16
+    that is every batch size the compiler builds by default (1, 2, 4, 8, 16; the worker pads any n in 1..16 to the
+    next of them), so the goal check covers every batch the zoo serves."""
+    from workbench.models import tuning
+    cands = []
+    for model in models:
+        for precision in ("fp32", "fp16"):
+            for b in (2, 4, 8):
+                plan = tuning.plan(model, "cuda", ARCH, [b], precision)
+                if plan is None:
+                    continue
+                v = plan.variants[b].to_json()
+                cands.append(ModelCandidate(model, b, variant_label(v), v))
+    return cands, []
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
-          11: round11}
+          11: round11, 12: round12}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:

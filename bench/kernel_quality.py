@@ -9,14 +9,14 @@ finishes within --budget-s (every phase checks the clock; what is left out is li
 writes <out>/kq_round<N>.json after every model, so a run cut short still reports. Phases:
 1. unpack the bundle; compile every CUDA source of every .so with NVRTC in parallel processes (cubin cache),
    so no timed path compiles;
-2. per model (resnet50, mobilenet_v2, bert_base, resnet18): the zoo's weights regenerated from the seed
-   (checked by sha256 against the build machine), then torch at b1/b16 (torchvision / nn.TransformerEncoder,
-   cudnn.benchmark; modes fp32 eager and CUDA graph with TF32 off, TF32 graph, fp16-autocast graph;
-   channels_last for CNNs in TF32/fp16), then every whole-model TVM candidate: numerics against the NumPy
-   float64 reference (scale-relative max error; tolerance per precision), GPU time between CUDA events
-   (p50/p99), and the same run captured once in a CUDA graph from outside (one launch per inference);
-   a relax CUDA-graph candidate is instead run once more with every weight moved and the old copies set to
-   NaN (a graph that kept the old addresses gives NaN), and is not captured from outside (nesting fails);
+2. per model (resnet50, mobilenet_v2, bert_base, resnet18): the zoo's weights regenerated from the seed (checked by
+   sha256 against the build machine), then torch at each batch size the bundle's candidates have (torchvision /
+   nn.TransformerEncoder, cudnn.benchmark; modes fp32 eager and CUDA graph with TF32 off, TF32 graph, fp16-autocast
+   graph; channels_last for CNNs in TF32/fp16), then every whole-model TVM candidate: numerics against the NumPy
+   float64 reference (scale-relative max error; tolerance per precision), GPU time between CUDA events (p50/p99),
+   and the same run captured once in a CUDA graph from outside (one launch per inference); a relax CUDA-graph
+   candidate is instead run once more with every weight moved and the old copies set to NaN (a graph that kept the
+   old addresses gives NaN), and is not captured from outside (nesting fails);
 3. kernel search: every kernel candidate alone (a CUDA graph of R launches, 5 replays), its output checked
    against the default schedule's.
 
