@@ -250,8 +250,7 @@ class ThreadExecutor(Executor):
     def submit(self, task: Task, inline: bool = False) -> Result | None:   # caller holds the lock
         now = self.clock.now()
         task.enqueued = now
-        if (inline and (task.inline or task.split) and self.busy is None and not self.heap and not self.closed
-                and task.eligible <= now):
+        if inline and (task.inline or task.split) and self.idle() and task.eligible <= now:
             return self._run_inline(task, now)
         heapq.heappush(self.heap, task)
         if self.heap[0] is task:
