@@ -111,9 +111,27 @@ def test_memory_pool_accounting(size, ops):
         assert pool.used == sum(live.values()) and pool.allocations == len(live)
     for off in list(live):
         pool.free(off)
-    assert pool.used == 0
+    assert pool.used == 0 and pool._ranges.intervals() == [(0, size)]
     with pytest.raises(ValueError):
         pool.free(0)
+
+
+def test_an_empty_pools_allocation_and_its_only_allocations_free_are_exact():
+    """The O(1) paths (an idle GPU's Infer): the first allocation takes the front, the rest stays one range; freeing
+    the only allocation gives the whole pool back; neither is taken while another allocation lives."""
+    pool = MemoryPool("workspace", 4096)
+    assert pool.alloc(1000) == 0 and pool._ranges.intervals() == [(1024, 3072)]
+    pool.free(0)
+    assert pool.used == 0 and pool._ranges.intervals() == [(0, 4096)]
+    a, b = pool.alloc(4096 - 256), pool.alloc(1)
+    assert (a, b) == (0, 3840) and pool.used == 4096
+    pool.free(a)
+    assert pool._ranges.intervals() == [(0, 3840)] and pool.allocations == 1
+    pool.free(b)
+    assert pool._ranges.intervals() == [(0, 4096)]
+    with pytest.raises(PoolExhausted, match="workspace_pool_size"):
+        pool.alloc(4097)
+    assert pool.used == 0 and pool.allocations == 0
 
 
 def test_range_allocator_merges_neighbours():

@@ -103,8 +103,12 @@ class RangeAllocator:
         self._starts.insert(i, start)
         self._len[start] = n
 
-    def reset(self) -> None:
-        self.__init__(self.size)
+    def reset(self, taken: int = 0) -> None:
+        """All free again, or all but [0, taken): O(1) (a pool's only allocation, taken or given back)."""
+        rest = self.size - taken
+        self._starts = [taken] if rest else []
+        self._len = {taken: rest} if rest else {}
+        self.free_units = rest
 
 
 class MemoryPool:
@@ -132,6 +136,10 @@ class MemoryPool:
         length = -(-nbytes // a) * a
         if length < a:
             length = a
+        if not self._live and length <= self.size:   # empty (an idle GPU's pools, every Infer): the front, in O(1)
+            self._ranges.reset(length)
+            self._live[0] = length
+            return 0
         off = self._ranges.alloc_contiguous(length) if length <= self.size else None
         if off is None:
             raise PoolExhausted(f"{self.name} pool: {nbytes} bytes requested, {self.size - self.used} of "
@@ -144,7 +152,10 @@ class MemoryPool:
         length = self._live.pop(offset, None)
         if length is None:
             raise ValueError(f"{self.name} pool: free of offset {offset} that is not allocated")
-        self._ranges.free(offset, length)
+        if self._live:
+            self._ranges.free(offset, length)
+        else:                                         # it was the only one: all free again, in O(1)
+            self._ranges.reset()
 
     def clear(self) -> None:
         self._ranges.reset()
