@@ -388,6 +388,79 @@ def test_inputs_staged_in_the_exec_slot_or_while_an_exec_runs_give_the_same_outp
 
 
 @pytest.mark.gpu
+def test_an_infer_on_an_idle_gpu_starts_in_one_step_and_is_answered_as_by_the_tasks(gpu_worker):
+    """Once its graph is captured, an Infer on an idle GPU starts in one step (Worker._start_ready): outputs bit for
+    bit and result fields as through the tasks (padded batches included); any Infer one of the tasks' checks would
+    refuse is left to them and gets its status; an evict during its exec is noticed; pools stay exact."""
+    w = gpu_worker
+    col = w.on_result
+    stats = w.device.graph_stats
+    assert w.do(lambda i: LoadModelFromDisk(id=i, model_id=0, path=str(artifact("resnet50_cuda")))).ok
+    assert w.do(lambda i: LoadWeights(id=i, model_id=0, gpu=0)).ok
+    rng = np.random.default_rng(11)
+
+    def infer(x, **kw):
+        return w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=len(x), inputs=(x,), **kw))
+
+    for n in (2, 3):                                  # 3 runs padded to the compiled batch size 4
+        xs = [rng.standard_normal((n, 3, 224, 224)).astype(np.float32) for _ in range(3)]
+        w._ready_path = False
+        before = stats["ready"]
+        tasks = [infer(x) for x in xs]                # the first one captures the graph
+        assert stats["ready"] == before
+        w._ready_path = True
+        ready = [infer(x) for x in xs]
+        assert stats["ready"] == before + len(xs)
+        for t, r in zip(tasks, ready):
+            assert t.ok and r.ok, (t.message, r.message)
+            assert r.outputs[0].shape == t.outputs[0].shape == (n, 1000)
+            np.testing.assert_array_equal(r.outputs[0], t.outputs[0])
+            assert r.received <= r.copy_input.begin <= r.exec.begin <= r.exec.end <= r.sent
+            assert r.copy_input.duration > 0 and r.copy_output.duration > 0 and r.gpu_clock > 0
+            assert abs(r.exec.duration - t.exec.duration) < 0.2 * t.exec.duration
+        assert not np.array_equal(ready[0].outputs[0], ready[1].outputs[0])
+    # what a task would refuse is left to the tasks
+    before = stats["ready"]
+    x = rng.standard_normal((2, 3, 224, 224)).astype(np.float32)
+    assert w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=2, inputs=(x[:, :2],))).status == \
+        Status.COPY_INPUT_BAD_SIZES
+    assert w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=2, inputs=(x.astype(np.float64),))).status == \
+        Status.COPY_INPUT_INVALID_INPUT
+    assert infer(x, latest=1).status == Status.COPY_INPUT_TOO_LATE
+    assert w.do(lambda i: Infer(id=i, model_id=9, gpu=0, batch_size=2, inputs=(x,))).status == \
+        Status.COPY_INPUT_UNKNOWN_MODEL
+    assert stats["ready"] == before
+    # an evict during a ready exec (16 samples: ~11 ms)
+    x16 = rng.standard_normal((16, 3, 224, 224)).astype(np.float32)
+    assert infer(x16).ok and infer(x16).ok and stats["ready"] == before + 1
+    w.submit(Infer(id=5000, model_id=0, gpu=0, batch_size=16, inputs=(x16,)))
+    w.submit(EvictWeights(id=5001, model_id=0, gpu=0))
+    assert col.wait(5001).ok
+    r = col.wait(5000)
+    assert r.status == Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION, r.message
+    assert stats["ready"] == before + 2
+    assert infer(x).status == Status.EXEC_WEIGHTS_MISSING
+    st = w.state()["gpus"][0]
+    assert st["io_pool_used"] == st["workspace_pool_used"] == 0 and w.in_flight() == 0
+    assert w.check_consistency() == []
+
+
+@pytest.mark.gpu
+def test_with_telemetry_every_infer_goes_through_its_tasks(tmp_path):
+    col = Collector()
+    w = mlp_on_gpu0(col, telemetry=True, log_dir=str(tmp_path))
+    try:
+        for i in range(3, 9):
+            w.submit(Infer(id=i, model_id=0, gpu=0, batch_size=4))
+            assert col.wait(i).ok
+        assert w.device.graph_stats["launches"] >= 5 and w.device.graph_stats["ready"] == 0
+        rows = [(r[0], r[2]) for r in w.telemetry_rows]
+        assert all((i, kind) in rows for i in range(3, 9) for kind in ("inputs", "exec"))
+    finally:
+        w.close()
+
+
+@pytest.mark.gpu
 def test_cuda_graphs_off_runs_the_vm(tmp_path):
     col = Collector()
     w = mlp_on_gpu0(col, cuda_graphs=False)
@@ -396,7 +469,7 @@ def test_cuda_graphs_off_runs_the_vm(tmp_path):
             w.submit(Infer(id=i, model_id=0, gpu=0, batch_size=4))
             assert col.wait(i).ok
         assert not w.device.graphs and w.device.graph_stats == {"launches": 0, "captures": 0, "failures": 0,
-                                                          "staged_in_slot": 0}
+                                                          "staged_in_slot": 0, "ready": 0}
     finally:
         w.close()
 

@@ -10,7 +10,10 @@ tasks: copy input (eligible at earliest - copy_input_lead_in, must start by late
 enqueues the output copy on the exec stream behind the model and waits once for both, so its Infer ends with
 the exec task; the input copy's host side never waits either (the exec stream waits for it on the GPU).
 Threaded executors start a task in the caller's thread when its queue is idle (see executor.py): on an
-idle GPU an Infer's copy and launch run in the thread that submitted it.
+idle GPU an Infer's copy and launch run in the thread that submitted it. When that Infer's exec is also ready
+(on CUDA: its graph captured), `Worker._start_ready` does both tasks' checks and the launch in one step, without
+their queues, whose lookups and hand-offs were a large part of what the worker added to an Infer on the H200
+(bench.worker_exec). Any check that would fail leaves the Infer to the tasks, which give its status.
 
 What differs between devices is only the `Device` (how weights move, how a model executes, how long it takes)
 and whether executors are threads (real devices) or clock callbacks (emulated)."""
@@ -265,6 +268,16 @@ class Device:
         """The first n rows of each output, to the host (through `host_offset` of the host io pool)."""
         raise NotImplementedError
 
+    def ready_exec(self, gpu: int, binding: Any, batch: int) -> Any:
+        """A device whose execs can launch in one step from the submitting thread (CUDA graphs) returns, for an
+        exec of this model copy (`binding`) and batch size that is ready to, what `launch_ready` takes; else None."""
+        return None
+
+    def launch_ready(self, ready: Any, inputs: Sequence[np.ndarray], n: int) -> tuple[Timing, Any, Any]:
+        """Enqueue a ready exec's input copy and launch it: (copy timing, staged, launched), as `copy_input` with
+        `exec_next` and `launch_exec` would give."""
+        raise NotImplementedError
+
     def input_timing(self, timing: Timing, staged: Any) -> Timing:
         """The copy-input Timing once the exec that used `staged` has finished. A device that does not wait
         for its input copy on the host (CUDA: the exec stream waits for it on the GPU) measures it then."""
@@ -328,6 +341,9 @@ class Worker:
         for st in self.gpus:
             for kind in GPU_KINDS:
                 st.executors[kind] = make(f"gpu{st.gpu}-{kind}")
+        # an Infer on an idle GPU whose exec is ready starts in one step (_start_ready); with telemetry on, every
+        # Infer goes through its tasks, which write one row each
+        self._ready_path = device.threaded and device.async_exec and not self.config.telemetry
         self.disk = make("disk")
         self.control = make("control")
 
@@ -345,6 +361,8 @@ class Worker:
                 r = error(action, Status.SHUTTING_DOWN, "worker is closed", now, now)
                 self.results_delivered += 1
                 deliver_now = True
+            elif self._ready_path and type(action) is Infer and self._start_ready(action, now):
+                return
             else:
                 deliver_now = False
                 problem = None if _well_formed_infer(action, self.num_gpus) else self._malformed(action)
@@ -479,6 +497,49 @@ class Worker:
             gm.weights, gm.binding = None, None
 
     # ---------------------------------------------------------------------------------------- internals
+    def _start_ready(self, a: Infer, now: int) -> bool:
+        """Start an Infer here, in one step, when its GPU is idle and its exec ready (Device.ready_exec: on CUDA,
+        its graph captured): what CopyInputTask and ExecTask would do inline, without their queues and lookups.
+        Every check of theirs that could fail is made first; when one would, this returns False and the tasks
+        run the Infer and give the status. Caller holds the lock."""
+        if not a.earliest <= now <= a.latest or a.id in self.outstanding or not _well_formed_infer(a, self.num_gpus):
+            return False
+        m = self.models.get(a.model_id)
+        if m is None:
+            return False
+        g = m.gpus[a.gpu]
+        e = m.entry
+        plan = e.plan(a.batch_size)
+        if g.weights is None or plan is None or not _matches(a.inputs, plan.signature):
+            return False
+        st = self.gpus[a.gpu]
+        ex = st.executors["exec"]
+        # host io: CopyInputTask takes plan.host_in and gives it back in the same step, so only the size matters
+        if not (ex.idle() and st.executors["inputs"].idle()) or self.host_io.used or plan.host_in > self.host_io.size:
+            return False
+        ready = self.device.ready_exec(a.gpu, g.binding, plan.batch)
+        if ready is None:
+            return False
+        s = _InferState()
+        task = ExecTask(self, a, now, s)
+        try:
+            s.io_offset = st.io.alloc(plan.io_bytes)
+            task.workspace = st.workspace.alloc(plan.workspace if plan.workspace is not None
+                                                else e.workspace_bytes[plan.batch])
+        except PoolExhausted:
+            task.cleanup()
+            return False
+        s.model, s.entry, s.batch, s.plan, s.exec_next = m, e, plan.batch, plan, True
+        task.version, task.binding = g.version, g.binding
+        try:
+            s.copy_input, s.staged, task.launched = self.device.launch_ready(ready, a.inputs, a.batch_size)
+        except Exception:  # noqa: BLE001 - the tasks run it again and give a device failure its status
+            task.cleanup()
+            return False
+        self.outstanding[a.id] = a
+        ex.start_launched(task, now)  # type: ignore[attr-defined]
+        return True
+
     def _malformed(self, a: Action) -> tuple[Status, str] | None:
         if not isinstance(a.id, int) or a.id < 0:
             return Status.INVALID_ACTION, f"action id must be an int >= 0, got {a.id!r}"
@@ -812,7 +873,7 @@ class CopyInputTask(InferTask):
         self.s.copy_input = timing
         self.w.host_io.free(self.s.host_offset)
         self.s.host_offset = -1
-        return self.w.hand_on(ExecTask(self))
+        return self.w.hand_on(ExecTask(self.w, self.action, self.received, self.s))
 
 
 class ExecTask(InferTask):
@@ -821,10 +882,9 @@ class ExecTask(InferTask):
     too_early = Status.EXEC_TOO_EARLY
     too_late = Status.EXEC_TOO_LATE
 
-    def __init__(self, prev: CopyInputTask):
-        a: Infer = prev.action
-        super().__init__(prev.w, a, prev.received, a.earliest, a.latest)
-        self.s = prev.s
+    def __init__(self, w: Worker, a: Infer, received: int, s: _InferState):
+        super().__init__(w, a, received, a.earliest, a.latest)
+        self.s = s
         self.workspace = -1
         self.launched = None
 

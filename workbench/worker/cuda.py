@@ -10,8 +10,9 @@ Per GPU:
 - executor threads (weights, inputs, exec, outputs), each with its own non-blocking CUDA stream (inputs at
   higher priority), durations from CUDA events recorded on those streams. An Infer waits on the host once:
   its input copy is enqueued without a sync (the exec stream waits for it on the GPU; when the exec launches
-  at once, the copy goes on the exec stream straight into the slot its CUDA graph reads), and the exec stream
-  copies the outputs to pinned memory right after the model, so the exec thread's one wait covers both;
+  at once, the copy goes on the exec stream straight into the slot its CUDA graph reads: `launch_ready` does that
+  and the launch in one call for the worker's ready path), and the exec stream copies the outputs to pinned memory
+  right after the model, so the exec thread's one wait covers both;
 - the SM clock read through NVML while each exec runs (after its launch, and again before its end when it is
   still running), so the reads overlap the GPU work; an exec too short to sample reuses a recent reading.
 Process-wide: host weights in pinned memory, read once per model and shared by all its copies. Inputs are
@@ -90,7 +91,7 @@ class CUDAModel:
     """Shared by all copies of a model: pinned host weights (once), kernels loaded once per GPU, and how many
     bytes of each page run are used (the unused tail of the last page is not transferred)."""
     __slots__ = ("artifact", "loaded", "host_weights", "host_mem", "run_bytes", "fns", "out_layout", "slot_views",
-                 "warm", "last_exec")
+                 "warm", "last_exec", "out_views")
 
     def __init__(self, artifact: Any, loaded: dict[int, Any], host_weights: np.ndarray, host_mem: Any,
                  run_bytes: dict[int, int]):
@@ -101,6 +102,7 @@ class CUDAModel:
         self.warm: set[tuple[int, int]] = set()                           # (gpu, batch) whose kernels are loaded
         self.out_layout: dict[int, tuple] = {}                           # per batch size, see _out_layout
         self.last_exec: dict[tuple[int, int], int] = {}                  # (gpu, batch) -> its last exec (ns)
+        self.out_views: dict[tuple[int, int], tuple] = {}                # (gpu, batch) -> (buffer, views), _out_views
 
 
 class _IOViews:
@@ -114,11 +116,11 @@ class _IOViews:
 
 class _Staged:
     """Inputs enqueued for an exec: their place in the io arena (`views`), the events around their copy, the host
-    sources kept alive."""
-    __slots__ = ("views", "start", "done", "keep")
+    sources kept alive, and the copy's duration once read (`ns`, by `wait_exec`)."""
+    __slots__ = ("views", "start", "done", "keep", "ns")
 
     def __init__(self, views: _IOViews, start: Any, done: Any, keep: list):
-        self.views, self.start, self.done, self.keep = views, start, done, keep
+        self.views, self.start, self.done, self.keep, self.ns = views, start, done, keep, -1
 
 
 class _Fetched:
@@ -127,6 +129,18 @@ class _Fetched:
 
     def __init__(self, host: list, timing: Timing):
         self.host, self.timing = host, timing
+
+
+class _Ready:
+    """An exec of one model copy and batch size on one GPU that launches in one step (the worker's ready path,
+    `Worker._start_ready`): its CUDA graph is captured, reading this GPU's exec slot (`slot`, `views`) and writing
+    its output buffer (`buf`, read through `outs`); valid while both are still the GPU's (they only ever grow)."""
+    __slots__ = ("gpu", "batch", "graph", "slot", "views", "buf", "outs", "m", "entry")
+
+    def __init__(self, gpu: int, batch: int, graph: Any, slot: Any, views: _IOViews, buf: np.ndarray, outs: list,
+                 m: CUDAModel, entry: ModelEntry):
+        self.gpu, self.batch, self.graph, self.slot, self.views = gpu, batch, graph, slot, views
+        self.buf, self.outs, self.m, self.entry = buf, outs, m, entry
 
 
 class CUDADevice(Device):
@@ -159,7 +173,7 @@ class CUDADevice(Device):
         self.graphs = False                      # replay execs as CUDA graphs (config cuda_graphs; cuda_graphs.py)
         self._capture_streams: list[Any] = []    # per GPU: where graphs are captured (nothing runs there)
         self._slots: list[Any] = []              # per GPU: the exec slot graphs read their inputs from
-        self.graph_stats = {"launches": 0, "captures": 0, "failures": 0, "staged_in_slot": 0}
+        self.graph_stats = {"launches": 0, "captures": 0, "failures": 0, "staged_in_slot": 0, "ready": 0}
 
     # -- setup
     def gpu_memory_info(self, gpu: int) -> tuple[int, int]:
@@ -307,7 +321,6 @@ class CUDADevice(Device):
         between runs at 8 KB and below, where end to end through the worker the driver's copy won (python -m
         bench.input_copy)."""
         cp = self.cp
-        rt = cp.cuda.runtime
         with cp.cuda.Device(self.devices[gpu]):
             start, done = self._event_pair()
             if exec_next and self.graphs:
@@ -319,22 +332,30 @@ class CUDADevice(Device):
                 if views is None:
                     views = self._io_views(gpu, entry, batch, io_offset)
             t0 = time.monotonic_ns()
-            keep, sptr = [], stream.ptr
-            start.record(stream)
-            for i, spec in enumerate(entry.inputs):
-                dst, full = views.ptrs[i], views.full[i]
-                if inputs is not None:
-                    nb = spec.nbytes * n
-                    x = np.ascontiguousarray(inputs[i])
-                    keep.append(x)           # a pinned source must live until the DMA has read it
-                    rt.memcpyAsync(dst, x.ctypes.data, nb, H2D, sptr)
-                else:
-                    nb = 0                   # generated input: zeros
-                if full > nb:
-                    rt.memsetAsync(dst + nb, 0, full - nb, sptr)
-            done.record(stream)
+            keep = self._enqueue_inputs(stream, start, done, views, entry, inputs, n)
             t1 = time.monotonic_ns()
         return make_timing(t0, t1, t1 - t0), _Staged(views, start, done, keep)
+
+    def _enqueue_inputs(self, stream: Any, start: Any, done: Any, views: _IOViews, entry: ModelEntry,
+                        inputs: Sequence[np.ndarray] | None, n: int) -> list:
+        """Enqueue on `stream`: record `start`, copy each input's n rows to `views` (padding rows and generated
+        inputs zeroed), record `done`. Returns the host sources, to keep alive until the copies have read them."""
+        rt = self.cp.cuda.runtime
+        keep, sptr = [], stream.ptr
+        start.record(stream)
+        for i, spec in enumerate(entry.inputs):
+            dst, full = views.ptrs[i], views.full[i]
+            if inputs is not None:
+                nb = spec.nbytes * n
+                x = np.ascontiguousarray(inputs[i])
+                keep.append(x)           # a pinned source must live until the DMA has read it
+                rt.memcpyAsync(dst, x.ctypes.data, nb, H2D, sptr)
+            else:
+                nb = 0                   # generated input: zeros
+            if full > nb:
+                rt.memsetAsync(dst + nb, 0, full - nb, sptr)
+        done.record(stream)
+        return keep
 
     def _io_views(self, gpu: int, entry: ModelEntry, batch: int, io_offset: int) -> _IOViews:
         """Make (once per place) the views of (entry, batch)'s inputs at io_offset of this GPU's io arena: cupy
@@ -388,9 +409,7 @@ class CUDADevice(Device):
     def input_timing(self, timing: Timing, staged: Any) -> Timing:
         if not isinstance(staged, _Staged):
             return timing
-        ns = int(round(self.cp.cuda.get_elapsed_time(staged.start, staged.done) * 1e6))   # both events are done
-        self._free_events.append((staged.start, staged.done))
-        return make_timing(timing.begin, timing.begin + ns, ns)
+        return make_timing(timing.begin, timing.begin + staged.ns, staged.ns)    # read by wait_exec
 
     def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,
                 now: int) -> tuple[Timing, Any, int, int]:
@@ -425,6 +444,10 @@ class CUDADevice(Device):
                 graph = binding.launch_cache.get(key)
                 if graph is None:        # the first exec of this copy and batch size since its weights loaded
                     graph = self._capture(gpu, key, fn, slot, binding, m.loaded[gpu].device, buf, spans)
+                    if graph is not cuda_graphs.NO_GRAPH:
+                        outs = self._out_views(m, gpu, batch, buf, spans)
+                        binding.launch_cache[("ready", batch)] = _Ready(gpu, batch, graph[0], self._slots[gpu], slot,
+                                                                         buf, outs, m, entry)
                 if graph is not cuda_graphs.NO_GRAPH:
                     t0 = time.monotonic_ns()
                     if staged.views is not slot:   # staged in the io arena (exec_next was not given)
@@ -433,7 +456,7 @@ class CUDADevice(Device):
                             cp.cuda.runtime.memcpyAsync(dst, src, nb, D2D, sptr)
                     graph[0].launch(stream)            # records `start` itself, after the wait and the copies
                     self.graph_stats["launches"] += 1
-                    return gpu, batch, t0, buf, spans, m
+                    return gpu, batch, t0, self._out_views(m, gpu, batch, buf, spans), m, staged
             t0 = time.monotonic_ns()
             stream.wait_event(staged.done)
             start.record(stream)
@@ -454,7 +477,33 @@ class CUDADevice(Device):
                     src = o.data.ptr
                 cp.cuda.runtime.memcpyAsync(base + off, src, nb, D2H, sptr)
             fetched.record(stream)
-        return gpu, batch, t0, buf, spans, m
+        return gpu, batch, t0, self._out_views(m, gpu, batch, buf, spans), m, staged
+
+    def ready_exec(self, gpu: int, binding: Any, batch: int) -> _Ready | None:
+        """The ready exec of this model copy (its weights' binding) and batch size on `gpu`, if its graph reads the
+        GPU's current slot and writes its current output buffer (None: the tasks run it, capturing if need be)."""
+        r = binding.launch_cache.get(("ready", batch)) if self.graphs else None
+        if r is not None and r.slot is self._slots[gpu] and r.buf is self._out[gpu]:
+            return r
+        return None
+
+    def launch_ready(self, r: _Ready, inputs: Sequence[np.ndarray], n: int) -> tuple[Timing, _Staged, tuple]:
+        """`copy_input(exec_next=True)` then `launch_exec` of a ready exec, without their lookups: the inputs go
+        straight into the slot on the exec stream, then the graph launches. (copy timing, staged, launched)."""
+        cp = self.cp
+        with cp.cuda.Device(self.devices[r.gpu]):
+            stream = self._exec_streams[r.gpu]
+            start, done = self._event_pair()
+            t0 = time.monotonic_ns()
+            keep = self._enqueue_inputs(stream, start, done, r.views, r.entry, inputs, n)
+            t1 = time.monotonic_ns()
+            r.graph.launch(stream)
+        stats = self.graph_stats
+        stats["launches"] += 1
+        stats["staged_in_slot"] += 1
+        stats["ready"] += 1
+        staged = _Staged(r.views, start, done, keep)
+        return make_timing(t0, t1, t1 - t0), staged, (r.gpu, r.batch, t1, r.outs, r.m, staged)
 
     @staticmethod
     def _out_layout(entry: ModelEntry, batch: int) -> tuple[int, list]:
@@ -468,9 +517,18 @@ class CUDADevice(Device):
         layout = entry.handle.out_layout[batch] = (off, spans)
         return layout
 
+    @staticmethod
+    def _out_views(m: CUDAModel, gpu: int, batch: int, buf: np.ndarray, spans: list) -> list:
+        """numpy views of a batch's outputs in this GPU's pinned output buffer `buf` (made once per buffer)."""
+        hit = m.out_views.get((gpu, batch))
+        if hit is None or hit[0] is not buf:
+            hit = m.out_views[(gpu, batch)] = (buf, [buf[o:o + nb].view(spec.dtype).reshape((batch, *spec.shape))
+                                                     for o, nb, spec in spans])
+        return hit[1]
+
     def wait_exec(self, launched: Any) -> tuple[Timing, Any, int, int]:
         """Wait once for the exec and its output copy; the outputs leave as numpy arrays (`_Fetched`)."""
-        gpu, batch, t0, buf, spans, m = launched
+        gpu, batch, t0, outs, m, staged = launched
         cp, d = self.cp, self.devices[gpu]
         start, end, fetched = self._exec_events[gpu]
         # NVML reads cost 3-20 us each: take them while the GPU executes what was launched, so they sample the
@@ -483,9 +541,13 @@ class CUDADevice(Device):
             before = self.clock.read(d)
             after = before if end.done else self.clock.read(d)
             self._clock_seen[gpu] = (after, time.monotonic_ns())
+        # the input copy ends before the exec starts: its duration is read now, off the path to the result
+        staged.done.synchronize()
+        staged.ns = int(round(cp.cuda.get_elapsed_time(staged.start, staged.done) * 1e6))
+        self._free_events.append((staged.start, staged.done))     # reused by a later copy (list ops are atomic)
         fetched.synchronize()
         t1 = time.monotonic_ns()
-        host = [buf[o:o + nb].view(spec.dtype).reshape((batch, *spec.shape)).copy() for o, nb, spec in spans]
+        host = [v.copy() for v in outs]
         exec_ns = m.last_exec[(gpu, batch)] = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
         out_ns = int(round(cp.cuda.get_elapsed_time(end, fetched) * 1e6))
         return (make_timing(t0, t1 - out_ns, exec_ns), _Fetched(host, make_timing(t1 - out_ns, t1, out_ns)),

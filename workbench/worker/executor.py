@@ -270,8 +270,7 @@ class ThreadExecutor(Executor):
                     task.cleanup()
                     r = task.fail(Status.RUNTIME_ERROR, f"{type(e).__name__}: {e}")
                 else:
-                    self._launched = task           # busy until this executor's thread has waited for it
-                    self._cv.notify()
+                    self.start_launched(task, now)   # busy until this executor's thread has waited for it
                     return None
             elif r is None:
                 try:
@@ -291,6 +290,13 @@ class ThreadExecutor(Executor):
                 if self.heap:
                     self._cv.notify()
         return r
+
+    def start_launched(self, task: Task, now: int) -> None:
+        """Make `task`, a split task its caller has launched on this idle executor's device (the worker's ready
+        path), the running task, for this executor's thread to wait for (caller holds the lock)."""
+        task.enqueued = now
+        self.busy = self._launched = task
+        self._cv.notify()
 
     def deliver_later(self, r: Result) -> None:   # caller holds the lock
         self._later.append(r)
@@ -332,40 +338,31 @@ class ThreadExecutor(Executor):
                 continue
             out: list[Result] = []
             try:
-                if task is self._launched:
+                launched = task is self._launched
+                if launched:
                     self._launched = None
-                    self._execute(task, out, launched=True)
-                else:
-                    self._execute(task, out)
+                self._execute(task, out, launched)
             except Exception:  # noqa: BLE001 - a bug in one task must not stop the executor
                 traceback.print_exc()
-            finally:
                 with self.lock:
-                    self.busy = None
-                    # the next exec, if due, is launched before this one's result goes out: delivering it (on
-                    # the process worker: encoding and sending it) would otherwise leave the GPU idle meanwhile
-                    if self.heap and not self.closed and self.heap[0].split:
-                        now = self.clock.now()
-                        if self.heap[0].eligible <= now:
-                            r = self._run_inline(heapq.heappop(self.heap), now)
-                            if r is not None:
-                                out.append(r)
-                    self._cv.notify_all()
+                    if self.busy is task:
+                        self._release(out)
             # delivered last, once idle: the receiver (often about to submit the next action) then does not wait
             # for this thread's bookkeeping to give back the interpreter lock
             if out:
                 self.deliver(out)
 
     def _execute(self, task: Task, out: list, launched: bool = False) -> None:
-        """Run `task` to its end; its result (if any) goes to `out`."""
+        """Run `task` to its end; its result (if any) goes to `out`. Its last step releases this executor
+        (`_release`) under the same hold of the lock."""
         if not launched:
             with self.lock:
                 r = guard(task, task.begin, self.clock.now())
                 if r is not None:
                     self._done(task, None, r)
-            if r is not None:
-                out.append(r)
-                return
+                    out.append(r)
+                    self._release(out)
+                    return
         try:
             timing = task.wait() if launched else task.run(self.clock.now())
         except Exception as e:  # noqa: BLE001 - a device failure becomes the action's result
@@ -373,13 +370,27 @@ class ThreadExecutor(Executor):
                 task.cleanup()
                 r = task.fail(Status.RUNTIME_ERROR, f"{type(e).__name__}: {e}")
                 self._done(task, None, r)
-            out.append(r)
+                out.append(r)
+                self._release(out)
             return
         with self.lock:
             r = guard(task, task.finish, timing)
             self._done(task, timing, r)
-        if r is not None:
-            out.append(r)
+            if r is not None:
+                out.append(r)
+            self._release(out)
+
+    def _release(self, out: list) -> None:
+        """The running task is over (caller holds the lock). The next exec, if due, is launched before this one's
+        result goes out: delivering it (on the process worker: encoding and sending it) would otherwise leave the
+        GPU idle meanwhile."""
+        self.busy = None
+        if self.heap and not self.closed and self.heap[0].split:
+            now = self.clock.now()
+            if self.heap[0].eligible <= now:
+                r = self._run_inline(heapq.heappop(self.heap), now)
+                if r is not None:
+                    out.append(r)
 
     def _done(self, task: Task, timing: Timing | None, r: Result | None) -> None:
         if self.on_task_done is not None:
