@@ -222,6 +222,15 @@ RESULT_FOR = {
 }
 
 
+def id_problem(aid: Any) -> str | None:
+    """Why `aid` cannot be an action's id, or None: ids are ints >= 0 (not bools), the key every result is matched
+    to its action by. A worker answers an action with such an id INVALID_ACTION without tracking it: it may not
+    hash (a list) or may equal the id of an action in flight (1.0 and 1)."""
+    if type(aid) is not int or aid < 0:
+        return f"action id must be an int >= 0, got {aid!r}"
+    return None
+
+
 def error(action: Action, status: Status, message: str, received: int = 0, sent: int = 0,
           timing: Timing = Timing()) -> ErrorResult:
     """The failure result for `action`: always the same shape, whatever failed."""

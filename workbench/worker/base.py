@@ -35,7 +35,7 @@ from workbench.clock import Clock
 from workbench.contract import (FOREVER, Action, ClearCache, ClearCacheResult, EvictWeights,
                                 EvictWeightsResult, GetWorkerState, GetWorkerStateResult, Infer, InferResult,
                                 LoadModelFromDisk, LoadModelFromDiskResult, LoadWeights, LoadWeightsResult,
-                                Result, Status, Timing, error)
+                                Result, Status, Timing, error, id_problem)
 from workbench.models.source import TensorSpec
 from workbench.worker.config import WorkerConfig
 from workbench.worker.executor import ClockExecutor, Executor, Task, ThreadExecutor
@@ -366,7 +366,9 @@ class Worker:
             else:
                 deliver_now = False
                 problem = None if _well_formed_infer(action, self.num_gpus) else self._malformed(action)
-                if action.id in self.outstanding:   # malformed or not: never take the entry of the action in flight
+                # never tracked: an id that is not one (id_problem), or the id of an action in flight, malformed or
+                # not (its entry is never taken)
+                if type(action.id) is not int or action.id in self.outstanding:
                     problem = problem or (Status.INVALID_ACTION, f"action id {action.id} is already in flight")
                     task: Task = _Immediate(self, action, now, *problem, track=False)
                 else:
@@ -502,8 +504,8 @@ class Worker:
         its graph captured): what CopyInputTask and ExecTask would do inline, without their queues and lookups.
         Every check of theirs that could fail is made first; when one would, this returns False and the tasks
         run the Infer and give the status. Caller holds the lock."""
-        if not a.earliest <= now <= a.latest or a.id in self.outstanding or not _well_formed_infer(a, self.num_gpus):
-            return False
+        if not _well_formed_infer(a, self.num_gpus) or not a.earliest <= now <= a.latest or a.id in self.outstanding:
+            return False                  # (well-formed first: the others compare and hash its fields)
         m = self.models.get(a.model_id)
         if m is None:
             return False
@@ -541,8 +543,8 @@ class Worker:
         return True
 
     def _malformed(self, a: Action) -> tuple[Status, str] | None:
-        if not isinstance(a.id, int) or a.id < 0:
-            return Status.INVALID_ACTION, f"action id must be an int >= 0, got {a.id!r}"
+        if (why := id_problem(a.id)) is not None:
+            return Status.INVALID_ACTION, why
         if not isinstance(a.earliest, int) or not isinstance(a.latest, int):
             return Status.INVALID_ACTION, f"earliest/latest must be int ns, got {a.earliest!r}, {a.latest!r}"
         if isinstance(a, (LoadWeights, EvictWeights, Infer)):

@@ -368,7 +368,7 @@ class _Lean:
             problem = w._malformed(a)
         outstanding = w.outstanding
         self.seq += 1
-        if a.id in outstanding:             # malformed or not: never take the entry of the action in flight
+        if type(a.id) is not int or a.id in outstanding:   # never tracked: see Worker.submit
             t = _Task(_IMM, a, now, 0, _FOREVER, self.seq)
             t.status, t.message = problem or (_S.INVALID_ACTION, f"action id {a.id} is already in flight")
             t.track = False

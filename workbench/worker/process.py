@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from workbench.contract import Action, ErrorResult, Infer, Result, Status, error
+from workbench.contract import Action, ErrorResult, Infer, Result, Status, error, id_problem
 from workbench.worker.config import WorkerConfig
 from workbench.worker.host import (Channel, SharedIO, compact_infer, fast_decode, fast_encode, infer_result_from_compact,
                                    read_arrays, shm_bytes, write_arrays)
@@ -171,10 +171,11 @@ class ProcessWorker:
                     else:   # never tracked: must not untrack an action in flight with the same id
                         self._local_result(r, track=False)
                         return
-                elif action.id in self._flights:
-                    now = time.monotonic_ns()
+                elif (why := id_problem(action.id)) is not None or action.id in self._flights:
+                    now = time.monotonic_ns()           # never tracked: see Worker.submit
                     self._local_result(error(action, Status.INVALID_ACTION,
-                                             f"action id {action.id} is already in flight", now, now), track=False)
+                                             why or f"action id {action.id} is already in flight", now, now),
+                                       track=False)
                     return
                 else:
                     deliver_now = None
