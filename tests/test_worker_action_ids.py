@@ -79,3 +79,28 @@ def test_the_ready_path_declines_malformed_infers_without_raising():
                 assert w._start_ready(a, now) is False
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "emulated", "process"])
+def test_bools_are_not_ints_in_any_integer_field(kind):
+    """True would quietly be model 1 or gpu 1: every integer field refuses a bool, naming the field."""
+    from workbench.contract import LoadModelFromDisk, LoadWeights
+    cases = {10: (LoadWeights(id=10, model_id=True), Status.INVALID_ACTION, "model_id"),
+             11: (Infer(id=11, gpu=True), Status.INVALID_GPU, "gpu True"),
+             12: (Infer(id=12, earliest=True), Status.INVALID_ACTION, "earliest/latest"),
+             13: (LoadModelFromDisk(id=13, model_id=True, path="profile:resnet50"), Status.INVALID_MODEL_ID, "model_id"),
+             14: (LoadModelFromDisk(id=14, model_id=7, path="profile:resnet50", copies=True), Status.INVALID_ACTION,
+                  "copies"),
+             15: (Infer(id=15, batch_size=True), Status.INVALID_ACTION, "batch_size")}
+    rec = Recorder()
+    w, clock = make(kind, rec)
+    try:
+        for a, _, _ in cases.values():
+            w.submit(a)
+        if clock:
+            clock.run()
+        got = {r.id: r for r in rec.wait(len(cases))}
+    finally:
+        w.close()
+    for i, (_, status, field) in cases.items():
+        assert got[i].status == status and field in got[i].message, got[i]

@@ -543,23 +543,25 @@ class Worker:
         return True
 
     def _malformed(self, a: Action) -> tuple[Status, str] | None:
+        """The first problem with an action's fields, or None. Integer fields must be ints, not bools (True would
+        quietly be model or gpu 1) nor numpy integers."""
         if (why := id_problem(a.id)) is not None:
             return Status.INVALID_ACTION, why
-        if not isinstance(a.earliest, int) or not isinstance(a.latest, int):
+        if type(a.earliest) is not int or type(a.latest) is not int:
             return Status.INVALID_ACTION, f"earliest/latest must be int ns, got {a.earliest!r}, {a.latest!r}"
         if isinstance(a, (LoadWeights, EvictWeights, Infer)):
-            if not isinstance(a.model_id, int):
+            if type(a.model_id) is not int:
                 return Status.INVALID_ACTION, f"model_id must be an int, got {a.model_id!r}"
-            if not isinstance(a.gpu, int) or not 0 <= a.gpu < self.num_gpus:
+            if type(a.gpu) is not int or not 0 <= a.gpu < self.num_gpus:
                 return Status.INVALID_GPU, f"gpu {a.gpu!r} does not exist: this worker has gpus 0..{self.num_gpus - 1}"
-        if isinstance(a, Infer) and (not isinstance(a.batch_size, int) or isinstance(a.batch_size, bool)):
+        if isinstance(a, Infer) and type(a.batch_size) is not int:
             return Status.INVALID_ACTION, f"batch_size must be an int, got {a.batch_size!r}"
         if isinstance(a, LoadModelFromDisk):
             if not isinstance(a.path, str) or not a.path:
                 return Status.INVALID_ACTION, f"path must be a non-empty string, got {a.path!r}"
-            if not isinstance(a.copies, int) or a.copies < 1:
+            if type(a.copies) is not int or a.copies < 1:
                 return Status.INVALID_ACTION, f"copies must be an int >= 1, got {a.copies!r}"
-            if not isinstance(a.model_id, int) or a.model_id < 0:
+            if type(a.model_id) is not int or a.model_id < 0:
                 return Status.INVALID_MODEL_ID, f"model_id must be an int >= 0, got {a.model_id!r}"
         return None
 
