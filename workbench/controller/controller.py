@@ -763,6 +763,7 @@ class Controller:
             self._placed(rec)
             if not self.closed:
                 self.policy.on_evict_done(rec, False, now)
+                self._probe(rec.worker, now)   # it may or may not have run: the cache says
         self._record_action(rec, None, now, status=int(Status.RUNTIME_ERROR), status_name="NO_ANSWER")
         if g is not None and t != ActionType.EVICT_WEIGHTS:
             g.timeouts += 1
@@ -1095,6 +1096,11 @@ class Controller:
                 self._probe(rec.worker, now)
             return
         self.policy.on_load_done(rec, result, now)
+        if result.status == Status.LOAD_WEIGHTS_INSUFFICIENT_CACHE:
+            # sent because the view had room for it: unless the pages are only fragmented, the cache holds what the
+            # view does not (an evict that was lost, an Infer wrongly answered "weights missing"), and every load
+            # there would be refused in turn. Re-read the cache; _reconcile adopts or evicts what it holds.
+            self._probe(rec.worker, now)
 
     def _evict_result(self, rec: ActionRecord, result: Result, now: int) -> None:
         g = rec.gpu
