@@ -123,8 +123,16 @@ class ClockworkPolicy(Policy):
         q = m.queue
         heapq.heappush(q, (r.exec_deadline, r.id, r))
         m.n_queued += 1
+        bump = True
+        if q[0][2].state != QUEUED:
+            # requests finalized while queued (dropped at their deadline) leave their entries at the front. With
+            # only those ahead of r, r is the front, and the GPUs may hold no entry for m any more (all served):
+            # give them one, keeping valid the entries they hold (no new version), so their order stays as it was
+            while q[0][2].state != QUEUED:
+                heapq.heappop(q)
+            bump = False
         if q[0][2] is r:
-            self._requeue(m)
+            self._requeue(m, bump)
             if self._dirty:
                 self._run_dirty(now)
         if not m.holding:
@@ -196,9 +204,11 @@ class ClockworkPolicy(Policy):
                     tr.stale.append(m)
 
     # ====================================================================================== infer scheduling
-    def _requeue(self, m: ModelState) -> None:
-        """The front of m's queue may have changed: give every GPU holding m a fresh strategy."""
-        m.version += 1
+    def _requeue(self, m: ModelState, bump: bool = True) -> None:
+        """The front of m's queue may have changed: give every GPU holding m a fresh strategy (`bump`: and make
+        the ones they hold stale)."""
+        if bump:
+            m.version += 1
         q = m.queue
         while q and q[0][2].state != QUEUED:
             heapq.heappop(q)
