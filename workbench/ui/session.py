@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import itertools
+import math
 import threading
 import time
 import warnings
@@ -46,6 +47,18 @@ from workbench.ui.artifacts import DEFAULT_BATCH_SIZES, ModelNotFound, Progress
 DEVICES = ("auto", "cuda", "cpu", "emulated")
 CLOCKS = ("real",)
 MS = 1_000_000
+
+
+def _slo_ns(slo_ms: Any) -> int:
+    """An SLO in ms as the controller's ns; anything but a finite number > 0 is refused here, where it is named
+    (a string would otherwise be repeated a million times, NaN and infinity would fail the conversion)."""
+    if isinstance(slo_ms, (bool, str, bytes)) or str(getattr(slo_ms, "dtype", "")) == "bool" \
+            or not hasattr(slo_ms, "__float__"):
+        raise ValueError(f"slo_ms must be a finite number of ms > 0, got {slo_ms!r}")
+    ms = float(slo_ms)
+    if not (math.isfinite(ms) and ms > 0):
+        raise ValueError(f"slo_ms must be a finite number of ms > 0, got {slo_ms!r}")
+    return int(round(ms * MS))
 # A CPU session stands host memory in for GPU memory: Clockwork's 21.5 GiB cache would not fit a laptop.
 CPU_DEFAULTS = {"weights_cache_size": 1 << 30, "io_pool_size": 64 << 20, "workspace_pool_size": 256 << 20,
                 "host_io_pool_size": 64 << 20}
@@ -463,12 +476,14 @@ class Session:
     def infer(self, model: str | int | LoadedModel, inputs: Any = None, *, slo_ms: float | None = None,
               slo_factor: float | None = None) -> cf.Future:
         """Submit one request; the Future's result is the RequestOutcome (status, latency, outputs, message),
-        known no later than the deadline. A bad request ends as status 'rejected' with the reason."""
+        known no later than the deadline. A request the controller cannot serve (inputs of the wrong shape, an SLO
+        shorter than the model can meet, a bad slo_factor) ends as status 'rejected' with the reason; `slo_ms`,
+        converted here, must be a finite number of ms > 0 (ValueError otherwise)."""
         self._check_open()
         mid = self._model_id(model)
+        slo = None if slo_ms is None else _slo_ns(slo_ms)
         fut: cf.Future = cf.Future()
         fut.set_running_or_notify_cancel()
-        slo = None if slo_ms is None else int(slo_ms * MS)
         self.controller.submit(mid, inputs, slo=slo, slo_factor=slo_factor, callback=fut.set_result)
         return fut
 
@@ -485,6 +500,9 @@ class Session:
             if workload not in WORKLOADS:
                 raise ValueError(f"unknown workload {workload!r}: use one of {sorted(WORKLOADS)} or a Workload")
             ids = self._model_ids(models if models is not None else list(self._models))
+            if not ids and models is not None and self._models:
+                raise ValueError(f"models={models!r} names no model: give loaded models (loaded: "
+                                 f"{sorted(self._models)}) or leave models out for all of them")
             if not ids:
                 raise SessionError("no model is loaded: call session.load(...) before session.run(...)")
             workload = WORKLOADS[workload](ids, **options)
