@@ -83,7 +83,7 @@ def test_bad_input_is_reported_and_the_session_stays_usable(cpu):
     # an SLO in ms that is not a finite number > 0 is named (a string was repeated a million times, NaN and
     # infinity failed int()); one too short for the model is the controller's to reject, with its reason
     for slo_ms in (float("nan"), float("inf"), "100", -5, 0, True, np.bool_(True)):
-        with pytest.raises(ValueError, match="slo_ms must be a finite number of ms > 0"):
+        with pytest.raises(ValueError, match="slo_ms must be a finite number > 0"):
             cpu.infer("mlp", slo_ms=slo_ms)
     short = cpu.infer("mlp", slo_ms=1e-6).result(timeout=10)
     assert short.status == "rejected" and "shorter than" in short.message

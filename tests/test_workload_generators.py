@@ -76,8 +76,11 @@ def test_closed_loop_rejects_bad_parameters():
         ClosedLoop(3, concurrency=0)
     with pytest.raises(ValueError, match="4 clients but only 3 models"):
         ClosedLoop(3, clients=4)
-    with pytest.raises(ValueError, match="slo_ms must be > 0"):
-        ClosedLoop(3, slo_ms=0)
+    for bad in (0, -1, float("nan"), float("inf"), "50", True):   # a string compared with > 0 raised TypeError
+        with pytest.raises(ValueError, match=f"closed_loop: slo_ms must be a finite number > 0, got {bad!r}"):
+            ClosedLoop(3, slo_ms=bad)
+    with pytest.raises(ValueError, match="slo_factor must be a finite number > 0, got '2'"):
+        ClosedLoop(3, slo_factor="2")
 
 
 def test_slo_sweep_steps_every_period_until_end():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import itertools
-import math
 import threading
 import time
 import warnings
@@ -43,22 +42,12 @@ from workbench.env.interpreter import SWITCH_INTERVAL, lower_switch_interval
 from workbench.telemetry.recorder import Recorder
 from workbench.ui import aggregates as A
 from workbench.ui.artifacts import DEFAULT_BATCH_SIZES, ModelNotFound, Progress
+from workbench.workload.base import ms_to_ns, positive
 
 DEVICES = ("auto", "cuda", "cpu", "emulated")
 CLOCKS = ("real",)
 MS = 1_000_000
 
-
-def _slo_ns(slo_ms: Any) -> int:
-    """An SLO in ms as the controller's ns; anything but a finite number > 0 is refused here, where it is named
-    (a string would otherwise be repeated a million times, NaN and infinity would fail the conversion)."""
-    if isinstance(slo_ms, (bool, str, bytes)) or str(getattr(slo_ms, "dtype", "")) == "bool" \
-            or not hasattr(slo_ms, "__float__"):
-        raise ValueError(f"slo_ms must be a finite number of ms > 0, got {slo_ms!r}")
-    ms = float(slo_ms)
-    if not (math.isfinite(ms) and ms > 0):
-        raise ValueError(f"slo_ms must be a finite number of ms > 0, got {slo_ms!r}")
-    return int(round(ms * MS))
 # A CPU session stands host memory in for GPU memory: Clockwork's 21.5 GiB cache would not fit a laptop.
 CPU_DEFAULTS = {"weights_cache_size": 1 << 30, "io_pool_size": 64 << 20, "workspace_pool_size": 256 << 20,
                 "host_io_pool_size": 64 << 20}
@@ -481,7 +470,7 @@ class Session:
         converted here, must be a finite number of ms > 0 (ValueError otherwise)."""
         self._check_open()
         mid = self._model_id(model)
-        slo = None if slo_ms is None else _slo_ns(slo_ms)
+        slo = None if slo_ms is None else ms_to_ns(positive(slo_ms, "slo_ms"))
         fut: cf.Future = cf.Future()
         fut.set_running_or_notify_cancel()
         self.controller.submit(mid, inputs, slo=slo, slo_factor=slo_factor, callback=fut.set_result)
@@ -493,8 +482,8 @@ class Session:
         "poisson", "bursty", "slo_sweep", "azure") with `models` (names or ids; default every loaded model) and
         the workload's options (e.g. concurrency=4, rate=200, slo_ms=50). Returns a `Run` (wait/stop/stats)."""
         self._check_open()
-        if duration_s is not None and not duration_s > 0:
-            raise ValueError(f"duration_s must be > 0 (or None: until run.stop()), got {duration_s!r}")
+        if duration_s is not None:
+            positive(duration_s, "duration_s (or None: until run.stop())")
         if isinstance(workload, str):
             from workbench.workload import WORKLOADS
             if workload not in WORKLOADS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import threading
 from collections import Counter
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -37,6 +38,17 @@ def ms_to_ns(ms: float | None) -> int | None:
     return None if ms is None else int(round(ms * MS))
 
 
+def positive(value: Any, what: str) -> float:
+    """`value` as a float, if it is a finite number > 0; else a ValueError naming `what` (a string would pass
+    `x > 0` checks' place with a TypeError, or be repeated by `* MS`; NaN, infinity and bools are no durations)."""
+    if not isinstance(value, (bool, str, bytes)) and str(getattr(value, "dtype", "")) != "bool" \
+            and hasattr(value, "__float__"):
+        v = float(value)
+        if math.isfinite(v) and v > 0:
+            return v
+    raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+
+
 class Workload:
     """Base class. Subclasses implement `_begin()` (schedule the first arrivals). Use `start()` once."""
 
@@ -44,14 +56,10 @@ class Workload:
 
     def __init__(self, *, seed: int = 0, slo_ms: float | None = None, slo_factor: float | None = None,
                  name: str | None = None):
-        if slo_ms is not None and not slo_ms > 0:
-            raise ValueError(f"{self.kind}: slo_ms must be > 0 (got {slo_ms!r})")
-        if slo_factor is not None and not slo_factor > 0:
-            raise ValueError(f"{self.kind}: slo_factor must be > 0 (got {slo_factor!r})")
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
-        self.slo = ms_to_ns(slo_ms)
-        self.slo_factor = slo_factor
+        self.slo = None if slo_ms is None else ms_to_ns(positive(slo_ms, f"{self.kind}: slo_ms"))
+        self.slo_factor = None if slo_factor is None else positive(slo_factor, f"{self.kind}: slo_factor")
         self.name = name or self.kind
         self.controller: Controller | None = None
         self.clock: Clock | None = None
