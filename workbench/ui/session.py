@@ -47,7 +47,6 @@ from workbench.workload.base import ms_to_ns, positive
 DEVICES = ("auto", "cuda", "cpu", "emulated")
 CLOCKS = ("real",)
 MS = 1_000_000
-
 # A CPU session stands host memory in for GPU memory: Clockwork's 21.5 GiB cache would not fit a laptop.
 CPU_DEFAULTS = {"weights_cache_size": 1 << 30, "io_pool_size": 64 << 20, "workspace_pool_size": 256 << 20,
                 "host_io_pool_size": 64 << 20}

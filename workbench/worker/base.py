@@ -114,7 +114,7 @@ class InferPlan:
         self.io_bytes = e.io_bytes[b]
         self.host_in = e.host_bytes(n)
         self.host_out = e.host_bytes(n, outputs=True)
-        self.workspace = e.workspace_bytes.get(b)
+        self.workspace = e.workspace_bytes[b]
         self.signature = (None if e.inputs is None else
                           tuple((np.dtype(s.dtype), (n, *s.shape)) for s in e.inputs))
 
@@ -526,12 +526,11 @@ class Worker:
         task = ExecTask(self, a, now, s)
         try:
             s.io_offset = st.io.alloc(plan.io_bytes)
-            task.workspace = st.workspace.alloc(plan.workspace if plan.workspace is not None
-                                                else e.workspace_bytes[plan.batch])
+            task.workspace = st.workspace.alloc(plan.workspace)
         except PoolExhausted:
             task.cleanup()
             return False
-        s.model, s.entry, s.batch, s.plan, s.exec_next = m, e, plan.batch, plan, True
+        s.model, s.entry, s.batch, s.plan = m, e, plan.batch, plan
         task.version, task.binding = g.version, g.binding
         try:
             s.copy_input, s.staged, task.launched = self.device.launch_ready(ready, a.inputs, a.batch_size)
@@ -907,9 +906,7 @@ class ExecTask(InferTask):
             return self.fail(Status.EXEC_WEIGHTS_MISSING, f"model {a.model_id} has no weights on gpu {a.gpu}: "
                                                           f"send LoadWeights first")
         try:
-            ws = self.s.plan.workspace
-            self.workspace = self.w.gpus[a.gpu].workspace.alloc(
-                ws if ws is not None else self.s.entry.workspace_bytes[self.s.batch])
+            self.workspace = self.w.gpus[a.gpu].workspace.alloc(self.s.plan.workspace)
         except PoolExhausted as ex:
             self.release()
             return self.fail(Status.EXEC_WORKSPACE_POOL_EXHAUSTED, str(ex))
