@@ -446,6 +446,31 @@ def test_an_infer_on_an_idle_gpu_starts_in_one_step_and_is_answered_as_by_the_ta
 
 
 @pytest.mark.gpu
+def test_a_ready_exec_whose_slot_was_replaced_goes_through_the_tasks_once(gpu_worker):
+    """A graph reads the GPU's exec slot and output buffer: once a larger model replaces them, the next Infer of a
+    ready model is not launched on the old ones (nothing enqueued) but run by the tasks, which capture it again,
+    and the one after it starts in one step again; outputs stay those of the model."""
+    w = gpu_worker
+    stats = w.device.graph_stats
+    for mid, name in ((0, "mlp_cuda"), (1, "resnet50_cuda")):
+        assert w.do(lambda i, mid=mid, name=name: LoadModelFromDisk(id=i, model_id=mid, path=str(artifact(name)))).ok
+        assert w.do(lambda i, mid=mid: LoadWeights(id=i, model_id=mid, gpu=0)).ok
+    x = np.random.default_rng(5).standard_normal((4, 128)).astype(np.float32)
+    mlp = [w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=4, inputs=(x,))) for _ in range(2)]
+    assert all(r.ok for r in mlp) and stats["ready"] == 1
+    slot, captures = w.device._slots[0], stats["captures"]
+    big = np.zeros((8, 3, 224, 224), np.float32)          # 4.8 MB of inputs: more than the slot holds
+    assert w.do(lambda i: Infer(id=i, model_id=1, gpu=0, batch_size=8, inputs=(big,))).ok
+    assert w.device._slots[0] is not slot
+    again = [w.do(lambda i: Infer(id=i, model_id=0, gpu=0, batch_size=4, inputs=(x,))) for _ in range(2)]
+    assert all(r.ok for r in again)
+    assert stats["ready"] == 2 and stats["captures"] == captures + 2     # resnet50 b8, then mlp b4 again
+    for r in again:
+        np.testing.assert_array_equal(r.outputs[0], mlp[0].outputs[0])
+    assert w.check_consistency() == [] and w.in_flight() == 0
+
+
+@pytest.mark.gpu
 def test_with_telemetry_every_infer_goes_through_its_tasks(tmp_path):
     col = Collector()
     w = mlp_on_gpu0(col, telemetry=True, log_dir=str(tmp_path))

@@ -202,13 +202,15 @@ class MonotonicClock(Clock):
 
 class GPUModel:
     """A model copy's state on one GPU. `version` changes on every load/evict/clear, so a task that raced one
-    of them notices (Clockwork's RuntimeModel.version)."""
-    __slots__ = ("version", "weights", "binding")
+    of them notices (Clockwork's RuntimeModel.version). `ready`: per number of samples, (plan, the device's ready
+    exec) of Infers that start in one step (`Worker._start_ready`), found once per weights binding."""
+    __slots__ = ("version", "weights", "binding", "ready")
 
     def __init__(self) -> None:
         self.version = 0
         self.weights: Allocation | None = None
         self.binding: Any = None
+        self.ready: dict[int, tuple[InferPlan, Any]] = {}
 
 
 class ModelCopy:
@@ -496,50 +498,63 @@ class Worker:
         gm.version += 1
         if gm.weights is not None:
             self.gpus[gpu].cache.free(gm.weights)
-            gm.weights, gm.binding = None, None
+            gm.weights, gm.binding, gm.ready = None, None, {}
 
     # ---------------------------------------------------------------------------------------- internals
     def _start_ready(self, a: Infer, now: int) -> bool:
         """Start an Infer here, in one step, when its GPU is idle and its exec ready (Device.ready_exec: on CUDA,
         its graph captured): what CopyInputTask and ExecTask would do inline, without their queues and lookups.
         Every check of theirs that could fail is made first; when one would, this returns False and the tasks
-        run the Infer and give the status. Caller holds the lock."""
-        if not _well_formed_infer(a, self.num_gpus) or not a.earliest <= now <= a.latest or a.id in self.outstanding:
+        run the Infer and give the status. Only the checks and the launch come before the GPU starts: the
+        bookkeeping follows while it runs (under the lock throughout). Caller holds the lock."""
+        if not (_well_formed_infer(a, self.num_gpus) and a.earliest <= now <= a.latest) or a.id in self.outstanding:
             return False                  # (well-formed first: the others compare and hash its fields)
         m = self.models.get(a.model_id)
         if m is None:
             return False
         g = m.gpus[a.gpu]
-        e = m.entry
-        plan = e.plan(a.batch_size)
-        if g.weights is None or plan is None or not _matches(a.inputs, plan.signature):
+        ready = g.ready.get(a.batch_size) or self._find_ready(m, g, a.gpu, a.batch_size)
+        if ready is None or not _matches(a.inputs, ready[0].signature):
             return False
         st = self.gpus[a.gpu]
-        ex = st.executors["exec"]
-        # host io: CopyInputTask takes plan.host_in and gives it back in the same step, so only the size matters
-        if not (ex.idle() and st.executors["inputs"].idle()) or self.host_io.used or plan.host_in > self.host_io.size:
+        ex, ix = st.executors["exec"], st.executors["inputs"]
+        # both queues idle: no Infer holds this GPU's workspace pool (it is empty; _find_ready checked that the
+        # plan fits), and none goes before this one. Host io: CopyInputTask takes plan.host_in and gives it back in
+        # the same step; with none held elsewhere, it would fit
+        if ex.busy is not None or ex.heap or ix.busy is not None or ix.heap or self.host_io.used:
             return False
-        ready = self.device.ready_exec(a.gpu, g.binding, plan.batch)
-        if ready is None:
-            return False
-        s = _InferState()
-        task = ExecTask(self, a, now, s)
+        plan = ready[0]
         try:
-            s.io_offset = st.io.alloc(plan.io_bytes)
-            task.workspace = st.workspace.alloc(plan.workspace)
-        except PoolExhausted:
-            task.cleanup()
-            return False
-        s.model, s.entry, s.batch, s.plan = m, e, plan.batch, plan
-        task.version, task.binding = g.version, g.binding
-        try:
-            s.copy_input, s.staged, task.launched = self.device.launch_ready(ready, a.inputs, a.batch_size)
+            launched = self.device.launch_ready(ready[1], a.inputs, a.batch_size)
         except Exception:  # noqa: BLE001 - the tasks run it again and give a device failure its status
-            task.cleanup()
+            launched = None
+        if launched is None:              # no longer ready (CUDA: its graph reads a slot or buffer since replaced)
+            del g.ready[a.batch_size]
             return False
+        s = _InferState()                 # (no io pool offset: its inputs went to the exec slot, not the io arena)
+        s.model, s.entry, s.batch, s.plan = m, m.entry, plan.batch, plan
+        s.copy_input, s.staged, launched = launched
+        task = ExecTask(self, a, now, s)
+        task.workspace = st.workspace.alloc(plan.workspace)
+        task.version, task.binding, task.launched = g.version, g.binding, launched
         self.outstanding[a.id] = a
         ex.start_launched(task, now)  # type: ignore[attr-defined]
         return True
+
+    def _find_ready(self, m: ModelCopy, g: GPUModel, gpu: int, n: int) -> tuple[InferPlan, Any] | None:
+        """(plan, ready exec) of n samples of this model copy on `gpu`, remembered in g.ready until its weights
+        change; None while its exec is not ready or the tasks would refuse it (no weights, no such batch size,
+        a plan that does not fit the pools)."""
+        plan = m.entry.plan(n)
+        st = self.gpus[gpu]
+        if (g.weights is None or plan is None or plan.host_in > self.host_io.size or plan.io_bytes > st.io.size
+                or plan.workspace > st.workspace.size):
+            return None
+        dev = self.device.ready_exec(gpu, g.binding, plan.batch)
+        if dev is None:
+            return None
+        ready = g.ready[n] = (plan, dev)
+        return ready
 
     def _malformed(self, a: Action) -> tuple[Status, str] | None:
         """The first problem with an action's fields, or None. Integer fields must be ints, not bools (True would
@@ -948,11 +963,14 @@ class ExecTask(InferTask):
             self.release()
             return self.fail(Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
                              f"weights of model {a.model_id} on gpu {a.gpu} were evicted or reloaded during exec")
-        s.staged = None
         if device.async_exec:   # the exec brought the outputs to the host already: no third task
             out_timing, outputs = device.copy_output(a.gpu, s.entry, s.outputs, a.batch_size, -1, 0)
-            self.release()
+            if s.io_offset >= 0:                     # (its host io went back when its inputs were enqueued)
+                w.gpus[a.gpu].io.free(s.io_offset)
+                s.io_offset = -1
+            s.staged = s.outputs = None
             return infer_result(self, out_timing, outputs)
+        s.staged = None
         return w.hand_on(CopyOutputTask(self))
 
     def cleanup(self) -> None:
@@ -1020,8 +1038,8 @@ def _matches(inputs: Any, signature: tuple | None) -> bool:
     if type(inputs) is not tuple or signature is None or len(inputs) != len(signature):
         return False
     for x, (dt, shape) in zip(inputs, signature):
-        if type(x) is not np.ndarray or x.shape != shape or x.dtype != dt:
-            return False
+        if type(x) is not np.ndarray or x.shape != shape or (x.dtype is not dt and x.dtype != dt):
+            return False             # (a dtype of a builtin type is one object: `is` saves a slow comparison)
     return True
 
 

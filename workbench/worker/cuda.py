@@ -107,40 +107,43 @@ class CUDAModel:
 
 class _IOViews:
     """The inputs of one (GPU, io offset, model, batch) in the io arena: device pointers and byte sizes, cupy
-    views and TVM views of them. Fixed memory, so made once and reused by every Infer staged there."""
-    __slots__ = ("ptrs", "full", "arrays", "tvm")
+    views and TVM views of them. Fixed memory, so made once and reused by every Infer staged there. `copies`:
+    per input, (device address, bytes of the batch, bytes per sample), what `_enqueue_inputs` reads."""
+    __slots__ = ("ptrs", "full", "arrays", "tvm", "copies")
 
-    def __init__(self, ptrs: list, full: list, arrays: list, tvm_args: tuple):
+    def __init__(self, ptrs: list, full: list, arrays: list, tvm_args: tuple, per_sample: list):
         self.ptrs, self.full, self.arrays, self.tvm = ptrs, full, arrays, tvm_args
+        self.copies = list(zip(ptrs, full, per_sample))
 
 
 class _Staged:
     """Inputs enqueued for an exec: their place in the io arena (`views`), the events around their copy, the host
-    sources kept alive, and the copy's duration once read (`ns`, by `wait_exec`)."""
-    __slots__ = ("views", "start", "done", "keep", "ns")
+    sources kept alive, when the copy was enqueued (`t0`, ns) and, once `wait_exec` has read its duration from
+    the events, its Timing (`timing`)."""
+    __slots__ = ("views", "start", "done", "keep", "t0", "timing")
 
-    def __init__(self, views: _IOViews, start: Any, done: Any, keep: list):
-        self.views, self.start, self.done, self.keep, self.ns = views, start, done, keep, -1
+    def __init__(self, views: _IOViews, start: Any, done: Any, keep: list, t0: int):
+        self.views, self.start, self.done, self.keep, self.t0, self.timing = views, start, done, keep, t0, None
 
 
 class _Fetched:
-    """Outputs of an exec already in pinned host memory, and the timing of their copy."""
-    __slots__ = ("host", "timing")
+    """Outputs of an exec (padded batch size `batch`) copied from pinned memory, and the timing of their copy."""
+    __slots__ = ("host", "timing", "batch")
 
-    def __init__(self, host: list, timing: Timing):
-        self.host, self.timing = host, timing
+    def __init__(self, host: tuple, timing: Timing, batch: int):
+        self.host, self.timing, self.batch = host, timing, batch
 
 
 class _Ready:
     """An exec of one model copy and batch size on one GPU that launches in one step (the worker's ready path,
     `Worker._start_ready`): its CUDA graph is captured, reading this GPU's exec slot (`slot`, `views`) and writing
     its output buffer (`buf`, read through `outs`); valid while both are still the GPU's (they only ever grow)."""
-    __slots__ = ("gpu", "batch", "graph", "slot", "views", "buf", "outs", "m", "entry")
+    __slots__ = ("gpu", "device", "batch", "graph", "slot", "views", "buf", "outs", "m", "stream")
 
-    def __init__(self, gpu: int, batch: int, graph: Any, slot: Any, views: _IOViews, buf: np.ndarray, outs: list,
-                 m: CUDAModel, entry: ModelEntry):
-        self.gpu, self.batch, self.graph, self.slot, self.views = gpu, batch, graph, slot, views
-        self.buf, self.outs, self.m, self.entry = buf, outs, m, entry
+    def __init__(self, gpu: int, device: int, batch: int, graph: Any, slot: Any, views: _IOViews, buf: np.ndarray,
+                 outs: list, m: CUDAModel, stream: Any):
+        self.gpu, self.device, self.batch, self.graph, self.slot, self.views = gpu, device, batch, graph, slot, views
+        self.buf, self.outs, self.m, self.stream = buf, outs, m, stream
 
 
 class CUDADevice(Device):
@@ -332,21 +335,20 @@ class CUDADevice(Device):
                 if views is None:
                     views = self._io_views(gpu, entry, batch, io_offset)
             t0 = time.monotonic_ns()
-            keep = self._enqueue_inputs(stream, start, done, views, entry, inputs, n)
+            keep = self._enqueue_inputs(stream, start, done, views, inputs, n)
             t1 = time.monotonic_ns()
-        return make_timing(t0, t1, t1 - t0), _Staged(views, start, done, keep)
+        return make_timing(t0, t1, t1 - t0), _Staged(views, start, done, keep, t0)
 
-    def _enqueue_inputs(self, stream: Any, start: Any, done: Any, views: _IOViews, entry: ModelEntry,
+    def _enqueue_inputs(self, stream: Any, start: Any, done: Any, views: _IOViews,
                         inputs: Sequence[np.ndarray] | None, n: int) -> list:
         """Enqueue on `stream`: record `start`, copy each input's n rows to `views` (padding rows and generated
         inputs zeroed), record `done`. Returns the host sources, to keep alive until the copies have read them."""
         rt = self.cp.cuda.runtime
         keep, sptr = [], stream.ptr
         start.record(stream)
-        for i, spec in enumerate(entry.inputs):
-            dst, full = views.ptrs[i], views.full[i]
+        for i, (dst, full, per_sample) in enumerate(views.copies):
             if inputs is not None:
-                nb = spec.nbytes * n
+                nb = per_sample * n
                 x = np.ascontiguousarray(inputs[i])
                 keep.append(x)           # a pinned source must live until the DMA has read it
                 rt.memcpyAsync(dst, x.ctypes.data, nb, H2D, sptr)
@@ -371,7 +373,8 @@ class CUDADevice(Device):
             full.append(nb)
             arrays.append(cp.ndarray((batch, *spec.shape), spec.dtype, base + off))
             off += -(-nb // ALIGN) * ALIGN
-        return _IOViews(ptrs, full, arrays, tuple(tvm.runtime.from_dlpack(a) for a in arrays))
+        return _IOViews(ptrs, full, arrays, tuple(tvm.runtime.from_dlpack(a) for a in arrays),
+                        [spec.nbytes for spec in entry.inputs])
 
     def _slot_views(self, gpu: int, entry: ModelEntry, batch: int) -> _IOViews:
         """Views of (entry, batch)'s inputs in this GPU's exec slot: the one place graphs read inputs from (one
@@ -407,9 +410,7 @@ class CUDADevice(Device):
             return self.cp.cuda.Event(), self.cp.cuda.Event()
 
     def input_timing(self, timing: Timing, staged: Any) -> Timing:
-        if not isinstance(staged, _Staged):
-            return timing
-        return make_timing(timing.begin, timing.begin + staged.ns, staged.ns)    # read by wait_exec
+        return staged.timing if isinstance(staged, _Staged) else timing     # made by wait_exec
 
     def execute(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any,
                 now: int) -> tuple[Timing, Any, int, int]:
@@ -446,8 +447,8 @@ class CUDADevice(Device):
                     graph = self._capture(gpu, key, fn, slot, binding, m.loaded[gpu].device, buf, spans)
                     if graph is not cuda_graphs.NO_GRAPH:
                         outs = self._out_views(m, gpu, batch, buf, spans)
-                        binding.launch_cache[("ready", batch)] = _Ready(gpu, batch, graph[0], self._slots[gpu], slot,
-                                                                         buf, outs, m, entry)
+                        binding.launch_cache[("ready", batch)] = _Ready(gpu, d, batch, graph[0], self._slots[gpu],
+                                                                         slot, buf, outs, m, stream)
                 if graph is not cuda_graphs.NO_GRAPH:
                     t0 = time.monotonic_ns()
                     if staged.views is not slot:   # staged in the io arena (exec_next was not given)
@@ -480,29 +481,35 @@ class CUDADevice(Device):
         return gpu, batch, t0, self._out_views(m, gpu, batch, buf, spans), m, staged
 
     def ready_exec(self, gpu: int, binding: Any, batch: int) -> _Ready | None:
-        """The ready exec of this model copy (its weights' binding) and batch size on `gpu`, if its graph reads the
-        GPU's current slot and writes its current output buffer (None: the tasks run it, capturing if need be)."""
-        r = binding.launch_cache.get(("ready", batch)) if self.graphs else None
-        if r is not None and r.slot is self._slots[gpu] and r.buf is self._out[gpu]:
-            return r
-        return None
+        """The ready exec of this model copy (its weights' binding) and batch size on `gpu`, once its graph is
+        captured (None: the tasks run it, capturing it). `launch_ready` checks that it is still valid."""
+        return binding.launch_cache.get(("ready", batch)) if self.graphs else None
 
-    def launch_ready(self, r: _Ready, inputs: Sequence[np.ndarray], n: int) -> tuple[Timing, _Staged, tuple]:
+    def launch_ready(self, r: _Ready, inputs: Sequence[np.ndarray], n: int) -> tuple[Timing, _Staged, tuple] | None:
         """`copy_input(exec_next=True)` then `launch_exec` of a ready exec, without their lookups: the inputs go
-        straight into the slot on the exec stream, then the graph launches. (copy timing, staged, launched)."""
-        cp = self.cp
-        with cp.cuda.Device(self.devices[r.gpu]):
-            stream = self._exec_streams[r.gpu]
+        straight into the slot on the exec stream, then the graph launches. (copy timing, staged, launched), or
+        None, with nothing enqueued, when the graph no longer reads this GPU's slot and output buffer."""
+        if r.slot is not self._slots[r.gpu] or r.buf is not self._out[r.gpu]:
+            return None
+        rt = self.cp.cuda.runtime
+        caller = rt.getDevice()             # (cupy's Device context costs ~10 us on a thread that slept)
+        if caller != r.device:
+            rt.setDevice(r.device)
+        try:
+            stream = r.stream
             start, done = self._event_pair()
             t0 = time.monotonic_ns()
-            keep = self._enqueue_inputs(stream, start, done, r.views, r.entry, inputs, n)
+            keep = self._enqueue_inputs(stream, start, done, r.views, inputs, n)
             t1 = time.monotonic_ns()
             r.graph.launch(stream)
+        finally:
+            if caller != r.device:
+                rt.setDevice(caller)
         stats = self.graph_stats
         stats["launches"] += 1
         stats["staged_in_slot"] += 1
         stats["ready"] += 1
-        staged = _Staged(r.views, start, done, keep)
+        staged = _Staged(r.views, start, done, keep, t0)
         return make_timing(t0, t1, t1 - t0), staged, (r.gpu, r.batch, t1, r.outs, r.m, staged)
 
     @staticmethod
@@ -543,14 +550,15 @@ class CUDADevice(Device):
             self._clock_seen[gpu] = (after, time.monotonic_ns())
         # the input copy ends before the exec starts: its duration is read now, off the path to the result
         staged.done.synchronize()
-        staged.ns = int(round(cp.cuda.get_elapsed_time(staged.start, staged.done) * 1e6))
+        ns = int(round(cp.cuda.get_elapsed_time(staged.start, staged.done) * 1e6))
+        staged.timing = make_timing(staged.t0, staged.t0 + ns, ns)
         self._free_events.append((staged.start, staged.done))     # reused by a later copy (list ops are atomic)
         fetched.synchronize()
         t1 = time.monotonic_ns()
-        host = [v.copy() for v in outs]
+        host = tuple([v.copy() for v in outs])
         exec_ns = m.last_exec[(gpu, batch)] = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
         out_ns = int(round(cp.cuda.get_elapsed_time(end, fetched) * 1e6))
-        return (make_timing(t0, t1 - out_ns, exec_ns), _Fetched(host, make_timing(t1 - out_ns, t1, out_ns)),
+        return (make_timing(t0, t1 - out_ns, exec_ns), _Fetched(host, make_timing(t1 - out_ns, t1, out_ns), batch),
                 before, after)
 
     def _recent_clock(self, gpu: int, device: int) -> int:
@@ -594,7 +602,8 @@ class CUDADevice(Device):
     def copy_output(self, gpu: int, entry: ModelEntry, outputs: Any, n: int, host_offset: int,
                     now: int) -> tuple[Timing, tuple[np.ndarray, ...] | None]:
         """The exec already brought the outputs to the host: the first n rows of each."""
-        return outputs.timing, tuple(h[:n] for h in outputs.host)
+        host = outputs.host
+        return outputs.timing, host if n == outputs.batch else tuple(h[:n] for h in host)
 
     def close(self) -> None:
         self.views.clear()
