@@ -471,6 +471,43 @@ def test_a_ready_exec_whose_slot_was_replaced_goes_through_the_tasks_once(gpu_wo
 
 
 @pytest.mark.gpu
+def test_queued_execs_follow_each_other_in_a_workspace_pool_that_holds_one():
+    """Execs queued behind each other: the next one launches as soon as the previous one has been waited for,
+    before that one's result is built, so it takes the workspace the previous one gave back at that moment (a
+    pool that holds only one exec's workspace is enough), and every Infer still gets its own outputs."""
+    from workbench.models.artifact import Artifact
+    from workbench.worker.cuda import CUDAWorker
+    path = artifact("resnet50_cuda")
+    col = Collector()
+    w = CUDAWorker(WorkerConfig.load(None, **{**CFG, "workspace_pool_size": Artifact.open(path).workspace_bytes(1)}),
+                   col, num_gpus=1)
+    try:
+        w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(path)))
+        assert col.wait(1).ok
+        w.submit(LoadWeights(id=2, model_id=0, gpu=0))
+        assert col.wait(2).ok
+        xs = [np.random.default_rng(k).standard_normal((1, 3, 224, 224)).astype(np.float32) for k in range(3)]
+        alone = []
+        for k, x in enumerate(xs):                   # one at a time: the reference outputs
+            w.submit(Infer(id=10 + k, model_id=0, gpu=0, batch_size=1, inputs=(x,)))
+            alone.append(col.wait(10 + k))
+        for rep in range(3):                         # all at once: each queues behind the one before
+            for k, x in enumerate(xs):
+                w.submit(Infer(id=100 * (rep + 1) + k, model_id=0, gpu=0, batch_size=1, inputs=(x,)))
+            queued = [col.wait(100 * (rep + 1) + k) for k in range(len(xs))]
+            for a, q in zip(alone, queued):
+                assert q.ok, q.message
+                np.testing.assert_array_equal(q.outputs[0], a.outputs[0])
+            for prev, nxt in zip(queued, queued[1:]):
+                assert prev.exec.end <= nxt.exec.begin       # one exec at a time on the GPU
+        assert w.check_consistency() == [] and w.in_flight() == 0 and col.dupes == []
+        st = w.state()["gpus"][0]
+        assert st["workspace_pool_used"] == st["io_pool_used"] == 0
+    finally:
+        w.close()
+
+
+@pytest.mark.gpu
 def test_with_telemetry_every_infer_goes_through_its_tasks(tmp_path):
     col = Collector()
     w = mlp_on_gpu0(col, telemetry=True, log_dir=str(tmp_path))

@@ -944,6 +944,9 @@ class ExecTask(InferTask):
         timing, s.outputs, s.clock_before, s.clock_after = self.w.device.wait_exec(launched)
         return timing
 
+    def waited(self) -> None:      # the exec is over: the next one may take its workspace before this one finishes
+        self._free_workspace()
+
     def _free_workspace(self) -> None:
         if self.workspace >= 0:
             self.w.gpus[self.action.gpu].workspace.free(self.workspace)

@@ -18,6 +18,7 @@ Task protocol (all calls of `begin`/`finish`/`cleanup` hold the worker lock):
     begin(now)     -> Result | None   window and resource checks; a Result ends the task (an error)
     run(now)       -> Timing          the device work; `Timing.end` is when it completes (may be in the future)
     finish(timing) -> Result | None   install state; a Result ends the action, None means it was handed on
+    waited()                          a split task, once waited for: give back what the next launch may need
     cleanup()                         release what the task holds (used when run raises or on shutdown)
     fail(status, message) -> Result   the error result for this task's action
 """
@@ -62,6 +63,7 @@ class Task:
     def finish(self, timing: Timing) -> Result | None: ...
     def launch(self, now: int) -> None: ...        # split tasks only
     def wait(self) -> Timing: ...                  # split tasks only
+    def waited(self) -> None: ...                  # split tasks: give back what the next launch may need
     def cleanup(self) -> None: ...
     def fail(self, status: Status, message: str) -> Result: ...
 
@@ -353,8 +355,9 @@ class ThreadExecutor(Executor):
                 self.deliver(out)
 
     def _execute(self, task: Task, out: list, launched: bool = False) -> None:
-        """Run `task` to its end; its result (if any) goes to `out`. Its last step releases this executor
-        (`_release`) under the same hold of the lock."""
+        """Run `task` to its end; its result (if any) goes to `out`. This executor is released (`_release`) under
+        the same hold of the lock as its last step, or, for a split task (an exec), as soon as it has been waited
+        for: the GPU is done with it, so the next exec launches before this one's result is built."""
         if not launched:
             with self.lock:
                 r = guard(task, task.begin, self.clock.now())
@@ -374,11 +377,15 @@ class ThreadExecutor(Executor):
                 self._release(out)
             return
         with self.lock:
+            if task.split:               # the device is done with it: the next exec launches before it finishes
+                task.waited()
+                self._release(out)
             r = guard(task, task.finish, timing)
             self._done(task, timing, r)
             if r is not None:
                 out.append(r)
-            self._release(out)
+            if self.busy is task:
+                self._release(out)
 
     def _release(self, out: list) -> None:
         """The running task is over (caller holds the lock). The next exec, if due, is launched before this one's
