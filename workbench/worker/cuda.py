@@ -137,12 +137,16 @@ class _Fetched:
 class _Ready:
     """An exec of one model copy and batch size on one GPU that launches in one step (the worker's ready path,
     `Worker._start_ready`): its CUDA graph is captured, reading this GPU's exec slot (`slot`, `views`) and writing
-    its output buffer (`buf`, read through `outs`); valid while both are still the GPU's (they only ever grow)."""
-    __slots__ = ("gpu", "device", "batch", "graph", "slot", "views", "buf", "outs", "m", "stream")
+    its output buffer (`buf`, read through `outs`); valid while both are still the GPU's (they only ever grow).
+    `captured` is what `cuda_graphs.capture` returned, (graph, the device outputs it writes): held here, so that
+    the worker, which keeps a ready exec beyond its place in the binding's launch cache (`GPUModel.ready`), never
+    replays a graph whose outputs were freed when that cache was emptied (`cuda_graphs.cache_for`)."""
+    __slots__ = ("gpu", "device", "batch", "graph", "captured", "slot", "views", "buf", "outs", "m", "stream")
 
-    def __init__(self, gpu: int, device: int, batch: int, graph: Any, slot: Any, views: _IOViews, buf: np.ndarray,
-                 outs: list, m: CUDAModel, stream: Any):
-        self.gpu, self.device, self.batch, self.graph, self.slot, self.views = gpu, device, batch, graph, slot, views
+    def __init__(self, gpu: int, device: int, batch: int, captured: tuple, slot: Any, views: _IOViews,
+                 buf: np.ndarray, outs: list, m: CUDAModel, stream: Any):
+        self.gpu, self.device, self.batch, self.slot, self.views = gpu, device, batch, slot, views
+        self.graph, self.captured = captured[0], captured
         self.buf, self.outs, self.m, self.stream = buf, outs, m, stream
 
 
@@ -447,7 +451,7 @@ class CUDADevice(Device):
                     graph = self._capture(gpu, key, fn, slot, binding, m.loaded[gpu].device, buf, spans)
                     if graph is not cuda_graphs.NO_GRAPH:
                         outs = self._out_views(m, gpu, batch, buf, spans)
-                        binding.launch_cache[("ready", batch)] = _Ready(gpu, d, batch, graph[0], self._slots[gpu],
+                        binding.launch_cache[("ready", batch)] = _Ready(gpu, d, batch, graph, self._slots[gpu],
                                                                          slot, buf, outs, m, stream)
                 if graph is not cuda_graphs.NO_GRAPH:
                     t0 = time.monotonic_ns()
