@@ -59,6 +59,9 @@ def test_cli_simulate(capsys):
     assert "clockwork:" in out and "goodput" in out
     assert cli(["simulate", "--models", "resnet50:x"]) == 2
     assert "NAME[:COPIES]" in capsys.readouterr().err
+    for flag, bad in (("--rate", "inf"), ("--seconds", "nan"), ("--slo-ms", "0")):   # inf: "Probabilities contain NaN"
+        assert cli(["simulate", flag, bad]) == 2
+        assert f"{flag} must be a finite number > 0, got {float(bad)}" in capsys.readouterr().err
 
 
 def test_telemetry_rows_follow_the_recorder_schema():

@@ -54,6 +54,8 @@ def test_sweep_expands_to_labelled_runs(tmp_path):
     (GOOD.replace("concurrency = 2", "concurency = 2"), r"line 11: workload.concurency: unknown key"),
     (GOOD.replace("slo_ms = 100", "slo_ms = 0"), r"line 12: workload.slo_ms: must be > 0 \(got 0\)"),
     (GOOD.replace("slo_ms = 100", "slo_ms = -5"), r"line 12: workload.slo_ms: must be > 0"),
+    (GOOD.replace("slo_ms = 100", "slo_ms = inf"), r"line 12: workload.slo_ms: must be finite, got inf"),
+    (GOOD.replace("duration_s = 2", "duration_s = nan"), r"line 3: duration_s: must be finite, got nan"),
     (GOOD.replace('name = "resnet50"', 'name = "resnet5"'),
      r"line 6: models\[0\].name: unknown model 'resnet5': profile 'h200' has \[.*'resnet50'"),
     (GOOD.replace("copies = 3", "copies = -1"), r"line 7: models\[0\].copies: must be >= 1"),

@@ -159,8 +159,11 @@ def test_replay_scale_and_determinism(tmp_path):
 
 def test_replay_rejects_bad_parameters(tmp_path):
     write(tmp_path, [row("a", [1])])
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        AzureReplay(tmp_path, 2, scale=0)
+    for bad in (0, float("inf")):
+        with pytest.raises(ValueError, match=f"azure: scale must be a finite number > 0, got {bad}"):
+            AzureReplay(tmp_path, 2, scale=bad)
+    with pytest.raises(ValueError, match="azure: interval_s must be a finite number > 0, got nan"):
+        AzureReplay(tmp_path, 2, interval_s=float("nan"))
     with pytest.raises(ValueError, match="start_minute 2000 is outside"):
         AzureReplay(tmp_path, 2, start_minute=2000)
     with pytest.raises(ValueError, match="spread must be one of"):

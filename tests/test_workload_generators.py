@@ -3,6 +3,7 @@
 the arrival statistics) and once in real time."""
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -81,6 +82,30 @@ def test_closed_loop_rejects_bad_parameters():
             ClosedLoop(3, slo_ms=bad)
     with pytest.raises(ValueError, match="slo_factor must be a finite number > 0, got '2'"):
         ClosedLoop(3, slo_factor="2")
+
+
+@pytest.mark.parametrize("make, match", [
+    # an infinite rate put every arrival at the same instant without end (bursty hung; poisson failed on NaN
+    # probabilities when it began), NaN slipped through `x < 0` checks
+    (lambda: Bursty(0, [1], minor_rate=math.inf), r"bursty: minor_rate must be a finite number >= 0, got inf"),
+    (lambda: Bursty(0, [1], major_rate=math.nan), r"bursty: major_rate must be a finite number >= 0, got nan"),
+    (lambda: Bursty(0, [1], minor_rate=0, major_rate=0), r"bursty: minor_rate and major_rate are both 0"),
+    (lambda: Bursty(0, [1], period_s=math.inf), r"bursty: period_s must be a finite number > 0, got inf"),
+    (lambda: Poisson([0, 1], rate=math.inf), r"poisson: rate must be a finite number >= 0, got inf"),
+    (lambda: Poisson({0: 5.0, 1: math.nan}), r"poisson: the rate of model 1 must be a finite number >= 0, got nan"),
+    (lambda: Poisson([0], rates=["5"]), r"poisson: the rate of model 0 must be a finite number >= 0, got '5'"),
+    (lambda: Poisson([0, 1], rates=[0, 0]), r"poisson: the total rate must be > 0"),
+    (lambda: ClosedLoop(2, think_time_ms=math.inf), r"closed_loop: think_time_ms must be a finite number >= 0"),
+    (lambda: ClosedLoop(2, stagger_ms=-1), r"closed_loop: stagger_ms must be a finite number >= 0, got -1"),
+    (lambda: ClosedLoop(2, backoff_ms=0), r"closed_loop: backoff_ms must be a finite number > 0, got 0"),
+    (lambda: SloSweep(2, rate=math.inf, start=10), r"slo_sweep: rate must be a finite number > 0, got inf"),
+    (lambda: SloSweep(2, rate=10, start=10, end=math.inf), r"slo_sweep: end must be a finite number > 0, got inf"),
+    (lambda: SloSweep(2, rate=10, start=10, period_s=math.nan), r"slo_sweep: period_s must be a finite number > 0"),
+])
+def test_rates_and_durations_must_be_finite(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+    assert Poisson([0, 1], rate=10).rates.tolist() == [5.0, 5.0] and Bursty(0, [1], minor_rate=0).minor_rate == 0
 
 
 def test_slo_sweep_steps_every_period_until_end():

@@ -19,10 +19,11 @@ def _simulate(args) -> int:
     from workbench.controller.controller import ControllerError
     from workbench.controller.simulation import simulate
     from workbench.worker.profile import ProfileError
+    from workbench.workload.base import positive
     from workbench.workload.poisson import Poisson
-    if not args.rate > 0 or not args.seconds > 0 or not args.slo_ms > 0:
-        raise UserError("--rate, --seconds and --slo-ms must be > 0")
     try:
+        for flag in ("rate", "seconds", "slo_ms"):
+            positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
         res = simulate(_models(args.models), num_gpus=args.gpus, workers=args.workers, policy=args.policy,
                        duration_s=args.seconds, seed=args.seed, profile=args.profile,
                        workload=lambda ids: Poisson(ids, rate=args.rate, slo_ms=args.slo_ms, seed=args.seed))

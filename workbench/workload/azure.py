@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from workbench.workload.azure_trace import AzureTrace
-from workbench.workload.base import NS, Block, OpenLoop, as_id_list
+from workbench.workload.base import NS, Block, OpenLoop, as_id_list, positive
 
 SPREADS = ("poisson", "uniform", "even")
 MAPPINGS = ("clockwork", "round_robin")
@@ -49,10 +49,7 @@ class AzureReplay(OpenLoop):
                  shuffle_models: bool = True, days: Iterable[int] | None = None,
                  triggers: Iterable[str] | None = None, chunk_minutes: int = 60, **kw: Any):
         super().__init__(**kw)
-        if not scale > 0:
-            raise ValueError(f"{self.kind}: scale must be > 0 (got {scale})")
-        if not interval_s > 0:
-            raise ValueError(f"{self.kind}: interval_s must be > 0 (got {interval_s})")
+        scale, interval_s = positive(scale, f"{self.kind}: scale"), positive(interval_s, f"{self.kind}: interval_s")
         if spread not in SPREADS:
             raise ValueError(f"{self.kind}: spread must be one of {SPREADS} (got {spread!r})")
         if isinstance(trace, str) and trace.startswith("synthetic:"):   # generated once, cached

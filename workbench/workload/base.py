@@ -41,12 +41,28 @@ def ms_to_ns(ms: float | None) -> int | None:
 def positive(value: Any, what: str) -> float:
     """`value` as a float, if it is a finite number > 0; else a ValueError naming `what` (a string would pass
     `x > 0` checks' place with a TypeError, or be repeated by `* MS`; NaN, infinity and bools are no durations)."""
-    if not isinstance(value, (bool, str, bytes)) and str(getattr(value, "dtype", "")) != "bool" \
-            and hasattr(value, "__float__"):
-        v = float(value)
-        if math.isfinite(v) and v > 0:
-            return v
+    v = _finite(value)
+    if v is not None and v > 0:
+        return v
     raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+
+
+def non_negative(value: Any, what: str) -> float:
+    """`value` as a float, if it is a finite number >= 0 (a rate or a pause that may be 0); else a ValueError
+    naming `what` (an infinite rate would schedule every arrival at the same instant, without end)."""
+    v = _finite(value)
+    if v is not None and v >= 0:
+        return v
+    raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
+def _finite(value: Any) -> float | None:
+    """`value` as a float if it is a finite real number, not a bool or a string; else None."""
+    if isinstance(value, (bool, str, bytes)) or str(getattr(value, "dtype", "")) == "bool" \
+            or not hasattr(value, "__float__"):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
 
 
 class Workload:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import heapq
 from typing import Any, Iterator, Sequence
 
-from workbench.workload.base import NS, OpenLoop, as_id_list, poisson_times
+from workbench.workload.base import NS, OpenLoop, as_id_list, non_negative, poisson_times, positive
 
 
 class Bursty(OpenLoop):
@@ -19,13 +19,13 @@ class Bursty(OpenLoop):
         super().__init__(**kw)
         self.minor_model = int(minor_model)
         self.major_models = as_id_list(major_models, self.kind)
-        if minor_rate < 0 or major_rate < 0 or minor_rate + major_rate <= 0:
-            raise ValueError(f"{self.kind}: rates must be >= 0 and not both 0 "
-                             f"(minor_rate={minor_rate}, major_rate={major_rate})")
-        if period_s <= 0 or lead_in_periods < 0 or models_per_period < 1:
-            raise ValueError(f"{self.kind}: need period_s > 0, lead_in_periods >= 0, models_per_period >= 1")
-        self.minor_rate, self.major_rate = float(minor_rate), float(major_rate)
-        self.period_ns = int(period_s * NS)
+        self.minor_rate = non_negative(minor_rate, f"{self.kind}: minor_rate")
+        self.major_rate = non_negative(major_rate, f"{self.kind}: major_rate")
+        if self.minor_rate + self.major_rate == 0:
+            raise ValueError(f"{self.kind}: minor_rate and major_rate are both 0: no request would arrive")
+        if lead_in_periods < 0 or models_per_period < 1:
+            raise ValueError(f"{self.kind}: need lead_in_periods >= 0, models_per_period >= 1")
+        self.period_ns = int(positive(period_s, f"{self.kind}: period_s") * NS)
         self.lead_in = int(lead_in_periods)
         self.per_period = int(models_per_period)
 

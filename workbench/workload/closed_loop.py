@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-from workbench.workload.base import MS, Workload, as_id_list
+from workbench.workload.base import MS, Workload, as_id_list, non_negative, positive
 
 
 class ClosedLoop(Workload):
@@ -30,11 +30,9 @@ class ClosedLoop(Workload):
                              f"each client needs at least one model")
         if int(concurrency) < 1:
             raise ValueError(f"{self.kind}: concurrency must be >= 1 (got {concurrency})")
-        if think_time_ms < 0 or stagger_ms < 0:
-            raise ValueError(f"{self.kind}: think_time_ms and stagger_ms must be >= 0")
-        if backoff_ms is not None and not backoff_ms > 0:
-            raise ValueError(f"{self.kind}: backoff_ms must be > 0 (got {backoff_ms})")
-        self.backoff_ns = None if backoff_ms is None else int(backoff_ms * MS)
+        think_time_ms = non_negative(think_time_ms, f"{self.kind}: think_time_ms")
+        stagger_ms = non_negative(stagger_ms, f"{self.kind}: stagger_ms")
+        self.backoff_ns = None if backoff_ms is None else int(positive(backoff_ms, f"{self.kind}: backoff_ms") * MS)
         if think not in ("fixed", "exponential"):
             raise ValueError(f"{self.kind}: think must be 'fixed' or 'exponential' (got {think!r})")
         self.concurrency = int(concurrency)

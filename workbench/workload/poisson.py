@@ -7,7 +7,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from workbench.workload.base import Block, OpenLoop, as_id_list, poisson_times
+from workbench.workload.base import Block, OpenLoop, as_id_list, non_negative, poisson_times
 
 
 class Poisson(OpenLoop):
@@ -20,20 +20,18 @@ class Poisson(OpenLoop):
         super().__init__(**kw)
         if isinstance(models, Mapping):
             self.models = [int(m) for m in models]
-            r = [float(v) for v in models.values()]
+            r = list(models.values())
         else:
             self.models = as_id_list(models, self.kind)
             if rates is not None:
                 if len(rates) != len(self.models):
                     raise ValueError(f"{self.kind}: {len(rates)} rates for {len(self.models)} models")
-                r = [float(v) for v in rates]
+                r = list(rates)
             elif rate is not None:
-                r = [float(rate) / len(self.models)] * len(self.models)
+                r = [non_negative(rate, f"{self.kind}: rate") / len(self.models)] * len(self.models)
             else:
                 raise ValueError(f"{self.kind}: give `rate` (total requests/s) or `rates` (one per model)")
-        bad = [(m, v) for m, v in zip(self.models, r) if not v >= 0]
-        if bad:
-            raise ValueError(f"{self.kind}: rates must be >= 0 (model {bad[0][0]}: {bad[0][1]})")
+        r = [non_negative(v, f"{self.kind}: the rate of model {m}") for m, v in zip(self.models, r)]
         self.rates = np.asarray(r, dtype=np.float64)
         self.total_rate = float(self.rates.sum())
         if not self.total_rate > 0:

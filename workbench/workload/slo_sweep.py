@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from workbench.workload.base import MS, NS, OpenLoop, as_id_list, poisson_times
+from workbench.workload.base import MS, NS, OpenLoop, as_id_list, poisson_times, positive
 
 
 class SloSweep(OpenLoop):
@@ -21,22 +21,18 @@ class SloSweep(OpenLoop):
             raise ValueError(f"{self.kind}: the SLO comes from start/factor/end, not slo_ms/slo_factor")
         super().__init__(**kw)
         self.models = as_id_list(models, self.kind)
-        if not rate > 0:
-            raise ValueError(f"{self.kind}: rate must be > 0 (got {rate})")
-        if not start > 0:
-            raise ValueError(f"{self.kind}: start must be > 0 (got {start})")
+        rate, start = positive(rate, f"{self.kind}: rate"), positive(start, f"{self.kind}: start")
+        factor = positive(factor, f"{self.kind}: factor")
         if op not in ("mul", "add"):
             raise ValueError(f"{self.kind}: op must be 'mul' or 'add' (got {op!r})")
         if (op == "mul" and not factor > 1) or (op == "add" and not factor > 0):
             raise ValueError(f"{self.kind}: factor must be > 1 for op 'mul', > 0 for 'add' (got {factor})")
         if unit not in ("ms", "factor"):
             raise ValueError(f"{self.kind}: unit must be 'ms' or 'factor' (got {unit!r})")
-        if end is not None and end < start:
+        if end is not None and positive(end, f"{self.kind}: end") < start:
             raise ValueError(f"{self.kind}: end ({end}) < start ({start})")
-        if not period_s > 0:
-            raise ValueError(f"{self.kind}: period_s must be > 0")
-        self.rate, self.start_value, self.factor = float(rate), float(start), float(factor)
-        self.period_ns = int(period_s * NS)
+        self.rate, self.start_value, self.factor = rate, start, factor
+        self.period_ns = int(positive(period_s, f"{self.kind}: period_s") * NS)
         self.end, self.op, self.unit = end, op, unit
 
     def step(self, t: int) -> int:
