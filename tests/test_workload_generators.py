@@ -101,6 +101,7 @@ def test_closed_loop_rejects_bad_parameters():
     (lambda: SloSweep(2, rate=math.inf, start=10), r"slo_sweep: rate must be a finite number > 0, got inf"),
     (lambda: SloSweep(2, rate=10, start=10, end=math.inf), r"slo_sweep: end must be a finite number > 0, got inf"),
     (lambda: SloSweep(2, rate=10, start=10, period_s=math.nan), r"slo_sweep: period_s must be a finite number > 0"),
+    (lambda: Sink(VirtualClock(), -1), r"sink: latency_ms must be a finite number >= 0, got -1"),
 ])
 def test_rates_and_durations_must_be_finite(make, match):
     with pytest.raises(ValueError, match=match):

@@ -10,13 +10,14 @@ import numpy as np
 
 from workbench.clock import Clock
 from workbench.controller.requests import RequestOutcome   # what a client hears, from a Sink too
+from workbench.workload.base import non_negative
 
 
 class Sink:
     def __init__(self, clock: Clock, latency_ms: float = 0.0, *, exponential: bool = False, seed: int = 0,
                  status: str = "success"):
         self.clock = clock
-        self.latency_ns = int(latency_ms * 1e6)
+        self.latency_ns = int(non_negative(latency_ms, "sink: latency_ms") * 1e6)
         self.exponential = exponential
         self.rng = np.random.default_rng(seed)
         self.status = status
