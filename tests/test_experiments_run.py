@@ -243,3 +243,22 @@ def test_report_can_be_rebuilt_from_the_files(tmp_path):
     assert "e2e" in html and 'duration_s = 1' in html and "vegaEmbed('#c0'" in html
     p = workbench("report", str(tmp_path / "nothing"))
     assert p.returncode == 2 and "no summary.json" in p.stderr
+
+
+def test_progress_bar_ends_at_its_total_without_a_warning(capsys):
+    """200 virtual-time steps of a 1 s run: the bar is set to each position, not advanced by float steps whose
+    sum overshot the total (tqdm then printed a TqdmWarning, "clamping frac", in the middle of the line)."""
+    import warnings
+
+    from workbench.experiments.runner import _Progress
+    bar = _Progress(1.0, "t", enabled=True)
+    step, t = 1.0 / 200, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        while t < 1.0:
+            t = min(t + step, 1.0)
+            bar.update_to(t, req=1)
+        bar.update_to(1.0)
+        assert bar._bar.n == 1.0 and bar.done == 1.0
+        bar.close()
+    assert "100%" in capsys.readouterr().err

@@ -101,7 +101,9 @@ class _Progress:
         if self._bar is not None:
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
-            self._bar.update(round(x - self._bar.n, 3))   # redraws at most every mininterval
+            # set, not added: a sum of float steps overshot the total (tqdm warned "clamping frac" mid-line)
+            self._bar.n = round(x, 3)
+            self._bar.update(0)                          # redraws at most every mininterval
         else:
             pct = int(100 * x / self.total) if self.total else 100
             while pct >= self._next_pct:
