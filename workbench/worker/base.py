@@ -275,9 +275,9 @@ class Device:
         exec of this model copy (`binding`) and batch size that is ready to, what `launch_ready` takes; else None."""
         return None
 
-    def launch_ready(self, ready: Any, inputs: Sequence[np.ndarray], n: int) -> tuple[Timing, Any, Any]:
+    def launch_ready(self, ready: Any, inputs: Sequence[np.ndarray], n: int) -> tuple[Timing, Any, Any] | None:
         """Enqueue a ready exec's input copy and launch it: (copy timing, staged, launched), as `copy_input` with
-        `exec_next` and `launch_exec` would give."""
+        `exec_next` and `launch_exec` would give; None, with nothing enqueued, when it is no longer ready."""
         raise NotImplementedError
 
     def input_timing(self, timing: Timing, staged: Any) -> Timing:
@@ -955,9 +955,7 @@ class ExecTask(InferTask):
     def finish(self, timing: Timing) -> Result | None:
         a: Infer = self.action
         s, w = self.s, self.w
-        if self.workspace >= 0:
-            w.gpus[a.gpu].workspace.free(self.workspace)
-            self.workspace = -1
+        self._free_workspace()
         self.binding = None
         s.exec = timing
         device = w.device
@@ -966,14 +964,11 @@ class ExecTask(InferTask):
             self.release()
             return self.fail(Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
                              f"weights of model {a.model_id} on gpu {a.gpu} were evicted or reloaded during exec")
+        s.staged = None
         if device.async_exec:   # the exec brought the outputs to the host already: no third task
             out_timing, outputs = device.copy_output(a.gpu, s.entry, s.outputs, a.batch_size, -1, 0)
-            if s.io_offset >= 0:                     # (its host io went back when its inputs were enqueued)
-                w.gpus[a.gpu].io.free(s.io_offset)
-                s.io_offset = -1
-            s.staged = s.outputs = None
+            self.release()
             return infer_result(self, out_timing, outputs)
-        s.staged = None
         return w.hand_on(CopyOutputTask(self))
 
     def cleanup(self) -> None:

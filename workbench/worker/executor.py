@@ -377,14 +377,15 @@ class ThreadExecutor(Executor):
                 self._release(out)
             return
         with self.lock:
-            if task.split:               # the device is done with it: the next exec launches before it finishes
+            split = task.split
+            if split:                    # the device is done with it: the next exec launches before it finishes
                 task.waited()
                 self._release(out)
             r = guard(task, task.finish, timing)
             self._done(task, timing, r)
             if r is not None:
                 out.append(r)
-            if self.busy is task:
+            if not split:
                 self._release(out)
 
     def _release(self, out: list) -> None:
