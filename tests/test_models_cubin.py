@@ -98,6 +98,20 @@ def test_tvm_calls_our_callback(mlp_cuda_source, tmp_path, counted):
         cubin_cache.install(previous or CubinCache(tmp_path / "default"))
 
 
+def test_installing_before_tvm_is_imported_keeps_tvm_importable(tmp_path):
+    """TVM registers its own callback when imported, without overriding: installed first, ours made `import tvm`
+    fail ("already registered"; the GPU suite's model tests failed so when run alone). A fresh process, so that
+    nothing has imported TVM yet; ours must be the one registered afterwards."""
+    import subprocess
+    import sys
+    code = ("from workbench.models import cubin_cache as c; import sys; c.install(c.CubinCache(sys.argv[1]))\n"
+            "import tvm, tvm_ffi\n"
+            "assert tvm_ffi.get_global_func('tvm_callback_cuda_compile') is not None\n"
+            "assert c.installed() is not None; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 FP16_SOURCE = '#include <cuda_fp16.h>\nextern "C" __global__ void k(__half* x) { x[0] = __float2half(1.5f); }'
 
 

@@ -365,6 +365,7 @@ def install(cache: CubinCache | None = None, arch: str | None = None) -> CubinCa
     """Register our `tvm_callback_cuda_compile` (override=True). `arch`: default for loads outside
     `compiling_for` (else device 0's). Returns the cache in use; calling again swaps the cache/arch."""
     global _installed, _default_arch
+    import tvm  # noqa: F401 - its import registers TVM's own callback (not overriding): ours must come after it
     import tvm_ffi
     _installed = cache or _installed or CubinCache()
     if arch is not None:
