@@ -7,8 +7,9 @@ Writes <out>/<model>_cuda for every model, plus <out>/mlp_cpu and <out>/tiny_tra
 compare CUDA with CPU outputs) and <out>/mlp_fp16_cuda, <out>/tiny_transformer_fp16_cuda (precision fp16: the
 tensor-core kernels of schedules.MmaMatmul, checked against the same references) and <out>/mlp_fp16w_cuda,
 <out>/tiny_transformer_fp16w_cuda (precision fp16 as the tuned zoo models run it: fp16 activations between
-kernels, vectorized injective kernels, and weights stored in fp16, FP16W_VARIANT), then one bundle <bundle> to
-carry to the GPU machine.
+kernels, vectorized injective kernels, and weights stored in fp16, FP16W_VARIANT) and <out>/mlp_sk_cuda,
+<out>/tiny_transformer_sk_cuda (fp32 with split-K matmuls, SPLIT_K_VARIANT), then one bundle <bundle> to carry to
+the GPU machine.
 
 Why a bundle, and why synthetic weights: the device tool carries at most 64 MiB of ignored files in all (the
 runtime-only TVM in .device-site is ~27 MB of it). The zoo's weights are 47 MB (ResNet-18) to 440 MB (BERT),
@@ -34,19 +35,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_WEIGHTS = ("mlp", "tiny_transformer")       # small: keep the zoo's weights (checked against references)
 CPU_TOO = ("mlp", "tiny_transformer")
-FP16_TOO = ("mlp", "tiny_transformer")              # also compiled at precision fp16 (tensor cores)
+VARIANTS_TOO = ("mlp", "tiny_transformer")          # also compiled as the kinds fp16 (tensor cores), fp16w, fp32sk
 # ... and as <model>_fp16w_<target>: this variant (tuning.Variant JSON), what the tuning database's fp16 winners
 # look like: fp16 activations (schedules.keep_fp16_activations) and fp16 weights (schedules.keep_fp16_weights)
 FP16W_VARIANT = {"lowering": "direct", "precision": "fp16", "cuda_graph": False,
                  "schedule": {"injective": 8, "activations": "fp16"}, "weights": "fp16"}
-KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w"}     # artifact kind -> directory suffix
+# ... and as <model>_sk_<target>: fp32 with split-K matmuls (workbench/models/split_k.py)
+SPLIT_K_VARIANT = {"lowering": "direct", "precision": "fp32", "cuda_graph": False, "schedule": {"split_k": 1024}}
+VARIANTS = {"fp16w": FP16W_VARIANT, "fp32sk": SPLIT_K_VARIANT}
+KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk"}     # artifact kind -> directory suffix
 
 
 def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool,
           tuning: str | None = None, precision: str = "fp32", kind: str | None = None):
-    """Compile <out>/<model>[_fp16|_fp16w]_<target> (untuned unless `tuning` is "auto" or a database directory),
+    """Compile <out>/<model>[_fp16|_fp16w|_sk]_<target> (untuned unless `tuning` is "auto" or a database directory),
     or keep an existing artifact built the same way (a tuned artifact is always rebuilt: the database may have
-    changed). kind: "fp32", "fp16" or "fp16w" (FP16W_VARIANT); None: from `precision`."""
+    changed). kind: "fp32", "fp16", "fp16w" (FP16W_VARIANT) or "fp32sk" (SPLIT_K_VARIANT); None: from
+    `precision`."""
     from workbench.models import zoo
     from workbench.models.artifact import Artifact, ArtifactError
     from workbench.models.compiler import compile_model
@@ -54,8 +59,8 @@ def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str,
     kind = kind or precision
     if kind not in KINDS:
         raise ValueError(f"artifact kind {kind!r}: use one of {', '.join(KINDS)}")
-    variant = Variant.from_json(FP16W_VARIANT) if kind == "fp16w" else None
-    precision = "fp32" if kind == "fp32" else "fp16"
+    variant = Variant.from_json(VARIANTS[kind]) if kind in VARIANTS else None
+    precision = variant.precision if variant is not None else kind
     d = out / f"{model}{KINDS[kind]}_{target}"
     weights = "source" if model in SOURCE_WEIGHTS else "synthetic"
     if not force and tuning is None and (d / "manifest.json").is_file():
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, "cuda", "fp32") for m in models] + [(m, "cpu", "fp32") for m in models if m in CPU_TOO]
-    jobs += [(m, "cuda", kind) for kind in ("fp16", "fp16w") for m in models if m in FP16_TOO and tuning is None]
+    jobs += [(m, "cuda", kind) for kind in ("fp16", "fp16w", "fp32sk") for m in models if m in VARIANTS_TOO
+             and tuning is None]
     dirs = []
     for model, target, kind in jobs:
         art, secs = build(model, target, out, batch_sizes, a.arch, a.seed, a.force,

@@ -4,8 +4,8 @@ TVM 0.27's default CUDA pipeline schedules every fused kernel with dlight rules 
 GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - `ScheduleSpec`: what tuning chooses (JSON-able): a global override of the dlight Matmul config, the
   `SmallReduction` rule on/off with its block size, the `MmaMatmul` rule on/off, the `InjectiveVectorize` rule
-  on/off with its lanes, the dtype of activations between fp16 kernels, and per-kernel choices keyed by
-  `kernel_key`;
+  on/off with its lanes, the dtype of activations between fp16 kernels, split-K's block target, and per-kernel
+  choices keyed by `kernel_key`;
 - `MmaMatmul`: fp16 matmul-like kernels (what `ToMixedPrecision` gives: fp16 inputs, fp32 accumulation) on
   mma.sync tensor cores with ldmatrix and cp.async (`workbench.models.tensorcore`, a tile config per shape),
   ahead of dlight's Matmul rule, whose wmma path is 2-5x slower (bench/results/gemm_tensorcore.md). On by
@@ -25,6 +25,9 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
   positions of the next axis per thread, so index arithmetic is done once per thread, ahead of Fallback;
 - `RowReduction` (ScheduleSpec.row_reduction, off by default): dlight GeneralReduction's schedule (softmax,
   layer norm) with threads per row fitted to the row (one warp for a 128-long softmax row, not 256 threads);
+- split-K (ScheduleSpec.split_k, off by default; workbench/models/split_k.py, run in `fusion_passes`): matmuls
+  whose output gives fewer thread blocks than the setting, computed as partial matmuls over slices of K and
+  summed by a kernel that takes their epilogue (`split_k.sum_rule`: one thread per output);
 - `kernel_key(func)`: a stable id of an unscheduled kernel (structural hash of its TIR, which includes the
   shapes), so a choice measured for one kernel applies wherever the same kernel appears;
 - `relax_pipeline(target, spec, precision)`: the default CUDA pipeline with `ApplyTunedSchedule` in place of
@@ -79,8 +82,9 @@ INJECTIVE_MAX_BYTES = 16                  # widest vector per thread: TVM 0.27 w
 INJECTIVE_DTYPES = ("float16", "bfloat16", "float32", "int32")
 INJECTIVE_ROWS = (1, 2, 4, 8, 16, 32)    # positions per thread InjectiveRows may be given
 ROW_REDUCTION_THREADS = (32, 64, 128, 256, 512, 1024)   # most threads per row RowReduction may be given
+MAX_SPLIT_K_BLOCKS = 1 << 16              # the largest block target ScheduleSpec.split_k may name
 SPEC_FIELDS = ("matmul", "small_reduction", "kernels", "mma", "injective", "activations", "reduce_inputs", "rows",
-               "row_reduction")
+               "row_reduction", "split_k")
 
 
 class ScheduleError(ValueError):
@@ -155,6 +159,9 @@ class ScheduleSpec:
     # RowReduction (None: off): GeneralReduction's kernels (softmax, layer norm) with threads per row fitted to
     # the row, at most `row_reduction` (32 for BERT's 128-long softmax rows instead of 256)
     row_reduction: int | None = None
+    # split_k.split_k_pass (None: off): matmuls whose output gives fewer thread blocks than `split_k` are computed
+    # as partial matmuls over slices of K, then summed (with their epilogue) by a second kernel
+    split_k: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.mma, bool):
@@ -177,6 +184,10 @@ class ScheduleSpec:
                                                or self.row_reduction not in ROW_REDUCTION_THREADS):
             raise ScheduleError(f"schedule.row_reduction must be one of {', '.join(map(str, ROW_REDUCTION_THREADS))} "
                                 f"(most threads per row of RowReduction), got {self.row_reduction!r}")
+        if self.split_k is not None and (not isinstance(self.split_k, int) or isinstance(self.split_k, bool)
+                                         or not 1 <= self.split_k <= MAX_SPLIT_K_BLOCKS):
+            raise ScheduleError(f"schedule.split_k must be an int in [1, {MAX_SPLIT_K_BLOCKS}] (thread blocks a matmul "
+                                f"is split along K to reach), got {self.split_k!r}")
         check_matmul_config(self.matmul, "schedule.matmul")
         if self.small_reduction is not None:
             check_choice({"rule": "small_reduction", "threads": self.small_reduction}, "schedule.small_reduction")
@@ -189,7 +200,7 @@ class ScheduleSpec:
     def is_default(self) -> bool:
         return (self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
                 and self.injective is None and self.activations == "fp32" and self.reduce_inputs == "fp32"
-                and self.rows is None and self.row_reduction is None)
+                and self.rows is None and self.row_reduction is None and self.split_k is None)
 
     def to_json(self) -> dict:
         """Only what differs from the default: {} is TVM's dlight rules plus MmaMatmul (written before the rule
@@ -214,6 +225,8 @@ class ScheduleSpec:
             out["rows"] = self.rows
         if self.row_reduction is not None:
             out["row_reduction"] = self.row_reduction
+        if self.split_k is not None:
+            out["split_k"] = self.split_k
         return out
 
     @classmethod
@@ -226,7 +239,7 @@ class ScheduleSpec:
             raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: {', '.join(SPEC_FIELDS)}")
         return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True),
                    d.get("injective"), d.get("activations", "fp32"), d.get("reduce_inputs", "fp32"), d.get("rows"),
-                   d.get("row_reduction"))
+                   d.get("row_reduction"), d.get("split_k"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -645,8 +658,10 @@ def default_rules(spec: ScheduleSpec | None = None) -> list:
     """dlight's CUDA rule list (relax.backend.cuda.legalize_passes), with the spec's global settings (MmaMatmul
     first unless spec.mma is False)."""
     from tvm.s_tir import dlight as dl
+    from workbench.models import split_k
     spec = spec or ScheduleSpec()
-    rules = ([mma_rule()] if spec.mma else []) + [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
+    rules = [split_k.sum_rule(spec.small_reduction or 256)] if spec.split_k is not None else []   # its kernels only
+    rules += ([mma_rule()] if spec.mma else []) + [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
     if spec.small_reduction is not None:
         rules.append(small_reduction_rule(spec.small_reduction))
     if spec.injective is not None:                # kernels without reduction only: no other rule's
@@ -749,12 +764,13 @@ def apply_tuned_schedule(spec: ScheduleSpec, applied: dict | None = None, rules_
     return _pass
 
 
-def fusion_passes(target) -> list:
+def fusion_passes(target, split_k: int | None = None) -> list:
     """The CUDA pipeline up to (not including) scheduling: the kernels these produce are what `kernel_key`
-    identifies, so the candidate builder and the compiler must use exactly these."""
+    identifies, so the candidate builder and the compiler must use exactly these. `split_k`: ScheduleSpec's."""
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda      # (relax.pipeline's dispatcher misses 2 of 4)
-    return cuda.library_dispatch_passes(target) + [
+    from workbench.models.split_k import split_k_pass
+    return cuda.library_dispatch_passes(target) + ([split_k_pass(split_k)] if split_k else []) + [
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
         relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
@@ -1224,7 +1240,7 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
         with target:
             seq = tvm.transform.Sequential(
                 ([keep_fp16_activations_pass(spec.reduce_inputs)] if spec.activations == "fp16" else [])
-                + fusion_passes(target) + [apply_tuned_schedule(spec, applied, rules_used)]
+                + fusion_passes(target, spec.split_k) + [apply_tuned_schedule(spec, applied, rules_used)]
                 + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return seq(mod)
 
@@ -1232,12 +1248,12 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
 
 
 def fuse(mod, target, precision: str = "fp32", activations: str = "fp32", weights: str = "fp32",
-         reduce_inputs: str = "fp32"):
+         reduce_inputs: str = "fp32", split_k: int | None = None):
     """The relax module after fusion (kernels unscheduled), as the pipeline sees it before scheduling."""
     import tvm
     mod = mixed_precision(mod, precision, activations, weights, reduce_inputs)
     with target:
-        return tvm.transform.Sequential(fusion_passes(target))(mod)
+        return tvm.transform.Sequential(fusion_passes(target, split_k))(mod)
 
 
 @dataclass

@@ -131,6 +131,8 @@ class Variant:
             parts.append(f"row_reduction={s.row_reduction}")
         if s.rows:
             parts.append(f"rows={s.rows}")
+        if s.split_k:
+            parts.append(f"split_k={s.split_k}")
         if s.kernels:
             parts.append(f"{len(s.kernels)} tuned kernels")
         if self.cuda_graph:
