@@ -335,6 +335,11 @@ def round11(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return [c for c in cands if c.model in keep], []
 
 
+def _config_label(cfg: dict) -> str:
+    """The MATMUL_CONFIGS label of a dlight Matmul config (or "x" for one not among them)."""
+    return next((k for k, c in MATMUL_CONFIGS.items() if c == cfg), "x")
+
+
 def variant_label(v: dict) -> str:
     """The candidate label of a tuning.Variant JSON, in the order the rounds' labels use (fp16-sr256-inj8-mma-...)."""
     s = v.get("schedule", {})
@@ -347,6 +352,8 @@ def variant_label(v: dict) -> str:
     parts += ["ri16"] if s.get("reduce_inputs") == "fp16" else []
     parts += [f"rr{s['row_reduction']}"] if "row_reduction" in s else []
     parts += [f"rows{s['rows']}"] if "rows" in s else []
+    parts += [f"sk{s['split_k']}"] if "split_k" in s else []
+    parts += [f"m{_config_label(s['matmul'])}"] if "matmul" in s else []
     parts += ["k"] if s.get("kernels") else []
     parts += ["g"] if v.get("cuda_graph") else []
     return "-".join(parts)
@@ -370,8 +377,60 @@ def round12(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
+def round13(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Split-K (schedule.split_k, workbench/models/split_k.py) on the tuning database's variants after round 12:
+    the round-1 kernel search found the fp32 matmuls of small outputs running on a few thread blocks (ResNet-50
+    b1's [49, 4608] x [4608, 512]: 16 blocks, 191 us; BERT b1's FFN output: 48 blocks, 131 us), and no dlight
+    Matmul config helped them. fp32 and fp16 (the fp16 partial matmuls on MmaMatmul, as batched matmuls) at b1,
+    b2, b4, b8 and b16 with block targets 256 and 1024 (label suffix `-sk256`, `-sk1024`), and the database's
+    variant without split-K again at b1 and b16 (side by side in the same run)."""
+    from workbench.models import tuning
+    cands = []
+
+    def add(model: str, precision: str, b: int, split: int | None) -> None:
+        plan = tuning.plan(model, "cuda", ARCH, [b], precision)
+        if plan is None:
+            return
+        v = plan.variants[b].to_json()
+        v["schedule"] = {k: x for k, x in v["schedule"].items() if k != "split_k"}   # (the database after it has)
+        if split is not None:
+            v["schedule"]["split_k"] = split
+        cands.append(ModelCandidate(model, b, variant_label(v), v))
+
+    for model in models:
+        for precision in ("fp32", "fp16"):
+            for b in (1, 16, 2, 4, 8):
+                for split in ((None, 1024, 256) if b in (1, 16) else (1024, 256)):
+                    add(model, precision, b, split)
+    return cands, []
+
+
+def round14(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The fp32 cells split-K left slower than torch are the large batches, where every matmul has blocks
+    enough and dlight's SIMT Matmul tile sets the pace. Round 1's kernel search found its config `k` (a 64x128
+    tile with virtual threads: MATMUL_CONFIGS) up to 23% faster on such kernels, but no whole model was built
+    with it. fp32 at b4, b8 and b16: the database's variant after round 13 with config k (label suffix `-mk`),
+    with split-K as the database has it and without it."""
+    from workbench.models import tuning
+    cands = []
+    for model in models:
+        for b in (16, 8, 4):
+            plan = tuning.plan(model, "cuda", ARCH, [b], "fp32")
+            if plan is None:
+                continue
+            v = plan.variants[b].to_json()
+            for split in ((v["schedule"]["split_k"], None) if "split_k" in v["schedule"] else (None,)):
+                sched = {k: x for k, x in v["schedule"].items() if k != "split_k"}
+                sched["matmul"] = dict(MATMUL_CONFIGS["k"])
+                if split is not None:
+                    sched["split_k"] = split
+                w = {**v, "schedule": sched}
+                cands.append(ModelCandidate(model, b, variant_label(w), w))
+    return [c for c in cands if c.model in set(models)], []
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
-          11: round11, 12: round12}
+          11: round11, 12: round12, 13: round13, 14: round14}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -494,7 +553,7 @@ def weights_record(src, lowered_main, v, batch: int, tgt) -> dict:
         dtypes[d] = dtypes.get(d, 0) + 1
     mod = src.make_module(batch)
     fused = {w: weight_only_calls(schedules.fuse(mod, tgt, v.precision, v.schedule.activations, w,
-                                                 v.schedule.reduce_inputs)["main"], n_in)
+                                                 v.schedule.reduce_inputs, v.schedule.split_k)["main"], n_in)
              for w in sorted({v.weights, "fp32"})} if v.precision == "fp16" else {}
     return {"setting": v.weights, "dtypes": dtypes, "bytes": int(nbytes), "source_bytes": int(source_bytes),
             "weight_cast_kernels": {"lowered": weight_only_calls(lowered_main, n_in),

@@ -821,10 +821,20 @@ def cmd_check(a) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 def load_results(paths: list[str]) -> dict:
-    """Merge run JSONs (later rounds replace earlier figures of the same candidate id / torch mode)."""
+    """Merge run JSONs (later rounds replace earlier figures of the same candidate id / torch mode). A `pick`
+    output (bench/results/kernel_quality.json) may come first: the rounds merged into it then stand in for their
+    run JSONs, which live in ignored files and are gone in a fresh checkout."""
     merged: dict = {"rounds": [], "models": {}, "torch": {}, "kernels": {}, "meta": None, "setup": []}
     for p in paths:
         d = json.loads(Path(p).read_text())
+        if "picked" in d and "rounds" in d and "format" not in d:        # an earlier pick: its merge, as it was
+            merged["rounds"] += d["rounds"]
+            merged["setup"] += d.get("setup") or []
+            merged["meta"] = d.get("meta")
+            merged["models"].update((r["id"], r) for r in d.get("models", []))
+            merged["torch"].update(((t["model"], t["batch"], t["mode"]), t) for t in d.get("torch", []))
+            merged["kernels"].update((k["key"], k) for k in d.get("kernels", []) if k.get("results"))
+            continue
         if d.get("format") != "workbench-kq-results":
             raise SystemExit(f"{p} is not a `bench.kernel_quality run` result (format {d.get('format')!r})")
         merged["rounds"].append({"file": str(p), "round": d.get("round"), "complete": d.get("complete"),
@@ -1203,7 +1213,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--nvrtc", action="store_true", help="also compile a sample of the sources with NVRTC")
     c.set_defaults(func=cmd_check)
     k = sub.add_parser("pick", help="pick winners from a run's JSON; write results and the tuning database")
-    k.add_argument("results", nargs="+", help="kq_round<N>.json file(s) from `run`")
+    k.add_argument("results", nargs="+", help="kq_round<N>.json file(s) from `run`, optionally after an earlier "
+                   "pick's kernel_quality.json (the rounds it merged)")
     k.add_argument("--db", default=None, help="tuning database directory (default data/tuning)")
     k.add_argument("--no-db", action="store_true", help="do not write the tuning database")
     k.add_argument("--out", default=str(RESULTS))
