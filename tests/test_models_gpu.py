@@ -104,7 +104,7 @@ def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, m
         if precision == "fp32sk":
             assert any("matmul_split_k" in src and "split_k_sum" in src for src in srcs), f"no split in {cuda_art.name}"
         else:
-            assert any("mma.sync" in src and "ldmatrix" in src for src in srcs), f"no mma kernel in {cuda_art.name} b{b}"
+            assert any("mma.sync" in src and "ldmatrix" in src for src in srcs), f"no mma in {cuda_art.name} b{b}"
     gpu = cuda_art.load(tvm.cuda(0))
     pages = alloc_pages(cuda_art, tvm.cuda(0))
     assert all(isinstance(p, cupy.ndarray) for p in pages)
