@@ -61,7 +61,7 @@ DEFAULT_MODELS = "resnet50:matmul:16:fp16,resnet50:matmul:1:fp16,bert_base:direc
 RULE_LABELS = {"MmaMatmul": "mma", "ConfiguredMatmul": "dlight_matmul", "Matmul": "dlight_matmul",
                "GEMV": "gemv", "Reduction": "reduction", "SmallReduction": "small_reduction",
                "GeneralReduction": "general_reduction", "Fallback": "fallback", "InjectiveVectorize": "injective",
-               "InjectiveRows": "injective_rows", "RowReduction": "row_reduction"}
+               "InjectiveRows": "injective_rows", "RowReduction": "row_reduction", "SplitKSum": "split_k_sum"}
 WEIGHT_SCALE = 0.05                 # synthetic weights ~ N(0, 0.05^2): keeps deep fp16 models finite
 
 

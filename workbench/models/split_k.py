@@ -76,7 +76,6 @@ def _sum_rule_class():
         """SmallReduction (one thread per output, `threads` per block) for kernels with a split_k_sum block."""
 
         def __init__(self, threads: int = 256):
-            self.threads = threads
             self.inner = small_reduction_rule(threads, MAX_SPLITS)
 
         def apply(self, func, target, tunable):
