@@ -823,8 +823,11 @@ def cmd_check(a) -> int:
 def load_results(paths: list[str]) -> dict:
     """Merge run JSONs (later rounds replace earlier figures of the same candidate id / torch mode). A `pick`
     output (bench/results/kernel_quality.json) may come first: the rounds merged into it then stand in for their
-    run JSONs, which live in ignored files and are gone in a fresh checkout."""
-    merged: dict = {"rounds": [], "models": {}, "torch": {}, "kernels": {}, "meta": None, "setup": []}
+    run JSONs, which live in ignored files and are gone in a fresh checkout. Every candidate and torch figure
+    keeps the round that measured it ("round"; `torch_runs` holds each round's torch figures), so `pick`
+    compares a candidate with the torch of its own run: the machine drifts between runs."""
+    merged: dict = {"rounds": [], "models": {}, "torch": {}, "torch_runs": {}, "kernels": {}, "meta": None,
+                    "setup": []}
     for p in paths:
         d = json.loads(Path(p).read_text())
         if "picked" in d and "rounds" in d and "format" not in d:        # an earlier pick: its merge, as it was
@@ -833,6 +836,8 @@ def load_results(paths: list[str]) -> dict:
             merged["meta"] = d.get("meta")
             merged["models"].update((r["id"], r) for r in d.get("models", []))
             merged["torch"].update(((t["model"], t["batch"], t["mode"]), t) for t in d.get("torch", []))
+            merged["torch_runs"].update(((t["round"], t["model"], t["batch"], t["mode"]), t)
+                                        for t in d.get("torch_runs", []))
             merged["kernels"].update((k["key"], k) for k in d.get("kernels", []) if k.get("results"))
             continue
         if d.get("format") != "workbench-kq-results":
@@ -843,7 +848,9 @@ def load_results(paths: list[str]) -> dict:
                                  "bundle": d.get("bundle_manifest", {})})
         merged["meta"] = d.get("meta")
         merged["setup"].append(d.get("setup"))
+        rnd = d.get("round")
         for r in d.get("models", []):
+            r = {**r, "round": rnd}
             if (d.get("round") or 1) < 3 and r.get("variant", {}).get("precision") == "fp16":
                 # measured before schedules.MmaMatmul existed (dlight's wmma): say so, or `pick` would record
                 # a variant that now compiles with the mma rule (ScheduleSpec.mma defaults to true)
@@ -851,7 +858,9 @@ def load_results(paths: list[str]) -> dict:
                                                                    "mma": False}}}
             merged["models"][r["id"]] = r
         for t in d.get("torch", []):
+            t = {**t, "round": rnd}
             merged["torch"][(t["model"], t["batch"], t["mode"])] = t
+            merged["torch_runs"][(rnd, t["model"], t["batch"], t["mode"])] = t
         for k in d.get("kernels", []):
             if k.get("results"):
                 merged["kernels"][k["key"]] = k
@@ -899,8 +908,7 @@ def pick(merged: dict) -> dict:
     for (model, b), rs in sorted(groups.items()):
         base = next((r for r in rs if r["label"] == "fp32" and r["variant"]["lowering"] == "direct" and "tvm" in r),
                     None)
-        torch = {m: {k: t.get(k) for k in ("p50_ms", "p99_ms", "n", "note", "error") if k in t}
-                 for (mm, bb, m), t in merged["torch"].items() if mm == model and bb == b}
+        latest = {m: t for (mm, bb, m), t in merged["torch"].items() if mm == model and bb == b}
         for prec in ("fp32", "fp16"):
             lw = lowering_choice.get((model, prec))
             cands = [r for r in rs if r["variant"]["precision"] == prec and eligible(r)[0]]
@@ -909,11 +917,17 @@ def pick(merged: dict) -> dict:
             best_any = min(cands, key=lambda r: r["tvm"]["p50_ms"])
             within = [r for r in cands if r["variant"]["lowering"] == lw] or [best_any]
             best = min(within, key=lambda r: r["tvm"]["p50_ms"])
+            # torch of the winner's own run where that run measured this batch, else the latest figures
+            own = {m: t for (rr, mm, bb, m), t in merged["torch_runs"].items()
+                   if rr is not None and rr == best.get("round") and mm == model and bb == b}
+            torch = {m: {k: t.get(k) for k in ("p50_ms", "p99_ms", "n", "note", "error", "round") if k in t}
+                     for m, t in (own or latest).items()}
             ref_modes = ("fp32_graph", "fp32_eager") if prec == "fp32" else ("fp16_graph", "tf32_graph")
             tref = {m: torch[m]["p50_ms"] for m in ref_modes if m in torch and torch[m].get("p50_ms")}
             winners.append({
                 "model": model, "batch": b, "precision": prec, "lowering": lw, "id": best["id"],
-                "label": best["label"], "variant": best["variant"], "tvm": best["tvm"],
+                "label": best["label"], "variant": best["variant"], "tvm": best["tvm"], "round": best.get("round"),
+                "torch_same_run": bool(own),
                 "p99_over_p50": best["tvm"]["p99_ms"] / best["tvm"]["p50_ms"],
                 "graph": best.get("graph"), "numerics": best["numerics"],
                 "best_any_lowering": best_any["id"], "baseline": base["tvm"] if base else None,
@@ -1030,6 +1044,7 @@ def markdown(merged: dict, picked: dict) -> str:
     goal_rows = [g for g in picked["goal"] if "ratio" in g]
     met = [g for g in goal_rows if g["meets_goal"]]
     met_graph = [g for g in goal_rows if g.get("graph_meets_goal")]
+    same_run = sum(1 for w in picked["winners"] if w.get("torch_same_run"))
     L = ["# kernel_quality", "",
          f"Measured {meta.get('when')} on {meta.get('gpu')} (driver {meta.get('driver')}), TVM {meta.get('tvm')} "
          f"runtime-only, torch {meta.get('torch')}. Rounds: "
@@ -1041,7 +1056,10 @@ def markdown(merged: dict, picked: dict) -> str:
          "p50 / p99 in ms over n runs (n = 20..300 per candidate, ~1 s each: with n < 100, p99 is close to the "
          "maximum). Numerics: max |out - NumPy float64 reference| / max |reference|, tolerance fp32 2e-3, fp16 "
          "3e-2; every candidate below passed. torch: the same architecture and batch in the same process, "
-         "cudnn.benchmark, conv+BN fused; TF32/fp16 with channels_last for CNNs.", "",
+         "cudnn.benchmark, conv+BN fused; TF32/fp16 with channels_last for CNNs. Each TVM figure is compared "
+         "with the torch measured in the same run (the same lease of the machine, which drifts between runs) "
+         f"where that run measured torch at its batch size: {same_run} of {len(picked['winners'])} winners; the "
+         "others with the latest torch figures (the table 'torch on the same GPU').", "",
          f"## Goal check: TVM <= best torch at the same numerics, p99/p50 <= {GOAL_P99_OVER_P50}", "",
          f"Met in **{len(met)} of {len(goal_rows)}** (model, batch, numerics) cells"
          + (": " + ", ".join(f"{g['model']} b{g['batch']} {g['numerics']}" for g in met) if met else "") + ". "
@@ -1170,6 +1188,8 @@ def cmd_pick(a) -> int:
     doc = {"meta": merged["meta"], "rounds": merged["rounds"], "setup": merged["setup"], "picked": picked,
            "models": list(merged["models"].values()),
            "torch": [dict(t, model=m, batch=b, mode=mode) for (m, b, mode), t in merged["torch"].items()],
+           "torch_runs": [dict(t, round=r, model=m, batch=b, mode=mode)
+                          for (r, m, b, mode), t in merged["torch_runs"].items()],
            "kernels": list(merged["kernels"].values())}
     (out / "kernel_quality.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "kernel_quality.md").write_text(markdown(merged, picked))
