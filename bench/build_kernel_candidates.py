@@ -359,21 +359,30 @@ def variant_label(v: dict) -> str:
     return "-".join(parts)
 
 
+def _db_variant(model: str, b: int, precision: str, without: tuple[str, ...] = ()) -> dict | None:
+    """The tuning database's variant for (model, b, precision) as `workbench compile` plans it (tuning.plan),
+    as JSON, with the schedule fields `without` removed (a later round's own setting); None without entries."""
+    from workbench.models import tuning
+    plan = tuning.plan(model, "cuda", ARCH, [b], precision)
+    if plan is None:
+        return None
+    v = plan.variants[b].to_json()
+    v["schedule"] = {k: x for k, x in v["schedule"].items() if k not in without}
+    return v
+
+
 def round12(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """What `workbench compile` builds at the batch sizes no round measured: the tuning database's variant (the
     nearest measured batch's winner, tuning.plan) at b2, b4 and b8, fp32 and fp16, every model. With b1 and b16
     that is every batch size the compiler builds by default (1, 2, 4, 8, 16; the worker pads any n in 1..16 to the
     next of them), so the goal check covers every batch the zoo serves."""
-    from workbench.models import tuning
     cands = []
     for model in models:
         for precision in ("fp32", "fp16"):
             for b in (2, 4, 8):
-                plan = tuning.plan(model, "cuda", ARCH, [b], precision)
-                if plan is None:
-                    continue
-                v = plan.variants[b].to_json()
-                cands.append(ModelCandidate(model, b, variant_label(v), v))
+                v = _db_variant(model, b, precision)
+                if v is not None:
+                    cands.append(ModelCandidate(model, b, variant_label(v), v))
     return cands, []
 
 
@@ -384,24 +393,17 @@ def round13(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     Matmul config helped them. fp32 and fp16 (the fp16 partial matmuls on MmaMatmul, as batched matmuls) at b1,
     b2, b4, b8 and b16 with block targets 256 and 1024 (label suffix `-sk256`, `-sk1024`), and the database's
     variant without split-K again at b1 and b16 (side by side in the same run)."""
-    from workbench.models import tuning
     cands = []
-
-    def add(model: str, precision: str, b: int, split: int | None) -> None:
-        plan = tuning.plan(model, "cuda", ARCH, [b], precision)
-        if plan is None:
-            return
-        v = plan.variants[b].to_json()
-        v["schedule"] = {k: x for k, x in v["schedule"].items() if k != "split_k"}   # (the database after it has)
-        if split is not None:
-            v["schedule"]["split_k"] = split
-        cands.append(ModelCandidate(model, b, variant_label(v), v))
-
     for model in models:
         for precision in ("fp32", "fp16"):
             for b in (1, 16, 2, 4, 8):
                 for split in ((None, 1024, 256) if b in (1, 16) else (1024, 256)):
-                    add(model, precision, b, split)
+                    v = _db_variant(model, b, precision, without=("split_k",))   # (the database after it has)
+                    if v is None:
+                        continue
+                    if split is not None:
+                        v["schedule"]["split_k"] = split
+                    cands.append(ModelCandidate(model, b, variant_label(v), v))
     return cands, []
 
 
@@ -411,22 +413,20 @@ def round14(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     tile with virtual threads: MATMUL_CONFIGS) up to 23% faster on such kernels, but no whole model was built
     with it. fp32 at b4, b8 and b16: the database's variant after round 13 with config k (label suffix `-mk`),
     with split-K as the database has it and without it."""
-    from workbench.models import tuning
     cands = []
     for model in models:
         for b in (16, 8, 4):
-            plan = tuning.plan(model, "cuda", ARCH, [b], "fp32")
-            if plan is None:
+            v = _db_variant(model, b, "fp32")
+            if v is None:
                 continue
-            v = plan.variants[b].to_json()
-            for split in ((v["schedule"]["split_k"], None) if "split_k" in v["schedule"] else (None,)):
-                sched = {k: x for k, x in v["schedule"].items() if k != "split_k"}
-                sched["matmul"] = dict(MATMUL_CONFIGS["k"])
-                if split is not None:
-                    sched["split_k"] = split
-                w = {**v, "schedule": sched}
+            split = v["schedule"].get("split_k")
+            for keep in ((True, False) if split else (False,)):
+                w = _db_variant(model, b, "fp32", without=("split_k", "matmul"))
+                w["schedule"]["matmul"] = dict(MATMUL_CONFIGS["k"])
+                if keep:
+                    w["schedule"]["split_k"] = split
                 cands.append(ModelCandidate(model, b, variant_label(w), w))
-    return [c for c in cands if c.model in set(models)], []
+    return cands, []
 
 
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,

@@ -851,7 +851,7 @@ def load_results(paths: list[str]) -> dict:
         rnd = d.get("round")
         for r in d.get("models", []):
             r = {**r, "round": rnd}
-            if (d.get("round") or 1) < 3 and r.get("variant", {}).get("precision") == "fp16":
+            if (rnd or 1) < 3 and r.get("variant", {}).get("precision") == "fp16":
                 # measured before schedules.MmaMatmul existed (dlight's wmma): say so, or `pick` would record
                 # a variant that now compiles with the mma rule (ScheduleSpec.mma defaults to true)
                 r = {**r, "variant": {**r["variant"], "schedule": {**r["variant"].get("schedule", {}),
