@@ -8,8 +8,9 @@ compare CUDA with CPU outputs) and <out>/mlp_fp16_cuda, <out>/tiny_transformer_f
 tensor-core kernels of schedules.MmaMatmul, checked against the same references) and <out>/mlp_fp16w_cuda,
 <out>/tiny_transformer_fp16w_cuda (precision fp16 as the tuned zoo models run it: fp16 activations between
 kernels, vectorized injective kernels, and weights stored in fp16, FP16W_VARIANT) and <out>/mlp_sk_cuda,
-<out>/tiny_transformer_sk_cuda (fp32 with split-K matmuls, SPLIT_K_VARIANT), then one bundle <bundle> to carry to
-the GPU machine.
+<out>/tiny_transformer_sk_cuda (fp32 with split-K matmuls, SPLIT_K_VARIANT) and <out>/mlp_simt_cuda,
+<out>/tiny_transformer_simt_cuda (fp32 matmuls on the SIMT schedule, split-K partials included: SIMT_VARIANT),
+then one bundle <bundle> to carry to the GPU machine.
 
 Why a bundle, and why synthetic weights: the device tool carries at most 64 MiB of ignored files in all (the
 runtime-only TVM in .device-site is ~27 MB of it). The zoo's weights are 47 MB (ResNet-18) to 440 MB (BERT),
@@ -35,23 +36,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_WEIGHTS = ("mlp", "tiny_transformer")       # small: keep the zoo's weights (checked against references)
 CPU_TOO = ("mlp", "tiny_transformer")
-VARIANTS_TOO = ("mlp", "tiny_transformer")          # also compiled as the kinds fp16 (tensor cores), fp16w, fp32sk
+VARIANTS_TOO = ("mlp", "tiny_transformer")   # also compiled as the kinds fp16 (tensor cores), fp16w, fp32sk, fp32simt
 # ... and as <model>_fp16w_<target>: this variant (tuning.Variant JSON), what the tuning database's fp16 winners
 # look like: fp16 activations (schedules.keep_fp16_activations) and fp16 weights (schedules.keep_fp16_weights)
 FP16W_VARIANT = {"lowering": "direct", "precision": "fp16", "cuda_graph": False,
                  "schedule": {"injective": 8, "activations": "fp16"}, "weights": "fp16"}
 # ... and as <model>_sk_<target>: fp32 with split-K matmuls (workbench/models/split_k.py)
 SPLIT_K_VARIANT = {"lowering": "direct", "precision": "fp32", "cuda_graph": False, "schedule": {"split_k": 1024}}
-VARIANTS = {"fp16w": FP16W_VARIANT, "fp32sk": SPLIT_K_VARIANT}
-KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk"}     # artifact kind -> directory suffix
+# ... and as <model>_simt_<target>: fp32 matmuls on schedules.SimtMatmul (workbench/models/simt_gemm.py), split-K on
+SIMT_VARIANT = {"lowering": "direct", "precision": "fp32", "cuda_graph": False,
+                "schedule": {"split_k": 1024, "simt": True}}
+VARIANTS = {"fp16w": FP16W_VARIANT, "fp32sk": SPLIT_K_VARIANT, "fp32simt": SIMT_VARIANT}
+KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk", "fp32simt": "_simt"}   # kind -> dir suffix
 
 
 def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool,
           tuning: str | None = None, precision: str = "fp32", kind: str | None = None):
-    """Compile <out>/<model>[_fp16|_fp16w|_sk]_<target> (untuned unless `tuning` is "auto" or a database directory),
-    or keep an existing artifact built the same way (a tuned artifact is always rebuilt: the database may have
-    changed). kind: "fp32", "fp16", "fp16w" (FP16W_VARIANT) or "fp32sk" (SPLIT_K_VARIANT); None: from
-    `precision`."""
+    """Compile <out>/<model>[_fp16|_fp16w|_sk|_simt]_<target> (untuned unless `tuning` is "auto" or a database
+    directory), or keep an existing artifact built the same way (a tuned artifact is always rebuilt: the database
+    may have changed). kind: "fp32", "fp16", "fp16w" (FP16W_VARIANT), "fp32sk" (SPLIT_K_VARIANT) or "fp32simt"
+    (SIMT_VARIANT); None: from `precision`."""
     from workbench.models import zoo
     from workbench.models.artifact import Artifact, ArtifactError
     from workbench.models.compiler import compile_model
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, "cuda", "fp32") for m in models] + [(m, "cpu", "fp32") for m in models if m in CPU_TOO]
-    jobs += [(m, "cuda", kind) for kind in ("fp16", "fp16w", "fp32sk") for m in models if m in VARIANTS_TOO
+    jobs += [(m, "cuda", kind) for kind in ("fp16", "fp16w", "fp32sk", "fp32simt") for m in models if m in VARIANTS_TOO
              and tuning is None]
     dirs = []
     for model, target, kind in jobs:

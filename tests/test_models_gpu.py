@@ -3,7 +3,8 @@ machine (`python -m bench.build_gpu_artifacts`, carried as .gpu/artifacts.tar.xz
 compiled by our NVRTC callback, weights live in cupy pages, and outputs match the CPU artifacts and the
 NumPy reference for every batch size: at fp32, at fp16 (tensor cores) and at fp16 as the tuned models run
 (`fp16w`: fp16 activations between kernels and weights stored in fp16, bench.build_gpu_artifacts.FP16W_VARIANT),
-and at fp32 with split-K matmuls (`fp32sk`, SPLIT_K_VARIANT: partial matmuls over slices of K, then summed).
+and at fp32 with split-K matmuls (`fp32sk`, SPLIT_K_VARIANT: partial matmuls over slices of K, then summed) and on
+the SIMT matmul schedule (`fp32simt`, SIMT_VARIANT: workbench/models/simt_gemm.py, split-K partials included).
 
     PYTHONPATH=$PWD/.device-site:$PWD TVM_USE_RUNTIME_LIB=1 python -m pytest -m gpu tests/test_models_gpu.py
 """
@@ -28,7 +29,8 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     candidates = [Path(given)] if given else [ROOT / ".gpu" / "artifacts.tar.xz", ROOT / ".gpu" / "artifacts"]
     for c in candidates:
         if c.is_file():
-            wanted = [f"{m}_{t}" for m in MODELS for t in ("cuda", "cpu", "fp16_cuda", "fp16w_cuda", "sk_cuda")]
+            kinds = ("cuda", "cpu", "fp16_cuda", "fp16w_cuda", "sk_cuda", "simt_cuda")
+            wanted = [f"{m}_{t}" for m in MODELS for t in kinds]
             dirs = unpack_bundle(c, tmp_path_factory.mktemp("artifacts"), only=wanted)
             return {d.name: d for d in dirs}
         if c.is_dir():
@@ -72,20 +74,21 @@ def _inputs(art, b: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp16w", "fp32sk"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp16w", "fp32sk", "fp32simt"])
 @pytest.mark.parametrize("model", MODELS)
 def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, model, precision):
     """fp16: the artifact compiled at precision fp16, whose matmuls run on tensor cores (schedules.MmaMatmul:
     mma.sync, ldmatrix, cp.async), within the fp16 tolerance of the same references. fp16w: also fp16
     activations between kernels and weights stored in fp16 (float16 tensors in the pages, bound as float16):
     same tolerance, against the CPU artifact's fp32 weights and the reference with the artifact's fp16 ones.
-    fp32sk: split-K partial matmuls and their summing kernels, within the fp32 tolerance."""
+    fp32sk: split-K partial matmuls and their summing kernels, within the fp32 tolerance. fp32simt: the fp32
+    matmuls (split-K partials too) on the SIMT schedule (cp.async-pipelined register tiles), same tolerance."""
     import cupy
     import tvm
     from workbench.models.cubin_cache import sources_in_so
     from workbench.models.reference import reference_forward
     from workbench.models.runtime import alloc_pages, copy_weights
-    suffix = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk"}[precision]
+    suffix = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk", "fp32simt": "_simt"}[precision]
     cuda_art, cpu_art = _need(artifacts, f"{model}{suffix}_cuda"), _need(artifacts, f"{model}_cpu")
     assert cuda_art.target == "cuda" and cuda_art.arch == "sm_90"
     assert {cuda_art.precision(b) for b in cuda_art.batch_sizes} == {precision[:4]}
@@ -103,6 +106,8 @@ def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, m
         srcs = sources_in_so(cuda_art.so_path(b).read_bytes(), digests)
         if precision == "fp32sk":
             assert any("matmul_split_k" in src and "split_k_sum" in src for src in srcs), f"no split in {cuda_art.name}"
+        elif precision == "fp32simt":     # fp32 kernels with cp.async copies: only SimtMatmul emits them
+            assert any("cp.async" in src for src in srcs), f"no SIMT matmul in {cuda_art.name} b{b}"
         else:
             assert any("mma.sync" in src and "ldmatrix" in src for src in srcs), f"no mma in {cuda_art.name} b{b}"
     gpu = cuda_art.load(tvm.cuda(0))

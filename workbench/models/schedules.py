@@ -25,6 +25,9 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
   positions of the next axis per thread, so index arithmetic is done once per thread, ahead of Fallback;
 - `RowReduction` (ScheduleSpec.row_reduction, off by default): dlight GeneralReduction's schedule (softmax,
   layer norm) with threads per row fitted to the row (one warp for a 128-long softmax row, not 256 threads);
+- `SimtMatmul` (ScheduleSpec.simt, off by default; workbench/models/simt_gemm.py): fp32 matmul-like kernels on
+  a register-tiled SIMT schedule with cp.async double buffering, ahead of dlight's Matmul (strict fp32: no
+  tensor cores);
 - split-K (ScheduleSpec.split_k, off by default; workbench/models/split_k.py, run in `fusion_passes`): matmuls
   whose output gives fewer thread blocks than the setting, computed as partial matmuls over slices of K and
   summed by a kernel that takes their epilogue (`split_k.sum_rule`: one thread per output);
@@ -72,7 +75,7 @@ REDUCE_INPUTS = ("fp32", "fp16")
 # dtype the artifact stores float weights in at precision fp16 (tuning.Variant.weights): "fp32" (the source's, cast
 # to fp16 by one kernel per weight per run) or "fp16" (keep_fp16_weights)
 WEIGHTS = ("fp32", "fp16")
-RULES = ("default", "matmul", "small_reduction", "mma", "injective")
+RULES = ("default", "matmul", "small_reduction", "mma", "injective", "simt")
 INJECTIVE_LANES = (2, 4, 8, 16)           # elements per thread the injective rule may be given
 INJECTIVE_THREADS = 256                   # threads per block of InjectiveVectorize
 INJECTIVE_MAX_BYTES = 16                  # widest vector per thread: TVM 0.27 writes an fp32 x 8 constant as an
@@ -84,7 +87,7 @@ INJECTIVE_ROWS = (1, 2, 4, 8, 16, 32)    # positions per thread InjectiveRows ma
 ROW_REDUCTION_THREADS = (32, 64, 128, 256, 512, 1024)   # most threads per row RowReduction may be given
 MAX_SPLIT_K_BLOCKS = 1 << 16              # the largest block target ScheduleSpec.split_k may name
 SPEC_FIELDS = ("matmul", "small_reduction", "kernels", "mma", "injective", "activations", "reduce_inputs", "rows",
-               "row_reduction", "split_k")
+               "row_reduction", "split_k", "simt")
 
 
 class ScheduleError(ValueError):
@@ -115,16 +118,18 @@ def check_matmul_config(cfg: dict | None, where: str = "matmul config") -> dict 
 def check_choice(choice: dict, where: str = "kernel choice") -> dict:
     """A per-kernel choice: {"rule": "default"} | {"rule": "matmul", "config": {...}} |
     {"rule": "small_reduction", "threads": n} | {"rule": "mma", "config": label (tensorcore.CONFIGS; absent:
-    the per-shape choice)} | {"rule": "injective", "lanes": n (INJECTIVE_LANES)}."""
+    the per-shape choice)} | {"rule": "simt", "config": label (simt_gemm.CONFIGS; absent: per shape)} |
+    {"rule": "injective", "lanes": n (INJECTIVE_LANES)}."""
     if not isinstance(choice, dict) or choice.get("rule") not in RULES:
         raise ScheduleError(f"{where}: {choice!r} needs a 'rule' among {', '.join(RULES)}")
     rule = choice["rule"]
     if rule == "matmul":
         check_matmul_config(choice.get("config") or {}, f"{where} config")
-    if rule == "mma":
-        from workbench.models.tensorcore import CONFIGS
-        if choice.get("config") is not None and choice["config"] not in CONFIGS:
-            raise ScheduleError(f"{where}: mma config {choice['config']!r} is not one of {', '.join(CONFIGS)}")
+    if rule in ("mma", "simt"):
+        from workbench.models import simt_gemm, tensorcore
+        configs = (tensorcore if rule == "mma" else simt_gemm).CONFIGS
+        if choice.get("config") is not None and choice["config"] not in configs:
+            raise ScheduleError(f"{where}: {rule} config {choice['config']!r} is not one of {', '.join(configs)}")
     if rule == "small_reduction":
         t = choice.get("threads")
         if not isinstance(t, int) or t < 32 or t > 1024 or t % 32:
@@ -162,10 +167,15 @@ class ScheduleSpec:
     # split_k.split_k_pass (None: off): matmuls whose output gives fewer thread blocks than `split_k` are computed
     # as partial matmuls over slices of K, then summed (with their epilogue) by a second kernel
     split_k: int | None = None
+    # SimtMatmul (False: off): fp32 matmuls on simt_gemm's register-tiled, cp.async-pipelined schedule, ahead of
+    # dlight's Matmul (1.2-2x faster on our models' shapes on the H200: bench/results/gemm_simt.md)
+    simt: bool = False
 
     def __post_init__(self):
         if not isinstance(self.mma, bool):
             raise ScheduleError(f"schedule.mma must be true or false, got {self.mma!r}")
+        if not isinstance(self.simt, bool):
+            raise ScheduleError(f"schedule.simt must be true or false, got {self.simt!r}")
         if not isinstance(self.activations, str) or self.activations not in ACTIVATIONS:
             raise ScheduleError(f"schedule.activations must be one of {', '.join(ACTIVATIONS)} (the dtype kernels "
                                 f"pass each other at precision fp16), got {self.activations!r}")
@@ -200,7 +210,7 @@ class ScheduleSpec:
     def is_default(self) -> bool:
         return (self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
                 and self.injective is None and self.activations == "fp32" and self.reduce_inputs == "fp32"
-                and self.rows is None and self.row_reduction is None and self.split_k is None)
+                and self.rows is None and self.row_reduction is None and self.split_k is None and not self.simt)
 
     def to_json(self) -> dict:
         """Only what differs from the default: {} is TVM's dlight rules plus MmaMatmul (written before the rule
@@ -227,6 +237,8 @@ class ScheduleSpec:
             out["row_reduction"] = self.row_reduction
         if self.split_k is not None:
             out["split_k"] = self.split_k
+        if self.simt:
+            out["simt"] = True
         return out
 
     @classmethod
@@ -239,7 +251,7 @@ class ScheduleSpec:
             raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: {', '.join(SPEC_FIELDS)}")
         return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True),
                    d.get("injective"), d.get("activations", "fp32"), d.get("reduce_inputs", "fp32"), d.get("rows"),
-                   d.get("row_reduction"), d.get("split_k"))
+                   d.get("row_reduction"), d.get("split_k"), d.get("simt", False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,6 +396,30 @@ def _rule_classes():
                 return None
 
 
+    class SimtMatmul(GPUScheduleRule):
+        """fp32 matmul-like kernels (strict fp32: no tensor cores) on the SIMT schedule of simt_gemm: register
+        tiles and cp.async double buffering, `config` a simt_gemm.CONFIGS label or None (per shape). Takes what
+        tensorcore._normalize folds into a 2-D or batched matmul, so split-K partials and attention's batched
+        matmuls too; declines (None: the next rule schedules it) everything else, M, N or K below
+        simt_gemm.MIN_M/N/K (GEMV, batch-1 heads) and pre-sm_80 targets (cp.async)."""
+
+        def __init__(self, config: str | None = None):
+            from workbench.models import simt_gemm
+            self.config = None if config is None else simt_gemm.named_config(config)
+
+        def apply(self, func, target, _):
+            from tvm.s_tir.dlight.gpu.matmul import check_sm_version
+            from workbench.models import simt_gemm
+            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+                return None
+            if target.kind.name != "cuda" or check_sm_version(str(target.attrs.get("arch", ""))) < \
+                    simt_gemm.MIN_ARCH:
+                return None
+            try:
+                return simt_gemm.schedule_gemm(func, self.config, check_size=True)
+            except simt_gemm.SimtError:
+                return None
+
     class InjectiveVectorize(GPUScheduleRule):
         """Injective kernels (no reduction: elementwise, casts, pads, slices, concatenations, row gathers) with
         the innermost axis of the output vectorized: `lanes` contiguous elements per thread (8 fp16 = one
@@ -521,7 +557,7 @@ def _rule_classes():
                                 order="post")
         return body if ok[0] else None
 
-    return ConfiguredMatmul, SmallReduction, MmaMatmul, InjectiveVectorize
+    return ConfiguredMatmul, SmallReduction, MmaMatmul, InjectiveVectorize, SimtMatmul
 
 
 @functools.lru_cache(maxsize=None)
@@ -642,6 +678,10 @@ def mma_rule(config: str | None = None):
     return _rule_classes()[2](config)
 
 
+def simt_rule(config: str | None = None):
+    return _rule_classes()[4](config)
+
+
 def matmul_rule(overrides: dict | None = None):
     return _rule_classes()[0](check_matmul_config(overrides))
 
@@ -661,7 +701,8 @@ def default_rules(spec: ScheduleSpec | None = None) -> list:
     from workbench.models import split_k
     spec = spec or ScheduleSpec()
     rules = [split_k.sum_rule(spec.small_reduction or 256)] if spec.split_k is not None else []   # its kernels only
-    rules += ([mma_rule()] if spec.mma else []) + [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
+    rules += ([mma_rule()] if spec.mma else []) + ([simt_rule()] if spec.simt else [])
+    rules += [matmul_rule(spec.matmul), dl.gpu.GEMV(), dl.gpu.Reduction()]
     if spec.small_reduction is not None:
         rules.append(small_reduction_rule(spec.small_reduction))
     if spec.injective is not None:                # kernels without reduction only: no other rule's
@@ -684,6 +725,8 @@ def choice_rule(choice: dict, spec: ScheduleSpec | None = None):
         return small_reduction_rule(choice["threads"])
     if choice["rule"] == "mma":
         return mma_rule(choice.get("config"))
+    if choice["rule"] == "simt":
+        return simt_rule(choice.get("config"))
     if choice["rule"] == "injective":
         return injective_rule(choice["lanes"])
     return None

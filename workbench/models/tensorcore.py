@@ -248,7 +248,7 @@ def _matmul_block(sch):
     return block, trans_b, ext
 
 
-def _batched_matmul_block(sch):
+def _batched_matmul_block(sch, in_dtype: str = "float16"):
     """(block, trans_b, (M, N, K), batch) of the one reduction block: batch None for the 2-D form
     C[i, j] += A[i, k] * B[k, j] (or B[j, k]), else the extent of the batch axis of the batched form
     C[b, i, j] += A[b, i, k] * B[b, k, j] (or B[b, j, k]) `_normalize` gives attention's matmuls."""
@@ -297,8 +297,8 @@ def _batched_matmul_block(sch):
     if batched and [str(x.min) for x in stmt.writes[0].region] != [str(vb), str(vi), str(vj)]:
         raise TensorCoreError(f"block {stmt.name_hint}: C must be written as C[b, i, j]")
     for r in (a_reg, b_reg):
-        if str(_buf(r).dtype) != "float16":
-            raise TensorCoreError(f"block {stmt.name_hint}: inputs must be float16, {_buf(r).name} is "
+        if str(_buf(r).dtype) != in_dtype:
+            raise TensorCoreError(f"block {stmt.name_hint}: inputs must be {in_dtype}, {_buf(r).name} is "
                                   f"{_buf(r).dtype}")
     if str(out.dtype) != "float32":
         raise TensorCoreError(f"block {stmt.name_hint}: the accumulator must be float32, got {out.dtype}")
@@ -384,7 +384,7 @@ def _is_canonical_batched(stmt) -> bool:
     return a == [vb, vi, vk] and b in ([vb, vk, vj], [vb, vj, vk]) and c == [vb, vi, vj]
 
 
-def _normalize(sch) -> None:
+def _normalize(sch, in_dtype: str = "float16") -> None:
     """Bring the one reduction block into C[I, J] += A[I, K] * B[K, J] (or B[J, K]) form, as dlight's Matmul
     rule does (its iter-trait analysis and reindex), but without a batch axis: the spatial axes only A reads
     fuse into I (BERT's batch x sequence, ResNet's batch x H x W), those only B reads into J, the one reduction
@@ -410,9 +410,9 @@ def _normalize(sch) -> None:
     stmt = sch.get(block)
     if any(int(iv.iter_type) not in (_SPATIAL, _REDUCE) for iv in stmt.iter_vars):
         raise TensorCoreError(f"block {stmt.name_hint}: iteration kinds other than spatial/reduction")
-    if len(stmt.reads) == 2 and (any(str(_buf(r).dtype) != "float16" for r in stmt.reads) or
+    if len(stmt.reads) == 2 and (any(str(_buf(r).dtype) != in_dtype for r in stmt.reads) or
                                  str(_buf(stmt.writes[0]).dtype) != "float32"):
-        raise TensorCoreError(f"block {stmt.name_hint}: inputs must be float16 and the accumulator float32, got "
+        raise TensorCoreError(f"block {stmt.name_hint}: inputs must be {in_dtype} and the accumulator float32, got "
                               f"{[str(_buf(r).dtype) for r in stmt.reads]} -> {_buf(stmt.writes[0]).dtype}")
     if _is_canonical(stmt) or _is_canonical_batched(stmt):
         return

@@ -133,6 +133,8 @@ class Variant:
             parts.append(f"rows={s.rows}")
         if s.split_k:
             parts.append(f"split_k={s.split_k}")
+        if s.simt:
+            parts.append("simt")
         if s.kernels:
             parts.append(f"{len(s.kernels)} tuned kernels")
         if self.cuda_graph:
