@@ -354,6 +354,7 @@ def variant_label(v: dict) -> str:
     parts += [f"rows{s['rows']}"] if "rows" in s else []
     parts += [f"sk{s['split_k']}"] if "split_k" in s else []
     parts += [f"m{_config_label(s['matmul'])}"] if "matmul" in s else []
+    parts += ["simt"] if s.get("simt") else []
     parts += ["k"] if s.get("kernels") else []
     parts += ["g"] if v.get("cuda_graph") else []
     return "-".join(parts)
@@ -429,8 +430,39 @@ def round14(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
+def round15(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """SimtMatmul (schedule.simt, workbench/models/simt_gemm.py) on the fp32 variants of the tuning database
+    after round 14: bench/results/gemm_simt.md measured it 1.2-2x faster than dlight's Matmul on our models'
+    fp32 matmul shapes. Every model at b1, b2, b4, b8 and b16: the database's variant as it is (beside it, in the
+    same run), with simt (label suffix `-simt`), and with simt and split-K toggled (the database's split-K
+    removed, or split-K 256 added), since the SIMT tiles change how many blocks a matmul gets."""
+    cands = []
+    for model in models:
+        for b in (1, 16, 2, 4, 8):
+            v = _db_variant(model, b, "fp32", without=("simt",))
+            if v is None:
+                continue
+            cands.append(ModelCandidate(model, b, variant_label(v), v))
+            split = v["schedule"].get("split_k")
+            for toggled in (False, True):
+                w = json.loads(json.dumps(v))
+                w["schedule"]["simt"] = True
+                if toggled and split:
+                    del w["schedule"]["split_k"]
+                elif toggled:
+                    w["schedule"]["split_k"] = 256
+                cands.append(ModelCandidate(model, b, variant_label(w), w))
+    return cands, []
+
+
+def round16(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Round 15's SIMT candidates, defined over the database after round 15, again after the schedule unrolled its
+    k loop (bench/results/gemm_simt.md: kernels up to 1.2x faster). Ids round 15 measured get new figures."""
+    return [c for c in round15(models)[0] if c.variant["schedule"].get("simt")], []
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
-          11: round11, 12: round12, 13: round13, 14: round14}
+          11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
