@@ -20,7 +20,6 @@ Shapes: the strict-fp32 matmuls that dominate our tuned fp32 models at b16 and b
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -30,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.gemm_tensorcore import module_sources, time_launches, tflops
+from bench.gemm_tensorcore import build_run_parser, module_sources, time_launches, tflops
 from bench.kernel_quality import _f, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,19 +335,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gemm_simt", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="compile the modules here (full TVM, no GPU)")
-    b.add_argument("--out", default=str(ROOT / ".gpu" / "gemm_simt"))
-    b.add_argument("--force", action="store_true", help="rebuild modules whose .json exists")
-    b.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
-    r = sub.add_parser("run", help="measure on the GPU (runtime-only TVM)")
-    r.add_argument("--dir", default=".gpu/gemm_simt")
-    r.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    r.add_argument("--reps", type=int, default=REPS)
-    r.add_argument("--workers", type=int, default=0)
-    r.add_argument("--budget-s", type=float, default=200.0, help="skip remaining shapes after this many seconds")
-    a = p.parse_args(argv)
+    a = build_run_parser("gemm_simt", __doc__, "gemm_simt", 200.0, REPS)[0].parse_args(argv)
     return {"build": cmd_build, "run": cmd_run}[a.cmd](a)
 
 

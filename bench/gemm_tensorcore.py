@@ -423,19 +423,25 @@ def cmd_check(a) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gemm_tensorcore", description=__doc__.split("\n")[0])
+def build_run_parser(module: str, doc: str, name: str, budget_s: float, reps: int = REPS):
+    """(parser, subparsers) of a GEMM benchmark's CLI: `build` (modules into .gpu/<name>) and `run` (on the GPU)."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile the modules here (full TVM, no GPU)")
-    b.add_argument("--out", default=str(ROOT / ".gpu" / "gemm_tc"))
+    b.add_argument("--out", default=str(ROOT / ".gpu" / name))
     b.add_argument("--force", action="store_true", help="rebuild modules whose .json exists")
     b.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
     r = sub.add_parser("run", help="measure on the GPU (runtime-only TVM)")
-    r.add_argument("--dir", default=".gpu/gemm_tc")
+    r.add_argument("--dir", default=f".gpu/{name}")
     r.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    r.add_argument("--reps", type=int, default=REPS)
+    r.add_argument("--reps", type=int, default=reps)
     r.add_argument("--workers", type=int, default=0)
-    r.add_argument("--budget-s", type=float, default=140.0, help="skip remaining shapes after this many seconds")
+    r.add_argument("--budget-s", type=float, default=budget_s, help="skip remaining shapes after this many seconds")
+    return p, sub
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, sub = build_run_parser("gemm_tensorcore", __doc__, "gemm_tc", 140.0)
     c = sub.add_parser("check", help="CPU side of run: manifest, sources, NVRTC of a few")
     c.add_argument("--dir", default=".gpu/gemm_tc")
     c.add_argument("--nvrtc", type=int, default=3, help="how many mma sources to compile with NVRTC")

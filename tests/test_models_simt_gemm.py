@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_configs_name_what_is_wrong():
-    assert SimtConfig().threads == 256 and SimtConfig(block_m=64, block_n=64, thread_n=4).threads == 128
+    assert SimtConfig() == simt_gemm.named_config("s64") and SimtConfig().threads == 128
+    assert SimtConfig(block_m=128, block_n=128, thread_n=8).threads == 256
+    with pytest.raises(SimtError, match="SimtConfig.stages must be a positive integer, got 0"):
+        SimtConfig(stages=0)
     with pytest.raises(SimtError, match="block_m=100 must be a multiple of thread_m=8"):
         SimtConfig(block_m=100)
     with pytest.raises(SimtError, match="thread_n must be a multiple of 4"):

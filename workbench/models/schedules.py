@@ -363,62 +363,63 @@ def _rule_classes():
                 sch.decompose_reduction(block, r_loops[0])
             return sch
 
-    class MmaMatmul(GPUScheduleRule):
-        """fp16-input, fp32-accumulating matmul-like kernels on mma.sync tensor cores (tensorcore.schedule_gemm,
-        `config` a tensorcore.CONFIGS label or None: per shape). Batched matmuls (attention's per-head QK^T and
-        PV) are taken too, one batch entry per thread block (tensorcore.choose_batched_config per shape).
-        Returns None for kernels it does not take (see the module docstring), so the next rule schedules them."""
+    class GemmRule(GPUScheduleRule):
+        """The relax rule of a GEMM schedule module (`module()`: tensorcore or simt_gemm): `config` one of its
+        CONFIGS labels or None (its per-shape choice), CUDA targets of its MIN_ARCH or later only. Returns None
+        for kernels the schedule does not take, so the next rule schedules them."""
 
         def __init__(self, config: str | None = None):
-            from workbench.models import tensorcore
-            self.config = None if config is None else tensorcore.named_config(config)
+            self.config = None if config is None else self.module().named_config(config)
+
+        @staticmethod
+        def module():
+            raise NotImplementedError
+
+        def forms(self, func):
+            """The forms of the kernel to try, in order."""
+            return (func,)
 
         def apply(self, func, target, _):
             from tvm.s_tir.dlight.gpu.matmul import check_sm_version
-            from workbench.models import tensorcore
+            from workbench.models.tensorcore import TensorCoreError
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
             if target.kind.name != "cuda" or check_sm_version(str(target.attrs.get("arch", ""))) < \
-                    tensorcore.MIN_ARCH:
+                    self.module().MIN_ARCH:
                 return None
-            try:
-                return tensorcore.schedule_gemm(func, self.config, check_size=True)
-            except tensorcore.TensorCoreError:
-                pass
+            for form in self.forms(func):
+                try:
+                    return self.module().schedule_gemm(form, self.config, check_size=True)
+                except TensorCoreError:          # (SimtError is one)
+                    pass
+            return None
+
+    class MmaMatmul(GemmRule):
+        """fp16-input, fp32-accumulating matmul-like kernels on mma.sync tensor cores (tensorcore.schedule_gemm,
+        `config` a tensorcore.CONFIGS label or None: per shape). Batched matmuls (attention's per-head QK^T and
+        PV) are taken too, one batch entry per thread block (tensorcore.choose_batched_config per shape)."""
+
+        @staticmethod
+        def module():
+            from workbench.models import tensorcore
+            return tensorcore
+
+        def forms(self, func):
             # an epilogue that reads a widened fp16 weight (keep_fp16_weights' bias): retried with the cast
             # inlined, so kernels the schedule takes as they are stay exactly as they were
             inlined = inline_weight_casts(func)
-            if inlined is func:
-                return None
-            try:
-                return tensorcore.schedule_gemm(inlined, self.config, check_size=True)
-            except tensorcore.TensorCoreError:
-                return None
+            return (func,) if inlined is func else (func, inlined)
 
-
-    class SimtMatmul(GPUScheduleRule):
+    class SimtMatmul(GemmRule):
         """fp32 matmul-like kernels (strict fp32: no tensor cores) on the SIMT schedule of simt_gemm: register
         tiles and cp.async double buffering, `config` a simt_gemm.CONFIGS label or None (per shape). Takes what
         tensorcore._normalize folds into a 2-D or batched matmul, so split-K partials and attention's batched
-        matmuls too; declines (None: the next rule schedules it) everything else, M, N or K below
-        simt_gemm.MIN_M/N/K (GEMV, batch-1 heads) and pre-sm_80 targets (cp.async)."""
+        matmuls too; declines everything else, and M, N or K below simt_gemm.MIN_M/N/K (GEMV, batch-1 heads)."""
 
-        def __init__(self, config: str | None = None):
+        @staticmethod
+        def module():
             from workbench.models import simt_gemm
-            self.config = None if config is None else simt_gemm.named_config(config)
-
-        def apply(self, func, target, _):
-            from tvm.s_tir.dlight.gpu.matmul import check_sm_version
-            from workbench.models import simt_gemm
-            if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            if target.kind.name != "cuda" or check_sm_version(str(target.attrs.get("arch", ""))) < \
-                    simt_gemm.MIN_ARCH:
-                return None
-            try:
-                return simt_gemm.schedule_gemm(func, self.config, check_size=True)
-            except simt_gemm.SimtError:
-                return None
+            return simt_gemm
 
     class InjectiveVectorize(GPUScheduleRule):
         """Injective kernels (no reduction: elementwise, casts, pads, slices, concatenations, row gathers) with

@@ -32,10 +32,10 @@ copies and crops the store). Needs the full TVM compiler (tvm.s_tir).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from workbench.models.tensorcore import (MAX_GRID_Z, SMEM_LIMIT, TensorCoreError, _batched_matmul_block,
-                                         _inline_consumers, _inline_producers, _normalize)
+from workbench.models.tensorcore import (MAX_GRID_Z, SMEM_LIMIT, TensorCoreError, TileConfig,
+                                         _batched_matmul_block, _inline_consumers, _inline_producers, _normalize)
 
 SUB = 4                                   # a thread's sub-tile: 4x4 outputs
 MIN_ARCH = 80                             # cp.async needs sm_80+
@@ -52,21 +52,19 @@ class SimtError(TensorCoreError):
 
 
 @dataclass(frozen=True)
-class SimtConfig:
+class SimtConfig(TileConfig):
     """Tile sizes: threads per block = (block_m / thread_m) x (block_n / thread_n)."""
-    block_m: int = 128
-    block_n: int = 128
-    block_k: int = 8
+    error = SimtError
+    block_m: int = 64                     # (the defaults: CONFIGS["s64"])
+    block_n: int = 64
+    block_k: int = 16
     thread_m: int = 8
-    thread_n: int = 8
+    thread_n: int = 4
     stages: int = 2                       # global->shared pipeline depth (1: no pipelining, no cp.async)
-    frag_k: int = 4                       # k steps per register load of A and B (fewer: fewer registers)
+    frag_k: int = 2                       # k steps per register load of A and B (fewer: fewer registers)
 
     def __post_init__(self):
-        for f in ("block_m", "block_n", "block_k", "thread_m", "thread_n", "stages", "frag_k"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SimtError(f"SimtConfig.{f} must be a positive integer, got {v!r}")
+        self._check_positive()
         for name in ("block_k", "thread_m", "thread_n"):
             if getattr(self, name) % SUB:
                 raise SimtError(f"SimtConfig.{name} must be a multiple of {SUB}, got {getattr(self, name)}")
@@ -95,17 +93,6 @@ class SimtConfig:
         """The pipelined A and B tiles, rows padded by 4 words (B [K, N] or [N, K]: the larger)."""
         b = max(self.block_k * (self.block_n + SUB), self.block_n * (self.block_k + SUB))
         return max(self.stages, 1) * (self.block_m * (self.block_k + SUB) + b) * 4
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "SimtConfig":
-        bad = sorted(set(d) - set(cls.__dataclass_fields__))
-        if bad:
-            raise SimtError(f"SimtConfig: unknown field(s) {', '.join(bad)}; valid: "
-                            f"{', '.join(cls.__dataclass_fields__)}")
-        return cls(**d)
 
 
 # Named configs: what `choose_config` picks from (bench/results/gemm_simt.md: 8 tiles measured on our models'

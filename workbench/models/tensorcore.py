@@ -63,8 +63,31 @@ class TensorCoreError(ValueError):
     """A config or kernel this schedule cannot handle; the message names the value and what is allowed."""
 
 
+class TileConfig:
+    """What the GEMM schedules' tile configs (frozen dataclasses of int fields) share: every field a positive
+    integer, and a JSON round trip that names unknown fields. `error` is the schedule's exception class."""
+    error: type = TensorCoreError
+
+    def _check_positive(self) -> None:
+        for f in self.__dataclass_fields__:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise self.error(f"{type(self).__name__}.{f} must be a positive integer, got {v!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict):
+        bad = sorted(set(d) - set(cls.__dataclass_fields__))
+        if bad:
+            raise cls.error(f"{cls.__name__}: unknown field(s) {', '.join(bad)}; valid: "
+                            f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class MmaConfig:
+class MmaConfig(TileConfig):
     """Tile sizes of the mma schedule. Warp tile = (block_m / warps_m) x (block_n / warps_n), multiples of 16."""
     block_m: int = 128
     block_n: int = 128
@@ -74,10 +97,7 @@ class MmaConfig:
     stages: int = 3                       # global->shared pipeline depth (1: no pipelining, no cp.async)
 
     def __post_init__(self):
-        for f in ("block_m", "block_n", "block_k", "warps_m", "warps_n", "stages"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise TensorCoreError(f"MmaConfig.{f} must be a positive integer, got {v!r}")
+        self._check_positive()
         if self.block_k % MMA:
             raise TensorCoreError(f"MmaConfig.block_k must be a multiple of 16, got {self.block_k}")
         for blk, w, name in ((self.block_m, self.warps_m, "m"), (self.block_n, self.warps_n, "n")):
@@ -104,16 +124,6 @@ class MmaConfig:
         b = self.block_k * (self.block_n + 8) * 2          # kn; nk is block_n * (block_k + 8): same order
         return max(self.stages, 1) * (a + b) + self.block_m * (self.block_n + 4) * 4
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "MmaConfig":
-        bad = sorted(set(d) - set(cls.__dataclass_fields__))
-        if bad:
-            raise TensorCoreError(f"MmaConfig: unknown field(s) {', '.join(bad)}; valid: "
-                                  f"{', '.join(cls.__dataclass_fields__)}")
-        return cls(**d)
 
 
 # Named configs (MmaConfig fields). 128x128 with 4 warps of 64x64 is the classic Ampere/Hopper mma.sync tile
