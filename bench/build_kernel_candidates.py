@@ -18,7 +18,8 @@ weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast ker
 10 = BERT-base's fp16 winner with the attention matmuls on the batched mma schedule (label suffix -bmma);
 11 = the fp16 winners with reductions reading fp16 (-ri16), fitted row reductions (-rr256) and InjectiveRows
 (-rows8), BERT-base, ResNet-50, ResNet-18 (see round11); 12 = what `workbench compile` builds from the tuning
-database at b2, b4 and b8 (fp32 and fp16, every model), the compiled batch sizes no round measured:
+database at b2, b4 and b8 (fp32 and fp16, every model), the compiled batch sizes no round measured; 13-17 =
+split-K, dlight's 64x128 tile, the SIMT matmul schedule and BERT's split-K targets with it (see round13..round17):
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -31,6 +32,7 @@ database at b2, b4 and b8 (fp32 and fp16, every model), the compiled batch sizes
     python -m bench.build_kernel_candidates --round 11 --models bert_base,resnet50,resnet18 --out .gpu/kq11 \
         --bundle .gpu/kq11.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 12 --out .gpu/kq12 --bundle .gpu/kq12.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 15 --out .gpu/kq15 --bundle .gpu/kq15.tar.xz --no-kernels
 
 Every candidate records its weights (dtypes, bytes, and the source's fp32 bytes) and `weight_cast_kernels`:
 calls of kernels that read only weights (ToMixedPrecision's fp32->fp16 weight casts, redone every inference),
@@ -461,8 +463,26 @@ def round16(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return [c for c in round15(models)[0] if c.variant["schedule"].get("simt")], []
 
 
+def round17(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The fp32 cells left slower than torch after round 16 are BERT's b4, b8 and b16, where the SIMT kernels of
+    the 768-wide projections and the FFN output get 96-384 blocks of 64x64 (a wave and a half on 132 SMs at
+    b8). Larger split-K block targets (512, 1024, 2048) on the database's variant (SIMT on), beside its own 256
+    in the same run."""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        for b in (4, 8, 16):
+            v = _db_variant(model, b, "fp32", without=("split_k",))
+            if v is None or not v["schedule"].get("simt"):
+                continue
+            for split in (256, 512, 1024, 2048):
+                w = json.loads(json.dumps(v))
+                w["schedule"]["split_k"] = split
+                cands.append(ModelCandidate(model, b, variant_label(w), w))
+    return cands, []
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
-          11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16}
+          11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16, 17: round17}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:

@@ -1,4 +1,4 @@
-"""Kernel-quality rounds 15 and 16: the SIMT matmul schedule (schedule.simt) on the tuning database's fp32 variants."""
+"""Kernel-quality rounds 15-17: the SIMT matmul schedule (schedule.simt) on the tuning database's fp32 variants."""
 from bench.build_kernel_candidates import ARCH, ROUNDS, variant_label
 from workbench.models import tuning
 
@@ -30,3 +30,13 @@ def test_round16_measures_round15s_simt_candidates_again():
     again, _ = ROUNDS[16](MODELS)
     assert [c.id for c in again] == [c.id for c in ROUNDS[15](MODELS)[0] if c.variant["schedule"].get("simt")]
     assert len(again) == 4 * 5 * 2
+
+
+def test_round17_tries_larger_split_k_targets_on_berts_simt_variants():
+    cands, _ = ROUNDS[17](MODELS)
+    assert {(c.model, c.batch) for c in cands} == {("bert_base", b) for b in (4, 8, 16)}
+    for c in cands:
+        plan = tuning.plan(c.model, "cuda", ARCH, [c.batch], "fp32").variants[c.batch].to_json()
+        rest = {k: v for k, v in plan["schedule"].items() if k != "split_k"}
+        assert c.variant["schedule"] == {**rest, "split_k": c.variant["schedule"]["split_k"]} and rest["simt"]
+    assert sorted(c.variant["schedule"]["split_k"] for c in cands) == sorted([256, 512, 1024, 2048] * 3)
