@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 
 from workbench.models.tensorcore import (MAX_GRID_Z, SMEM_LIMIT, TensorCoreError, TileConfig,
-                                         _batched_matmul_block, _inline_consumers, _inline_producers, _normalize)
+                                         _batched_matmul_block, _inline_consumers, _normalize, stage_shared)
 
 SUB = 4                                   # a thread's sub-tile: 4x4 outputs
 MIN_ARCH = 80                             # cp.async needs sm_80+
@@ -188,22 +188,11 @@ def _schedule_gemm(func, cfg: SimtConfig | None, check_size: bool):
     c_loc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(c_loc, tx, preserve_unit_loops=True)
 
-    # global -> shared (dynamic: more than 48 KiB), 16-byte vectors where the row length allows, rows of `width`
-    # padded by 4 words (bank spread)
-    def fetch(blk, idx: int, vec: int, width: int):
-        blk = sch.cache_read(blk, idx, "shared.dyn")
-        sch.compute_at(blk, k0)
-        _inline_producers(sch, blk)               # pad_einsum's guard, _normalize's reindex
-        fused = sch.fuse(*sch.get_loops(blk)[-2:])
-        _, f_ty, f_tx, f_v = sch.split(fused, factors=[None, ty_n, tx_n, vec])
-        sch.bind(f_ty, "threadIdx.y")
-        sch.bind(f_tx, "threadIdx.x")
-        sch.vectorize(f_v)
-        sch.storage_align(blk, 0, axis=-2, factor=32, offset=(width + SUB) % 32)
-        return blk
-
-    fetch(block, 0, _vec(k), cfg.block_k)
-    fetch(block, 1, _vec(k if trans_b else n), cfg.block_k if trans_b else cfg.block_n)
+    # global -> shared (dynamic: more than 48 KiB), 16-byte vectors where the row length allows, rows padded by
+    # 4 words (bank spread): A's rows are block_k wide, B's block_n ([K, N]) or block_k ([N, K])
+    stage_shared(sch, block, 0, k0, (ty_n, tx_n), _vec(k), (cfg.block_k + SUB) % 32)
+    stage_shared(sch, block, 1, k0, (ty_n, tx_n), _vec(k if trans_b else n),
+                 ((cfg.block_k if trans_b else cfg.block_n) + SUB) % 32)
 
     # shared -> registers every frag_k steps: A's 4 rows x frag_k, B's frag_k x 4 columns (per virtual thread)
     for idx in (0, 1):

@@ -510,20 +510,8 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
     sch.bind(ty, "threadIdx.y")
 
     # global -> shared (dynamic), 16-byte vectors when the row length allows, padded rows
-    def fetch(idx: int, vec: int):
-        blk = sch.cache_read(outer, idx, "shared.dyn")
-        sch.compute_at(blk, k0)
-        _inline_producers(sch, blk)                 # pad_einsum's guarded copy, _normalize's reindex, casts
-        fused = sch.fuse(*sch.get_loops(blk)[-2:])
-        _, f_ty, f_tx, f_v = sch.split(fused, factors=[None, cfg.warps, WARP, vec])
-        sch.bind(f_tx, "threadIdx.x")
-        sch.bind(f_ty, "threadIdx.y")
-        sch.vectorize(f_v)
-        sch.storage_align(blk, 0, axis=-2, factor=32, offset=8)
-        return blk
-
-    fetch(0, vec_a)
-    fetch(1, vec_b)
+    stage_shared(sch, outer, 0, k0, (cfg.warps, WARP), vec_a, 8)
+    stage_shared(sch, outer, 1, k0, (cfg.warps, WARP), vec_b, 8)
 
     # shared -> registers (ldmatrix), per k step
     a_w = sch.cache_read(outer, 0, "warp")
@@ -609,6 +597,22 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
         sch.annotate(k0, "software_pipeline_order", [0, 1, 2, 3, 4])
         sch.annotate(k0, "software_pipeline_async_stages", [0])
     return sch
+
+
+def stage_shared(sch, block, idx: int, at, threads: tuple[int, int], vec: int, offset: int):
+    """Copy read `idx` of `block` through dynamic shared memory, once per iteration of loop `at`: its producers
+    (pad_einsum's guarded copy, _normalize's reindex, casts) folded into the copy, which threads (y, x) share
+    in `vec`-element vectors; rows padded to `offset` elements past a multiple of 32 (bank spread). The copy."""
+    blk = sch.cache_read(block, idx, "shared.dyn")
+    sch.compute_at(blk, at)
+    _inline_producers(sch, blk)
+    fused = sch.fuse(*sch.get_loops(blk)[-2:])
+    _, f_ty, f_tx, f_v = sch.split(fused, factors=[None, *threads, vec])
+    sch.bind(f_tx, "threadIdx.x")
+    sch.bind(f_ty, "threadIdx.y")
+    sch.vectorize(f_v)
+    sch.storage_align(blk, 0, axis=-2, factor=32, offset=offset)
+    return blk
 
 
 def _inline_producers(sch, blk) -> None:
