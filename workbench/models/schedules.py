@@ -168,7 +168,7 @@ class ScheduleSpec:
     # as partial matmuls over slices of K, then summed (with their epilogue) by a second kernel
     split_k: int | None = None
     # SimtMatmul (False: off): fp32 matmuls on simt_gemm's register-tiled, cp.async-pipelined schedule, ahead of
-    # dlight's Matmul (1.2-2x faster on our models' shapes on the H200: bench/results/gemm_simt.md)
+    # dlight's Matmul (1.4-2.2x faster on our models' shapes on the H200: bench/results/gemm_simt.md)
     simt: bool = False
 
     def __post_init__(self):
@@ -407,8 +407,10 @@ def _rule_classes():
         def forms(self, func):
             # an epilogue that reads a widened fp16 weight (keep_fp16_weights' bias): retried with the cast
             # inlined, so kernels the schedule takes as they are stay exactly as they were
+            yield func
             inlined = inline_weight_casts(func)
-            return (func,) if inlined is func else (func, inlined)
+            if inlined is not func:
+                yield inlined
 
     class SimtMatmul(GemmRule):
         """fp32 matmul-like kernels (strict fp32: no tensor cores) on the SIMT schedule of simt_gemm: register
