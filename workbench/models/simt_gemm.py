@@ -35,7 +35,8 @@ import math
 from dataclasses import dataclass
 
 from workbench.models.tensorcore import (MAX_GRID_Z, SMEM_LIMIT, TensorCoreError, TileConfig,
-                                         _batched_matmul_block, _inline_consumers, _normalize, stage_shared)
+                                         _batched_matmul_block, _inline_consumers, _normalize, padded_loops,
+                                         stage_shared)
 
 SUB = 4                                   # a thread's sub-tile: 4x4 outputs
 MIN_ARCH = 80                             # cp.async needs sm_80+
@@ -159,18 +160,11 @@ def _schedule_gemm(func, cfg: SimtConfig | None, check_size: bool):
     ty_n, tx_n = cfg.block_m // cfg.thread_m, cfg.block_n // cfg.thread_n
     vm, vn = cfg.thread_m // SUB, cfg.thread_n // SUB
 
-    pad = [cfg.block_m, cfg.block_n, cfg.block_k]
-    if m % pad[0] or n % pad[1] or k % pad[2]:
-        sch.pad_einsum(block, pad if batch is None else [1] + pad)
-
     # Output row i of the block tile = bi * block_m + si * (block_m / vm) + ty * 4 + mi: thread ty's vm 4-row
     # sub-tiles lie block_m / vm apart (columns likewise), so a warp's threads read neighbouring vectors. si and
     # sj are virtual threads: the register buffers are sized per (si, sj) and replicated by TVM's
     # InjectVirtualThread, where serial loops would size them over the box from a thread's first row to its last.
-    if batch is None:
-        i, j, r = sch.get_loops(block)
-    else:
-        bz, i, j, r = sch.get_loops(block)
+    bz, i, j, r = padded_loops(sch, block, (cfg.block_m, cfg.block_n, cfg.block_k), (m, n, k), batch)
     bi, si, ty, mi = sch.split(i, factors=[None, vm, ty_n, SUB])
     bj, sj, tx, nj = sch.split(j, factors=[None, vn, tx_n, SUB])
     k0, k1, k2 = sch.split(r, factors=[None, cfg.block_k // cfg.frag_k, cfg.frag_k])

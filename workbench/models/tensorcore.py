@@ -480,18 +480,9 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
     vec_a = _vec(k)
     vec_b = _vec(k if trans_b else n)
 
-    # Pad the iteration space to whole tiles (a no-op for multiples): creates guarded producers of A and B and
-    # a cropping consumer of C, inlined below into the copies.
-    pad = [cfg.block_m, cfg.block_n, cfg.block_k]
-    if m % pad[0] or n % pad[1] or k % pad[2]:
-        sch.pad_einsum(block, pad if batch is None else [1] + pad)
-
     # batched: the batch loop stays outermost, one batch entry per block (blockIdx.z); the tiles below it are
     # those of a 2-D matmul, the buffers keep a leading batch axis of extent 1 per block
-    if batch is None:
-        i, j, r = sch.get_loops(block)
-    else:
-        bz, i, j, r = sch.get_loops(block)
+    bz, i, j, r = padded_loops(sch, block, (cfg.block_m, cfg.block_n, cfg.block_k), (m, n, k), batch)
     i, i_tc = sch.split(i, factors=[None, MMA])
     j, j_tc = sch.split(j, factors=[None, MMA])
     r, r_tc = sch.split(r, factors=[None, MMA])
@@ -597,6 +588,16 @@ def _schedule_gemm(func, cfg: MmaConfig | None, check_size: bool = False, two_st
         sch.annotate(k0, "software_pipeline_order", [0, 1, 2, 3, 4])
         sch.annotate(k0, "software_pipeline_async_stages", [0])
     return sch
+
+
+def padded_loops(sch, block, tile: tuple[int, int, int], ext: tuple[int, int, int], batch: int | None) -> tuple:
+    """The loops (batch loop or None, i, j, k) of the matmul `block` of extents `ext`, its iteration space padded
+    to whole `tile`s first (pad_einsum, a no-op for multiples: guarded producers of A and B and a cropping
+    consumer of C, which the schedules inline into their copies and their store)."""
+    if any(e % t for e, t in zip(ext, tile)):
+        sch.pad_einsum(block, list(tile) if batch is None else [1, *tile])
+    loops = sch.get_loops(block)
+    return (None, *loops) if batch is None else tuple(loops)
 
 
 def stage_shared(sch, block, idx: int, at, threads: tuple[int, int], vec: int, offset: int):
