@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from workbench.models.tensorcore import (MAX_GRID_Z, SMEM_LIMIT, TensorCoreError, TileConfig,
+from workbench.models.tensorcore import (MAX_GRID_Z, PASS_CONFIG, SMEM_LIMIT, TensorCoreError, TileConfig,
                                          _batched_matmul_block, _inline_consumers, _normalize, padded_loops,
                                          stage_shared)
 
@@ -223,7 +223,6 @@ def scheduled_func(func, cfg: SimtConfig | None = None):
 def build(func, target, cfg: SimtConfig | None = None):
     """tvm.compile of one scheduled gemm for `target`, with cp.async enabled."""
     import tvm
-    from workbench.models.tensorcore import PASS_CONFIG
     f = scheduled_func(func, cfg)
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         return tvm.compile(tvm.IRModule({"main": f}), target=target)
