@@ -13,11 +13,13 @@ in such shapes; this rewrite does the same in the Relax graph, before fusion:
 with x3 = reshape(x, [..., S, K/S]) and w3 = reshape(w, [S, K/S, N]): views (the VM's reshape, no kernel), so
 every index the partial kernel reads at is a plain loop variable, and s is a batch axis of both operands.
 S is the smallest power of two that brings the blocks (counted with dlight's 32x64 fp32 tile) to
-`target_blocks`, keeping K/S >= MIN_SLICE, S <= MAX_SPLITS and K divisible by S.
+`target_blocks`, keeping K/S >= MIN_SLICE, S <= MAX_SPLITS and K divisible by S. The count stays dlight's under
+SimtMatmul too, whose tiles are 2-4x larger: a target then means that many fewer real blocks (BERT's fp32
+winners with it carry targets of 512 and 2048).
 
-The partial kernel is an ordinary batched matmul to the schedule rules: dlight's Matmul in fp32, MmaMatmul for
-fp16 inputs (which accumulate and hand over partials in fp32; it declines reads at computed indices such as
-x[..., s*K/S + k], hence the views). The summing kernel is marked as a matmul for fusion (op_pattern
+The partial kernel is an ordinary batched matmul to the schedule rules: dlight's Matmul or SimtMatmul in fp32,
+MmaMatmul for fp16 inputs (which accumulate and hand over partials in fp32; it declines reads at computed
+indices such as x[..., s*K/S + k], hence the views). The summing kernel is marked as a matmul for fusion (op_pattern
 kOutEWiseFusable), so the matmul's epilogue (bias, activation, residual add) fuses into it as it fused into the
 matmul, and is scheduled by `SplitKSum` (ahead of the other rules when ScheduleSpec.split_k is set): one
 thread per output, its S partials added in registers. dlight's GeneralReduction, which took it otherwise, gives
