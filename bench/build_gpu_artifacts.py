@@ -38,14 +38,17 @@ SOURCE_WEIGHTS = ("mlp", "tiny_transformer")       # small: keep the zoo's weigh
 CPU_TOO = ("mlp", "tiny_transformer")
 VARIANTS_TOO = ("mlp", "tiny_transformer")   # also compiled as the kinds fp16 (tensor cores), fp16w, fp32sk, fp32simt
 # ... and as <model>_fp16w_<target>: this variant (tuning.Variant JSON), what the tuning database's fp16 winners
-# look like: fp16 activations (schedules.keep_fp16_activations) and fp16 weights (schedules.keep_fp16_weights)
+# look like: fp16 activations (schedules.keep_fp16_activations) and fp16 weights (schedules.keep_fp16_weights), the
+# reductions reading fp16 on RowReduction (tiny_transformer's rows of 32 and 128: one warp, four rows a block)
+ROW_SETTINGS = {"injective": 8, "rows": 8, "row_reduction": 256}
 FP16W_VARIANT = {"lowering": "direct", "precision": "fp16", "cuda_graph": False,
-                 "schedule": {"injective": 8, "activations": "fp16"}, "weights": "fp16"}
+                 "schedule": {**ROW_SETTINGS, "activations": "fp16", "reduce_inputs": "fp16"}, "weights": "fp16"}
 # ... and as <model>_sk_<target>: fp32 with split-K matmuls (workbench/models/split_k.py)
 SPLIT_K_VARIANT = {"lowering": "direct", "precision": "fp32", "cuda_graph": False, "schedule": {"split_k": 1024}}
-# ... and as <model>_simt_<target>: fp32 matmuls on schedules.SimtMatmul (workbench/models/simt_gemm.py), split-K on
+# ... and as <model>_simt_<target>: fp32 matmuls on schedules.SimtMatmul (workbench/models/simt_gemm.py), split-K on,
+# with the row settings of the database's fp32 BERT winners
 SIMT_VARIANT = {"lowering": "direct", "precision": "fp32", "cuda_graph": False,
-                "schedule": {"split_k": 1024, "simt": True}}
+                "schedule": {"split_k": 1024, "simt": True, **ROW_SETTINGS}}
 VARIANTS = {"fp16w": FP16W_VARIANT, "fp32sk": SPLIT_K_VARIANT, "fp32simt": SIMT_VARIANT}
 KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk", "fp32simt": "_simt"}   # kind -> dir suffix
 

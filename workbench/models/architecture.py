@@ -90,7 +90,9 @@ def analyze(mod, num_inputs: int | None = None, batch_size: int | None = None) -
     def add_layer(kind: str, call, out, macs: int, weight=None) -> None:
         counts[kind] += 1
         root = weight_root[weight] if weight is not None else None
-        layers.append({"kind": kind, "input": _shape(call.args[0]) if kind != "embedding" else _shape(call.args[1]),
+        data = call.args[1] if kind == "embedding" else call.args[0]
+        data = data.fields[0] if isinstance(data, relax.Tuple) else data       # einsum's operands
+        layers.append({"kind": kind, "input": _shape(data),
                        "weight": _shape(root) if root is not None else None,
                        "weight_name": var_name(root) if root is not None else None,
                        "output": _shape(out), "macs": int(macs // batch_size)})
@@ -116,6 +118,13 @@ def analyze(mod, num_inputs: int | None = None, batch_size: int | None = None) -
             else:   # a dense layer on NHWC activations [b, h, w, c] is a conv (zoo conv="matmul": im2col)
                 kind = "conv2d" if a is not None and len(a) == 4 and weight is not args[0] else "linear"
             add_layer(kind, call, var, macs, weight)
+        elif name == "relax.einsum":     # attention's products (zoo transformers): MACs = outputs x contracted extent
+            ins, out = args[0].fields if isinstance(args[0], relax.Tuple) else args, _shape(var)
+            spec = str(call.attrs.subscripts).replace(" ", "")
+            lhs, rhs = spec.split("->")
+            extent = {c: n for term, x in zip(lhs.split(","), ins) for c, n in zip(term, _shape(x) or ())}
+            contracted = _prod([n for c, n in extent.items() if c not in rhs])
+            add_layer("matmul", call, var, _prod(out) * contracted)
         elif name == "relax.take" and args[0] in weight_root:
             add_layer("embedding", call, var, 0, args[0])
         elif name == "relax.nn.adaptive_avg_pool2d":

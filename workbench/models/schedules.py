@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -579,8 +580,13 @@ def _row_rule_classes():
         the threads per row fitted to the row: the fewest of 32, 64, ... `max_threads` that leave each thread at
         most `per_thread` elements. GeneralReduction always gives 256 threads: a 128-long softmax row (BERT's
         attention) leaves half of them idle and pays two block-wide reductions through shared memory, where 32
-        threads reduce with warp shuffles alone. Declines (the next rule, GeneralReduction, takes it) anything
-        else: several trailing reduction axes, a non-constant row, an epilogue of another shape."""
+        threads reduce with warp shuffles alone. Rows of one warp share a thread block of BLOCK_THREADS (one row per
+        threadIdx.y; one-warp blocks would hit the SM's limit of 32 resident blocks at half its warps), and their
+        reductions' results stay in registers (no shared memory, no barrier).
+        Declines (the next rule, GeneralReduction, takes it) anything else: several trailing reduction axes, a
+        non-constant row, an epilogue of another shape."""
+
+        BLOCK_THREADS = 128
 
         def __init__(self, max_threads: int = 256, per_thread: int = 4):
             self.max_threads = max_threads
@@ -605,24 +611,35 @@ def _row_rule_classes():
             loops = sch.get_loops(last.block_rv)
             if row is None or len(loops) != len(dom) or const(sch.get(loops[-1]).extent) != row:
                 return None
+            rows_total = math.prod(const(sch.get(lp).extent) or 0 for lp in loops[:lead])
             threads = 32
             while threads < self.max_threads and threads * self.per_thread < row:
                 threads *= 2
-            bx = sch.fuse(*loops[:lead])
+            # One warp per row: its reductions' results stay in registers (the warp's all-reduce leaves them in
+            # every lane), and rows share a thread block of BLOCK_THREADS threads (one row per threadIdx.y). Wider
+            # rows keep them in shared memory, one row per block: TVM 0.27's ThreadSync misses the barrier between
+            # lane 0's store of a row's result and the other lanes' loads when several rows share a block and
+            # the batch axis has extent 1 (BERT b1's softmax read stale values).
+            warp = threads == 32
+            rows = 1
+            while warp and threads * rows < self.BLOCK_THREADS and rows_total % (2 * rows) == 0:
+                rows *= 2
+            bx, ty = sch.split(sch.fuse(*loops[:lead]), [None, rows])
             r_loop, tx = sch.split(loops[-1], [None, threads])
             sch.reorder(tx, r_loop)
-            sch.bind(bx, "blockIdx.x")
             sch.bind(tx, "threadIdx.x")
             sch.unroll(r_loop)
             for info in reversed(infos[:-1]):
                 block = info.block_rv
                 for i, _ in enumerate(sch.get(block).writes):
-                    sch.set_scope(block, buffer_index=i, storage_scope="shared")
-                sch.compute_at(block, bx, preserve_unit_loops=True)
+                    sch.set_scope(block, buffer_index=i, storage_scope="local" if warp else "shared")
+                sch.compute_at(block, ty, preserve_unit_loops=True)
                 r_loop, tx = sch.split(sch.get_loops(block)[-1], [None, threads])
                 sch.reorder(tx, r_loop)
                 sch.bind(tx, "threadIdx.x")
                 sch.unroll(r_loop)
+            sch.bind(bx, "blockIdx.x")     # (bound last: compute_at under a thread-bound loop fails its checks)
+            sch.bind(ty, "threadIdx.y")
             return sch
 
     class InjectiveRows(GPUScheduleRule):
@@ -1055,6 +1072,11 @@ def _fp16_activations_func(func, name: str, others=None, reduce_inputs: str = "f
                     if r is not None:
                         half[v] = bb.emit(r, vname)   # (readers widen it in registers, like any fp16 twin)
                         continue
+                if dt == "float32" and op == "relax.einsum" and all(x in half for x in val.args[0].fields):
+                    r = _einsum_widened(bb, val, [half[x] for x in val.args[0].fields])
+                    if r is not None:
+                        half[v] = bb.emit(r, vname)
+                        continue
                 if dt == "float32" and op in FP16_SAFE_OPS:
                     args = [as_fp16(a) for a in val.args]
                     if all(a is not None for a in args):
@@ -1095,6 +1117,33 @@ class _WidenFirstOperand:
             return topi.cast(func(topi.cast(data, "float32"), *rest, **kw), "float16")
 
         return self.bb.call_te(widened, *args, **kwargs)
+
+
+def _einsum_widened(bb, call, xs16: list):
+    """An fp32 einsum (the zoo transformers' attention products, which ToMixedPrecision leaves in fp32: the op has
+    no mixed-precision policy) of fp16 activations as one PrimFunc that reads them, accumulates in fp32 and stores
+    fp16: C += f32(A) * f32(B), the form MmaMatmul takes, like the matmuls ToMixedPrecision rewrites."""
+    from tvm import te, topi
+    spec = str(call.attrs.subscripts).replace(" ", "")
+    lhs, out = spec.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or "." in spec or any(len(set(t)) != len(t) for t in (*terms, out)):
+        return None                  # (two operands, no ellipsis or repeated index: what the zoo writes)
+
+    def einsum(a, b):
+        # the widening inside the product, as relax's matmul legalizes with out_dtype (topi.einsum would widen in
+        # separate blocks, which the GEMM schedules do not take)
+        extent = {c: n for t, x in zip(terms, (a, b)) for c, n in zip(t, x.shape)}
+        axes = {c: te.reduce_axis((0, extent[c]), name=c) for c in dict.fromkeys(terms[0] + terms[1]) if c not in out}
+
+        def element(*idx):
+            at = dict(zip(out, idx), **axes)
+            return te.sum(a[tuple(at[c] for c in terms[0])].astype("float32")
+                          * b[tuple(at[c] for c in terms[1])].astype("float32"), axis=list(axes.values()))
+
+        return topi.cast(te.compute([extent[c] for c in out], element, name="T_einsum"), "float16")
+
+    return bb.call_te(einsum, *xs16, primfunc_name_hint="einsum")
 
 
 def _widened_inside(bb, call, x16, rest: list):

@@ -389,14 +389,17 @@ def _transformer_module(cfg: TransformerConfig):
         def forward(self, x):
             b, s = x.shape[0], x.shape[1]
 
-            def heads(t, axes):
-                return op.permute_dims(op.reshape(t, [b, s, cfg.heads, head_dim]), axes)
+            def heads(t):
+                return op.reshape(t, [b, s, cfg.heads, head_dim])
 
-            q = heads(self.query(x), [0, 2, 1, 3])                      # [b, H, s, d]
-            k = heads(self.key(x), [0, 2, 3, 1])                        # [b, H, d, s]
-            v = heads(self.value(x), [0, 2, 1, 3])                      # [b, H, s, d]
-            p = op.softmax(op.matmul(q, k) * (1.0 / math.sqrt(head_dim)), axis=-1)
-            ctx = op.permute_dims(op.matmul(p, v), [0, 2, 1, 3])        # [b, s, H, d]
+            def einsum(spec, *xs):
+                return op.wrap_nested(relax.op.einsum([x._expr for x in xs], spec), "einsum")
+
+            # attention's products as einsums on [b, s, H, d]: the head reshapes are views and the products read
+            # them in place (matmuls would need [b, H, s, d] and [b, H, d, s], a transposing kernel each)
+            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))    # [b, s, H, d]
+            p = op.softmax(einsum("bshd,bthd->bhst", q, k) * (1.0 / math.sqrt(head_dim)), axis=-1)
+            ctx = einsum("bhst,bthd->bshd", p, v)                       # [b, s, H, d]
             return op.reshape(ctx, [b, s, cfg.hidden])
 
     class DenseLN(nn.Module):
