@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-from bench.gemm_tensorcore import build_run_parser, module_sources, time_launches, tflops
+from bench.gemm_tensorcore import build_run_parser, measure_module, module_sources, time_launches, tflops
 from bench.kernel_quality import _f, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +72,8 @@ TEST_CASES: list[tuple[str, int | None, int, int, int, str, str]] = [
     ("ragged_nk", None, 130, 96, 88, "nk", "128x128x16_t8x4_s2_f2"),
     ("batched_kn_s3", 6, 128, 64, 128, "kn", "64x64x16_t8x4_s3_f2"),
     ("batched_ragged_nk", 5, 100, 72, 40, "nk", "s64"),
+    ("ragged_kn_96", None, 200, 100, 72, "kn", "s64x96"),
+    ("batched_kn_128x96", 3, 130, 192, 64, "kn", "s128x96"),
 ]
 
 
@@ -192,8 +193,6 @@ def cmd_run(a) -> int:
     from bench.worker_common import read_build_manifest
     man = read_build_manifest(d, FORMAT, "gemm_simt")
     import torch
-    import tvm
-    import tvm_ffi
     from workbench.models import cubin_cache
     cubin_cache.ensure_cuda_backend()
     cache = cubin_cache.install(cubin_cache.CubinCache(out / "cubin"))
@@ -218,8 +217,6 @@ def cmd_run(a) -> int:
     res["meta"]["nvrtc_s"] = round(time.perf_counter() - tc, 1)
     res["resources"] = {mid: kernel_resources(cache, ss, arch) for mid, ss in srcs.items() if ss}
     save()
-    dev = tvm.cuda(0)
-    stream = torch.cuda.current_stream()
     g = torch.Generator(device="cuda").manual_seed(0)
     for sh in man["shapes"]:
         if time.perf_counter() - t0 > a.budget_s:
@@ -231,33 +228,12 @@ def cmd_run(a) -> int:
         B = torch.rand(lead + ((k, n) if sh["b_layout"] == "kn" else (n, k)), device="cuda", generator=g) * 2 - 1
         Bm = B if sh["b_layout"] == "kn" else B.transpose(-1, -2)
         ref = torch.matmul(A, Bm)
-        scale = float(ref.abs().max()) or 1.0
         flop_m = m * (q or 1)
         row: dict = {**sh, "results": [], "torch": summary(time_launches(lambda: torch.matmul(A, Bm), a.reps))}
         row["torch"]["tflops"] = tflops(flop_m, n, k, row["torch"]["p50_ms"])
-        tA, tB = tvm.runtime.from_dlpack(A), tvm.runtime.from_dlpack(B)
         for mod in (x for x in man["modules"] if x["shape"] == sh["name"]):
-            r = {"id": mod["id"], "label": mod["label"], "kind": mod["kind"]}
-            try:
-                with cubin_cache.compiling_for(arch):
-                    f = tvm.runtime.load_module(str(d / mod["so"]))[mod["function"]]
-                C = torch.full(lead + (m, n), float("nan"), device="cuda")
-                tC = tvm.runtime.from_dlpack(C)
-
-                def call(f=f, tC=tC):
-                    with tvm_ffi.use_raw_stream(dev, stream.cuda_stream):
-                        f(tA, tB, tC)
-
-                call()
-                torch.cuda.synchronize()
-                err = float((C - ref).abs().max()) / scale
-                r["rel_err"] = err if math.isfinite(err) else None
-                r["ok"] = bool(math.isfinite(err) and err <= TOLERANCE)
-                r.update(summary(time_launches(call, a.reps)))
-                r["tflops"] = tflops(flop_m, n, k, r["p50_ms"])
-            except Exception as e:  # noqa: BLE001 - one bad module must not stop the others
-                r["error"] = f"{type(e).__name__}: {str(e)[-600:]}"
-            row["results"].append(r)
+            C = torch.full(lead + (m, n), float("nan"), device="cuda")
+            row["results"].append(measure_module(d, mod, arch, (A, B), C, ref, TOLERANCE, (flop_m, n, k), a.reps))
         ok = [r for r in row["results"] if r.get("ok")]
         dl = next((r for r in ok if r["kind"] == "dlight"), None)
         best = min((r for r in ok if r["kind"] == "simt"), key=lambda r: r["p50_ms"], default=None)

@@ -52,6 +52,9 @@ SHAPES: list[tuple[str, str, int, int, int]] = [
     ("bert_b16_ffn1", "bert_base b16: FFN 768->3072", 2048, 3072, 768),
     ("bert_b16_ffn2", "bert_base b16: FFN 3072->768", 2048, 768, 3072),
     ("bert_b1_ffn1", "bert_base b1: FFN 768->3072", 128, 3072, 768),
+    ("bert_b4_qkv", "bert_base b4: attention projection", 512, 768, 768),
+    ("bert_b4_ffn1", "bert_base b4: FFN 768->3072", 512, 3072, 768),
+    ("bert_b4_ffn2", "bert_base b4: FFN 3072->768", 512, 768, 3072),
     ("r50_b16_l1_3x3", "resnet50 b16: layer1 3x3 conv (56x56, 64ch)", 50176, 64, 576),
     ("r50_b16_l2_3x3", "resnet50 b16: layer2 3x3 conv (28x28, 128ch)", 12544, 128, 1152),
     ("r50_b16_l3_3x3", "resnet50 b16: layer3 3x3 conv (14x14, 256ch)", 3136, 256, 2304),
@@ -72,6 +75,8 @@ TEST_CASES: list[tuple[str, int, int, int, str, str, str]] = [
     ("even_kn_f16_t128", 256, 256, 128, "kn", "float16", "t128"),
     ("ragged_kn_f16", 200, 72, 100, "kn", "float16", "t64"),
     ("ragged_nk_f32", 130, 96, 88, "nk", "float32", "t128x64"),
+    ("even_kn_f16_t128x96", 256, 192, 128, "kn", "float16", "t128x96"),
+    ("ragged_kn_f16_t64x48", 200, 100, 72, "kn", "float16", "t64x48"),
 ]
 # Batched (one tile of one batch entry per block, blockIdx.z): attention's QK^T with K^T as B[b, n, k] ("nk", no
 # ldmatrix .trans) and already transposed (B[b, k, n], as BERT's fused kernels read it), its PV ("kn"), at
@@ -249,6 +254,43 @@ def time_launches(fn, reps: int, warmup: int = WARMUP) -> list[float]:
     return [s.elapsed_time(e) for s, e in ev]
 
 
+def measure_module(d: Path, mod: dict, arch: str, inputs: tuple, C, ref, tolerance: float, mnk: tuple,
+                   reps: int) -> dict:
+    """One module of a GEMM benchmark's manifest (built in `d`): loaded (its kernels compiled for `arch`), run once
+    into C (NaN-filled, so an output the kernel skips shows) on torch's current stream, checked against `ref`
+    (max |C - ref| / max |ref| <= tolerance) and timed: its result row. An error becomes the row's "error"."""
+    import torch
+    import tvm
+    import tvm_ffi
+    from workbench.models import cubin_cache
+    r = {"id": mod["id"], "label": mod["label"], "kind": mod["kind"]}
+    try:
+        with cubin_cache.compiling_for(arch):
+            f = tvm.runtime.load_module(str(d / mod["so"]))[mod["function"]]
+        args, dev, stream = [tvm.runtime.from_dlpack(x) for x in (*inputs, C)], tvm.cuda(0), torch.cuda.current_stream()
+
+        def call():
+            with tvm_ffi.use_raw_stream(dev, stream.cuda_stream):
+                f(*args)
+
+        call()
+        torch.cuda.synchronize()
+        err = float((C.float() - ref).abs().max()) / (float(ref.abs().max()) or 1.0)
+        r["rel_err"] = err if math.isfinite(err) else None
+        r["ok"] = bool(math.isfinite(err) and err <= tolerance)
+        r.update(summary(time_launches(call, reps)))
+        r["tflops"] = tflops(*mnk, r["p50_ms"])
+    except Exception as e:  # noqa: BLE001 - one bad module must not stop the others
+        r["error"] = f"{type(e).__name__}: {str(e)[-600:]}"
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001
+            pass
+    print(f"  {mod['id']}: " + (f"{r['p50_ms'] * 1e3:.1f} us, err {r['rel_err']:.1e}" if "p50_ms" in r
+                                else r["error"]), flush=True)
+    return r
+
+
 def cmd_run(a) -> int:
     t0 = time.perf_counter()
     d = Path(a.dir)
@@ -256,8 +298,6 @@ def cmd_run(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     man = load_manifest(d)
     import torch
-    import tvm
-    import tvm_ffi
     from workbench.models import cubin_cache
     cubin_cache.ensure_cuda_backend()
     cache = cubin_cache.install(cubin_cache.CubinCache(out / "cubin"))
@@ -293,8 +333,6 @@ def cmd_run(a) -> int:
     save()
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    dev = tvm.cuda(0)
-    stream = torch.cuda.current_stream()
     by_shape: dict[str, list[dict]] = {}
     for mod in man["modules"]:
         by_shape.setdefault(mod["shape"], []).append(mod)
@@ -308,41 +346,13 @@ def cmd_run(a) -> int:
         A = (torch.rand((m, k), device="cuda", generator=g) * 2 - 1).half()
         B = (torch.rand((k, n), device="cuda", generator=g) * 2 - 1).half()
         ref = A.float() @ B.float()
-        scale = float(ref.abs().max()) or 1.0
         t = summary(time_launches(lambda: torch.matmul(A, B), a.reps))
         t["tflops"] = tflops(m, n, k, t["p50_ms"])
         row["torch"] = t
-        tA, tB = tvm.runtime.from_dlpack(A), tvm.runtime.from_dlpack(B)
         for mod in by_shape.get(sh["name"], []):
-            r = {"id": mod["id"], "label": mod["label"], "kind": mod["kind"], "config": mod["config"]}
-            try:
-                with cubin_cache.compiling_for(arch):
-                    lib = tvm.runtime.load_module(str(d / mod["so"]))
-                f = lib[mod["function"]]
-                C = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-                tC = tvm.runtime.from_dlpack(C)
-
-                def call(f=f, tC=tC):
-                    with tvm_ffi.use_raw_stream(dev, stream.cuda_stream):
-                        f(tA, tB, tC)
-
-                call()
-                torch.cuda.synchronize()
-                err = float((C.float() - ref).abs().max()) / scale
-                r["rel_err"] = err if math.isfinite(err) else None
-                r["ok"] = bool(math.isfinite(err) and err <= TOLERANCE)
-                r.update(summary(time_launches(call, a.reps)))
-                r["tflops"] = tflops(m, n, k, r["p50_ms"])
-            except Exception as e:  # noqa: BLE001 - one bad module must not stop the others
-                r["error"] = f"{type(e).__name__}: {str(e)[-600:]}"
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001
-                    pass
-            row["results"].append(r)
-            print(f"[{time.perf_counter() - t0:5.1f}s] {mod['id']}: "
-                  + (f"{r['p50_ms'] * 1e3:.1f} us, err {r['rel_err']:.1e}" if "p50_ms" in r else r.get("error", "")),
-                  flush=True)
+            C = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+            r = measure_module(d, mod, arch, (A, B), C, ref, TOLERANCE, (m, n, k), a.reps)
+            row["results"].append({**r, "config": mod["config"]})
         row["summary"] = summarize(row)
         res["shapes"].append(row)
         save()

@@ -97,6 +97,18 @@ def test_ragged_transposed_and_batched_shapes_compile(args):
         assert "blockIdx.z" in src
 
 
+@pytest.mark.parametrize("label", ["s128x96", "s64x96"])
+def test_the_96_column_tiles_compile_for_berts_768_columns(label):
+    """SIMT tiles of 96 columns (N = 768 in 8 column tiles): BERT b16's FFN output and a ragged shape compile with
+    pipelined copies, no cp.async hazard, and NVRTC takes the source."""
+    from workbench.models import cubin_cache
+    from workbench.models.tensorcore import cp_async_hazards
+    for args in ((2048, 768, 3072, "kn", None), (200, 100, 72, "kn", None)):
+        src = _cuda(simt_gemm.gemm_func(*args), simt_gemm.named_config(label))
+        assert "cp.async" in src and not cp_async_hazards(src), (label, args)
+    assert cubin_cache.compile_cubin(src, "sm_90").startswith(b"\x7fELF")
+
+
 def test_fp16_and_tiny_matmuls_are_refused_with_the_reason():
     from workbench.models import tensorcore
     with pytest.raises(SimtError, match="inputs must be float32"):

@@ -67,6 +67,22 @@ def test_ragged_shape_guards_copies_and_compiles_with_nvrtc():
 
 
 @pytest.mark.slow
+def test_96_and_48_column_tiles_are_offered_for_768_columns_and_build():
+    """The tiles for N = 768 (BERT's projections and FFN output: 8 or 16 column tiles, whole waves on 132 SMs
+    more often) are offered for such N only, and each builds BERT b4's projection (M = 512) with ldmatrix, mma and
+    cp.async, no cp.async hazard, NVRTC compiling it."""
+    from workbench.models import cubin_cache, tensorcore
+    wide = {"t128x96", "t64x96", "t64x48"}
+    assert wide <= set(tensorcore.configs_for(512, 768, 768)) and wide <= set(tensorcore.configs_for(2048, 768, 3072))
+    assert not wide & set(tensorcore.configs_for(784, 2048, 512) + tensorcore.configs_for(3136, 256, 2304))
+    for label in sorted(wide):
+        src = _source(tensorcore.gemm_func(512, 768, 768, "float16", "kn"), tensorcore.named_config(label))
+        assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix" in src and "cp.async.cg.shared.global" in src
+        assert tensorcore.cp_async_hazards(src) == [], label
+        assert cubin_cache.compile_cubin(src, "sm_90").startswith(b"\x7fELF"), label
+
+
+@pytest.mark.slow
 def test_layouts_and_rejections():
     from tvm import s_tir, te, tirx
     from workbench.models import tensorcore

@@ -105,6 +105,10 @@ CONFIGS: dict[str, dict] = {
     "s64": dict(block_m=64, block_n=64, block_k=16, thread_m=8, thread_n=4, stages=2, frag_k=2),
     "s64t4": dict(block_m=64, block_n=64, block_k=16, thread_m=4, thread_n=4, stages=2, frag_k=4),
     "s128x64": dict(block_m=128, block_n=64, block_k=16, thread_m=8, thread_n=8, stages=2, frag_k=2),
+    # 96 columns: N = 768 (BERT's projections and FFN output) in 8 column tiles, so the grid is a whole number of
+    # waves on 132 SMs more often (b16: 16 x 8 = 128 blocks of 128x96)
+    "s128x96": dict(block_m=128, block_n=96, block_k=16, thread_m=8, thread_n=8, stages=2, frag_k=2),
+    "s64x96": dict(block_m=64, block_n=96, block_k=16, thread_m=8, thread_n=4, stages=2, frag_k=2),
 }
 H200_SMS = 132
 

@@ -135,24 +135,30 @@ CONFIGS: dict[str, dict] = {
     "t256x128": dict(block_m=256, block_n=128, block_k=32, warps_m=4, warps_n=2, stages=3),
     "t128x64": dict(block_m=128, block_n=64, block_k=32, warps_m=2, warps_n=2, stages=4),
     "t64": dict(block_m=64, block_n=64, block_k=32, warps_m=2, warps_n=2, stages=4),
+    # 96 and 48 columns: N = 768 (BERT's projections and FFN output) in 8 or 16 column tiles, so the grid is a
+    # whole number of waves on 132 SMs more often (b16: 16 x 8 = 128 blocks of 128x96, where 128x128 gives 96)
+    "t128x96": dict(block_m=128, block_n=96, block_k=32, warps_m=2, warps_n=2, stages=3),
+    "t64x96": dict(block_m=64, block_n=96, block_k=32, warps_m=2, warps_n=2, stages=4),
+    "t64x48": dict(block_m=64, block_n=48, block_k=32, warps_m=2, warps_n=1, stages=4),
 }
 H200_SMS = 132
 
 
 def configs_for(m: int, n: int, k: int) -> list[str]:
-    """2-3 configs worth measuring for a shape: no tile wider than N (a half-empty tile wastes the tensor cores),
+    """2-6 configs worth measuring for a shape: no tile wider than N (a half-empty tile wastes the tensor cores),
     small tiles when the 128x128 grid would not fill the H200's 132 SMs, a bigger tile when it fills them many
-    times."""
+    times, and for N a multiple of 96 and 128 (BERT's 768) the 96- and 48-column tiles."""
     if n <= 64:
         return ["t128x64", "t64"]
     if n <= 128:
         return ["t128x64", "t128", "t128w8"]
     blocks = math.ceil(m / 128) * math.ceil(n / 128)
+    wide = ["t128x96", "t64x96", "t64x48"] if n % 96 == 0 and n % 128 == 0 else []   # N = 768: other waves
     if blocks < H200_SMS:
-        return ["t128", "t128x64", "t64"]
+        return ["t128", "t128x64", "t64"] + wide
     if blocks >= 4 * H200_SMS:
-        return ["t128", "t128w8", "t256x128"]
-    return ["t128", "t128w8", "t128x64"]
+        return ["t128", "t128w8", "t256x128"] + wide[:1]
+    return ["t128", "t128w8", "t128x64"] + wide
 
 
 def choose_config(m: int, n: int, k: int) -> str:
@@ -363,13 +369,14 @@ def gemm_shape(func) -> tuple[int, int, int, bool]:
     return batched_gemm_shape(func)[1:]
 
 
-def batched_gemm_shape(func) -> tuple[int | None, int, int, int, bool]:
+def batched_gemm_shape(func, in_dtype: str = "float16") -> tuple[int | None, int, int, int, bool]:
     """(batch, M, N, K, trans_b) of a matmul-like kernel after `_normalize`: batch None for a 2-D matmul, else
-    the number of independent matmuls (every axis both inputs read, fused: attention's batch x heads)."""
+    the number of independent matmuls (every axis both inputs read, fused: attention's batch x heads). in_dtype:
+    its inputs' (float32 for the SIMT schedule's kernels)."""
     from tvm import s_tir
     sch = s_tir.Schedule(func)
-    _normalize(sch)
-    _, trans_b, (m, n, k), batch = _batched_matmul_block(sch)
+    _normalize(sch, in_dtype)
+    _, trans_b, (m, n, k), batch = _batched_matmul_block(sch, in_dtype)
     return batch, m, n, k, trans_b
 
 
