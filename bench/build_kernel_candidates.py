@@ -481,8 +481,188 @@ def round17(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
+def round18(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The fp32 variants never had the settings that sped up the fp16 ones' non-matmul kernels: InjectiveVectorize
+    (the matmul lowering's im2col, casts), InjectiveRows (the RGB stem's gather, BERT's head transposes) and
+    RowReduction (softmax, layer norm with threads fitted to the row). Every model at b1, b2, b4, b8 and b16: the
+    database's fp32 variant with inj8, rows8 and rr256 added, and BERT's variants as they are, beside them."""
+    cands = []
+    for model in models:
+        for b in (1, 2, 4, 8, 16):
+            v = _db_variant(model, b, "fp32", without=("injective", "rows", "row_reduction"))
+            if v is None:
+                continue
+            if model == "bert_base":
+                cands.append(ModelCandidate(model, b, variant_label(v), v))
+            w = json.loads(json.dumps(v))
+            w["schedule"].update(injective=8, rows=8, row_reduction=256)
+            cands.append(ModelCandidate(model, b, variant_label(w), w))
+    return cands, []
+
+
+def round19(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The zoo's BERT now computes attention's two products as einsums on [b, s, heads, d] (the head reshapes are
+    views: no transpose kernels), and RowReduction packs short rows (softmax) four to a thread block, so every
+    BERT figure before this round measured other kernels (kernel_quality.GRAPH_CHANGED). At b1, b2, b4, b8 and
+    b16: the database's fp32 variant with round 18's settings (inj8, rows8, rr256), the fp16 variant with and
+    without split-K 256, and TVM's default pipeline at b1 and b16 (the tables' baseline)."""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        for b in (1, 2, 4, 8, 16):
+            if b in (1, 16):
+                cands.append(ModelCandidate(model, b, "fp32", _variant("direct")))
+            v = _db_variant(model, b, "fp32")
+            v["schedule"].update(injective=8, rows=8, row_reduction=256)
+            cands.append(ModelCandidate(model, b, variant_label(v), v))
+            for split in (None, 256):
+                w = _db_variant(model, b, "fp16", without=("split_k",))
+                if split:
+                    w["schedule"]["split_k"] = split
+                cands.append(ModelCandidate(model, b, variant_label(w), w))
+    return cands, []
+
+
+def round20(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Round 19's BERT b1 fp32 candidate (inj8, rr256, rows8, split-K 256, SIMT) failed its numerics check (b2-b16
+    with the same settings passed): the same variant again, without each of its settings in turn, and with SIMT
+    alone, to find the kernel at fault."""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        full = _variant("direct", inj=8, rows=8, rr=256)
+        full["schedule"].update(split_k=256, simt=True)
+        for drop in (None, "split_k", "simt", "injective", "rows", "row_reduction"):
+            v = json.loads(json.dumps(full))
+            v["schedule"].pop(drop, None)
+            cands.append(ModelCandidate(model, 1, variant_label(v), v))
+        v = _variant("direct")
+        v["schedule"]["simt"] = True
+        cands.append(ModelCandidate(model, 1, variant_label(v), v))
+    return cands, []
+
+
+def round21(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Round 19's candidates again after RowReduction's fix: round 20 found its packed rows at fault (TVM's
+    ThreadSync dropped the barrier between lane 0's store of a row's maximum and the other lanes' loads at b1);
+    one-warp rows now keep their results in registers. Ids round 19 measured get new figures."""
+    return round19(models)
+
+
+def round22(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """BERT on its einsum graph: (a) layer norm on one warp a row (RowReduction at most 32 threads: 24 values a
+    thread, four rows a block, results in registers) where round 21's rows of 768 had 256 threads, one row a
+    block and two block-wide reductions: every batch, fp32 and fp16, the database's variant with rr32; (b) split-K
+    targets again where round 21 came within 10% of torch: fp32 b16 without split-K and with 512 and 1024 (the
+    database's 2048 is round 21's), fp16 b4, b8 and b16 with 512 and 1024 (256 and none are round 21's)."""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        for b in (1, 2, 4, 8, 16):
+            for precision in ("fp32", "fp16"):
+                v = _db_variant(model, b, precision)
+                v["schedule"].update({**({"injective": 8, "rows": 8} if precision == "fp32" else {}),
+                                      "row_reduction": 32})
+                cands.append(ModelCandidate(model, b, variant_label(v), v))
+        for b, precision, splits in ((16, "fp32", (None, 512, 1024)), (4, "fp16", (512, 1024)),
+                                     (8, "fp16", (512, 1024)), (16, "fp16", (512, 1024))):
+            for split in splits:
+                v = _db_variant(model, b, precision, without=("split_k",))
+                if precision == "fp32":
+                    v["schedule"].update(injective=8, rows=8, row_reduction=256)
+                if split:
+                    v["schedule"]["split_k"] = split
+                cands.append(ModelCandidate(model, b, variant_label(v), v))
+    return cands, []
+
+
+def _gemm_choices(model: str, b: int, variant: dict, rule: str, pick) -> dict:
+    """Per-kernel choices (schedule.kernels) for the matmul kernels of the variant's graph: `pick(batch, m, n, k)`
+    (batch None for a 2-D matmul, else the batched entries: split-K partials, attention's products) gives the
+    `rule`'s ("mma" or "simt") tile for a kernel, or None to leave it to the rule's per-shape choice."""
+    from workbench.models import schedules, tensorcore, tuning, zoo
+    v = tuning.Variant.from_json(variant)
+    s = v.schedule
+    fused = schedules.fuse(zoo.get(model, seed=WEIGHT_SEED).make_module(b), _target(), v.precision, s.activations,
+                           v.weights, s.reduce_inputs, s.split_k)
+    out = {}
+    for k in schedules.kernels(fused, _target()):
+        try:
+            batch, m, n, kk, _ = tensorcore.batched_gemm_shape(k.func, "float16" if rule == "mma" else "float32")
+        except Exception:  # noqa: BLE001 - not a matmul the GEMM schedules fold
+            continue
+        config = pick(batch, m, n, kk)
+        if config is not None:
+            out[k.key] = {"rule": rule, "config": config}
+    return out
+
+
+def round23(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """BERT's fp16 cells still slower than torch at b4 and b16 (and b8, met by 0.6%) spend most of their time in the
+    mma matmuls with N = 768 (the projections and the FFN output), whose 128x128 and 64x64 grids leave SMs idle in
+    the last wave (b16: 96 blocks of 128x128 on 132 SMs). The 96- and 48-column tiles (tensorcore.CONFIGS) for
+    exactly those kernels (per-kernel choices), on the database's fp16 variant at b4, b8 and b16."""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        for b in (4, 8, 16):
+            for config in ("t128x96", "t64x96", "t64x48"):
+                v = _db_variant(model, b, "fp16")
+                v["schedule"]["kernels"] = _gemm_choices(model, b, v, "mma",
+                                                         lambda q, m, n, k, c=config: c if n == 768 else None)
+                cands.append(ModelCandidate(model, b, f"{variant_label(v)}-{config}", v))
+    return cands, []
+
+
+def round24(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Tiles per kernel where round 23 came within 4% of torch. fp16 b16: the projections (N = K = 768) on 64x96 as
+    in round 23's winner but the FFN output (K = 3072) on 128x96 (bench/results/gemm_tensorcore.md: 0.042 against
+    0.049 ms), or the projections on 128x64. fp16 b4: round 23's 64x96 without split-K, and on the projections'
+    split-K partials only (the FFN output's left to the per-shape tile). fp32 b16: attention's QK^T (K read as [t, d]) on the
+    SIMT tiles s64t4 and s128x64 instead of s64."""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        v = _db_variant(model, 16, "fp16")
+        v["schedule"].pop("kernels", None)
+        for proj in ("t64x96", "t128x64"):
+            w = json.loads(json.dumps(v))
+            w["schedule"]["kernels"] = _gemm_choices(
+                model, 16, w, "mma", lambda q, m, n, k, p=proj: None if n != 768 else p if k == 768 else "t128x96")
+            cands.append(ModelCandidate(model, 16, f"{variant_label(w)}-{proj}-t128x96", w))
+        v = _db_variant(model, 4, "fp16", without=("kernels", "split_k"))
+        v["schedule"]["kernels"] = _gemm_choices(model, 4, v, "mma", lambda q, m, n, k: "t64x96" if n == 768 else None)
+        cands.append(ModelCandidate(model, 4, f"{variant_label(v)}-t64x96", v))
+        v = _db_variant(model, 4, "fp16", without=("kernels",))
+        v["schedule"]["kernels"] = _gemm_choices(model, 4, v, "mma",   # the projections' partials: K = 768 / S
+                                                 lambda q, m, n, k: "t64x96" if n == 768 and k < 768 else None)
+        cands.append(ModelCandidate(model, 4, f"{variant_label(v)}-proj-t64x96", v))
+        v = _db_variant(model, 16, "fp32", without=("kernels",))
+        for tile in ("s64t4", "s128x64"):
+            w = json.loads(json.dumps(v))
+            w["schedule"]["kernels"] = _gemm_choices(model, 16, w, "simt",
+                                                     lambda q, m, n, k, t=tile: t if (q, n, k) == (192, 128, 64) else None)
+            cands.append(ModelCandidate(model, 16, f"{variant_label(w)}-qk-{tile}", w))
+    return cands, []
+
+
+def round25(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """fp32 BERT b16, 1% slower than torch after round 24: its matmuls with N = 768 (projections, FFN output; split-K
+    partials included) on the SIMT schedule's 96-column tiles (simt_gemm.CONFIGS s128x96, s64x96: a grid of
+    whole waves where the 64x64 tile's 384 blocks and the 8x8 tiles' 192 leave SMs idle), with the database's
+    split-K and without it."""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        for split in (True, False):
+            v = _db_variant(model, 16, "fp32", without=("kernels",) if split else ("kernels", "split_k"))
+            for tile in ("s128x96", "s64x96"):
+                w = json.loads(json.dumps(v))
+                w["schedule"]["kernels"] = _gemm_choices(model, 16, w, "simt",
+                                                         lambda q, m, n, k, t=tile: t if n == 768 else None)
+                cands.append(ModelCandidate(model, 16, f"{variant_label(w)}-{tile}", w))
+    return cands, []
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
-          11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16, 17: round17}
+          11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16, 17: round17,
+          18: round18, 19: round19, 20: round20,
+          21: round21, 22: round22,
+          23: round23, 24: round24, 25: round25}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:

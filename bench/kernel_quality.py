@@ -867,8 +867,16 @@ def load_results(paths: list[str]) -> dict:
     return merged
 
 
+# Zoo models whose relax graph changed: candidates measured before that round ran other kernels than `workbench
+# compile` builds now, so they may not win (nor stand as the default's figure).
+GRAPH_CHANGED = {"bert_base": (19, "attention's products became einsums on [b, s, heads, d] (no head transposes)")}
+
+
 def eligible(r: dict) -> tuple[bool, str]:
     """Whether a whole-model candidate may be a winner, and why not."""
+    since = GRAPH_CHANGED.get(r.get("model"))
+    if since is not None and (r.get("round") or 0) < since[0]:
+        return False, f"measured before round {since[0]}, where the model's graph changed: {since[1]}"
     if "error" in r or "tvm" not in r:
         return False, "error: " + str(r.get("error", "not run"))[:120]
     if not r.get("numerics", {}).get("pass"):
@@ -884,8 +892,34 @@ def eligible(r: dict) -> tuple[bool, str]:
     return True, ""
 
 
+def served(r: dict) -> dict:
+    """A candidate's figures as the CUDA worker runs it (one CUDA graph per exec, worker config cuda_graphs, the
+    default) where the run measured that, else through the VM (which adds the host's launch gaps: ranking by the
+    VM picked variants slower as graphs, e.g. MobileNetV2 b1 fp32)."""
+    g = r.get("graph") or {}
+    return g if g.get("p50_ms") and g.get("p99_ms") else r["tvm"]
+
+
+def served_ms(r: dict) -> float:
+    return served(r)["p50_ms"]
+
+
+NEAR_FASTEST = 1.03      # candidates within 3% of the fastest are within the drift between rounds (runs)
+
+
+def fastest(cands: list[dict]) -> dict:
+    """The winner among candidates: the fastest as served, unless it misses the goal's predictability (p99/p50 >
+    GOAL_P99_OVER_P50 as served) and another candidate within NEAR_FASTEST of it keeps it: then the fastest of
+    those. (With ~100 runs a p99 is near the maximum, so the bound is noisy; a serving system still takes a tail
+    it can predict over a speed difference the next run may not reproduce.)"""
+    top = min(served_ms(r) for r in cands)
+    near = [r for r in cands if served_ms(r) <= top * NEAR_FASTEST]
+    kept = [r for r in near if served(r)["p99_ms"] <= GOAL_P99_OVER_P50 * served_ms(r)]
+    return min(kept or cands, key=served_ms)
+
+
 def pick(merged: dict) -> dict:
-    """Winners per (model, batch, precision), the lowering per (model, precision), kernel winners."""
+    """Winners per (model, batch, precision) (`fastest`), the lowering per (model, precision), kernel winners."""
     rows = list(merged["models"].values())
     groups: dict = {}
     for r in rows:
@@ -900,13 +934,13 @@ def pick(merged: dict) -> dict:
                 if r["model"] == model and r["variant"]["precision"] == prec and r["variant"]["lowering"] == lw \
                         and eligible(r)[0]:
                     b = r["batch"]
-                    best[b] = min(best.get(b, math.inf), r["tvm"]["p50_ms"])
+                    best[b] = min(best.get(b, math.inf), served_ms(r))
             if best:
                 sums[lw] = (len(best), sum(best.values()))
         if sums:
             lowering_choice[(model, prec)] = min(sums, key=lambda lw: (-sums[lw][0], sums[lw][1]))
     for (model, b), rs in sorted(groups.items()):
-        base = next((r for r in rs if r["label"] == "fp32" and r["variant"]["lowering"] == "direct" and "tvm" in r),
+        base = next((r for r in rs if r["label"] == "fp32" and r["variant"]["lowering"] == "direct" and eligible(r)[0]),
                     None)
         latest = {m: t for (mm, bb, m), t in merged["torch"].items() if mm == model and bb == b}
         for prec in ("fp32", "fp16"):
@@ -914,9 +948,9 @@ def pick(merged: dict) -> dict:
             cands = [r for r in rs if r["variant"]["precision"] == prec and eligible(r)[0]]
             if not cands:
                 continue
-            best_any = min(cands, key=lambda r: r["tvm"]["p50_ms"])
+            best_any = fastest(cands)
             within = [r for r in cands if r["variant"]["lowering"] == lw] or [best_any]
-            best = min(within, key=lambda r: r["tvm"]["p50_ms"])
+            best = fastest(within)
             # torch of the winner's own run where that run measured this batch, else the latest figures
             own = {m: t for (rr, mm, bb, m), t in merged["torch_runs"].items()
                    if rr is not None and rr == best.get("round") and mm == model and bb == b}
@@ -984,7 +1018,7 @@ def goal(winners: list[dict]) -> list[dict]:
             tvm = [by[(model, b, p)] for p in spec["tvm"] if (model, b, p) in by]
             if not tvm:
                 continue
-            w = min(tvm, key=lambda w: w["tvm"]["p50_ms"])
+            w = fastest(tvm)
             torch = {m: w["torch"][m] for m in spec["torch"] if (w["torch"].get(m) or {}).get("p50_ms")}
             row = {"model": model, "batch": b, "numerics": kind, "tvm_id": w["id"], "tvm_precision": w["precision"],
                    "tvm": {k: w["tvm"][k] for k in ("p50_ms", "p99_ms", "n")}, "p99_over_p50": w["p99_over_p50"],
@@ -1127,7 +1161,12 @@ def markdown(merged: dict, picked: dict) -> str:
                  f"{_f((w['baseline'] or {}).get('p50_ms'))} | {_pp(w['tvm'])} | {_f(w['p99_over_p50'])} | "
                  f"{_f(w['speedup_vs_default'], 2)}x | {other or 'same'} | {w['numerics']['rel_err']:.1e} |")
     if picked["ineligible"]:
-        L += ["", "Not eligible: " + "; ".join(f"{k}: {v}" for k, v in sorted(picked["ineligible"].items())) + "."]
+        by_reason: dict = {}
+        for k, v in sorted(picked["ineligible"].items()):
+            by_reason.setdefault(v, []).append(k)
+        L += ["", "Not eligible: " + "; ".join(f"{', '.join(ids)}: {v}" if len(ids) <= 3 else
+                                               f"{len(ids)} candidates ({ids[0]}, ...): {v}"
+                                               for v, ids in by_reason.items()) + "."]
     cg = [r for r in merged["models"].values() if r["variant"].get("cuda_graph") and "tvm" in r]
     if cg:
         L += ["", "Relax CUDA graphs (`relax.backend.use_cuda_graph`): "

@@ -1,0 +1,147 @@
+"""Kernel-quality rounds 18-25: the non-matmul settings on the fp32 variants, BERT's einsum attention, the
+bisection of round 19's failed BERT b1 fp32 candidate, per-kernel tiles on BERT's 768-column matmuls; `pick`'s
+exclusion of figures measured on an older graph."""
+import pytest
+
+from bench.build_kernel_candidates import ARCH, ROUNDS, variant_label
+from bench.kernel_quality import GRAPH_CHANGED, eligible
+from workbench.models import tuning
+
+MODELS = ["resnet50", "mobilenet_v2", "bert_base", "resnet18"]
+ROW_SETTINGS = {"injective": 8, "rows": 8, "row_reduction": 256}
+
+
+def _db(model: str, b: int, precision: str) -> dict:
+    return tuning.plan(model, "cuda", ARCH, [b], precision).variants[b].to_json()
+
+
+def test_round18_adds_the_row_settings_to_every_fp32_variant_and_keeps_berts_beside_them():
+    cands, jobs = ROUNDS[18](MODELS)
+    assert jobs == [] and len({c.id for c in cands}) == len(cands) == 4 * 5 + 5
+    for c in cands:
+        assert c.variant["precision"] == "fp32" and variant_label(c.variant) == c.label
+        base = {k: v for k, v in _db(c.model, c.batch, "fp32")["schedule"].items() if k not in ROW_SETTINGS}
+        assert c.variant["schedule"] in ({**base, **ROW_SETTINGS}, base)
+        assert c.variant["schedule"] == {**base, **ROW_SETTINGS} or c.model == "bert_base"
+
+
+def test_round19_measures_every_bert_variant_again_on_the_einsum_graph():
+    cands, _ = ROUNDS[19](MODELS)
+    assert {c.model for c in cands} == {"bert_base"} and len({c.id for c in cands}) == len(cands) == 2 + 5 * 3
+    for b in (1, 2, 4, 8, 16):
+        mine = [c.variant for c in cands if c.batch == b]
+        assert {**_db("bert_base", b, "fp32"), "schedule": {**_db("bert_base", b, "fp32")["schedule"], **ROW_SETTINGS}} \
+            in mine
+        fp16 = {k: v for k, v in _db("bert_base", b, "fp16")["schedule"].items() if k != "split_k"}
+        assert {v["schedule"].get("split_k") for v in mine if v["precision"] == "fp16"} == {None, 256}
+        assert all({k: x for k, x in v["schedule"].items() if k != "split_k"} == fp16 for v in mine
+                   if v["precision"] == "fp16")
+        assert (b in (1, 16)) == any(v["schedule"] == {} for v in mine)        # TVM's default: the baseline
+
+
+def test_round20_drops_each_setting_of_the_failed_candidate_in_turn():
+    cands, _ = ROUNDS[20](MODELS)
+    full = {"injective": 8, "rows": 8, "row_reduction": 256, "split_k": 256, "simt": True}
+    got = [c.variant["schedule"] for c in cands]
+    assert all(c.batch == 1 and c.model == "bert_base" and c.variant["precision"] == "fp32" for c in cands)
+    assert got[0] == full and got[-1] == {"simt": True}
+    assert sorted(map(sorted, got[1:-1])) == sorted(sorted(set(full) - {k}) for k in full)
+
+
+def test_figures_measured_on_an_older_graph_cannot_win():
+    since, why = GRAPH_CHANGED["bert_base"]
+    row = {"model": "bert_base", "tvm": {"p50_ms": 1.0, "p99_ms": 1.0}, "numerics": {"pass": True},
+           "variant": {"cuda_graph": False}}
+    for rnd, ok in ((None, False), (since - 1, False), (since, True)):
+        got = eligible({**row, "round": rnd})
+        assert got[0] is ok and (ok or str(since) in got[1] and why in got[1])
+    assert eligible({**row, "model": "resnet50", "round": None})[0]
+
+
+def test_round21_measures_round19s_candidates_again():
+    assert [c.id for c in ROUNDS[21](MODELS)[0]] == [c.id for c in ROUNDS[19](MODELS)[0]]
+
+
+def test_round22_tries_one_warp_layer_norms_and_other_split_k_targets_for_bert():
+    cands, _ = ROUNDS[22](MODELS)
+    assert len({c.id for c in cands}) == len(cands)
+    warp = [c for c in cands if c.variant["schedule"]["row_reduction"] == 32]
+    assert sorted((c.batch, c.variant["precision"]) for c in warp) == sorted(
+        (b, p) for b in (1, 2, 4, 8, 16) for p in ("fp32", "fp16"))
+    for c in warp:
+        db = _db("bert_base", c.batch, c.variant["precision"])["schedule"]
+        assert c.variant["schedule"] == {**db, **(ROW_SETTINGS if c.variant["precision"] == "fp32" else {}),
+                                         "row_reduction": 32} and "-rr32" in c.label
+    cands = [c for c in cands if c not in warp]
+    got = {(c.batch, c.variant["precision"], c.variant["schedule"].get("split_k")) for c in cands}
+    assert got == {(16, "fp32", None), (16, "fp32", 512), (16, "fp32", 1024)} | {
+        (b, "fp16", s) for b in (4, 8, 16) for s in (512, 1024)}
+    for c in cands:
+        rest = {k: v for k, v in c.variant["schedule"].items() if k != "split_k"}
+        base = {k: v for k, v in _db("bert_base", c.batch, c.variant["precision"])["schedule"].items()
+                if k != "split_k"}
+        assert rest == ({**base, **ROW_SETTINGS} if c.variant["precision"] == "fp32" else base)
+
+
+@pytest.mark.slow
+def test_gemm_choices_pick_tiles_for_the_kernels_a_rule_folds():
+    """bench.build_kernel_candidates._gemm_choices on BERT b16's real fused kernels: the mma choices land on the
+    four fp16 matmuls with 768 output columns (projections, FFN output, pooler) and nowhere else; a SIMT choice on
+    fp32 attention's QK^T alone (192 entries of 128 x 128 x 64, K read as [t, d])."""
+    from bench.build_kernel_candidates import _gemm_choices
+    from workbench.models import schedules, tensorcore, zoo
+    from workbench.models.compiler import make_target
+    seen = []
+    v16 = {"lowering": "direct", "precision": "fp16", "cuda_graph": False,
+           "schedule": {"activations": "fp16"}, "weights": "fp16"}
+
+    def pick(q, m, n, k):
+        seen.append((q, m, n, k))
+        return "t64x96" if n == 768 else None
+
+    got = _gemm_choices("bert_base", 16, v16, "mma", pick)
+    assert sorted(seen, key=str) == sorted([(None, 2048, 768, 768)] * 2 + [
+        (None, 2048, 768, 3072), (None, 2048, 3072, 768), (None, 16, 768, 768), (192, 128, 128, 64),
+        (192, 128, 64, 128)], key=str)
+    assert len(got) == 4 and all(c == {"rule": "mma", "config": "t64x96"} for c in got.values())
+    tgt = make_target("cuda", "sm_90")
+    keys = {k.key: k for k in schedules.kernels(schedules.fuse(zoo.get("bert_base", seed=0).make_module(16), tgt,
+                                                               "fp16", "fp16", "fp16"), tgt)}
+    assert all(tensorcore.gemm_shape(keys[k].func)[1] == 768 for k in got)
+    v32 = {"lowering": "direct", "precision": "fp32", "cuda_graph": False, "schedule": {}}
+    got = _gemm_choices("bert_base", 16, v32, "simt", lambda q, m, n, k: "s64t4" if (q, n, k) == (192, 128, 64) else None)
+    assert list(got.values()) == [{"rule": "simt", "config": "s64t4"}]
+
+
+def test_rounds_23_and_24_put_wider_tiles_on_berts_768_column_matmuls(monkeypatch):
+    import bench.build_kernel_candidates as bkc
+    calls = []
+
+    def choices(model, b, variant, rule, pick):
+        calls.append((b, variant["precision"], rule))
+        return {f"{rule}{b}": {"rule": rule, "config": pick(None, 16 * 128, 768, 768) or "-"},
+                f"k{b}": {"rule": rule, "config": pick(None, b * 128, 768, 768 // 4) or "-"}}
+
+    monkeypatch.setattr(bkc, "_gemm_choices", choices)
+    c23, _ = ROUNDS[23](MODELS)
+    assert [(c.batch, c.label.rsplit("-", 1)[1]) for c in c23] == [
+        (b, t) for b in (4, 8, 16) for t in ("t128x96", "t64x96", "t64x48")]
+    assert all(c.variant["precision"] == "fp16" and "-k-" in c.label for c in c23)
+    c24, _ = ROUNDS[24](MODELS)
+    assert [(c.batch, c.variant["precision"]) for c in c24] == [(16, "fp16")] * 2 + [(4, "fp16")] * 2 + [(16, "fp32")] * 2
+    assert "split_k" not in c24[2].variant["schedule"] and c24[3].variant["schedule"]["split_k"]
+    assert [r for _, _, r in calls[-6:]] == ["mma"] * 4 + ["simt"] * 2
+    assert {c.variant["schedule"]["kernels"]["k4"]["config"] for c in c24[2:4]} == {"t64x96"}   # K = 768 / S
+    assert c24[3].variant["schedule"]["kernels"]["mma4"]["config"] == "-"                        # unsplit: left
+
+
+def test_round25_puts_berts_fp32_768_column_matmuls_on_the_96_column_simt_tiles(monkeypatch):
+    import bench.build_kernel_candidates as bkc
+    monkeypatch.setattr(bkc, "_gemm_choices", lambda model, b, v, rule, pick: {
+        "k": {"rule": rule, "config": pick(None, 2048, 768, 3072)},
+        "other": {"rule": rule, "config": pick(192, 128, 128, 64)}})
+    cands, _ = ROUNDS[25](MODELS)
+    assert [(c.batch, "split_k" in c.variant["schedule"], c.label.rsplit("-", 1)[1]) for c in cands] == [
+        (16, True, "s128x96"), (16, True, "s64x96"), (16, False, "s128x96"), (16, False, "s64x96")]
+    assert all(c.variant["schedule"]["kernels"]["k"]["config"] == c.label.rsplit("-", 1)[1]
+               and c.variant["schedule"]["kernels"]["other"]["config"] is None for c in cands)
