@@ -611,7 +611,7 @@ def _row_rule_classes():
             loops = sch.get_loops(last.block_rv)
             if row is None or len(loops) != len(dom) or const(sch.get(loops[-1]).extent) != row:
                 return None
-            rows_total = math.prod(const(sch.get(lp).extent) or 0 for lp in loops[:lead])
+            rows_total = math.prod(const(sch.get(lp).extent) or 0 for lp in loops[:lead])   # 0: not constant
             threads = 32
             while threads < self.max_threads and threads * self.per_thread < row:
                 threads *= 2
@@ -622,7 +622,7 @@ def _row_rule_classes():
             # the batch axis has extent 1 (BERT b1's softmax read stale values).
             warp = threads == 32
             rows = 1
-            while warp and threads * rows < self.BLOCK_THREADS and rows_total % (2 * rows) == 0:
+            while warp and threads * rows < self.BLOCK_THREADS and rows_total and rows_total % (2 * rows) == 0:
                 rows *= 2
             bx, ty = sch.split(sch.fuse(*loops[:lead]), [None, rows])
             r_loop, tx = sch.split(loops[-1], [None, threads])
