@@ -614,8 +614,8 @@ def round24(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     """Tiles per kernel where round 23 came within 4% of torch. fp16 b16: the projections (N = K = 768) on 64x96 as
     in round 23's winner but the FFN output (K = 3072) on 128x96 (bench/results/gemm_tensorcore.md: 0.042 against
     0.049 ms), or the projections on 128x64. fp16 b4: round 23's 64x96 without split-K, and on the projections'
-    split-K partials only (the FFN output's left to the per-shape tile). fp32 b16: attention's QK^T (K read as [t, d]) on the
-    SIMT tiles s64t4 and s128x64 instead of s64."""
+    split-K partials only (the FFN output's left to the per-shape tile). fp32 b16: attention's QK^T (K read as
+    [t, d]) on the SIMT tiles s64t4 and s128x64 instead of s64."""
     cands = []
     for model in (m for m in models if m == "bert_base"):
         v = _db_variant(model, 16, "fp16")
@@ -635,8 +635,8 @@ def round24(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
         v = _db_variant(model, 16, "fp32", without=("kernels",))
         for tile in ("s64t4", "s128x64"):
             w = json.loads(json.dumps(v))
-            w["schedule"]["kernels"] = _gemm_choices(model, 16, w, "simt",
-                                                     lambda q, m, n, k, t=tile: t if (q, n, k) == (192, 128, 64) else None)
+            w["schedule"]["kernels"] = _gemm_choices(
+                model, 16, w, "simt", lambda q, m, n, k, t=tile: t if (q, n, k) == (192, 128, 64) else None)
             cands.append(ModelCandidate(model, 16, f"{variant_label(w)}-qk-{tile}", w))
     return cands, []
 

@@ -1150,8 +1150,9 @@ def markdown(merged: dict, picked: dict) -> str:
     L += ["## Winners recorded in the tuning database", "",
           "Per (model, batch, precision) the fastest eligible candidate as the CUDA worker runs it (its CUDA-graph "
           f"p50; where the fastest misses p99/p50 <= {GOAL_P99_OVER_P50}, the fastest within "
-          f"{round((NEAR_FASTEST - 1) * 100)}% of it that keeps it) within the model's lowering for that precision (the lowering fixes the "
-          "weights' layout, so it is one per model: the one fastest over the measured batches). The p50 / p99 "
+          f"{round((NEAR_FASTEST - 1) * 100)}% of it that keeps it) within the model's lowering for that "
+          "precision (the lowering fixes the weights' layout, so it is one per model: the one fastest over the "
+          "measured batches). The p50 / p99 "
           "columns are through the VM. `workbench compile --precision fp16` uses the fp16 rows.", "",
           "| model | b | precision | winner | compile s | TVM default p50 | winner p50 / p99 | p99/p50 | speedup vs "
           "default | fastest in any lowering | err |", "|---|---|---|---|---|---|---|---|---|---|---|"]

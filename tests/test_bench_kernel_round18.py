@@ -30,8 +30,8 @@ def test_round19_measures_every_bert_variant_again_on_the_einsum_graph():
     assert {c.model for c in cands} == {"bert_base"} and len({c.id for c in cands}) == len(cands) == 2 + 5 * 3
     for b in (1, 2, 4, 8, 16):
         mine = [c.variant for c in cands if c.batch == b]
-        assert {**_db("bert_base", b, "fp32"), "schedule": {**_db("bert_base", b, "fp32")["schedule"], **ROW_SETTINGS}} \
-            in mine
+        db = _db("bert_base", b, "fp32")
+        assert {**db, "schedule": {**db["schedule"], **ROW_SETTINGS}} in mine
         fp16 = {k: v for k, v in _db("bert_base", b, "fp16")["schedule"].items() if k != "split_k"}
         assert {v["schedule"].get("split_k") for v in mine if v["precision"] == "fp16"} == {None, 256}
         assert all({k: x for k, x in v["schedule"].items() if k != "split_k"} == fp16 for v in mine
@@ -109,7 +109,8 @@ def test_gemm_choices_pick_tiles_for_the_kernels_a_rule_folds():
                                                                "fp16", "fp16", "fp16"), tgt)}
     assert all(tensorcore.gemm_shape(keys[k].func)[1] == 768 for k in got)
     v32 = {"lowering": "direct", "precision": "fp32", "cuda_graph": False, "schedule": {}}
-    got = _gemm_choices("bert_base", 16, v32, "simt", lambda q, m, n, k: "s64t4" if (q, n, k) == (192, 128, 64) else None)
+    got = _gemm_choices("bert_base", 16, v32, "simt",
+                        lambda q, m, n, k: "s64t4" if (q, n, k) == (192, 128, 64) else None)
     assert list(got.values()) == [{"rule": "simt", "config": "s64t4"}]
 
 
@@ -128,7 +129,8 @@ def test_rounds_23_and_24_put_wider_tiles_on_berts_768_column_matmuls(monkeypatc
         (b, t) for b in (4, 8, 16) for t in ("t128x96", "t64x96", "t64x48")]
     assert all(c.variant["precision"] == "fp16" and "-k-" in c.label for c in c23)
     c24, _ = ROUNDS[24](MODELS)
-    assert [(c.batch, c.variant["precision"]) for c in c24] == [(16, "fp16")] * 2 + [(4, "fp16")] * 2 + [(16, "fp32")] * 2
+    assert [(c.batch, c.variant["precision"]) for c in c24] == ([(16, "fp16")] * 2 + [(4, "fp16")] * 2
+                                                                 + [(16, "fp32")] * 2)
     assert "split_k" not in c24[2].variant["schedule"] and c24[3].variant["schedule"]["split_k"]
     assert [r for _, _, r in calls[-6:]] == ["mma"] * 4 + ["simt"] * 2
     assert {c.variant["schedule"]["kernels"]["k4"]["config"] for c in c24[2:4]} == {"t64x96"}   # K = 768 / S
