@@ -503,7 +503,7 @@ def round18(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
 def round19(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """The zoo's BERT now computes attention's two products as einsums on [b, s, heads, d] (the head reshapes are
     views: no transpose kernels), and RowReduction packs short rows (softmax) four to a thread block, so every
-    BERT figure before this round measured other kernels (kernel_quality.GRAPH_CHANGED). At b1, b2, b4, b8 and
+    BERT figure before this round measured other kernels (kernel_quality.KERNELS_CHANGED). At b1, b2, b4, b8 and
     b16: the database's fp32 variant with round 18's settings (inj8, rows8, rr256), the fp16 variant with and
     without split-K 256, and TVM's default pipeline at b1 and b16 (the tables' baseline)."""
     cands = []
@@ -658,11 +658,31 @@ def round25(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
+def round26(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """SimtMatmul now spreads a thread's columns of a B[N, K] operand across threads (sub-tiles of one column:
+    neighbouring threads read neighbouring rows of B in shared memory, where 4 consecutive rows a thread put a
+    warp's loads in 2 of the 32 banks). The one such kernel in the zoo is fp32 BERT's attention QK^T, so every fp32
+    BERT figure before this round measured another kernel (kernel_quality.KERNELS_CHANGED): the database's fp32
+    variants at b1, b2, b4, b8 and b16 again, b16's without its per-kernel QK^T tile, and TVM's default at b1 and b16
+    (the tables' baseline). (The database merges every batch's per-kernel choices into each; keyed by shape, b16's
+    match no kernel at b1-b8, which are built without.)"""
+    cands = []
+    for model in (m for m in models if m == "bert_base"):
+        for b in (1, 2, 4, 8, 16):
+            if b in (1, 16):
+                cands.append(ModelCandidate(model, b, "fp32", _variant("direct")))
+            for without in ((("kernels",),) if b < 16 else ((), ("kernels",))):
+                v = _db_variant(model, b, "fp32", without=without)
+                cands.append(ModelCandidate(model, b, variant_label(v), v))
+    return cands, []
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
           11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16, 17: round17,
           18: round18, 19: round19, 20: round20,
           21: round21, 22: round22,
-          23: round23, 24: round24, 25: round25}
+          23: round23, 24: round24, 25: round25,
+          26: round26}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:

@@ -53,6 +53,7 @@ SHAPES: list[tuple[str, str, int | None, int, int, int, str]] = [
     ("r50_b16_l4_1x1", "resnet50 b16: layer4 1x1 expand (7x7, 512->2048)", None, 784, 2048, 512, "kn"),
     ("r18_b16_l4_sk8", "resnet18 b16: layer4 3x3 as 8 split-K partials", 8, 784, 512, 576, "kn"),
     ("bert_b16_qkt", "bert_base b16: attention Q x K^T (192 heads)", 192, 128, 128, 64, "kn"),
+    ("bert_b16_qkt_nk", "bert_base b16: Q x K^T with K read as [t, d] (the zoo's einsum)", 192, 128, 128, 64, "nk"),
     ("bert_b16_pv", "bert_base b16: attention P x V (192 heads)", 192, 128, 64, 128, "kn"),
 ]
 # The search space (SimtConfig fields): block MxNxK, thread tile, pipeline stages, k steps per register load.

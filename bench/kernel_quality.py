@@ -867,16 +867,21 @@ def load_results(paths: list[str]) -> dict:
     return merged
 
 
-# Zoo models whose relax graph changed: candidates measured before that round ran other kernels than `workbench
-# compile` builds now, so they may not win (nor stand as the default's figure).
-GRAPH_CHANGED = {"bert_base": (19, "attention's products became einsums on [b, s, heads, d] (no head transposes)")}
+# (model, precision or None for every precision) -> (round, what changed): the model's graph or a schedule its
+# kernels take changed in that round, so candidates measured before it ran other kernels than `workbench compile`
+# builds now: they may not win (nor stand as the default's figure).
+KERNELS_CHANGED = {
+    ("bert_base", None): (19, "attention's products became einsums on [b, s, heads, d] (no head transposes)"),
+    ("bert_base", "fp32"): (26, "SimtMatmul spreads a thread's columns of B[N, K] (attention's QK^T) across threads"),
+}
 
 
 def eligible(r: dict) -> tuple[bool, str]:
     """Whether a whole-model candidate may be a winner, and why not."""
-    since = GRAPH_CHANGED.get(r.get("model"))
-    if since is not None and (r.get("round") or 0) < since[0]:
-        return False, f"measured before round {since[0]}, where the model's graph changed: {since[1]}"
+    for key in ((r.get("model"), None), (r.get("model"), (r.get("variant") or {}).get("precision"))):
+        since = KERNELS_CHANGED.get(key)
+        if since is not None and (r.get("round") or 0) < since[0]:
+            return False, f"measured before round {since[0]}, where its kernels changed: {since[1]}"
     if "error" in r or "tvm" not in r:
         return False, "error: " + str(r.get("error", "not run"))[:120]
     if not r.get("numerics", {}).get("pass"):

@@ -4,7 +4,7 @@ exclusion of figures measured on an older graph."""
 import pytest
 
 from bench.build_kernel_candidates import ARCH, ROUNDS, variant_label
-from bench.kernel_quality import GRAPH_CHANGED, eligible
+from bench.kernel_quality import KERNELS_CHANGED, eligible
 from workbench.models import tuning
 
 MODELS = ["resnet50", "mobilenet_v2", "bert_base", "resnet18"]
@@ -48,14 +48,30 @@ def test_round20_drops_each_setting_of_the_failed_candidate_in_turn():
     assert sorted(map(sorted, got[1:-1])) == sorted(sorted(set(full) - {k}) for k in full)
 
 
-def test_figures_measured_on_an_older_graph_cannot_win():
-    since, why = GRAPH_CHANGED["bert_base"]
+def test_figures_measured_before_a_models_kernels_changed_cannot_win():
+    since, why = KERNELS_CHANGED[("bert_base", None)]
+    fp32_since, fp32_why = KERNELS_CHANGED[("bert_base", "fp32")]
     row = {"model": "bert_base", "tvm": {"p50_ms": 1.0, "p99_ms": 1.0}, "numerics": {"pass": True},
-           "variant": {"cuda_graph": False}}
+           "variant": {"cuda_graph": False, "precision": "fp16"}}
     for rnd, ok in ((None, False), (since - 1, False), (since, True)):
         got = eligible({**row, "round": rnd})
         assert got[0] is ok and (ok or str(since) in got[1] and why in got[1])
+    fp32 = {**row, "variant": {"cuda_graph": False, "precision": "fp32"}}
+    assert since < fp32_since and not eligible({**fp32, "round": fp32_since - 1})[0]
+    assert fp32_why in eligible({**fp32, "round": fp32_since - 1})[1] and eligible({**fp32, "round": fp32_since})[0]
     assert eligible({**row, "model": "resnet50", "round": None})[0]
+
+
+def test_round26_measures_berts_fp32_variants_again():
+    cands, _ = ROUNDS[26](MODELS)
+    assert {c.batch for c in cands} == {1, 2, 4, 8, 16} and all(c.variant["precision"] == "fp32" for c in cands)
+    assert len(cands) == 8 and [c.batch for c in cands].count(16) == 3
+    assert [c.batch for c in cands if c.variant["schedule"] == {}] == [1, 16]          # the default: the baseline
+    for b in (1, 2, 4, 8, 16):
+        db = _db("bert_base", b, "fp32")
+        bare = {**db, "schedule": {k: v for k, v in db["schedule"].items() if k != "kernels"}}
+        assert bare in [c.variant for c in cands if c.batch == b]
+        assert (db in [c.variant for c in cands if c.batch == b]) == (b == 16 or db == bare)
 
 
 def test_round21_measures_round19s_candidates_again():

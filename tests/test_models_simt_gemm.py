@@ -97,6 +97,15 @@ def test_ragged_transposed_and_batched_shapes_compile(args):
         assert "blockIdx.z" in src
 
 
+def test_a_transposed_b_is_read_by_neighbouring_threads_from_neighbouring_rows():
+    """B[N, K] (BERT's QK^T reads K as [t, d]) sits in shared memory as rows of k: thread x reads row x of each of
+    its column sub-tiles (rows 20 words apart with s64's 16 + 4), not 4 consecutive rows (4 x 20 apart: 2 of the
+    32 banks for a warp); its register tile stays 8 x 4 accumulators, and each output column is stored alone."""
+    src = _cuda(simt_gemm.gemm_func(128, 128, 64, "nk", 192), simt_gemm.named_config("s64"))
+    assert "threadIdx.x) * 20)" in src and "threadIdx.x) * 80)" not in src
+    assert "float C_local_ptr[32];" in src and "*(float4*)(C_ptr" not in src
+
+
 @pytest.mark.parametrize("label", ["s128x96", "s64x96"])
 def test_the_96_column_tiles_compile_for_berts_768_columns(label):
     """SIMT tiles of 96 columns (N = 768 in 8 column tiles): BERT b16's FFN output and a ragged shape compile with
