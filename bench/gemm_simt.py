@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.gemm_tensorcore import build_run_parser, measure_module, module_sources, time_launches, tflops
+from bench.gemm_tensorcore import (build_run_parser, measure_module, module_rows, module_sources, time_launches,
+                                   tflops)
 from bench.kernel_quality import _f, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,18 +291,11 @@ def markdown(res: dict) -> str:
               "Registers per thread and spilled bytes of its kernel (CUDA function attributes).", "",
               "| module | p50 ms | p99 ms | TFLOP/s | error | ok | regs | spilled bytes |",
               "|---|---|---|---|---|---|---|---|"]
-    for row in res["shapes"]:
-        lines.append(f"| torch {row['name']} | {_f(row['torch']['p50_ms'], 4)} | {_f(row['torch']['p99_ms'], 4)} "
-                     f"| {_f(row['torch']['tflops'], 1)} | - | - | - | - |")
-        for r in row["results"]:
-            if "error" in r:
-                lines.append(f"| {r['id']} | - | - | - | {r['error'][:200]} | no | - | - |")
-            else:
-                rs = list(res.get("resources", {}).get(r["id"], {}).values())
-                regs = ", ".join(str(x["regs"]) for x in rs) or "-"
-                spill = ", ".join(str(x["local_bytes"]) for x in rs) or "-"
-                lines.append(f"| {r['id']} | {_f(r['p50_ms'], 4)} | {_f(r['p99_ms'], 4)} | {_f(r['tflops'], 1)} "
-                             f"| {r['rel_err']:.1e} | {'yes' if r['ok'] else 'NO'} | {regs} | {spill} |")
+    def resources(r: dict) -> tuple[str, str]:               # registers and spilled bytes of its kernels
+        rs = list(res.get("resources", {}).get(r.get("id"), {}).values())
+        return (", ".join(str(x["regs"]) for x in rs) or "-", ", ".join(str(x["local_bytes"]) for x in rs) or "-")
+
+    lines += module_rows(res, 1, resources)
     problems = res.get("errors", []) + [f"build failed: {f['shape']} {f['label']}: {f['error'][:300]}"
                                         for f in res.get("build_failed", [])]
     if meta.get("sources_missing"):

@@ -373,6 +373,26 @@ def summarize(row: dict) -> dict:
             "dlight_vs_torch": (dl["p50_ms"] / torch_ms) if dl else None}
 
 
+def module_rows(res: dict, tflops_digits: int, extra=None) -> list[str]:
+    """The "Every module" table rows of a GEMM benchmark's results: torch, then each module of each shape;
+    `extra(result)` gives more cells for a module (the dashes for torch and failed modules follow its count)."""
+    n = len(extra({})) if extra else 0
+    dashes = " - |" * n
+    lines = []
+    for row in res["shapes"]:
+        lines.append(f"| torch {row['name']} | {_f(row['torch']['p50_ms'], 4)} | {_f(row['torch']['p99_ms'], 4)} "
+                     f"| {_f(row['torch']['tflops'], tflops_digits)} | - | - |" + dashes)
+        for r in row["results"]:
+            if "error" in r:
+                lines.append(f"| {r['id']} | - | - | - | {r['error'][:200]} | no |" + dashes)
+            else:
+                more = "".join(f" {c} |" for c in extra(r)) if extra else ""
+                lines.append(f"| {r['id']} | {_f(r['p50_ms'], 4)} | {_f(r['p99_ms'], 4)} "
+                             f"| {_f(r['tflops'], tflops_digits)} | {r['rel_err']:.1e} | "
+                             f"{'yes' if r['ok'] else 'NO'} |" + more)
+    return lines
+
+
 def markdown(res: dict) -> str:
     meta = res["meta"]
     lines = ["# gemm_tensorcore: mma.sync schedule vs dlight (wmma) vs torch cuBLAS, fp16", "",
@@ -393,16 +413,7 @@ def markdown(res: dict) -> str:
                      f"{_f(tflops(m, n, k, s['mma_ms']), 0)} / {_f(tflops(m, n, k, s['torch_ms']), 0)} "
                      f"| {_f(s['mma_speedup_vs_dlight'], 2)}x | {_f(s['mma_vs_torch'], 2)} |")
     lines += ["", "## Every module", "", "| module | p50 ms | p99 ms | TFLOP/s | error | ok |",
-              "|---|---|---|---|---|---|"]
-    for row in res["shapes"]:
-        lines.append(f"| torch {row['name']} | {_f(row['torch']['p50_ms'], 4)} | {_f(row['torch']['p99_ms'], 4)} "
-                     f"| {_f(row['torch']['tflops'], 0)} | - | - |")
-        for r in row["results"]:
-            if "error" in r:
-                lines.append(f"| {r['id']} | - | - | - | {r['error'][:200]} | no |")
-            else:
-                lines.append(f"| {r['id']} | {_f(r['p50_ms'], 4)} | {_f(r['p99_ms'], 4)} | {_f(r['tflops'], 0)} "
-                             f"| {r['rel_err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+              "|---|---|---|---|---|---|"] + module_rows(res, 0)
     if res.get("errors") or res.get("build_failed") or meta.get("sources_missing"):
         lines += ["", "## Problems", ""]
         lines += [f"- {e}" for e in res.get("errors", [])]
