@@ -19,7 +19,9 @@ weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast ker
 11 = the fp16 winners with reductions reading fp16 (-ri16), fitted row reductions (-rr256) and InjectiveRows
 (-rows8), BERT-base, ResNet-50, ResNet-18 (see round11); 12 = what `workbench compile` builds from the tuning
 database at b2, b4 and b8 (fp32 and fp16, every model), the compiled batch sizes no round measured; 13-17 =
-split-K, dlight's 64x128 tile, the SIMT matmul schedule and BERT's split-K targets with it (see round13..round17):
+split-K, dlight's 64x128 tile, the SIMT matmul schedule and BERT's split-K targets with it (see round13..round17);
+27 = every cell's leading candidates (from --from) with their graphs timed again, queued (see round27), reusing
+the binaries built for the rounds that measured them:
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -63,6 +65,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -677,6 +680,63 @@ def round26(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
+REMEASURE_WITHIN = 1.15      # round 27: the candidates within 15% of their cell's fastest ...
+REMEASURE_PER_CELL = 5       # ... at most this many per (model, batch, precision)
+
+
+def round27(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The graphs timed again, queued (kernel_quality.time_queued): rounds before timed each replay on an idle GPU,
+    the host's launch of the graph inside the interval, and so every graph figure they left (kernel_quality.
+    graph_figure). Per (model, batch, precision) the eligible candidates within REMEASURE_WITHIN of the fastest as
+    those rounds served them (at most REMEASURE_PER_CELL; relax CUDA-graph variants are never captured from
+    outside), their binaries reused from the round that measured them (`reuse_builds`), with torch again."""
+    from bench.kernel_quality import eligible
+    cells: dict = {}
+    for r in results["models"]:
+        if r["model"] in models and eligible(r)[0] and not r["variant"].get("cuda_graph"):
+            cells.setdefault((r["model"], r["batch"], r["variant"]["precision"]), []).append(r)
+
+    def old_served(r: dict) -> float:
+        return (r.get("graph") or {}).get("p50_ms") or r["tvm"]["p50_ms"]
+    cands = []
+    for key in sorted(cells):
+        rs = sorted(cells[key], key=old_served)
+        top = old_served(rs[0])
+        for r in [r for r in rs if old_served(r) <= top * REMEASURE_WITHIN][:REMEASURE_PER_CELL]:
+            cands.append(ModelCandidate(r["model"], r["batch"], r["label"], r["variant"]))
+    return cands, []
+
+
+def reuse_builds(cands: list[ModelCandidate], results: dict, out: Path, search: Path) -> int:
+    """Copy into `out` the binaries (models/<id>.so and .json) of candidates already built in the bundle directories
+    under `search` (.gpu/kq*), from the round that measured them (`results`), so build_model does not compile them
+    again: the very code those rounds measured. Returns how many were copied."""
+    measured = {r["id"]: r.get("round") for r in results["models"]}
+    dirs = {}
+    for m in sorted(search.glob("*/manifest.json")):
+        try:
+            man = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        if man.get("format") == "workbench-kq-candidates":
+            dirs.setdefault(man.get("round"), []).append(m.parent)
+    copied = 0
+    for c in cands:
+        dst = out / "models" / f"{c.id}.json"
+        if dst.is_file():
+            continue
+        for d in dirs.get(measured.get(c.id), []):
+            src = d / "models" / f"{c.id}.json"
+            if src.is_file() and (d / "models" / f"{c.id}.so").is_file() and \
+                    json.loads(src.read_text()).get("variant") == c.variant:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(d / "models" / f"{c.id}.so", dst.with_suffix(".so"))
+                shutil.copy2(src, dst)
+                copied += 1
+                break
+    return copied
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
           11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16, 17: round17,
           18: round18, 19: round19, 20: round20,
@@ -943,9 +1003,9 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=sorted([2, *ROUNDS]))
+    p.add_argument("--round", type=int, default=1, choices=sorted([2, 27, *ROUNDS]))
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
-                   help="round 2: the `bench.kernel_quality pick` output with the kernel winners")
+                   help="rounds 2 and 27: the `bench.kernel_quality pick` output (kernel winners; candidates)")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
     p.add_argument("--out", default=str(ROOT / ".gpu" / "kq"))
     p.add_argument("--bundle", default=str(ROOT / ".gpu" / "kq.tar.xz"))
@@ -955,11 +1015,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
-    if a.round == 2:
-        cands, jobs = round2(json.loads(Path(a.from_results).read_text()), models)
+    out = Path(a.out)
+    if a.round in (2, 27):
+        results = json.loads(Path(a.from_results).read_text())
+        cands, jobs = (round2 if a.round == 2 else round27)(results, models)
+        if a.round == 27 and not a.dry_run:
+            print(f"reused {reuse_builds(cands, results, out, ROOT / '.gpu')} of {len(cands)} builds", flush=True)
     else:
         cands, jobs = ROUNDS[a.round](models)
-    out = Path(a.out)
     if a.dry_run:
         for c in cands:
             print(c.id, json.dumps(c.variant))

@@ -163,3 +163,50 @@ def test_round25_puts_berts_fp32_768_column_matmuls_on_the_96_column_simt_tiles(
         (16, True, "s128x96"), (16, True, "s64x96"), (16, False, "s128x96"), (16, False, "s64x96")]
     assert all(c.variant["schedule"]["kernels"]["k"]["config"] == c.label.rsplit("-", 1)[1]
                and c.variant["schedule"]["kernels"]["other"]["config"] is None for c in cands)
+
+
+def _row(cid: str, b: int, precision: str, p50: float, graph: float | None, rnd: int = 26, **variant) -> dict:
+    return {"id": cid, "model": "resnet18", "batch": b, "label": cid, "round": rnd,
+            "variant": {"lowering": "matmul", "precision": precision, "cuda_graph": False, "schedule": {}, **variant},
+            "tvm": {"p50_ms": p50, "p99_ms": p50}, "numerics": {"pass": True},
+            **({"graph": {"p50_ms": graph, "p99_ms": graph}} if graph else {})}
+
+
+def test_round27_takes_each_cells_leaders_as_the_earlier_rounds_served_them():
+    from bench.build_kernel_candidates import REMEASURE_PER_CELL, round27
+    rows = [_row("fast", 1, "fp32", 2.0, 1.0), _row("near", 1, "fp32", 1.2, 1.14),       # 14% behind: taken
+            _row("far", 1, "fp32", 1.1, 1.2),                                             # 20% behind as a graph
+            _row("vm_only", 1, "fp32", 1.05, None),                                       # ranked by its VM run
+            _row("cg", 1, "fp32", 0.5, None, cuda_graph=True),                            # never captured outside
+            _row("fp16", 1, "fp16", 0.5, 0.4), _row("b2", 2, "fp32", 3.0, 2.0),
+            {**_row("broken", 1, "fp32", 0.1, 0.1), "numerics": {"pass": False}}]
+    rows += [_row(f"many{i}", 4, "fp32", 1.0 + i / 100, None) for i in range(REMEASURE_PER_CELL + 2)]
+    cands, jobs = round27({"models": rows}, ["resnet18"])
+    got: dict = {}
+    for c in cands:
+        got.setdefault((c.batch, c.variant["precision"]), []).append(c.label)
+    assert jobs == [] and got[(1, "fp32")] == ["fast", "vm_only", "near"] and got[(1, "fp16")] == ["fp16"]
+    assert got[(2, "fp32")] == ["b2"] and got[(4, "fp32")] == [f"many{i}" for i in range(REMEASURE_PER_CELL)]
+    assert round27({"models": rows}, ["bert_base"]) == ([], [])
+
+
+def test_reuse_builds_copies_the_binary_of_the_round_that_measured_it(tmp_path):
+    import json
+
+    from bench.build_kernel_candidates import ModelCandidate, reuse_builds
+    variant = {"lowering": "matmul", "precision": "fp32", "cuda_graph": False, "schedule": {}}
+    for rnd, body in ((25, b"old"), (26, b"measured")):
+        d = tmp_path / "gpu" / f"kq{rnd}"
+        (d / "models").mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"format": "workbench-kq-candidates", "round": rnd}))
+        (d / "models" / "resnet18-matmul_b1_x.so").write_bytes(body)
+        (d / "models" / "resnet18-matmul_b1_x.json").write_text(json.dumps({"variant": variant}))
+    c = ModelCandidate("resnet18", 1, "x", variant)
+    other = ModelCandidate("resnet18", 1, "y", variant)                   # built nowhere: left to build_model
+    out = tmp_path / "kq27"
+    results = {"models": [{"id": c.id, "round": 26}, {"id": other.id, "round": 26}]}
+    assert reuse_builds([c, other], results, out, tmp_path / "gpu") == 1
+    assert (out / "models" / f"{c.id}.so").read_bytes() == b"measured"
+    assert not (out / "models" / f"{other.id}.json").exists()
+    changed = ModelCandidate("resnet18", 1, "x", {**variant, "schedule": {"simt": True}})
+    assert reuse_builds([changed], results, tmp_path / "kq27b", tmp_path / "gpu") == 0   # another variant

@@ -279,7 +279,7 @@ def test_compile_benchmark_is_untuned_unless_asked(mlp_db, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def _cand(cid, model, b, label, p50, p99, lowering="direct", precision="fp32", cuda_graph=False, err=1e-6,
-          moved=None, graph=None):
+          moved=None, graph=None, graph_timing="queued"):
     r = {"id": cid, "model": model, "name": model, "batch": b, "label": label, "compile_s": 1.0, "kernels": 3,
          "variant": {"lowering": lowering, "precision": precision, "cuda_graph": cuda_graph, "schedule": {}},
          "tvm": {"p50_ms": p50, "p99_ms": p99, "n": 100},
@@ -288,6 +288,8 @@ def _cand(cid, model, b, label, p50, p99, lowering="direct", precision="fp32", c
         r["moved_weights"] = moved
     if graph is not None:     # the same run captured in one CUDA graph (p50, p99)
         r["graph"] = {"p50_ms": graph[0], "p99_ms": graph[1], "n": 100}
+        if graph_timing is not None:
+            r["graph"]["timing"] = graph_timing
     return r
 
 
@@ -344,3 +346,14 @@ def test_pick_ranks_candidates_as_the_worker_serves_them():
     jittery = _cand("jittery", "mlp", 1, "d", 0.9, 0.9, graph=(0.78, 0.80))   # p99/p50 1.026 as a graph
     assert fastest([vm_fast, graph_fast, jittery])["id"] == "graph_fast"      # 0.80 <= 0.78 * 1.03, predictable
     assert fastest([vm_fast, jittery])["id"] == "jittery"                     # 0.95 is 22% slower: still the fastest
+
+
+def test_graph_figures_count_only_when_their_replays_were_timed_queued():
+    """Rounds before 27 timed each graph replay on an idle GPU, the host's launch of it inside the interval; such a
+    figure is neither served nor compared (kernel_quality.graph_figure): the candidate ranks by its VM run."""
+    from bench.kernel_quality import fastest, graph_figure, served
+    queued = _cand("queued", "mlp", 1, "a", 1.0, 1.001, graph=(0.90, 0.901))
+    synced = _cand("synced", "mlp", 1, "b", 1.1, 1.101, graph=(0.80, 0.801), graph_timing=None)
+    assert graph_figure(queued)["p50_ms"] == 0.90 and served(queued)["p50_ms"] == 0.90
+    assert graph_figure(synced) is None and served(synced) is synced["tvm"]
+    assert fastest([queued, synced])["id"] == "queued"          # 0.90 as a graph against 1.1 through the VM
