@@ -165,6 +165,29 @@ def test_round25_puts_berts_fp32_768_column_matmuls_on_the_96_column_simt_tiles(
                and c.variant["schedule"]["kernels"]["other"]["config"] is None for c in cands)
 
 
+def test_round28_tries_split_targets_and_tiles_for_resnet18_b8_and_berts_ffn(monkeypatch):
+    import bench.build_kernel_candidates as bkc
+    from workbench.models import tensorcore
+    monkeypatch.setattr(bkc, "_gemm_choices", lambda model, b, v, rule, pick: {
+        "ffn1": {"rule": rule, "config": pick(None, b * 128, 3072, 768)},
+        "part": {"rule": rule, "config": pick(4, 392, 512, 1152)}})
+    cands, jobs = ROUNDS[28](MODELS)
+    assert jobs == [] and len({c.id for c in cands}) == len(cands)
+    r18 = [c for c in cands if c.model == "resnet18"]
+    assert [c.variant["schedule"]["split_k"] for c in r18] == [128, 512, 256, 256, 256] and {c.batch for c in r18} == {8}
+    tiles = tensorcore.configs_for(4 * 392, 512, 1152)
+    assert [c.variant["schedule"]["kernels"]["part"]["config"] for c in r18[2:]] == (tiles + [None] * 3)[:3]
+    bert = [c for c in cands if c.model == "bert_base"]
+    for c in bert:
+        got = c.variant["schedule"]["kernels"]
+        assert got["ffn1"]["config"] == c.label.rsplit("-", 1)[1] and got["part"]["config"] is None
+        assert {k: v for k, v in got.items() if k not in ("ffn1", "part")} == \
+            _db("bert_base", c.batch, c.variant["precision"])["schedule"].get("kernels", {})   # the db's choices kept
+    assert sorted({(c.batch, c.variant["precision"]) for c in bert}) == [(4, "fp16"), (16, "fp16"), (16, "fp32")]
+    assert [c.label.rsplit("-", 1)[1] for c in bert if c.variant["precision"] == "fp32"] == [
+        "s64x96", "s128x96", "s128x64"]
+
+
 def _row(cid: str, b: int, precision: str, p50: float, graph: float | None, rnd: int = 26, **variant) -> dict:
     return {"id": cid, "model": "resnet18", "batch": b, "label": cid, "round": rnd,
             "variant": {"lowering": "matmul", "precision": precision, "cuda_graph": False, "schedule": {}, **variant},
