@@ -720,27 +720,46 @@ REMEASURE_WITHIN = 1.15      # round 27: the candidates within 15% of their cell
 REMEASURE_PER_CELL = 5       # ... at most this many per (model, batch, precision)
 
 
+def leaders(results: dict, models: list[str], per_cell: int = REMEASURE_PER_CELL, rank=None,
+            before: int | None = None) -> list[ModelCandidate]:
+    """Per (model, batch, precision) the eligible candidates of `results` (as judged before round `before`) within
+    REMEASURE_WITHIN of the fastest by `rank` (ms; default kernel_quality.served_ms), at most per_cell, fastest
+    first; relax CUDA-graph variants are never captured from outside."""
+    from bench.kernel_quality import eligible, served_ms
+    served_ms = rank or served_ms
+    cells: dict = {}
+    for r in results["models"]:
+        if r["model"] in models and eligible(r, before)[0] and not r["variant"].get("cuda_graph"):
+            cells.setdefault((r["model"], r["batch"], r["variant"]["precision"]), []).append(r)
+    cands = []
+    for key in sorted(cells):
+        rs = sorted(cells[key], key=served_ms)
+        top = served_ms(rs[0])
+        for r in [r for r in rs if served_ms(r) <= top * REMEASURE_WITHIN][:per_cell]:
+            cands.append(ModelCandidate(r["model"], r["batch"], r["label"], r["variant"]))
+    return cands
+
+
+def round29(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """A split-K sum whose result goes on to a layer norm (BERT's attention-output and FFN-output projections, with
+    their bias and residual adds) is now part of the layer norm's kernel (split_k.layer_norm_pass): every BERT
+    variant with split-K runs other kernels (kernel_quality.KERNELS_CHANGED). BERT's three leading candidates per
+    batch and precision (`leaders`, as served after round 28), built again, and TVM's default at b1 and b16 (the
+    tables' baseline)."""
+    if "bert_base" not in models:
+        return [], []
+    return [ModelCandidate("bert_base", b, "fp32", _variant("direct")) for b in (1, 16)] + \
+        leaders(results, ["bert_base"], per_cell=3, before=29), []
+
+
 def round27(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """The graphs timed again, queued (kernel_quality.time_queued): rounds before timed each replay on an idle GPU,
     the host's launch of the graph inside the interval, and so every graph figure they left (kernel_quality.
-    graph_figure). Per (model, batch, precision) the eligible candidates within REMEASURE_WITHIN of the fastest as
-    those rounds served them (at most REMEASURE_PER_CELL; relax CUDA-graph variants are never captured from
-    outside), their binaries reused from the round that measured them (`reuse_builds`), with torch again."""
-    from bench.kernel_quality import eligible
-    cells: dict = {}
-    for r in results["models"]:
-        if r["model"] in models and eligible(r)[0] and not r["variant"].get("cuda_graph"):
-            cells.setdefault((r["model"], r["batch"], r["variant"]["precision"]), []).append(r)
-
-    def old_served(r: dict) -> float:
+    graph_figure). Every cell's `leaders` as those rounds served them, their binaries reused from the round that
+    measured them (`reuse_builds`), with torch again."""
+    def old_served(r: dict) -> float:                  # as rounds 1-26 served them: any graph figure ranks
         return (r.get("graph") or {}).get("p50_ms") or r["tvm"]["p50_ms"]
-    cands = []
-    for key in sorted(cells):
-        rs = sorted(cells[key], key=old_served)
-        top = old_served(rs[0])
-        for r in [r for r in rs if old_served(r) <= top * REMEASURE_WITHIN][:REMEASURE_PER_CELL]:
-            cands.append(ModelCandidate(r["model"], r["batch"], r["label"], r["variant"]))
-    return cands, []
+    return leaders(results, models, rank=old_served), []
 
 
 def reuse_builds(cands: list[ModelCandidate], results: dict, out: Path, search: Path) -> int:
@@ -1039,7 +1058,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=sorted([2, 27, *ROUNDS]))
+    p.add_argument("--round", type=int, default=1, choices=sorted([2, 27, 29, *ROUNDS]))
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="rounds 2 and 27: the `bench.kernel_quality pick` output (kernel winners; candidates)")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -1052,9 +1071,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     out = Path(a.out)
-    if a.round in (2, 27):
+    if a.round in (2, 27, 29):
         results = json.loads(Path(a.from_results).read_text())
-        cands, jobs = (round2 if a.round == 2 else round27)(results, models)
+        cands, jobs = {2: round2, 27: round27, 29: round29}[a.round](results, models)
         if a.round == 27 and not a.dry_run:
             print(f"reused {reuse_builds(cands, results, out, ROOT / '.gpu')} of {len(cands)} builds", flush=True)
     else:

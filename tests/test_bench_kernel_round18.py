@@ -49,16 +49,20 @@ def test_round20_drops_each_setting_of_the_failed_candidate_in_turn():
 
 
 def test_figures_measured_before_a_models_kernels_changed_cannot_win():
-    since, why = KERNELS_CHANGED[("bert_base", None)]
-    fp32_since, fp32_why = KERNELS_CHANGED[("bert_base", "fp32")]
+    (first, first_why), (latest, why) = KERNELS_CHANGED[("bert_base", None)][0], KERNELS_CHANGED[("bert_base", None)][-1]
+    fp32_since, fp32_why = KERNELS_CHANGED[("bert_base", "fp32")][0]
     row = {"model": "bert_base", "tvm": {"p50_ms": 1.0, "p99_ms": 1.0}, "numerics": {"pass": True},
            "variant": {"cuda_graph": False, "precision": "fp16"}}
-    for rnd, ok in ((None, False), (since - 1, False), (since, True)):
+    for rnd, ok in ((None, False), (first - 1, False), (latest - 1, False), (latest, True)):
         got = eligible({**row, "round": rnd})
-        assert got[0] is ok and (ok or str(since) in got[1] and why in got[1])
+        assert got[0] is ok and (ok or str(latest) in got[1] and why in got[1])
+    # as a round that measures them again selects: before its own change, only the earlier ones count
+    assert eligible({**row, "round": latest - 1}, before=latest)[0]
+    assert first_why in eligible({**row, "round": first - 1}, before=latest)[1]
     fp32 = {**row, "variant": {"cuda_graph": False, "precision": "fp32"}}
-    assert since < fp32_since and not eligible({**fp32, "round": fp32_since - 1})[0]
-    assert fp32_why in eligible({**fp32, "round": fp32_since - 1})[1] and eligible({**fp32, "round": fp32_since})[0]
+    assert first < fp32_since < latest and not eligible({**fp32, "round": fp32_since - 1}, before=latest)[0]
+    assert fp32_why in eligible({**fp32, "round": fp32_since - 1}, before=latest)[1]
+    assert eligible({**fp32, "round": fp32_since}, before=latest)[0]
     assert eligible({**row, "model": "resnet50", "round": None})[0]
 
 
@@ -211,6 +215,19 @@ def test_round27_takes_each_cells_leaders_as_the_earlier_rounds_served_them():
     assert jobs == [] and got[(1, "fp32")] == ["fast", "vm_only", "near"] and got[(1, "fp16")] == ["fp16"]
     assert got[(2, "fp32")] == ["b2"] and got[(4, "fp32")] == [f"many{i}" for i in range(REMEASURE_PER_CELL)]
     assert round27({"models": rows}, ["bert_base"]) == ([], [])
+
+
+def test_round29_builds_berts_leaders_again_as_they_stood_before_its_change():
+    from bench.build_kernel_candidates import round29
+    rows = [{**_row(cid, 4, "fp16", p50, graph, rnd), "model": "bert_base"} for cid, p50, graph, rnd in (
+        ("a", 2.0, 1.00, 28), ("b", 2.0, 1.02, 27), ("c", 2.0, 1.05, 20), ("d", 2.0, 1.06, 28),
+        ("stale", 0.5, 0.5, 18))]                                     # before round 19's einsums: not a leader
+    for r in rows:
+        r["graph"]["timing"] = "queued"
+    cands, jobs = round29({"models": rows}, MODELS)
+    assert jobs == [] and [(c.batch, c.label) for c in cands] == [(1, "fp32"), (16, "fp32"), (4, "a"), (4, "b"),
+                                                                   (4, "c")]
+    assert cands[0].variant["schedule"] == {} and round29({"models": rows}, ["resnet18"]) == ([], [])
 
 
 def test_reuse_builds_copies_the_binary_of_the_round_that_measured_it(tmp_path):

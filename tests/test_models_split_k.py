@@ -15,7 +15,7 @@ import pytest
 
 from relax_walk import bindings as _bindings
 from workbench.models.schedules import ScheduleError, ScheduleSpec
-from workbench.models.split_k import MIN_SLICE, splits
+from workbench.models.split_k import MAX_ROWS_SPLITS, MIN_SLICE, splits
 from workbench.models.tuning import Variant
 
 
@@ -167,3 +167,76 @@ def test_fp16_partials_are_batched_matmuls_for_the_tensor_core_rule():
           rules_used=rules)
     partial = {c for c in rules if c.startswith("matmul_split_k")}
     assert partial and {rules[c] for c in partial} == {"MmaMatmul"}, rules
+
+
+def _dense_ln_module(x_shape, k: int, n: int, residual_used_twice: bool = False):
+    """layer_norm(x @ w + b + r) (BERT's projection and FFN outputs), optionally with the pre-norm value also
+    returned (used twice: its sum must stay a kernel of its own)."""
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([*x_shape, k], "float32"))
+    w = relax.Var("w", relax.TensorType([k, n], "float32"))
+    b = relax.Var("b", relax.TensorType([n], "float32"))
+    r = relax.Var("r", relax.TensorType([*x_shape, n], "float32"))
+    g = relax.Var("g", relax.TensorType([n], "float32"))
+    beta = relax.Var("beta", relax.TensorType([n], "float32"))
+    with bb.function("main", [x, w, b, r, g, beta]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(bb.emit(relax.op.add(bb.emit(relax.op.matmul(x, w)), b)), r))
+            ln = bb.emit(relax.op.nn.layer_norm(y, g, beta, axes=[-1], epsilon=1e-5))
+            out = bb.emit_output(relax.Tuple([ln, y]) if residual_used_twice else ln)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _fused(mod, split_k: int):
+    import tvm
+    from tvm import relax
+    from workbench.models.split_k import layer_norm_pass, split_k_pass
+    return tvm.transform.Sequential([split_k_pass(split_k), relax.transform.LegalizeOps(),
+                                     relax.transform.AnnotateTIROpPattern(), layer_norm_pass(),
+                                     relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+
+
+def test_a_sum_that_leads_to_a_layer_norm_becomes_part_of_its_kernel_with_the_same_values():
+    """The partials' sum of a matmul whose result reaches a layer norm through elementwise ops used once is
+    unrolled and fused, with the bias and residual adds, into the layer norm's kernel (one kernel where there were
+    two); on LLVM it gives the unsplit values. A pre-norm value used again keeps its own summing kernel."""
+    rng = np.random.default_rng(7)
+    shape, k, n = (2, 24), 1024, 96
+    args = [rng.standard_normal((*shape, k)).astype("float32"), rng.standard_normal((k, n)).astype("float32"),
+            rng.standard_normal(n).astype("float32"), rng.standard_normal((*shape, n)).astype("float32"),
+            rng.standard_normal(n).astype("float32"), rng.standard_normal(n).astype("float32")]
+    s = splits(48, n, k, 32)
+    assert 1 < s <= MAX_ROWS_SPLITS < splits(48, n, k, 1024)
+    fused = _fused(_dense_ln_module(shape, k, n), 32)
+    names = [c for c in _calls(fused) if not c.startswith("reshape")]        # (the VM's views on the GPU)
+    assert len(names) == 2 and names[0].startswith("matmul_split_k"), names
+    assert names[1].startswith("fused_split_k_rows") and names[1].endswith("layer_norm"), names
+    y = args[0].astype("float64") @ args[1] + args[2] + args[3]
+    want = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5) * args[4] + args[5]
+    got, base = _run_llvm(fused, args), _run_llvm(_dense_ln_module(shape, k, n), args)
+    assert np.abs(got - want).max() < 1e-4 and np.abs(got - base).max() < 1e-4
+    twice = _calls(_fused(_dense_ln_module(shape, k, n, residual_used_twice=True), 32))
+    assert any(c.startswith("fused_split_k_sum") for c in twice) and not any("rows" in c for c in twice), twice
+    many = _calls(_fused(_dense_ln_module(shape, k, n), 1024))           # 16 partials: too many to unroll
+    assert any(c.startswith("fused_split_k_sum") for c in many) and not any("rows" in c for c in many), many
+
+
+def test_on_cuda_berts_sums_before_layer_norms_fuse_into_them_and_row_reduction_schedules_them():
+    """A transformer at b4 in fp16 (layer norms as keep_fp16_activations' call_tir) and fp32 (relax's layer_norm): the
+    attention-output and FFN-output sums (with their bias and residual adds) are part of the layer-norm kernel,
+    which RowReduction schedules; the query/key/value sums, whose results go on to the attention, keep SplitKSum."""
+    from workbench.models import zoo
+    from workbench.models.compiler import lower, make_target
+    tgt = make_target("cuda", "sm_90")
+    mod = zoo.get("tiny_transformer").make_module(4)
+    for v in (Variant("direct", "fp16", ScheduleSpec(split_k=512, activations="fp16", reduce_inputs="fp16",
+                                                     row_reduction=256), weights="fp16"),
+              Variant("direct", "fp32", ScheduleSpec(split_k=512, row_reduction=256, simt=True))):
+        rules: dict[str, str] = {}
+        lower(mod, tgt, v, rules_used=rules)
+        rows = {c: r for c, r in rules.items() if "split_k_rows" in c}
+        assert rows and all(c.endswith("layer_norm") and r == "RowReduction" for c, r in rows.items()), rules
+        assert {r for c, r in rules.items() if "split_k_sum" in c} == {"SplitKSum"}, rules
+        assert not [c for c in rules if c.startswith("layer_norm")], rules     # no layer norm left on its own

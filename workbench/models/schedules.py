@@ -832,10 +832,11 @@ def fusion_passes(target, split_k: int | None = None) -> list:
     identifies, so the candidate builder and the compiler must use exactly these. `split_k`: ScheduleSpec's."""
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda      # (relax.pipeline's dispatcher misses 2 of 4)
-    from workbench.models.split_k import split_k_pass
+    from workbench.models.split_k import layer_norm_pass, split_k_pass
     return cuda.library_dispatch_passes(target) + ([split_k_pass(split_k)] if split_k else []) + [
-        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-        relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()] + (
+        [layer_norm_pass()] if split_k else []) + [
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
 def mixed_precision(mod, precision: str, activations: str = "fp32", weights: str = "fp32",
