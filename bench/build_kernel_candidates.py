@@ -752,6 +752,45 @@ def round29(results: dict, models: list[str]) -> tuple[list[ModelCandidate], lis
         leaders(results, ["bert_base"], per_cell=3, before=29), []
 
 
+def round30(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """InjectiveVectorize now takes the ResNets' im2col kernels that split-K's [.., S, K / S] views are fused into
+    (their concatenation tests and reshaped indices simplified and made lane-uniform), which dlight's Fallback ran
+    one element per thread (ResNet-18 b8 fp16: 56 of 468 us): every ResNet variant with the injective rule runs
+    other kernels (kernel_quality.KERNELS_CHANGED). Their three leading candidates per batch and precision, built
+    again, and TVM's default at b1 and b16 (the tables' baseline)."""
+    resnets = [m for m in ("resnet18", "resnet50") if m in models]
+    defaults = [ModelCandidate(m, b, "fp32", _variant("direct")) for m in resnets for b in (1, 16)]
+    return defaults + leaders(results, resnets, per_cell=3, before=30), []
+
+
+def round31(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """BERT b16, 0.2% (fp32) and 1-3% (fp16) slower than torch after round 29: one class of its matmuls at a time
+    on another tile. fp32: the query/key/value split-K partials (K = 192 each) and the FFN output's (K = 768) on
+    s64t4 or s128x64, attention's PV on s64t4 or s128x64. fp16: the FFN's first matmul on 256x128, the 768 x 768
+    projections on 128x128 or 128x64 (64x96 now)."""
+    if "bert_base" not in models:
+        return [], []
+    cands = []
+    for name, shape, tiles in (("qkv", (4, 2048, 768, 192), ("s64t4", "s128x64")),
+                               ("ffn2", (4, 2048, 768, 768), ("s128x64", "s64t4")),
+                               ("pv", (192, 128, 64, 128), ("s64t4", "s128x64"))):
+        for tile in tiles:
+            v = _db_variant("bert_base", 16, "fp32")
+            mine = _gemm_choices("bert_base", 16, v, "simt", lambda q, m, n, k, t=tile, w=shape: t if (q, m, n, k) == w
+                                 else None)
+            v["schedule"]["kernels"] = {**(v["schedule"].get("kernels") or {}), **mine}
+            cands.append(ModelCandidate("bert_base", 16, f"{variant_label(v)}-{name}-{tile}", v))
+    for name, shape, tiles in (("ffn1", (None, 2048, 3072, 768), ("t256x128",)),
+                               ("proj", (None, 2048, 768, 768), ("t128", "t128x64"))):
+        for tile in tiles:
+            v = _db_variant("bert_base", 16, "fp16")
+            mine = _gemm_choices("bert_base", 16, v, "mma", lambda q, m, n, k, t=tile, w=shape: t if (q, m, n, k) == w
+                                 else None)
+            v["schedule"]["kernels"] = {**(v["schedule"].get("kernels") or {}), **mine}
+            cands.append(ModelCandidate("bert_base", 16, f"{variant_label(v)}-{name}-{tile}", v))
+    return cands, []
+
+
 def round27(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """The graphs timed again, queued (kernel_quality.time_queued): rounds before timed each replay on an idle GPU,
     the host's launch of the graph inside the interval, and so every graph figure they left (kernel_quality.
@@ -797,7 +836,7 @@ ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: r
           18: round18, 19: round19, 20: round20,
           21: round21, 22: round22,
           23: round23, 24: round24, 25: round25,
-          26: round26, 28: round28}
+          26: round26, 28: round28, 31: round31}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -1058,7 +1097,7 @@ def pack(out: Path, bundle: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.build_kernel_candidates", description=__doc__.split("\n")[0])
-    p.add_argument("--round", type=int, default=1, choices=sorted([2, 27, 29, *ROUNDS]))
+    p.add_argument("--round", type=int, default=1, choices=sorted([2, 27, 29, 30, *ROUNDS]))
     p.add_argument("--from", dest="from_results", default=str(ROOT / "bench" / "results" / "kernel_quality.json"),
                    help="rounds 2 and 27: the `bench.kernel_quality pick` output (kernel winners; candidates)")
     p.add_argument("--models", default="resnet50,mobilenet_v2,bert_base,resnet18")
@@ -1071,9 +1110,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     out = Path(a.out)
-    if a.round in (2, 27, 29):
+    if a.round in (2, 27, 29, 30):
         results = json.loads(Path(a.from_results).read_text())
-        cands, jobs = {2: round2, 27: round27, 29: round29}[a.round](results, models)
+        cands, jobs = {2: round2, 27: round27, 29: round29, 30: round30}[a.round](results, models)
         if a.round == 27 and not a.dry_run:
             print(f"reused {reuse_builds(cands, results, out, ROOT / '.gpu')} of {len(cands)} builds", flush=True)
     else:

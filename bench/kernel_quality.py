@@ -906,6 +906,8 @@ KERNELS_CHANGED = {
                           (29, "split-K sums before a layer norm became part of the layer norm's kernel")],
     ("bert_base", "fp32"): [(26, "SimtMatmul spreads a thread's columns of B[N, K] (attention's QK^T) across "
                                  "threads")],
+    ("resnet18", None): [(30, "InjectiveVectorize takes the im2col kernels that split-K's views reshape")],
+    ("resnet50", None): [(30, "InjectiveVectorize takes the im2col kernels that split-K's views reshape")],
 }
 
 

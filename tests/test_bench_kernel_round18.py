@@ -63,7 +63,7 @@ def test_figures_measured_before_a_models_kernels_changed_cannot_win():
     assert first < fp32_since < latest and not eligible({**fp32, "round": fp32_since - 1}, before=latest)[0]
     assert fp32_why in eligible({**fp32, "round": fp32_since - 1}, before=latest)[1]
     assert eligible({**fp32, "round": fp32_since}, before=latest)[0]
-    assert eligible({**row, "model": "resnet50", "round": None})[0]
+    assert eligible({**row, "model": "mobilenet_v2", "round": None})[0]
 
 
 def test_round26_measures_berts_fp32_variants_again():
@@ -192,7 +192,24 @@ def test_round28_tries_split_targets_and_tiles_for_resnet18_b8_and_berts_ffn(mon
         "s64x96", "s128x96", "s128x64"]
 
 
-def _row(cid: str, b: int, precision: str, p50: float, graph: float | None, rnd: int = 26, **variant) -> dict:
+def test_round31_moves_one_class_of_berts_b16_matmuls_at_a_time(monkeypatch):
+    import bench.build_kernel_candidates as bkc
+    shapes = [(4, 2048, 768, 192), (4, 2048, 768, 768), (192, 128, 64, 128), (None, 2048, 3072, 768),
+              (None, 2048, 768, 768)]
+    monkeypatch.setattr(bkc, "_gemm_choices", lambda model, b, v, rule, pick: {
+        str(w): {"rule": rule, "config": c} for w in shapes if (c := pick(*w)) is not None})
+    cands, jobs = ROUNDS[31](MODELS)
+    assert jobs == [] and all(c.batch == 16 and c.model == "bert_base" for c in cands)
+    got = [(c.variant["precision"], c.label.split("-")[-2:], c.variant["schedule"]["kernels"]) for c in cands]
+    assert len(got) == 9 and len({c.id for c in cands}) == 9
+    for precision, (name, tile), kernels in got:
+        mine = {k: v for k, v in kernels.items() if k.startswith("(")}
+        assert len(mine) == 1 and next(iter(mine.values())) == {"rule": "simt" if precision == "fp32" else "mma",
+                                                                 "config": tile}, (name, tile, kernels)
+    assert ROUNDS[31](["resnet18"]) == ([], [])
+
+
+def _row(cid: str, b: int, precision: str, p50: float, graph: float | None, rnd: int = 31, **variant) -> dict:
     return {"id": cid, "model": "resnet18", "batch": b, "label": cid, "round": rnd,
             "variant": {"lowering": "matmul", "precision": precision, "cuda_graph": False, "schedule": {}, **variant},
             "tvm": {"p50_ms": p50, "p99_ms": p50}, "numerics": {"pass": True},
@@ -228,6 +245,19 @@ def test_round29_builds_berts_leaders_again_as_they_stood_before_its_change():
     assert jobs == [] and [(c.batch, c.label) for c in cands] == [(1, "fp32"), (16, "fp32"), (4, "a"), (4, "b"),
                                                                    (4, "c")]
     assert cands[0].variant["schedule"] == {} and round29({"models": rows}, ["resnet18"]) == ([], [])
+
+
+def test_round30_builds_the_resnets_leaders_again():
+    from bench.build_kernel_candidates import round30
+    rows = [_row("r18", 8, "fp16", 1.0, 0.5, 29), {**_row("r50", 2, "fp32", 1.0, 0.9, 27), "model": "resnet50"},
+            {**_row("bert", 4, "fp16", 1.0, 0.9, 29), "model": "bert_base"}]
+    for r in rows:
+        r["graph"]["timing"] = "queued"
+    cands, jobs = round30({"models": rows}, MODELS)
+    assert jobs == [] and [(c.model, c.batch, c.label) for c in cands] == [
+        ("resnet18", 1, "fp32"), ("resnet18", 16, "fp32"), ("resnet50", 1, "fp32"), ("resnet50", 16, "fp32"),
+        ("resnet18", 8, "r18"), ("resnet50", 2, "r50")]
+    assert round30({"models": rows}, ["bert_base"]) == ([], [])
 
 
 def test_reuse_builds_copies_the_binary_of_the_round_that_measured_it(tmp_path):

@@ -98,6 +98,36 @@ def test_rule_takes_aligned_injective_kernels_and_declines_the_rest():
     assert lanes(xi, te.compute((16, 64), lambda i, j: xi[i, j] + xi[i, j], name="i64")) is None
 
 
+def test_a_concatenation_seen_through_split_ks_reshape_is_taken_where_its_pieces_stay_whole_vectors():
+    """Split-K reads an im2col's [.., K] columns as [.., S, K / S] (a view, which fusion writes into the im2col's
+    kernel): the concatenation's tests become `c <= s * (K / S) + v`, and the reshape's indices floordiv /
+    floormod by K. Both hold for a whole vector when every piece starts at a multiple of the lanes (after the
+    indices are simplified by the loops' bounds); a piece starting elsewhere gets fewer lanes or none."""
+    from tvm import te, tirx
+    from workbench.models import schedules
+    from workbench.models.compiler import make_target
+    tgt = make_target("cuda", "sm_90")
+    rule = schedules.injective_rule(8)
+
+    def reshaped_cat(piece: int, pieces: int):
+        xs = [te.placeholder((16, piece), "float16", name=f"x{i}") for i in range(pieces)]
+        k = pieces * piece
+
+        def col(i, c):
+            e = xs[0][i, c]
+            for j in range(1, pieces):
+                e = tirx.if_then_else(c >= j * piece, xs[j][i, c - j * piece], e)
+            return e
+        cat = te.compute((16, k), col, name="cat")
+        out = te.compute((16, 2, k // 2), lambda i, s, v: cat[(i + (s * (k // 2) + v) // k) % 16,
+                                                             (s * (k // 2) + v) % k], name="T_reshape")
+        with tgt:
+            return _sch_lanes(rule.apply(te.create_prim_func([*xs, out]), tgt, False))
+    assert reshaped_cat(64, 3) == 8                            # pieces at 0, 64, 128 of 2 x 96
+    assert reshaped_cat(12, 4) == 4                            # at 12, 24, 36 of 2 x 24: whole 4-vectors only
+    assert reshaped_cat(13, 4) is None                         # at 13: every vector would straddle two pieces
+
+
 @pytest.fixture(scope="module")
 def resnet18_fp16_kernels():
     from workbench.models import schedules, zoo

@@ -308,12 +308,12 @@ def test_pick_excludes_unproven_cuda_graphs_and_reports_the_goal(tmp_path):
               moved={"moved": "all", "max_change": 0.0, "follows_weights": True}, graph=(1.8, 1.81)),
         _cand("r_fp16", "resnet18", 1, "fp16", 0.39, 0.392, precision="fp16", err=1e-3),
     ]
-    run = {"format": "workbench-kq-results", "round": 1, "complete": True, "elapsed_s": 10.0,
+    run = {"format": "workbench-kq-results", "round": 31, "complete": True, "elapsed_s": 10.0,
            "bundle_manifest": {"arch": "sm_90", "tvm_version": "0.27.0.post1", "build_s": 5.0},
            "meta": {"gpu": "NVIDIA H200", "when": "2026-11-29 12:00:00 UTC"}, "setup": {}, "weights": {},
            "torch": torch, "models": models, "kernels": [], "skipped": [], "errors": []}
-    (tmp_path / "kq_round1.json").write_text(json.dumps(run))
-    assert kq_main(["pick", str(tmp_path / "kq_round1.json"), "--db", str(tmp_path / "db"),
+    (tmp_path / "kq_round31.json").write_text(json.dumps(run))       # after every KERNELS_CHANGED round
+    assert kq_main(["pick", str(tmp_path / "kq_round31.json"), "--db", str(tmp_path / "db"),
                     "--out", str(tmp_path / "out")]) == 0
     doc = json.loads((tmp_path / "out" / "kernel_quality.json").read_text())
     picked = doc["picked"]

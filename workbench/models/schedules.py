@@ -434,8 +434,10 @@ def _rule_classes():
         innermost iteration var v (extent divisible by the lanes) indexes the innermost dimension of the output
         and of every input it reads as `v + r` (r not depending on v, divisible by the lanes; inputs not read
         along v are broadcast), every buffer's innermost extent is divisible by the lanes, and every condition
-        is the same for all lanes of a vector (a concatenation's `512 <= v` is rewritten to `64 <= v // 8`,
-        which the lowering simplifies to a per-thread test), no vector is wider than INJECTIVE_MAX_BYTES
+        is the same for all lanes of a vector (a concatenation's `512 <= v`, or `512 <= s * 1152 + v` once a
+        split-K view [.., S, K / S] is fused into it and its indices simplified by the loops' bounds, is rewritten
+        on v's vector, 8 * (v // 8), which the lowering simplifies to a per-thread test), no vector is wider than
+        INJECTIVE_MAX_BYTES
         (fp32 kernels get 4 lanes) and every buffer is one of INJECTIVE_DTYPES. Fewer lanes are tried (down to
         2) when the given number does not fit; otherwise it declines (None) and the next rule (Fallback) takes
         the kernel."""
@@ -499,26 +501,33 @@ def _rule_classes():
             return not any(x.same_as(v) for x in undefined_vars(e))
 
         def uniform(cmp):
-            """`v < t` / `v >= t` with t a multiple of lanes -> the same test on v // lanes (else unchanged)."""
-            a, b = cmp.a, cmp.b
-            if a.same_as(v) and isinstance(b, tirx.IntImm):
-                k, op, dt = int(b), type(cmp), str(b.ty)
-            elif b.same_as(v) and isinstance(a, tirx.IntImm):         # k < v is v > k, ...
-                flip = {tirx.LT: tirx.GT, tirx.LE: tirx.GE, tirx.GT: tirx.LT, tirx.GE: tirx.LE}
-                k, op, dt = int(a), flip[type(cmp)], str(a.ty)
-            else:
+            """`v + r < k`, `k <= v + r`, ... with r and k not depending on v and the threshold k - r a multiple of
+            lanes (k - r + 1 for <= and >): the same for every lane of a vector, so v is replaced by its vector's
+            first element, lanes * (v // lanes) (else unchanged). A concatenation's `512 <= v` (v // 8 >= 64 once
+            simplified), or, reshaped by split-K's view [.., S, K / S], its `512 <= s * 1152 + v`."""
+            flip = {tirx.LT: tirx.GT, tirx.LE: tirx.GE, tirx.GT: tirx.LT, tirx.GE: tirx.LE}
+            a, b, op = cmp.a, cmp.b, type(cmp)
+            if lane_free(a) and not lane_free(b):
+                a, b, op = b, a, flip[op]                           # k < v + r is v + r > k, ...
+            if lane_free(a) or not lane_free(b) or not lane_free(r := ana.simplify(a - v)):
                 return cmp
-            # v < k, v <= k (= v < k + 1), v > k (= v >= k + 1), v >= k
-            t, below = {tirx.LT: (k, True), tirx.LE: (k + 1, True), tirx.GT: (k + 1, False),
-                        tirx.GE: (k, False)}[op]
-            if t % lanes:
+            off = 1 if op in (tirx.LE, tirx.GT) else 0              # v <= t is v < t + 1, v > t is v >= t + 1
+            m = ana.modular_set(ana.simplify(b - r + off))
+            if m.coeff % lanes or m.base % lanes:
                 return cmp
-            q = tirx.FloorDiv(v, tirx.IntImm(dt, lanes))
-            t = tirx.IntImm(dt, t // lanes)
-            return tirx.LT(q, t) if below else tirx.GE(q, t)
+            first = tirx.FloorDiv(v, tirx.IntImm(str(v.ty), lanes)) * tirx.IntImm(str(v.ty), lanes)
+            return op(first if is_zero(r) else first + r, b)     # (not simplified: it would bring v % lanes back)
+
+        def is_zero(e) -> bool:
+            return isinstance(e, tirx.IntImm) and int(e) == 0
+
+        def flatten(d):
+            """A reshape's index arithmetic, (s * 1152 + v) // 2304 and % 2304, simplified by the loops' bounds."""
+            return ana.simplify(d)
 
         # v is the block's own var: rewriting the whole function touches only this block
-        body = tvm_ffi.structural_map(sch.mod["main"].body, [((tirx.LT, tirx.LE, tirx.GT, tirx.GE), uniform)])
+        body = tvm_ffi.structural_map(sch.mod["main"].body, [((tirx.FloorDiv, tirx.FloorMod), flatten)])
+        body = tvm_ffi.structural_map(body, [((tirx.LT, tirx.LE, tirx.GT, tirx.GE), uniform)])
         ok = [True]
 
         def check_access(buf, indices):
