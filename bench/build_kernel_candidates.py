@@ -702,18 +702,18 @@ def round28(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
                                                                    + [None] * 3)[i])
             cands.append(ModelCandidate("resnet18", 8, f"{variant_label(v)}-c{i}", v))
     if "bert_base" in models:
-        for b in (4, 16):
-            for tile in tensorcore.configs_for(b * 128, 3072, 768):
-                v = _db_variant("bert_base", b, "fp16")
-                ffn1 = _gemm_choices("bert_base", b, v, "mma", lambda q, m, n, k, t=tile: t if n == 3072 else None)
-                v["schedule"]["kernels"] = {**v["schedule"].get("kernels", {}), **ffn1}
-                cands.append(ModelCandidate("bert_base", b, f"{variant_label(v)}-ffn1-{tile}", v))
-        for tile in ("s64x96", "s128x96", "s128x64"):
-            v = _db_variant("bert_base", 16, "fp32")
-            ffn1 = _gemm_choices("bert_base", 16, v, "simt", lambda q, m, n, k, t=tile: t if n == 3072 else None)
-            v["schedule"]["kernels"] = {**v["schedule"].get("kernels", {}), **ffn1}
-            cands.append(ModelCandidate("bert_base", 16, f"{variant_label(v)}-ffn1-{tile}", v))
+        ffn1 = [(b, "fp16", "mma", tile) for b in (4, 16) for tile in tensorcore.configs_for(b * 128, 3072, 768)]
+        for b, precision, rule, tile in ffn1 + [(16, "fp32", "simt", t) for t in ("s64x96", "s128x96", "s128x64")]:
+            v = _db_with_choices("bert_base", b, precision, rule, lambda q, m, n, k, t=tile: t if n == 3072 else None)
+            cands.append(ModelCandidate("bert_base", b, f"{variant_label(v)}-ffn1-{tile}", v))
     return cands, []
+
+
+def _db_with_choices(model: str, b: int, precision: str, rule: str, pick) -> dict:
+    """The tuning database's variant with the per-kernel choices of `pick` (see _gemm_choices) added to its own."""
+    v = _db_variant(model, b, precision)
+    v["schedule"]["kernels"] = {**(v["schedule"].get("kernels") or {}), **_gemm_choices(model, b, v, rule, pick)}
+    return v
 
 
 REMEASURE_WITHIN = 1.15      # round 27: the candidates within 15% of their cell's fastest ...
@@ -771,22 +771,15 @@ def round31(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     if "bert_base" not in models:
         return [], []
     cands = []
-    for name, shape, tiles in (("qkv", (4, 2048, 768, 192), ("s64t4", "s128x64")),
-                               ("ffn2", (4, 2048, 768, 768), ("s128x64", "s64t4")),
-                               ("pv", (192, 128, 64, 128), ("s64t4", "s128x64"))):
+    for precision, rule, name, shape, tiles in (
+            ("fp32", "simt", "qkv", (4, 2048, 768, 192), ("s64t4", "s128x64")),
+            ("fp32", "simt", "ffn2", (4, 2048, 768, 768), ("s128x64", "s64t4")),
+            ("fp32", "simt", "pv", (192, 128, 64, 128), ("s64t4", "s128x64")),
+            ("fp16", "mma", "ffn1", (None, 2048, 3072, 768), ("t256x128",)),
+            ("fp16", "mma", "proj", (None, 2048, 768, 768), ("t128", "t128x64"))):
         for tile in tiles:
-            v = _db_variant("bert_base", 16, "fp32")
-            mine = _gemm_choices("bert_base", 16, v, "simt", lambda q, m, n, k, t=tile, w=shape: t if (q, m, n, k) == w
-                                 else None)
-            v["schedule"]["kernels"] = {**(v["schedule"].get("kernels") or {}), **mine}
-            cands.append(ModelCandidate("bert_base", 16, f"{variant_label(v)}-{name}-{tile}", v))
-    for name, shape, tiles in (("ffn1", (None, 2048, 3072, 768), ("t256x128",)),
-                               ("proj", (None, 2048, 768, 768), ("t128", "t128x64"))):
-        for tile in tiles:
-            v = _db_variant("bert_base", 16, "fp16")
-            mine = _gemm_choices("bert_base", 16, v, "mma", lambda q, m, n, k, t=tile, w=shape: t if (q, m, n, k) == w
-                                 else None)
-            v["schedule"]["kernels"] = {**(v["schedule"].get("kernels") or {}), **mine}
+            v = _db_with_choices("bert_base", 16, precision, rule,
+                                 lambda q, m, n, k, t=tile, w=shape: t if (q, m, n, k) == w else None)
             cands.append(ModelCandidate("bert_base", 16, f"{variant_label(v)}-{name}-{tile}", v))
     return cands, []
 
