@@ -49,7 +49,8 @@ def test_round20_drops_each_setting_of_the_failed_candidate_in_turn():
 
 
 def test_figures_measured_before_a_models_kernels_changed_cannot_win():
-    (first, first_why), (latest, why) = KERNELS_CHANGED[("bert_base", None)][0], KERNELS_CHANGED[("bert_base", None)][-1]
+    changes = KERNELS_CHANGED[("bert_base", None)]
+    (first, first_why), (latest, why) = changes[0], changes[-1]
     fp32_since, fp32_why = KERNELS_CHANGED[("bert_base", "fp32")][0]
     row = {"model": "bert_base", "tvm": {"p50_ms": 1.0, "p99_ms": 1.0}, "numerics": {"pass": True},
            "variant": {"cuda_graph": False, "precision": "fp16"}}
@@ -178,7 +179,8 @@ def test_round28_tries_split_targets_and_tiles_for_resnet18_b8_and_berts_ffn(mon
     cands, jobs = ROUNDS[28](MODELS)
     assert jobs == [] and len({c.id for c in cands}) == len(cands)
     r18 = [c for c in cands if c.model == "resnet18"]
-    assert [c.variant["schedule"]["split_k"] for c in r18] == [128, 512, 256, 256, 256] and {c.batch for c in r18} == {8}
+    assert [c.variant["schedule"]["split_k"] for c in r18] == [128, 512, 256, 256, 256]
+    assert {c.batch for c in r18} == {8}
     tiles = tensorcore.configs_for(4 * 392, 512, 1152)
     assert [c.variant["schedule"]["kernels"]["part"]["config"] for c in r18[2:]] == (tiles + [None] * 3)[:3]
     bert = [c for c in cands if c.model == "bert_base"]

@@ -437,10 +437,9 @@ def _rule_classes():
         is the same for all lanes of a vector (a concatenation's `512 <= v`, or `512 <= s * 1152 + v` once a
         split-K view [.., S, K / S] is fused into it and its indices simplified by the loops' bounds, is rewritten
         on v's vector, 8 * (v // 8), which the lowering simplifies to a per-thread test), no vector is wider than
-        INJECTIVE_MAX_BYTES
-        (fp32 kernels get 4 lanes) and every buffer is one of INJECTIVE_DTYPES. Fewer lanes are tried (down to
-        2) when the given number does not fit; otherwise it declines (None) and the next rule (Fallback) takes
-        the kernel."""
+        INJECTIVE_MAX_BYTES (fp32 kernels get 4 lanes) and every buffer is one of INJECTIVE_DTYPES. Fewer lanes
+        are tried (down to 2) when the given number does not fit; otherwise it declines (None) and the next rule
+        (Fallback) takes the kernel."""
 
         def __init__(self, lanes: int = 8, threads: int = INJECTIVE_THREADS):
             self.lanes = lanes

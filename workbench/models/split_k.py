@@ -40,6 +40,7 @@ reductions), one kernel where the summing kernel's store and the layer norm's lo
 from __future__ import annotations
 
 import functools
+import operator
 
 TILE_M, TILE_N = 32, 64            # dlight Matmul's fp32 CUDA tile (rows x columns of the output per block)
 MIN_SLICE = 64                     # shortest slice of K a partial matmul gets
@@ -141,9 +142,8 @@ def _mutator_class():
 
     matmul_op = tvm.ir.Op.get("relax.matmul")
     layer_norm_op = tvm.ir.Op.get("relax.nn.layer_norm")
-    elementwise = {tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "astype")}
-
     call_tir_op = tvm.ir.Op.get("relax.call_tir")
+    elementwise = {tvm.ir.Op.get(f"relax.{n}") for n in ("add", "subtract", "multiply", "astype")}
 
     def operands(value) -> list:
         """The values a binding's expression reads (a call's arguments, a tuple's fields, nested)."""
@@ -262,8 +262,7 @@ def _mutator_class():
         shape = [tvm.tirx.IntImm("int64", d) for d in dims]       # int64, as the legalized ops' shapes
         p = te.placeholder(shape, acc, "p")
         if rows:
-            y = te.compute(shape[1:], lambda *i: functools.reduce(lambda a, b: a + b, [p[(j, *i)] for j in
-                                                                                        range(dims[0])]),
+            y = te.compute(shape[1:], lambda *i: functools.reduce(operator.add, (p[(j, *i)] for j in range(dims[0]))),
                            name=ROWS_BLOCK)
         else:
             r = te.reduce_axis((0, dims[0]), "s")
