@@ -784,6 +784,21 @@ def round31(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
+def round32(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Reduced ResNet-18 b1: 0.51 of torch's time after round 30 but at p99/p50 1.012, with one other candidate
+    (split-K at 1024 blocks, 75% slower). Its database variant with split-K aimed at 128 and 512 blocks, and with
+    the b4 and b8 winners' reductions (fp16 inputs, fitted rows, InjectiveRows), at 256 and 512."""
+    if "resnet18" not in models:
+        return [], []
+    rows = {"reduce_inputs": "fp16", "row_reduction": 256, "rows": 8}
+    cands = []
+    for extra in ({"split_k": 128}, {"split_k": 512}, rows, {**rows, "split_k": 512}):
+        v = _db_variant("resnet18", 1, "fp16")
+        v["schedule"] = {**v["schedule"], **extra}
+        cands.append(ModelCandidate("resnet18", 1, variant_label(v), v))
+    return cands, []
+
+
 def round27(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """The graphs timed again, queued (kernel_quality.time_queued): rounds before timed each replay on an idle GPU,
     the host's launch of the graph inside the interval, and so every graph figure they left (kernel_quality.
@@ -829,7 +844,7 @@ ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: r
           18: round18, 19: round19, 20: round20,
           21: round21, 22: round22,
           23: round23, 24: round24, 25: round25,
-          26: round26, 28: round28, 31: round31}
+          26: round26, 28: round28, 31: round31, 32: round32}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:

@@ -211,6 +211,16 @@ def test_round31_moves_one_class_of_berts_b16_matmuls_at_a_time(monkeypatch):
     assert ROUNDS[31](["resnet18"]) == ([], [])
 
 
+def test_round32_varies_resnet18_b1_fp16s_split_and_reductions():
+    cands, jobs = ROUNDS[32](MODELS)
+    db = _db("resnet18", 1, "fp16")["schedule"]
+    rows = {"reduce_inputs": "fp16", "row_reduction": 256, "rows": 8}
+    assert jobs == [] and [c.variant["schedule"] for c in cands] == [
+        {**db, "split_k": 128}, {**db, "split_k": 512}, {**db, **rows}, {**db, **rows, "split_k": 512}]
+    assert all((c.model, c.batch, c.variant["precision"]) == ("resnet18", 1, "fp16") for c in cands)
+    assert ROUNDS[32](["bert_base"]) == ([], [])
+
+
 def _row(cid: str, b: int, precision: str, p50: float, graph: float | None, rnd: int = 31, **variant) -> dict:
     return {"id": cid, "model": "resnet18", "batch": b, "label": cid, "round": rnd,
             "variant": {"lowering": "matmul", "precision": precision, "cuda_graph": False, "schedule": {}, **variant},
