@@ -9,18 +9,15 @@ against NumPy; whole models in tests/test_models_gpu.py (kind fp32simt). Speed: 
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
-import numpy as np
 import pytest
 
+import gemm_gpu
 from workbench.models import simt_gemm
 from workbench.models.schedules import ScheduleError, ScheduleSpec, check_choice
 from workbench.models.simt_gemm import SimtConfig, SimtError
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_configs_name_what_is_wrong():
@@ -157,39 +154,8 @@ def test_the_rule_takes_the_fp32_matmuls_of_a_whole_model_with_their_epilogues()
     assert any(k.startswith("matmul_split_k") and r == "SimtMatmul" for k, r in split.items()), split
 
 
-def _test_modules() -> tuple[Path, list[dict]]:
-    d = Path(os.environ.get("WORKBENCH_GEMM_SIMT", ROOT / ".gpu" / "gemm_simt"))
-    man = d / "manifest.json"
-    if not man.is_file():
-        pytest.fail(f"no {man}: run `python -m bench.gemm_simt build` on the CPU machine and carry .gpu/gemm_simt")
-    return d, json.loads(man.read_text())["tests"]
-
-
 @pytest.mark.gpu
 def test_simt_gemm_matches_numpy_on_gpu(tmp_path):
-    import cupy
-    import tvm
-    from workbench.models import cubin_cache
-    d, tests = _test_modules()
-    cubin_cache.ensure_cuda_backend()
-    cubin_cache.install(cubin_cache.CubinCache(tmp_path / "cubins"))
-    arch = cubin_cache.device_arch(0)
-    rng = np.random.default_rng(0)
+    d, tests = gemm_gpu.test_modules("WORKBENCH_GEMM_SIMT", "gemm_simt", "gemm_simt")
     assert {t["b_layout"] for t in tests} == {"kn", "nk"} and any(t["batch"] for t in tests)
-    for t in tests:
-        m, n, k = t["m"], t["n"], t["k"]
-        lead = (t["batch"],) if t["batch"] else ()
-        a = rng.uniform(-1, 1, lead + (m, k)).astype("float32")
-        b = rng.uniform(-1, 1, lead + ((k, n) if t["b_layout"] == "kn" else (n, k))).astype("float32")
-        bk = b.astype(np.float64) if t["b_layout"] == "kn" else b.astype(np.float64).swapaxes(-1, -2)
-        ref = a.astype(np.float64) @ bk
-        with cubin_cache.compiling_for(arch):
-            f = tvm.runtime.load_module(str(d / t["so"]))[t["function"]]
-        gc = cupy.full(lead + (m, n), np.nan, dtype="float32")
-        f(tvm.runtime.from_dlpack(cupy.asarray(a)), tvm.runtime.from_dlpack(cupy.asarray(b)),
-          tvm.runtime.from_dlpack(gc))
-        cupy.cuda.runtime.deviceSynchronize()
-        out = cupy.asnumpy(gc).astype(np.float64)
-        assert np.isfinite(out).all(), f"{t['name']}: non-finite outputs (unwritten elements?)"
-        err = np.abs(out - ref).max() / np.abs(ref).max()
-        assert err <= 1e-5, f"{t['name']} ({lead}{m}x{n}x{k}, {t['b_layout']}, {t['label']}): rel err {err:.2e}"
+    gemm_gpu.run_all(d, tests, "float32", tmp_path, lambda t: 1e-5)

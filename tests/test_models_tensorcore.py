@@ -10,16 +10,11 @@ QK^T and PV) agree with NumPy:
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 
+import gemm_gpu
 from workbench.models.tensorcore import MmaConfig, TensorCoreError
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = MmaConfig(block_m=64, block_n=64, block_k=32, warps_m=2, warps_n=2, stages=3)
 
 
@@ -109,46 +104,11 @@ def test_layouts_and_rejections():
 # GPU
 # ---------------------------------------------------------------------------------------------------------
 
-def _test_modules() -> tuple[Path, list[dict]]:
-    d = Path(os.environ.get("WORKBENCH_GEMM_TC", ROOT / ".gpu" / "gemm_tc"))
-    man = d / "manifest.json"
-    if not man.is_file():
-        pytest.fail(f"no {man}: run `python -m bench.gemm_tensorcore build` on the CPU machine and carry .gpu/gemm_tc")
-    tests = json.loads(man.read_text()).get("tests") or []
-    if not tests:
-        pytest.fail(f"{man} lists no test modules: rebuild with `python -m bench.gemm_tensorcore build`")
-    return d, tests
-
-
 @pytest.mark.gpu
 def test_mma_gemm_matches_numpy_on_gpu(tmp_path):
-    import cupy
-    import tvm
-    from workbench.models import cubin_cache
-    d, tests = _test_modules()
-    cubin_cache.ensure_cuda_backend()
-    cubin_cache.install(cubin_cache.CubinCache(tmp_path / "cubins"))
-    arch = cubin_cache.device_arch(0)
-    rng = np.random.default_rng(0)
-    for t in tests:
-        m, n, k = t["m"], t["n"], t["k"]
-        lead = (t["batch"],) if t.get("batch") else ()        # batched: A[q, M, K] x B[q, ...] -> C[q, M, N]
-        a = rng.uniform(-1, 1, lead + (m, k)).astype("float16")
-        b = rng.uniform(-1, 1, lead + ((k, n) if t["b_layout"] == "kn" else (n, k))).astype("float16")
-        bk = b.astype(np.float64) if t["b_layout"] == "kn" else b.astype(np.float64).swapaxes(-1, -2)
-        ref = a.astype(np.float64) @ bk
-        with cubin_cache.compiling_for(arch):
-            f = tvm.runtime.load_module(str(d / t["so"]))[t["function"]]
-        ga, gb = cupy.asarray(a), cupy.asarray(b)
-        gc = cupy.full(lead + (m, n), np.nan, dtype=t["out_dtype"])
-        f(tvm.runtime.from_dlpack(ga), tvm.runtime.from_dlpack(gb), tvm.runtime.from_dlpack(gc))
-        cupy.cuda.runtime.deviceSynchronize()
-        out = cupy.asnumpy(gc).astype(np.float64)
-        # fp32 accumulation of exact fp16 products: ~1e-6 of the scale; an fp16 output adds its rounding (5e-4)
-        tol = 1e-4 if t["out_dtype"] == "float32" else 2e-3
-        err = np.abs(out - ref).max() / np.abs(ref).max()
-        assert np.isfinite(out).all(), f"{t['name']}: non-finite outputs (unwritten elements?)"
-        assert err <= tol, f"{t['name']} ({lead}{m}x{n}x{k}, {t['b_layout']}, {t['label']}): rel err {err:.2e} > {tol}"
+    d, tests = gemm_gpu.test_modules("WORKBENCH_GEMM_TC", "gemm_tc", "gemm_tensorcore")
+    # fp32 accumulation of exact fp16 products: ~1e-6 of the scale; an fp16 output adds its rounding (5e-4)
+    gemm_gpu.run_all(d, tests, "float16", tmp_path, lambda t: 1e-4 if t["out_dtype"] == "float32" else 2e-3)
     names = {t["name"] for t in tests}
     assert any(n.startswith("batched_") for n in names), \
         f"{sorted(names)}: no batched cases: rebuild with `python -m bench.gemm_tensorcore build`"
