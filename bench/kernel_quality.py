@@ -375,8 +375,6 @@ def torch_time(model_name: str, x: np.ndarray, mode: str, budget_s: float, cache
             "precision": precision, "kind": kind, **extra}
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------
 # TVM whole models
 # ---------------------------------------------------------------------------------------------------------
@@ -456,12 +454,13 @@ def run_candidate(root: Path, c: dict, weights_tvm: list, moved: tuple | None, x
             g.launch(stream)
             stream.synchronize()
             yg = cupy.asnumpy(cupy.from_dlpack(out_g))
-            launch = lambda: g.launch(stream)  # noqa: E731
+            def launch():
+                g.launch(stream)
             res["graph"] = {**summary(timed_runs(stream, launch, budget_s * 0.3, 300, timer=time_queued)),
                             "timing": "queued",
                             "same_output": bool(np.array_equal(yg, y) or np.abs(yg - y).max() <= 1e-6 *
                                                 max(1.0, float(np.abs(y).max())))}
-            # as rounds before QUEUED_SINCE timed it: each replay on an idle GPU, its launch inside the interval
+            # as rounds before 27 timed it: each replay on an idle GPU, its launch inside the interval
             res["graph_synced"] = summary(timed_runs(stream, launch, budget_s * 0.15, 300))
         except Exception as e:  # noqa: BLE001 - a bonus figure
             res["graph"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -1007,18 +1006,18 @@ def pick(merged: dict) -> dict:
             torch = {m: {k: t.get(k) for k in ("p50_ms", "p99_ms", "n", "note", "error", "round") if k in t}
                      for m, t in (own or latest).items()}
             ref_modes = ("fp32_graph", "fp32_eager") if prec == "fp32" else ("fp16_graph", "tf32_graph")
+            gf = graph_figure(best)
             tref = {m: torch[m]["p50_ms"] for m in ref_modes if m in torch and torch[m].get("p50_ms")}
             winners.append({
                 "model": model, "batch": b, "precision": prec, "lowering": lw, "id": best["id"],
                 "label": best["label"], "variant": best["variant"], "tvm": best["tvm"], "round": best.get("round"),
                 "torch_same_run": bool(own),
                 "p99_over_p50": best["tvm"]["p99_ms"] / best["tvm"]["p50_ms"],
-                "graph": graph_figure(best), "numerics": best["numerics"],
+                "graph": gf, "numerics": best["numerics"],
                 "best_any_lowering": best_any["id"], "baseline": base["tvm"] if base else None,
                 "speedup_vs_default": (base["tvm"]["p50_ms"] / best["tvm"]["p50_ms"]) if base else None,
                 "torch": torch, "ratio_vs_torch": {m: best["tvm"]["p50_ms"] / v for m, v in tref.items()},
-                "graph_ratio_vs_torch": ({m: graph_figure(best)["p50_ms"] / v for m, v in tref.items()}
-                                         if graph_figure(best) else None)})
+                "graph_ratio_vs_torch": {m: gf["p50_ms"] / v for m, v in tref.items()} if gf else None})
     # kernels: best ok choice per kernel vs the default schedule
     jobs: dict = {}
     kernel_winners: dict = {}
