@@ -21,7 +21,9 @@ weights (tuning.Variant.weights, schedules.keep_fp16_weights: no weight-cast ker
 database at b2, b4 and b8 (fp32 and fp16, every model), the compiled batch sizes no round measured; 13-17 =
 split-K, dlight's 64x128 tile, the SIMT matmul schedule and BERT's split-K targets with it (see round13..round17);
 27 = every cell's leading candidates (from --from) with their graphs timed again, queued (see round27), reusing
-the binaries built for the rounds that measured them:
+the binaries built for the rounds that measured them; 28-32 = tiles and settings for the cells left, and the
+leaders built again after a change of their kernels (29: BERT's split-K sums in its layer norms; 30: the ResNets'
+reshaped im2col vectorized; rounds 29 and 30 also take --from):
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -740,6 +742,46 @@ def leaders(results: dict, models: list[str], per_cell: int = REMEASURE_PER_CELL
     return cands
 
 
+def round27(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """The graphs timed again, queued (kernel_quality.time_queued): rounds before timed each replay on an idle GPU,
+    the host's launch of the graph inside the interval, and so every graph figure they left (kernel_quality.
+    graph_figure). Every cell's `leaders` as those rounds served them, their binaries reused from the round that
+    measured them (`reuse_builds`), with torch again."""
+    def old_served(r: dict) -> float:                  # as rounds 1-26 served them: any graph figure ranks
+        return (r.get("graph") or {}).get("p50_ms") or r["tvm"]["p50_ms"]
+    return leaders(results, models, rank=old_served), []
+
+
+def reuse_builds(cands: list[ModelCandidate], results: dict, out: Path, search: Path) -> int:
+    """Copy into `out` the binaries (models/<id>.so and .json) of candidates already built in the bundle directories
+    under `search` (.gpu/kq*), from the round that measured them (`results`), so build_model does not compile them
+    again: the very code those rounds measured. Returns how many were copied."""
+    measured = {r["id"]: r.get("round") for r in results["models"]}
+    dirs = {}
+    for m in sorted(search.glob("*/manifest.json")):
+        try:
+            man = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        if man.get("format") == "workbench-kq-candidates":
+            dirs.setdefault(man.get("round"), []).append(m.parent)
+    copied = 0
+    for c in cands:
+        dst = out / "models" / f"{c.id}.json"
+        if dst.is_file():
+            continue
+        for d in dirs.get(measured.get(c.id), []):
+            src = d / "models" / f"{c.id}.json"
+            if src.is_file() and (d / "models" / f"{c.id}.so").is_file() and \
+                    json.loads(src.read_text()).get("variant") == c.variant:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(d / "models" / f"{c.id}.so", dst.with_suffix(".so"))
+                shutil.copy2(src, dst)
+                copied += 1
+                break
+    return copied
+
+
 def round29(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
     """A split-K sum whose result goes on to a layer norm (BERT's attention-output and FFN-output projections, with
     their bias and residual adds) is now part of the layer norm's kernel (split_k.layer_norm_pass): every BERT
@@ -797,46 +839,6 @@ def round32(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
         v["schedule"] = {**v["schedule"], **extra}
         cands.append(ModelCandidate("resnet18", 1, variant_label(v), v))
     return cands, []
-
-
-def round27(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
-    """The graphs timed again, queued (kernel_quality.time_queued): rounds before timed each replay on an idle GPU,
-    the host's launch of the graph inside the interval, and so every graph figure they left (kernel_quality.
-    graph_figure). Every cell's `leaders` as those rounds served them, their binaries reused from the round that
-    measured them (`reuse_builds`), with torch again."""
-    def old_served(r: dict) -> float:                  # as rounds 1-26 served them: any graph figure ranks
-        return (r.get("graph") or {}).get("p50_ms") or r["tvm"]["p50_ms"]
-    return leaders(results, models, rank=old_served), []
-
-
-def reuse_builds(cands: list[ModelCandidate], results: dict, out: Path, search: Path) -> int:
-    """Copy into `out` the binaries (models/<id>.so and .json) of candidates already built in the bundle directories
-    under `search` (.gpu/kq*), from the round that measured them (`results`), so build_model does not compile them
-    again: the very code those rounds measured. Returns how many were copied."""
-    measured = {r["id"]: r.get("round") for r in results["models"]}
-    dirs = {}
-    for m in sorted(search.glob("*/manifest.json")):
-        try:
-            man = json.loads(m.read_text())
-        except (OSError, ValueError):
-            continue
-        if man.get("format") == "workbench-kq-candidates":
-            dirs.setdefault(man.get("round"), []).append(m.parent)
-    copied = 0
-    for c in cands:
-        dst = out / "models" / f"{c.id}.json"
-        if dst.is_file():
-            continue
-        for d in dirs.get(measured.get(c.id), []):
-            src = d / "models" / f"{c.id}.json"
-            if src.is_file() and (d / "models" / f"{c.id}.so").is_file() and \
-                    json.loads(src.read_text()).get("variant") == c.variant:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(d / "models" / f"{c.id}.so", dst.with_suffix(".so"))
-                shutil.copy2(src, dst)
-                copied += 1
-                break
-    return copied
 
 
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
