@@ -728,16 +728,16 @@ def leaders(results: dict, models: list[str], per_cell: int = REMEASURE_PER_CELL
     REMEASURE_WITHIN of the fastest by `rank` (ms; default kernel_quality.served_ms), at most per_cell, fastest
     first; relax CUDA-graph variants are never captured from outside."""
     from bench.kernel_quality import eligible, served_ms
-    served_ms = rank or served_ms
+    rank = rank or served_ms
     cells: dict = {}
     for r in results["models"]:
         if r["model"] in models and eligible(r, before)[0] and not r["variant"].get("cuda_graph"):
             cells.setdefault((r["model"], r["batch"], r["variant"]["precision"]), []).append(r)
     cands = []
     for key in sorted(cells):
-        rs = sorted(cells[key], key=served_ms)
-        top = served_ms(rs[0])
-        for r in [r for r in rs if served_ms(r) <= top * REMEASURE_WITHIN][:per_cell]:
+        rs = sorted(cells[key], key=rank)
+        top = rank(rs[0])
+        for r in [r for r in rs if rank(r) <= top * REMEASURE_WITHIN][:per_cell]:
             cands.append(ModelCandidate(r["model"], r["batch"], r["label"], r["variant"]))
     return cands
 

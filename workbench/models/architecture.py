@@ -47,6 +47,13 @@ def _shape(expr) -> tuple[int, ...] | None:
         return None
 
 
+def einsum_terms(call) -> tuple[list[str], str]:
+    """(the operands' index letters, the output's) of a relax einsum call: "bshd,bthd->bhst" -> (["bshd", "bthd"],
+    "bhst")."""
+    lhs, out = str(call.attrs.subscripts).replace(" ", "").split("->")
+    return lhs.split(","), out
+
+
 def _prod(shape) -> int:
     return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
 
@@ -120,9 +127,8 @@ def analyze(mod, num_inputs: int | None = None, batch_size: int | None = None) -
             add_layer(kind, call, var, macs, weight)
         elif name == "relax.einsum":     # attention's products (zoo transformers): MACs = outputs x contracted extent
             ins, out = args[0].fields if isinstance(args[0], relax.Tuple) else args, _shape(var)
-            spec = str(call.attrs.subscripts).replace(" ", "")
-            lhs, rhs = spec.split("->")
-            extent = {c: n for term, x in zip(lhs.split(","), ins) for c, n in zip(term, _shape(x) or ())}
+            terms, rhs = einsum_terms(call)
+            extent = {c: n for term, x in zip(terms, ins) for c, n in zip(term, _shape(x) or ())}
             contracted = _prod([n for c, n in extent.items() if c not in rhs])
             add_layer("matmul", call, var, _prod(out) * contracted)
         elif name == "relax.take" and args[0] in weight_root:

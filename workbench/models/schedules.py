@@ -520,12 +520,9 @@ def _rule_classes():
         def is_zero(e) -> bool:
             return isinstance(e, tirx.IntImm) and int(e) == 0
 
-        def flatten(d):
-            """A reshape's index arithmetic, (s * 1152 + v) // 2304 and % 2304, simplified by the loops' bounds."""
-            return ana.simplify(d)
-
-        # v is the block's own var: rewriting the whole function touches only this block
-        body = tvm_ffi.structural_map(sch.mod["main"].body, [((tirx.FloorDiv, tirx.FloorMod), flatten)])
+        # v is the block's own var: rewriting the whole function touches only this block. First a reshape's index
+        # arithmetic, (s * 1152 + v) // 2304 and % 2304, simplified by the loops' bounds
+        body = tvm_ffi.structural_map(sch.mod["main"].body, [((tirx.FloorDiv, tirx.FloorMod), ana.simplify)])
         body = tvm_ffi.structural_map(body, [((tirx.LT, tirx.LE, tirx.GT, tirx.GE), uniform)])
         ok = [True]
 
@@ -1133,10 +1130,9 @@ def _einsum_widened(bb, call, xs16: list):
     no mixed-precision policy) of fp16 activations as one PrimFunc that reads them, accumulates in fp32 and stores
     fp16: C += f32(A) * f32(B), the form MmaMatmul takes, like the matmuls ToMixedPrecision rewrites."""
     from tvm import te, topi
-    spec = str(call.attrs.subscripts).replace(" ", "")
-    lhs, out = spec.split("->")
-    terms = lhs.split(",")
-    if len(terms) != 2 or "." in spec or any(len(set(t)) != len(t) for t in (*terms, out)):
+    from workbench.models.architecture import einsum_terms
+    terms, out = einsum_terms(call)
+    if len(terms) != 2 or "." in "".join(terms) or any(len(set(t)) != len(t) for t in (*terms, out)):
         return None                  # (two operands, no ellipsis or repeated index: what the zoo writes)
 
     def einsum(a, b):

@@ -393,7 +393,7 @@ def _transformer_module(cfg: TransformerConfig):
                 return op.reshape(t, [b, s, cfg.heads, head_dim])
 
             def einsum(spec, *xs):
-                return op.wrap_nested(relax.op.einsum([x._expr for x in xs], spec), "einsum")
+                return _wrap(relax.op.einsum([x._expr for x in xs], spec), "einsum")
 
             # attention's products as einsums on [b, s, H, d]: the head reshapes are views and the products read
             # them in place (matmuls would need [b, H, s, d] and [b, H, d, s], a transposing kernel each)
