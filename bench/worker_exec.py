@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -178,16 +179,17 @@ class WorkerSession:
     """One CUDAWorker/CPUWorker (created once per model and process) with the model loaded (model 0) and its
     weights on GPU 0; every worker phase of the model runs through it. Close it (or use `with`)."""
 
-    def __init__(self, path: Path, device: str):
+    def __init__(self, path: Path, device: str, settings: dict | None = None):
         self.cv = threading.Condition()
         self.box: dict = {}
         self.ids = iter(range(10, 10**9))
+        cfg = WorkerConfig.load(None, **{**CFG, **(settings or {})})
         if device == "cpu":
             from workbench.worker.cpu import CPUWorker
-            self.w = CPUWorker(WorkerConfig.load(None, **CFG), self._on)
+            self.w = CPUWorker(cfg, self._on)
         else:
             from workbench.worker.cuda import CUDAWorker
-            self.w = CUDAWorker(WorkerConfig.load(None, **CFG), self._on, num_gpus=1)
+            self.w = CUDAWorker(cfg, self._on, num_gpus=1)
         try:
             r, _, _ = self.do(LoadModelFromDisk(id=1, model_id=0, path=str(path)))
             assert r.ok, r.message
@@ -356,31 +358,34 @@ def through_worker(session: WorkerSession, art, sizes: list[int], reps: int,
 
 
 def interleaved(direct_run: DirectRunner, worker_run: WorkerInfer, idle_s: float, reps: int,
-                warmup: int) -> dict[str, list[int]]:
+                warmup: int, compared: WorkerInfer | None = None) -> dict[str, list[int]]:
     """The direct call and the worker's Infer side by side: per iteration one of each, the first one swapped
     every iteration (direct first on even iterations: ABBA...), each after the caller slept `idle_s`, so both
     start from an equally idle caller and any drift of the machine hits both alike. Per kept iteration i:
-    direct[i] and worker[i] (end-to-end ns) form a pair; also both exec times and which went first."""
+    direct[i] and worker[i] (end-to-end ns) form a pair; also both exec times and which went first. With
+    `compared` (a worker of another config, --compare) each iteration runs the three, in rotating order."""
     out: dict[str, list[int]] = {"direct": [], "worker": [], "direct_exec": [], "worker_exec": [],
-                                 "direct_first": []}
+                                 "direct_first": [], "compared": [], "compared_exec": []}
+    sides = 3 if compared is not None else 2
     for i in range(warmup + reps):
-        direct_first = i % 2 == 0
-        time.sleep(idle_s)
-        if direct_first:
-            d, d_exec = direct_run.call(), direct_run.exec_ns()
-        else:
-            w = worker_run.call()
-        time.sleep(idle_s)
-        if direct_first:
-            w = worker_run.call()
-        else:
-            d, d_exec = direct_run.call(), direct_run.exec_ns()
+        got = {}
+        for k in range(sides):
+            side = (i + k) % sides if sides == 3 else (k if i % 2 == 0 else 1 - k)
+            time.sleep(idle_s)
+            if side == 0:
+                got["direct"] = (direct_run.call(), direct_run.exec_ns())
+            else:
+                got[side] = (worker_run if side == 1 else compared).call()
         if i >= warmup:
+            (d, d_exec), w = got["direct"], got[1]
             out["direct"].append(d)
             out["worker"].append(w.e2e)
             out["direct_exec"].append(d_exec)
             out["worker_exec"].append(w.exec)
-            out["direct_first"].append(int(direct_first))
+            out["direct_first"].append(int(i % sides == 0))
+            if sides == 3:
+                out["compared"].append(got[2].e2e)
+                out["compared_exec"].append(got[2].exec)
     return out
 
 
@@ -433,7 +438,28 @@ def interleaved_figures(il: dict[str, list[int]]) -> dict:
             "overhead_paired_us": pct(diffs, 0.5) / 1e3, "overhead_paired_p25_us": pct(diffs, 0.25) / 1e3,
             "overhead_paired_p75_us": pct(diffs, 0.75) / 1e3,
             "overhead_paired_by_order_us": {k: pct(v, 0.5) / 1e3 for k, v in by_order.items()},
-            "interleaved_pairs_ns": [[d, w] for d, w in zip(il["direct"], il["worker"])]}
+            "interleaved_pairs_ns": [[d, w] for d, w in zip(il["direct"], il["worker"])],
+            **(compared_figures(il) if il.get("compared") else {})}
+
+
+def compared_figures(il: dict[str, list[int]]) -> dict:
+    """With --compare: the compared config's paired overhead (vs the direct call) and its paired difference from
+    the worker's (compared - worker, us: median and quartiles), all from the same iterations."""
+    vs_direct = [c - d for d, c in zip(il["direct"], il["compared"])]
+    vs_worker = [c - w for w, c in zip(il["worker"], il["compared"])]
+    return {"compared_e2e": stats_us(il["compared"]), "compared_exec": stats_us(il["compared_exec"]),
+            "compared_overhead_paired_us": pct(vs_direct, 0.5) / 1e3,
+            "compared_minus_worker_us": [pct(vs_worker, q) / 1e3 for q in (0.25, 0.5, 0.75)],
+            "compared_e2e_ns": il["compared"]}
+
+
+def _toml_value(text: str):
+    """A --set value as the config file would read it (300000, "300 us", true); else the text itself."""
+    import tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,7 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--depth", type=int, default=4, help="Infers kept in flight in the under-load phase")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a worker config value (repeatable), e.g. exec_wake_ahead=0")
+    p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run, interleaved with the others, a worker with these config values (repeatable)")
+    p.add_argument("--name", default=None, help="results file name (default worker_exec, worker_exec_cpu)")
     a = p.parse_args(argv)
+    settings = {k: _toml_value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    compare = {**settings, **{k: _toml_value(v) for k, v in (kv.split("=", 1) for kv in a.compare)}}
+    for values in (settings, compare):     # a bad key or value stops here, before any measuring
+        WorkerConfig.load(None, **{**CFG, **values})
     from workbench.models.artifact import Artifact
     names = a.models.split(",") if a.models else (["mlp_cpu"] if a.device == "cpu" else
                                                    ["resnet50_cuda", "bert_base_cuda", "mlp_cuda"])
@@ -471,10 +506,12 @@ def main(argv: list[str] | None = None) -> int:
             graphs, direct_runners = direct_graph(art, sizes, a.reps, a.warmup)
         else:                                      # on the CPU the graph path is the direct call
             graphs, direct_runners = {b: (*v, []) for b, v in directs.items()}, cpu_runners
-        with WorkerSession(path, a.device) as session:
+        with WorkerSession(path, a.device, settings) as session, \
+                WorkerSession(path, a.device, compare) if a.compare else nullcontext() as other:
             workers, worker_runners = through_worker(session, art, sizes, a.reps, a.warmup)
+            others = through_worker(other, art, sizes, a.warmup, a.warmup)[1] if other else {}
             inter = {b: interleaved(direct_runners[b], worker_runners[b], pct(workers[b]["e2e"], 0.5) / 1e9,
-                                    a.reps, a.warmup) for b in sizes}
+                                    a.reps, a.warmup, others.get(b)) for b in sizes}
             loaded = {b: under_load(direct_runners[b], worker_runners[b], a.reps, a.depth) for b in sizes}
         for b in sizes:
             (d_exec, d_e2e), (g_exec, g_e2e, g_idle), wk = directs[b], graphs[b], workers[b]
@@ -539,7 +576,17 @@ def main(argv: list[str] | None = None) -> int:
            "| model | batch | " + " | ".join(STEPS) + " |", "| --- | --- |" + " --- |" * len(STEPS)]
     md += [f"| {r['model']} | {r['batch']} | " + " | ".join(f"{r['steps_p50_us'][k]:.1f}" for k in STEPS) + " |"
            for r in rows]
-    write("worker_exec" if a.device == "cuda" else "worker_exec_cpu", {"rows": rows, "args": vars(a)}, md)
+    if settings:
+        md += ["", "Worker config set for this run: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + "."]
+    if a.compare:
+        md += ["", "Compared, interleaved with the direct call and the worker above (three calls per iteration in "
+               "rotating order, each after the same idle sleep): a worker with " + ", ".join(a.compare) + ".", "",
+               "| model | batch | paired overhead, worker / compared (us) | compared - worker, paired (us): median "
+               "[p25, p75] |", "| --- | --- | --- | --- |"]
+        md += [f"| {r['model']} | {r['batch']} | {r['overhead_paired_us']:.1f} / "
+               f"{r['compared_overhead_paired_us']:.1f} | {r['compared_minus_worker_us'][1]:.1f} "
+               f"[{r['compared_minus_worker_us'][0]:.1f}, {r['compared_minus_worker_us'][2]:.1f}] |" for r in rows]
+    write(a.name or ("worker_exec" if a.device == "cuda" else "worker_exec_cpu"), {"rows": rows, "args": vars(a)}, md)
     return 0
 
 

@@ -11,6 +11,10 @@
     (`perf_counter_ns`) by wrappers around the worker's own methods; the p50 of each gap between consecutive
     stamps. The wrappers add ~0.3-1 us per stamp.
 (c) CUDA (cupy) host-call costs on this machine: the calls one action makes, each timed alone (p50 of 2,000).
+(d) Code after a wait: the same Python (`_after_exec`: what the worker does between an exec's end and its result,
+    in kind) run by a thread right after it waited D ms for a CUDA event ('cold'), after it slept until 300 us
+    before the end and ran that code once ('warmed', what the worker's exec_wake_ahead does), and after it polled
+    the event from a Python loop ('polled': the interpreter kept running, that code and its data not).
 Writes bench/results/worker_parts.json and .md.
 """
 from __future__ import annotations
@@ -99,10 +103,11 @@ def traced(path: Path, art, device: str, b: int, reps: int, warmup: int) -> dict
         from workbench.worker.cpu import CPUDevice as Dev, CPUWorker as W
     else:
         from workbench.worker.cuda import CUDADevice as Dev, CUDAWorker as W
-    for owner, attrs in ((base.Worker, ("submit", "_deliver")), (base.CopyInputTask, ("begin", "finish")),
-                         (base.ExecTask, ("begin", "launch", "wait", "finish", "run")),
+    for owner, attrs in ((base.Worker, ("submit", "_start_ready", "_deliver")),
+                         (base.CopyInputTask, ("begin", "finish")),
+                         (base.ExecTask, ("begin", "launch", "wait", "prepare", "finish", "run")),
                          (executor.ThreadExecutor, ("_run_inline",)),
-                         (Dev, ("copy_input", "launch_exec", "wait_exec", "execute"))):
+                         (Dev, ("copy_input", "launch_ready", "launch_exec", "wait_exec", "execute"))):
         for attr in attrs:
             if attr in owner.__dict__:
                 tr.wrap(owner, attr)
@@ -205,6 +210,103 @@ def cuda_calls(reps: int = 2000) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------- (d) code after a wait
+SPIN_KERNEL = r'''extern "C" __global__ void spin(long long ns) {
+  long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}'''
+WARM_AHEAD_NS = 300_000
+
+
+def after_wait(reps: int, durations_ms: tuple[float, ...] = (5.0, 20.0)) -> dict:
+    """Per wait length and mode (cold, warmed, polled; interleaved, rotating order): p50 of the time from the
+    caller's launch to the end of `_after_exec` in the waiting thread minus the GPU time (us), of `_after_exec`
+    alone (us), and the waiting thread's CPU time over the wait (1: it spun)."""
+    import cupy as cp
+    from workbench.contract import Infer, InferResult, Status, Timing
+    from workbench.worker.pools import MemoryPool
+    kernel = cp.RawKernel(SPIN_KERNEL, "spin")
+    stream = cp.cuda.Stream(non_blocking=True)
+    start, end, done0, done1 = (cp.cuda.Event() for _ in range(4))
+    done0.record(stream)
+    done1.record(stream)
+    done1.synchronize()
+    pool, lock, cv = MemoryPool("workspace", 1 << 20), threading.RLock(), threading.Condition()
+    host_out, action = np.zeros(1000, np.float32), Infer(id=1, model_id=0, gpu=0, batch_size=1)
+
+    def _after_exec(events) -> InferResult:
+        with lock:
+            pool.free(pool.alloc(4096))
+            t = Timing(1, 2, int(cp.cuda.get_elapsed_time(*events) * 1e6))
+            r = InferResult(id=action.id, action_type=action.type, status=Status.SUCCESS, received=0,
+                            sent=time.monotonic_ns(), gpu=0, batch_size=1, copy_input=t, exec=t, copy_output=t,
+                            outputs=(host_out.copy(),))
+            {1: action}.pop(1)
+        return r
+
+    job: dict = {}
+
+    def waiter() -> None:
+        while True:
+            with cv:
+                cv.wait_for(lambda: "go" in job)
+                go = job.pop("go")
+            if go is None:
+                return
+            mode, launched, ns = go
+            if mode == "warmed":
+                time.sleep(max(0, launched + ns - WARM_AHEAD_NS - time.monotonic_ns()) / 1e9)
+                _after_exec((done0, done1))
+            c0, w0 = time.thread_time_ns(), time.monotonic_ns()
+            if mode == "polled":
+                while not end.done:
+                    pass
+            else:
+                end.synchronize()
+            w1, c1 = time.monotonic_ns(), time.thread_time_ns()
+            _after_exec((start, end))
+            with cv:
+                job["r"] = (time.monotonic_ns(), time.monotonic_ns() - w1, (c1 - c0) / max(1, w1 - w0))
+                cv.notify_all()
+
+    th = threading.Thread(target=waiter, daemon=True)
+    th.start()
+    modes = ("cold", "warmed", "polled")
+    out: dict = {}
+    try:
+        for ms in durations_ms:
+            ns = int(ms * 1e6)
+            got: dict = {m: [] for m in modes}
+            for i in range(reps + 20):
+                for mode in modes[i % 3:] + modes[:i % 3]:
+                    time.sleep(0.003)
+                    t0 = time.monotonic_ns()
+                    start.record(stream)
+                    kernel((1,), (1,), (np.int64(ns),), stream=stream)
+                    end.record(stream)
+                    with cv:
+                        job["go"] = (mode, t0, ns)
+                        cv.notify_all()
+                        if not cv.wait_for(lambda: "r" in job, 10):
+                            raise RuntimeError("the waiting thread died")
+                        t2, after, cpu = job.pop("r")
+                    if i >= 20:
+                        gpu = cp.cuda.get_elapsed_time(start, end) * 1e6
+                        got[mode].append((t2 - t0 - gpu, after, cpu))
+            for mode, v in got.items():
+                a = np.array(v)
+                out[f"{ms:g} ms {mode}"] = {"e2e_minus_gpu_us": float(np.median(a[:, 0])) / 1e3,
+                                            "after_exec_us": float(np.median(a[:, 1])) / 1e3,
+                                            "wait_cpu_fraction": float(np.median(a[:, 2]))}
+    finally:
+        with cv:
+            job["go"] = None
+            cv.notify_all()
+        th.join(10)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.worker_parts", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
@@ -216,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from workbench.models.artifact import Artifact
     names = a.models.split(",") if a.models else (["mlp_cpu"] if a.device == "cpu" else ["mlp_cuda", "resnet50_cuda"])
-    res: dict = {"handoff": {}, "traced": {}, "cuda_calls": {}}
+    res: dict = {"handoff": {}, "traced": {}, "cuda_calls": {}, "after_wait": {}}
     for idle_ms in (0.0, 0.1, 5.0):
         res["handoff"][f"idle {idle_ms:g} ms"] = handoff(a.reps, idle_ms / 1e3)
     for name in names:
@@ -229,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             res["traced"][f"{name} b{b}"] = traced(path, art, a.device, b, a.reps, a.warmup)
     if a.device == "cuda":
         res["cuda_calls"] = cuda_calls()
+        res["after_wait"] = after_wait(a.reps // 3)
     md = [f"Python {platform.python_version()}, {a.reps} reps. Part (a): round trip caller -> thread -> caller "
           f"(two Condition hand-offs), after the caller idled:", "", "| idle before | p50 (us) | p99 (us) |",
           "| --- | --- | --- |"]
@@ -240,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     if res["cuda_calls"]:
         md += ["", "Part (c): host cost of one call, p50 (us):", "", "| call | p50 (us) |", "| --- | --- |"]
         md += [f"| {k} | {v:.2f} |" for k, v in res["cuda_calls"].items()]
+    if res["after_wait"]:
+        md += ["", f"Part (d): code after a wait, p50 of {a.reps // 3} per row (modes interleaved). e2e = the caller's "
+               "launch of a D ms kernel -> the waiting thread done with `_after_exec`, minus the kernel's time; "
+               "wait CPU = the waiting thread's CPU time over its wait (1: it spun):", "",
+               "| wait, mode | e2e - GPU (us) | _after_exec (us) | wait CPU |", "| --- | --- | --- | --- |"]
+        md += [f"| {k} | {v['e2e_minus_gpu_us']:.1f} | {v['after_exec_us']:.1f} | {v['wait_cpu_fraction']:.2f} |"
+               for k, v in res["after_wait"].items()]
     write("worker_parts", res, md)
     print("\n".join(md))
     return 0
