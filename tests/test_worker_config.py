@@ -10,7 +10,8 @@ def test_defaults_are_clockworks(monkeypatch):
     assert c.page_size == 16 * 2**20 and c.weights_cache_size == 23085449216 and c.num_pages == 1376
     assert c.io_pool_size == c.workspace_pool_size == c.host_io_pool_size == 512 * 2**20
     assert c.telemetry is False and c.allow_zero_size_inputs is True and c.copy_input_lead_in == 5_000_000
-    assert "weights_cache_size" in DEFAULT_FILE.read_text()   # the default file documents each key
+    assert c.wake_early == 200_000 and c.exec_wake_ahead == 400_000
+    assert all(k in DEFAULT_FILE.read_text() for k in ("weights_cache_size", "exec_wake_ahead"))  # each documented
 
 
 def test_wake_early_is_a_duration_given_to_every_executor_thread():
@@ -60,6 +61,8 @@ def test_unknown_key_is_rejected_naming_key_and_file(tmp_path):
     ("io_pool_size = 0", "io_pool_size"),
     ("page_size = [", "not valid TOML"),
     ("wake_early = -1", "wake_early must be >= 0"),
+    ("exec_wake_ahead = -1", "exec_wake_ahead must be >= 0"),
+    ('exec_wake_ahead = "early"', "exec_wake_ahead"),
     ('wake_early = "soon"', "wake_early"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, match):

@@ -446,6 +446,54 @@ def test_an_infer_on_an_idle_gpu_starts_in_one_step_and_is_answered_as_by_the_ta
 
 
 @pytest.mark.gpu
+def test_the_exec_thread_sleeps_until_shortly_before_the_exec_ends():
+    """With exec_wake_ahead the exec thread sleeps through most of an exec instead of spinning (the process's CPU time
+    per Infer drops well below the exec's length while the caller waits), with the same outputs; its expectation of
+    the next exec follows a faster one at once and a slower one an eighth of the way, and an exec much shorter than
+    expected is still answered."""
+    from workbench.worker.cuda import CUDAWorker
+    x = np.random.default_rng(5).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    cpu, outs, execs = {}, {}, {}
+    for ahead in (0, 400_000):
+        col = Collector()
+        w = CUDAWorker(WorkerConfig.load(None, **CFG, exec_wake_ahead=ahead), col, num_gpus=1)
+        try:
+            w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(artifact("resnet50_cuda"))))
+            assert col.wait(1).ok
+            w.submit(LoadWeights(id=2, model_id=0, gpu=0))
+            assert col.wait(2).ok
+            ids = iter(range(10, 10**6))
+
+            def infer():
+                a = Infer(id=next(ids), model_id=0, gpu=0, batch_size=1, inputs=(x,))
+                w.submit(a)
+                r = col.wait(a.id)
+                assert r.ok, r.message
+                return r
+            for _ in range(5):
+                infer()
+            c0 = time.process_time()
+            rs = [infer() for _ in range(30)]
+            cpu[ahead] = (time.process_time() - c0) / len(rs)
+            outs[ahead], execs[ahead] = rs[-1].outputs[0], np.median([r.exec.duration for r in rs])
+            if ahead:
+                expect, key = w.models[0].entry.handle.expect_exec, (0, 1)
+                assert 0.9 * execs[ahead] < expect[key] < 1.1 * execs[ahead]
+                expect[key] = 20 * expect[key]                # an exec much shorter than expected
+                r = infer()
+                assert expect[key] == r.exec.duration, "a faster exec sets the expectation at once"
+                low = expect[key] = r.exec.duration // 2      # a slower one moves it an eighth of the way
+                r = infer()
+                assert expect[key] == low + (r.exec.duration - low) // 8
+            assert w.check_consistency() == []
+        finally:
+            w.close()
+    np.testing.assert_array_equal(outs[0], outs[400_000])
+    assert cpu[0] > 0.7 * execs[0] / 1e9, f"spinning through the wait: {cpu[0] * 1e6:.0f} us CPU per Infer"
+    assert cpu[400_000] < 0.5 * cpu[0], f"CPU per Infer {cpu[400_000] * 1e6:.0f} us asleep vs {cpu[0] * 1e6:.0f} us"
+
+
+@pytest.mark.gpu
 def test_a_ready_exec_whose_slot_was_replaced_goes_through_the_tasks_once(gpu_worker):
     """A graph reads the GPU's exec slot and output buffer: once a larger model replaces them, the next Infer of a
     ready model is not launched on the old ones (nothing enqueued) but run by the tasks, which capture it again,

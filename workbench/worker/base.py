@@ -262,7 +262,9 @@ class Device:
     def launch_exec(self, gpu: int, entry: ModelEntry, binding: Any, batch: int, staged: Any, now: int) -> Any:
         raise NotImplementedError
 
-    def wait_exec(self, launched: Any) -> tuple[Timing, Any, int, int]:
+    def wait_exec(self, launched: Any, prepare: Callable[[], None] | None = None) -> tuple[Timing, Any, int, int]:
+        """Wait for a launched exec: (timing, outputs, SM clock before, SM clock after). `prepare` (the task's work
+        that needs no outputs) is called once before the exec ends when the device can tell, else before the wait."""
         raise NotImplementedError
 
     def copy_output(self, gpu: int, entry: ModelEntry, outputs: Any, n: int, host_offset: int,
@@ -895,7 +897,7 @@ class CopyInputTask(InferTask):
 
 
 class ExecTask(InferTask):
-    __slots__ = ("version", "workspace", "binding", "launched")
+    __slots__ = ("version", "workspace", "binding", "launched", "result")
     kind = "exec"
     too_early = Status.EXEC_TOO_EARLY
     too_late = Status.EXEC_TOO_LATE
@@ -905,6 +907,7 @@ class ExecTask(InferTask):
         self.s = s
         self.workspace = -1
         self.launched = None
+        self.result: InferResult | None = None    # made by prepare, completed by finish
 
     @property
     def split(self) -> bool:   # a device that launches without waiting (CUDA) lets launch run inline
@@ -941,8 +944,15 @@ class ExecTask(InferTask):
 
     def wait(self) -> Timing:
         s, launched, self.launched = self.s, self.launched, None
-        timing, s.outputs, s.clock_before, s.clock_after = self.w.device.wait_exec(launched)
+        timing, s.outputs, s.clock_before, s.clock_after = self.w.device.wait_exec(launched, self.prepare)
         return timing
+
+    def prepare(self) -> None:
+        """Called by wait_exec while the GPU still runs the exec: the result, but for what depends on the exec's
+        end, so that less is left to do, and that warm, once it has ended."""
+        s = self.s
+        s.copy_input = self.w.device.input_timing(s.copy_input, s.staged)
+        self.result = pending_result(self)
 
     def waited(self) -> None:      # the exec is over: the next one may take its workspace before this one finishes
         self._free_workspace()
@@ -959,7 +969,8 @@ class ExecTask(InferTask):
         self.binding = None
         s.exec = timing
         device = w.device
-        s.copy_input = device.input_timing(s.copy_input, s.staged)
+        if self.result is None:
+            s.copy_input = device.input_timing(s.copy_input, s.staged)
         if s.model.gpus[a.gpu].version != self.version:
             self.release()
             return self.fail(Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION,
@@ -968,7 +979,7 @@ class ExecTask(InferTask):
         if device.async_exec:   # the exec brought the outputs to the host already: no third task
             out_timing, outputs = device.copy_output(a.gpu, s.entry, s.outputs, a.batch_size, -1, 0)
             self.release()
-            return infer_result(self, out_timing, outputs)
+            return infer_result(self, out_timing, outputs, self.result)
         return w.hand_on(CopyOutputTask(self))
 
     def cleanup(self) -> None:
@@ -1016,17 +1027,26 @@ _setattr = object.__setattr__
 _SUCCESS = Status.SUCCESS
 
 
-def infer_result(task: InferTask, copy_output: Timing, outputs: Any) -> InferResult:
-    """The InferResult, built in one step: the same object InferResult(...) gives (equal, same fields, same
-    types; a frozen dataclass's __init__ sets each of its 15 fields with a separate call)."""
+def pending_result(task: InferTask) -> InferResult:
+    """A task's InferResult with the fields known before its exec ends; `infer_result` completes it. Built in one
+    step: a frozen dataclass's __init__ sets each of its 15 fields with a separate call."""
     a: Infer = task.action
-    s = task.s
     r = _new(InferResult)
     _setattr(r, "__dict__", {
-        "id": a.id, "action_type": a.type, "status": _SUCCESS, "message": "", "received": task.received,
-        "sent": task.w.clock.now(), "gpu": a.gpu, "batch_size": a.batch_size, "copy_input": s.copy_input,
-        "exec": s.exec, "copy_output": copy_output, "gpu_clock_before": s.clock_before, "gpu_clock": s.clock_after,
-        "outputs": outputs})
+        "id": a.id, "action_type": a.type, "status": _SUCCESS, "message": "", "received": task.received, "sent": 0,
+        "gpu": a.gpu, "batch_size": a.batch_size, "copy_input": task.s.copy_input, "exec": _NO_TIMING,
+        "copy_output": _NO_TIMING, "gpu_clock_before": 0, "gpu_clock": 0, "outputs": None})
+    return r
+
+
+def infer_result(task: InferTask, copy_output: Timing, outputs: Any, r: InferResult | None = None) -> InferResult:
+    """The task's InferResult: `r` (pending_result, made now if None) completed, the same object InferResult(...)
+    would give (equal, same fields, same types)."""
+    s = task.s
+    r = r if r is not None else pending_result(task)
+    d = r.__dict__
+    d["sent"], d["exec"], d["copy_output"] = task.w.clock.now(), s.exec, copy_output
+    d["gpu_clock_before"], d["gpu_clock"], d["outputs"] = s.clock_before, s.clock_after, outputs
     return r
 
 

@@ -35,6 +35,7 @@ class WorkerConfig:
     copy_input_lead_in: int          # ns
     cuda_graphs: bool = True         # CUDA worker: replay each exec as a CUDA graph (worker/cuda_graphs.py)
     wake_early: int = 200_000        # ns: threaded executors wake this early, then yield until a task is due
+    exec_wake_ahead: int = 400_000   # ns: CUDA worker: the exec thread wakes this long before an exec's end
     source: str = "defaults"         # where the values came from (files, in order), for messages
 
     @property
@@ -80,6 +81,7 @@ class WorkerConfig:
             copy_input_lead_in=_parse_duration(v["copy_input_lead_in"], "copy_input_lead_in", source),
             cuda_graphs=_parse_bool(v["cuda_graphs"], "cuda_graphs", source),
             wake_early=_parse_duration(v["wake_early"], "wake_early", source),
+            exec_wake_ahead=_parse_duration(v["exec_wake_ahead"], "exec_wake_ahead", source),
             source=source)
         if cfg.page_size <= 0:
             raise ConfigError(f"{source}: page_size must be > 0, got {cfg.page_size}")
@@ -93,7 +95,7 @@ class WorkerConfig:
         for key in ("io_pool_size", "workspace_pool_size", "host_io_pool_size"):
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"{source}: {key} must be > 0, got {getattr(cfg, key)}")
-        for key in ("copy_input_lead_in", "wake_early"):
+        for key in ("copy_input_lead_in", "wake_early", "exec_wake_ahead"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"{source}: {key} must be >= 0 ns, got {getattr(cfg, key)}")
         return cfg

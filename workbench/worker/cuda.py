@@ -91,7 +91,7 @@ class CUDAModel:
     """Shared by all copies of a model: pinned host weights (once), kernels loaded once per GPU, and how many
     bytes of each page run are used (the unused tail of the last page is not transferred)."""
     __slots__ = ("artifact", "loaded", "host_weights", "host_mem", "run_bytes", "fns", "out_layout", "slot_views",
-                 "warm", "last_exec", "out_views")
+                 "warm", "expect_exec", "out_views")
 
     def __init__(self, artifact: Any, loaded: dict[int, Any], host_weights: np.ndarray, host_mem: Any,
                  run_bytes: dict[int, int]):
@@ -101,7 +101,7 @@ class CUDAModel:
         self.slot_views: dict[tuple, Any] = {}                            # (gpu, (entry, batch, slot)) -> _IOViews
         self.warm: set[tuple[int, int]] = set()                           # (gpu, batch) whose kernels are loaded
         self.out_layout: dict[int, tuple] = {}                           # per batch size, see _out_layout
-        self.last_exec: dict[tuple[int, int], int] = {}                  # (gpu, batch) -> its last exec (ns)
+        self.expect_exec: dict[tuple[int, int], int] = {}                # (gpu, batch) -> its length (ns): wait_exec
         self.out_views: dict[tuple[int, int], tuple] = {}                # (gpu, batch) -> (buffer, views), _out_views
 
 
@@ -181,6 +181,7 @@ class CUDADevice(Device):
         self._capture_streams: list[Any] = []    # per GPU: where graphs are captured (nothing runs there)
         self._slots: list[Any] = []              # per GPU: the exec slot graphs read their inputs from
         self.graph_stats = {"launches": 0, "captures": 0, "failures": 0, "staged_in_slot": 0, "ready": 0}
+        self.wake_ahead = 0                      # config exec_wake_ahead (wait_exec)
 
     # -- setup
     def gpu_memory_info(self, gpu: int) -> tuple[int, int]:
@@ -194,6 +195,7 @@ class CUDADevice(Device):
             raise CUDAUnavailable(f"CUDAWorker asked for {worker.num_gpus} GPUs, devices {self.devices} available")
         self.devices = self.devices[:worker.num_gpus]
         self.page_size = cfg.page_size
+        self.wake_ahead = cfg.exec_wake_ahead
         for g, d in enumerate(self.devices):
             with cp.cuda.Device(d):
                 free, _ = cp.cuda.runtime.memGetInfo()
@@ -537,30 +539,52 @@ class CUDADevice(Device):
                                                      for o, nb, spec in spans])
         return hit[1]
 
-    def wait_exec(self, launched: Any) -> tuple[Timing, Any, int, int]:
-        """Wait once for the exec and its output copy; the outputs leave as numpy arrays (`_Fetched`)."""
+    def wait_exec(self, launched: Any, prepare: Callable[[], None] | None = None) -> tuple[Timing, Any, int, int]:
+        """Wait once for the exec and its output copy; the outputs leave as numpy arrays (`_Fetched`).
+
+        Python run right after a wait of milliseconds runs 3-5x slower than just after other work (on the H200's
+        VM: python -m bench.worker_parts, part d), and what follows this wait is the path from the exec's end to
+        its result. So when the exec's length is known (`expect_exec`), this thread sleeps until `wake_ahead` (and
+        2% of that length, its variation) before the expected end, then reads the SM clock a second time and runs
+        `prepare`, and only then waits, spinning, for the last stretch."""
         gpu, batch, t0, outs, m, staged = launched
         cp, d = self.cp, self.devices[gpu]
         start, end, fetched = self._exec_events[gpu]
+        last = m.expect_exec.get((gpu, batch), 0)
         # NVML reads cost 3-20 us each: take them while the GPU executes what was launched, so they sample the
         # clock under this exec's load and stay off the critical path. An exec of tens of us (its last run was
         # shorter than SAMPLE_MIN_EXEC, or it is over already) gives no load to sample and would wait for the
         # read: the latest reading stands in while it is younger than CLOCK_MAX_AGE.
-        if m.last_exec.get((gpu, batch), SAMPLE_MIN_EXEC) < SAMPLE_MIN_EXEC or end.done:
-            before = after = self._recent_clock(gpu, d)
-        else:
+        sample = last >= SAMPLE_MIN_EXEC or not last
+        if sample and not end.done:
             before = self.clock.read(d)
+        else:
+            sample = False
+            before = after = self._recent_clock(gpu, d)
+        if last and self.wake_ahead:
+            sleep = t0 + last - last // 50 - self.wake_ahead - time.monotonic_ns()
+            if sleep > 0:
+                time.sleep(sleep / 1e9)
+        if sample:
             after = before if end.done else self.clock.read(d)
             self._clock_seen[gpu] = (after, time.monotonic_ns())
-        # the input copy ends before the exec starts: its duration is read now, off the path to the result
+        # the input copy ended before the exec started: its duration is read now, off the path to the result (and
+        # just before the reads of the exec's own, which then run warm)
         staged.done.synchronize()
         ns = int(round(cp.cuda.get_elapsed_time(staged.start, staged.done) * 1e6))
         staged.timing = make_timing(staged.t0, staged.t0 + ns, ns)
         self._free_events.append((staged.start, staged.done))     # reused by a later copy (list ops are atomic)
+        host = tuple([np.empty_like(v) for v in outs])
+        if prepare is not None:
+            prepare()
         fetched.synchronize()
         t1 = time.monotonic_ns()
-        host = tuple([v.copy() for v in outs])
-        exec_ns = m.last_exec[(gpu, batch)] = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
+        for h, v in zip(host, outs):
+            np.copyto(h, v)
+        exec_ns = int(round(cp.cuda.get_elapsed_time(start, end) * 1e6))
+        # expected next time: this one if faster, else an eighth of the way up to it: one slow exec (beside a weights
+        # load, say) barely moves it. An exec longer than expected only spins longer; a shorter one is seen late.
+        m.expect_exec[(gpu, batch)] = exec_ns if exec_ns <= last or not last else last + (exec_ns - last) // 8
         out_ns = int(round(cp.cuda.get_elapsed_time(end, fetched) * 1e6))
         return (make_timing(t0, t1 - out_ns, exec_ns), _Fetched(host, make_timing(t1 - out_ns, t1, out_ns), batch),
                 before, after)
