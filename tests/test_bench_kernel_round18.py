@@ -221,6 +221,25 @@ def test_round32_varies_resnet18_b1_fp16s_split_and_reductions():
     assert ROUNDS[32](["bert_base"]) == ([], [])
 
 
+def test_round33_varies_berts_b16_split_and_its_qk_tile(monkeypatch):
+    import bench.build_kernel_candidates as bkc
+    shapes = [(192, 128, 128, 64), (192, 128, 64, 128), (4, 2048, 768, 192)]
+    monkeypatch.setattr(bkc, "_gemm_choices", lambda model, b, v, rule, pick: {
+        str(w): {"rule": rule, "config": c} for w in shapes if (c := pick(*w)) is not None})
+    cands, jobs = ROUNDS[33](MODELS)
+    assert jobs == [] and len({c.id for c in cands}) == len(cands) == 6
+    assert all((c.model, c.batch) == ("bert_base", 16) for c in cands)
+    splits = {(c.variant["precision"], c.variant["schedule"]["split_k"]) for c in cands[:4]}
+    assert splits == {("fp32", 1024), ("fp32", 4096), ("fp16", 1024), ("fp16", 2048)}
+    for c in cands[:4]:      # only the split target differs from the database's variant
+        db = _db("bert_base", 16, c.variant["precision"])
+        assert {**c.variant["schedule"], "split_k": db["schedule"]["split_k"]} == db["schedule"]
+    for c, tile in zip(cands[4:], ("s64t4", "s128x64")):
+        mine = {k: v for k, v in c.variant["schedule"]["kernels"].items() if k.startswith("(")}
+        assert mine == {str(shapes[0]): {"rule": "simt", "config": tile}} and c.label.endswith(f"-qk-{tile}")
+    assert ROUNDS[33](["resnet18"]) == ([], [])
+
+
 def _row(cid: str, b: int, precision: str, p50: float, graph: float | None, rnd: int = 31, **variant) -> dict:
     return {"id": cid, "model": "resnet18", "batch": b, "label": cid, "round": rnd,
             "variant": {"lowering": "matmul", "precision": precision, "cuda_graph": False, "schedule": {}, **variant},
