@@ -2,6 +2,7 @@
 
     python -m bench.worker_exec --device cuda [--models resnet50_cuda,mlp_cuda] [--reps 300]
     python -m bench.worker_exec --device cpu  [--models mlp_cpu] [--reps 300]
+    ... [--set KEY=VALUE] [--compare KEY=VALUE] [--name NAME]   (worker config values; a second config, interleaved)
 
 For each (model, batch size):
 - direct: the minimal work in one thread: inputs to the device, run, outputs back (CUDA: on one stream, exec
@@ -370,7 +371,7 @@ def interleaved(direct_run: DirectRunner, worker_run: WorkerInfer, idle_s: float
     for i in range(warmup + reps):
         got = {}
         for k in range(sides):
-            side = (i + k) % sides if sides == 3 else (k if i % 2 == 0 else 1 - k)
+            side = (i + k) % sides                 # 0: direct, 1: worker, 2: compared
             time.sleep(idle_s)
             if side == 0:
                 got["direct"] = (direct_run.call(), direct_run.exec_ns())
