@@ -198,12 +198,15 @@ def _fused(mod, split_k: int):
                                      relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
 
 
-def _partials(mod) -> int:
-    """How many partial products the module's split matmul computes (its output's leading axis)."""
+def _partials(mod) -> tuple[int, list[str]]:
+    """How many partial products the module's split matmul computes (its output's leading axis), and the kernels
+    that read them."""
     from tvm import relax
-    (p,) = [b.var for b in _bindings(mod["main"]) if isinstance(b.value, relax.Call)
-            and "matmul_split_k" in str(b.value.args[0])]
-    return int(p.ty.shape[0])
+    calls = [b for b in _bindings(mod["main"]) if isinstance(b.value, relax.Call)
+             and getattr(b.value.op, "name", "") == "relax.call_tir"]
+    (p,) = [b.var for b in calls if b.value.args[0].name_hint.startswith("matmul_split_k")]
+    readers = [b.value.args[0].name_hint for b in calls if any(a.same_as(p) for a in b.value.args[1].fields)]
+    return int(p.ty.shape[0]), readers
 
 
 def test_a_sum_that_leads_to_a_layer_norm_becomes_part_of_its_kernel_with_the_same_values():
@@ -216,7 +219,8 @@ def test_a_sum_that_leads_to_a_layer_norm_becomes_part_of_its_kernel_with_the_sa
             rng.standard_normal(n).astype("float32"), rng.standard_normal((*shape, n)).astype("float32"),
             rng.standard_normal(n).astype("float32"), rng.standard_normal(n).astype("float32")]
     fused = _fused(_dense_ln_module(shape, k, n), 32)
-    assert 1 < _partials(fused) <= MAX_ROWS_SPLITS
+    few, readers = _partials(fused)
+    assert len(readers) == 1 and readers[0].startswith("fused_split_k_rows") and readers[0].endswith("layer_norm")
     names = [c for c in _calls(fused) if not c.startswith("reshape")]        # (the VM's views on the GPU)
     assert len(names) == 2 and names[0].startswith("matmul_split_k"), names
     assert names[1].startswith("fused_split_k_rows") and names[1].endswith("layer_norm"), names
@@ -227,8 +231,10 @@ def test_a_sum_that_leads_to_a_layer_norm_becomes_part_of_its_kernel_with_the_sa
     twice = _calls(_fused(_dense_ln_module(shape, k, n, residual_used_twice=True), 32))
     assert any(c.startswith("fused_split_k_sum") for c in twice) and not any("rows" in c for c in twice), twice
     many = _fused(_dense_ln_module(shape, k, n), 1024)                  # too many partials to unroll
-    assert _partials(many) > MAX_ROWS_SPLITS
-    assert any(c.startswith("fused_split_k_sum") for c in _calls(many)) and not any("rows" in c for c in _calls(many))
+    lots, readers = _partials(many)
+    assert len(readers) == 1 and readers[0].startswith("fused_split_k_sum"), readers
+    assert not any("rows" in c for c in _calls(many))
+    assert 1 < few <= MAX_ROWS_SPLITS < lots           # the layer norm takes the partials up to MAX_ROWS_SPLITS
 
 
 def test_on_cuda_berts_sums_before_layer_norms_fuse_into_them_and_row_reduction_schedules_them():
