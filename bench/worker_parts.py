@@ -211,11 +211,6 @@ def cuda_calls(reps: int = 2000) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- (d) code after a wait
-SPIN_KERNEL = r'''extern "C" __global__ void spin(long long ns) {
-  long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}'''
 WARM_AHEAD_NS = 300_000
 
 
@@ -225,8 +220,9 @@ def after_wait(reps: int, durations_ms: tuple[float, ...] = (5.0, 20.0)) -> dict
     alone (us), and the waiting thread's CPU time over the wait (1: it spun)."""
     import cupy as cp
     from workbench.contract import Infer, InferResult, Status, Timing
+    from workbench.env.floors import KERNELS_SRC
     from workbench.worker.pools import MemoryPool
-    kernel = cp.RawKernel(SPIN_KERNEL, "spin")
+    kernel, sink = cp.RawKernel(KERNELS_SRC, "wb_busy"), cp.zeros(1, cp.float32)   # busy for a given time
     stream = cp.cuda.Stream(non_blocking=True)
     start, end, done0, done1 = (cp.cuda.Event() for _ in range(4))
     done0.record(stream)
@@ -283,7 +279,7 @@ def after_wait(reps: int, durations_ms: tuple[float, ...] = (5.0, 20.0)) -> dict
                     time.sleep(0.003)
                     t0 = time.monotonic_ns()
                     start.record(stream)
-                    kernel((1,), (1,), (np.int64(ns),), stream=stream)
+                    kernel((1,), (32,), (sink, np.uint64(ns)), stream=stream)
                     end.record(stream)
                     with cv:
                         job["go"] = (mode, t0, ns)
