@@ -178,7 +178,9 @@ class DirectGraph:
 
 class WorkerSession:
     """One CUDAWorker/CPUWorker (created once per model and process) with the model loaded (model 0) and its
-    weights on GPU 0; every worker phase of the model runs through it. Close it (or use `with`)."""
+    weights on GPU 0; every worker phase of the model runs through it. Close it (or use `with`). Actions are
+    submitted as the process worker's host submits them (`answer_here`: this caller holds no lock and its
+    on_result does not submit), so a short exec may be answered inside submit (worker config submit_wait_max)."""
 
     def __init__(self, path: Path, device: str, settings: dict | None = None):
         self.cv = threading.Condition()
@@ -210,7 +212,7 @@ class WorkerSession:
         """(result, submitted, on_result called): one action submitted and waited for, on the worker's clock."""
         cv, box = self.cv, self.box
         t0 = time.monotonic_ns()
-        self.w.submit(a)
+        self.w.submit(a, answer_here=True)
         with cv:
             if not cv.wait_for(lambda: a.id in box, 120):
                 raise TimeoutError(f"action {a.id} ({type(a).__name__}) got no result within 120 s")
@@ -398,7 +400,7 @@ def under_load(direct_run: DirectRunner, worker_run: WorkerInfer, n: int, depth:
     w, cv, box = session.w, session.cv, session.box
 
     def send() -> None:
-        w.submit(Infer(id=next(session.ids), model_id=0, gpu=0, batch_size=b, inputs=x))
+        w.submit(Infer(id=next(session.ids), model_id=0, gpu=0, batch_size=b, inputs=x), answer_here=True)
 
     direct_ns = direct_run.back_to_back(n)
     execs: list[int] = []

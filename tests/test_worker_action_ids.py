@@ -76,7 +76,7 @@ def test_the_ready_path_declines_malformed_infers_without_raising():
         now = time.monotonic_ns()
         with w.lock:
             for a in (Infer(id=[1]), Infer(id=2, earliest="soon"), Infer(id=3, latest=None), Infer(id=4, gpu=1.0)):
-                assert w._start_ready(a, now) is False
+                assert w._start_ready(a, now) is None
     finally:
         w.close()
 

@@ -494,6 +494,58 @@ def test_the_exec_thread_sleeps_until_shortly_before_the_exec_ends():
 
 
 @pytest.mark.gpu
+def test_a_short_exec_is_answered_inside_submit_when_its_caller_allows():
+    """submit(answer_here=True) (the process worker's host): the MLP's exec, expected within submit_wait_max, is
+    waited for in the submitting thread and answered before submit returns, with the outputs the executor thread
+    gives; a ResNet-50 exec (ms) is still answered by the executor thread, and so is the MLP with the setting 0
+    or without answer_here."""
+    from workbench.worker.cuda import CUDAWorker
+    me = threading.current_thread().name
+    x = np.random.default_rng(6).standard_normal((1, 128)).astype(np.float32)
+    img = np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    for wait_max in (100_000, 0):
+        col, by = Collector(), {}
+
+        def on_result(r):
+            by[r.id] = threading.current_thread().name
+            col(r)
+        w = CUDAWorker(WorkerConfig.load(None, **CFG, submit_wait_max=wait_max), on_result, num_gpus=1)
+        try:
+            for mid, name in ((0, "mlp_cuda"), (1, "resnet50_cuda")):
+                w.submit(LoadModelFromDisk(id=1 + 2 * mid, model_id=mid, path=str(artifact(name))))
+                assert col.wait(1 + 2 * mid).ok
+                w.submit(LoadWeights(id=2 + 2 * mid, model_id=mid, gpu=0))
+                assert col.wait(2 + 2 * mid).ok
+            ids = iter(range(10, 10**6))
+
+            def infer(mid, inputs, here):
+                a = Infer(id=next(ids), model_id=mid, gpu=0, batch_size=1, inputs=(inputs,))
+                w.submit(a, answer_here=here)
+                answered = a.id in col.results                  # before submit returned?
+                r = col.wait(a.id)
+                assert r.ok, r.message
+                return r, answered, by[a.id]
+            for _ in range(3):                                  # graphs captured, execs' lengths known
+                infer(0, x, False), infer(1, img, False)
+            assert w.models[0].entry.handle.expect_exec[(0, 1)] <= 100_000   # the MLP's exec is short
+            ref, _, thread = infer(0, x, False)
+            assert thread == "worker-gpu0-exec"
+            for _ in range(20):
+                r, answered, thread = infer(0, x, True)
+                if wait_max:
+                    assert answered and thread == me
+                else:
+                    assert thread == "worker-gpu0-exec"
+                np.testing.assert_array_equal(r.outputs[0], ref.outputs[0])
+                assert r.exec.duration > 0 and r.copy_input.duration > 0 and r.gpu_clock > 0
+            r, answered, thread = infer(1, img, True)                          # milliseconds: not waited for here
+            assert not answered and thread == "worker-gpu0-exec"
+            assert w.check_consistency() == [] and w.in_flight() == 0 and not col.dupes
+        finally:
+            w.close()
+
+
+@pytest.mark.gpu
 def test_a_ready_exec_whose_slot_was_replaced_goes_through_the_tasks_once(gpu_worker):
     """A graph reads the GPU's exec slot and output buffer: once a larger model replaces them, the next Infer of a
     ready model is not launched on the old ones (nothing enqueued) but run by the tasks, which capture it again,

@@ -195,3 +195,54 @@ def test_the_next_due_exec_launches_before_the_previous_result_is_delivered():
         assert [m for m, _ in seen_at_delivery] == ["first", "second"]
     finally:
         ex.close()
+
+
+def test_a_held_exec_is_waited_for_and_ended_in_the_callers_thread():
+    """Worker.submit's answer_here: the caller launches a short exec, holds the executor and waits itself; the
+    next exec queued meanwhile launches from the caller's thread too, and the executor's thread waits for that."""
+    ex, lock, delivered, got = make_executor()
+    log: list = []
+    first, second = Probe("first", log, split=True), Probe("second", log, split=True)
+    me = threading.current_thread().name
+    try:
+        with lock:
+            first.launch(0)
+            ex.hold(first, 0)
+            assert ex.busy is first and not ex.idle()
+            assert ex.submit(second, inline=True) is None      # queued behind the held exec
+        assert ("second", "begin", me) not in log
+        first.gpu_done.set()
+        out = ex.wait_here(first)
+        assert [r.message for r in out] == ["first"] and delivered == []   # the caller delivers its result
+        assert [(n, s) for n, s, t in log if t == me] == [
+            ("first", "launch"), ("first", "wait"), ("first", "waited"), ("second", "begin"), ("second", "launch"),
+            ("first", "finish")]
+        assert ex.busy is second
+        second.gpu_done.set()
+        wait_for(got, lambda: len(delivered) == 1)
+        assert delivered == [("second", "worker-gpu0-exec")]
+    finally:
+        ex.close()
+
+
+def test_close_waits_for_a_held_exec_to_end():
+    ex, lock, delivered, got = make_executor()
+    t = Probe("held", [], split=True)
+    with lock:
+        ex.hold(t, 0)
+    closed: list = []
+    closer = threading.Thread(target=lambda: closed.append(ex.close(timeout=10)))
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and closed == []       # the device must outlive the exec its caller waits for
+    t.gpu_done.set()
+    assert [r.message for r in ex.wait_here(t)] == ["held"]
+    closer.join(10)
+    assert closed == [True]
+    t2 = Probe("stuck", [], split=True)
+    ex2, lock2, _, _ = make_executor()
+    with lock2:
+        ex2.hold(t2, 0)
+    assert ex2.close(timeout=0.2) is False          # still held: reported as running, so its memory is kept
+    t2.gpu_done.set()
+    ex2.wait_here(t2)

@@ -282,6 +282,10 @@ class Device:
         `exec_next` and `launch_exec` would give; None, with nothing enqueued, when it is no longer ready."""
         raise NotImplementedError
 
+    def expected_exec(self, launched: Any) -> int:
+        """ns that a launched exec (`launch_ready`'s) is expected to take; 0 when unknown."""
+        return 0
+
     def input_timing(self, timing: Timing, staged: Any) -> Timing:
         """The copy-input Timing once the exec that used `staged` has finished. A device that does not wait
         for its input copy on the host (CUDA: the exec stream waits for it on the GPU) measures it then."""
@@ -307,7 +311,7 @@ class GPUState:
 # ------------------------------------------------------------------------------------------------ worker
 class Worker:
     """`submit(action)`; every action's result is delivered once, by calling `on_result(result)` from an
-    executor thread or a clock callback (never from inside `submit`).
+    executor thread or a clock callback, never from inside `submit` unless its caller allows it (`answer_here`).
 
     This is the in-process worker: its executor threads share the interpreter lock with everything else in the
     process (a notebook kernel's cells, charts, the controller), so it is NOT isolated; `ProcessWorker`
@@ -356,17 +360,27 @@ class Worker:
         where = "emulated" if self.device.name == "emulated" else "in-process: NOT isolated"
         return f"{type(self).__name__}({self.device.name}, {where}, {self.num_gpus} gpu(s), {len(self.models)} model(s))"
 
-    def submit(self, action: Action) -> None:
+    def submit(self, action: Action, *, answer_here: bool = False) -> None:
+        """Queue `action`; its result comes through on_result. `answer_here`: the caller holds no lock that
+        on_result takes, and on_result does not submit (the process worker's host): an Infer that starts at once
+        and whose exec is expected to take at most `submit_wait_max` is then waited for in this thread, and its
+        result delivered before submit returns, saving the executor thread's wake-up, longer than such an exec."""
         if not isinstance(action, Action):
             raise TypeError(f"submit() takes a workbench.contract Action, got {type(action).__name__}")
         now = self.clock.now()
+        held = None
         with self.lock:
             if self.closed:
                 r = error(action, Status.SHUTTING_DOWN, "worker is closed", now, now)
                 self.results_delivered += 1
                 deliver_now = True
-            elif self._ready_path and type(action) is Infer and self._start_ready(action, now):
-                return
+            elif self._ready_path and type(action) is Infer and (held := self._start_ready(action, now)):
+                ex = self.gpus[action.gpu].executors["exec"]
+                if not (answer_here and 0 < self.device.expected_exec(held.launched) <= self.config.submit_wait_max):
+                    ex.start_launched(held, now)  # type: ignore[attr-defined]
+                    return
+                ex.hold(held, now)  # type: ignore[attr-defined]
+                deliver_now = False
             else:
                 deliver_now = False
                 problem = None if _well_formed_infer(action, self.num_gpus) else self._malformed(action)
@@ -387,6 +401,8 @@ class Worker:
                     ex.deliver_later(r)  # type: ignore[attr-defined]
         if deliver_now:
             self._call(r)
+        elif held is not None:      # waited for here, outside the lock
+            self._deliver(ex.wait_here(held))  # type: ignore[attr-defined]
 
     def state(self) -> dict:
         """Pages, pools and models per GPU (the GetWorkerState payload)."""
@@ -503,28 +519,29 @@ class Worker:
             gm.weights, gm.binding, gm.ready = None, None, {}
 
     # ---------------------------------------------------------------------------------------- internals
-    def _start_ready(self, a: Infer, now: int) -> bool:
+    def _start_ready(self, a: Infer, now: int) -> "ExecTask | None":
         """Start an Infer here, in one step, when its GPU is idle and its exec ready (Device.ready_exec: on CUDA,
         its graph captured): what CopyInputTask and ExecTask would do inline, without their queues and lookups.
-        Every check of theirs that could fail is made first; when one would, this returns False and the tasks
+        Every check of theirs that could fail is made first; when one would, this returns None and the tasks
         run the Infer and give the status. Only the checks and the launch come before the GPU starts: the
-        bookkeeping follows while it runs (under the lock throughout). Caller holds the lock."""
+        bookkeeping follows while it runs (under the lock throughout). Returns the launched ExecTask, for the
+        caller to hand to the exec executor. Caller holds the lock."""
         if not (_well_formed_infer(a, self.num_gpus) and a.earliest <= now <= a.latest) or a.id in self.outstanding:
-            return False                  # (well-formed first: the others compare and hash its fields)
+            return None                   # (well-formed first: the others compare and hash its fields)
         m = self.models.get(a.model_id)
         if m is None:
-            return False
+            return None
         g = m.gpus[a.gpu]
         ready = g.ready.get(a.batch_size) or self._find_ready(m, g, a.gpu, a.batch_size)
         if ready is None or not _matches(a.inputs, ready[0].signature):
-            return False
+            return None
         st = self.gpus[a.gpu]
         ex, ix = st.executors["exec"], st.executors["inputs"]
         # both queues idle: no Infer holds this GPU's workspace pool (it is empty; _find_ready checked that the
         # plan fits), and none goes before this one. Host io: CopyInputTask takes plan.host_in and gives it back in
         # the same step; with none held elsewhere, it would fit
         if ex.busy is not None or ex.heap or ix.busy is not None or ix.heap or self.host_io.used:
-            return False
+            return None
         plan = ready[0]
         try:
             launched = self.device.launch_ready(ready[1], a.inputs, a.batch_size)
@@ -532,7 +549,7 @@ class Worker:
             launched = None
         if launched is None:              # no longer ready (CUDA: its graph reads a slot or buffer since replaced)
             del g.ready[a.batch_size]
-            return False
+            return None
         s = _InferState()                 # (no io pool offset: its inputs went to the exec slot, not the io arena)
         s.model, s.entry, s.batch, s.plan = m, m.entry, plan.batch, plan
         s.copy_input, s.staged, launched = launched
@@ -540,8 +557,7 @@ class Worker:
         task.workspace = st.workspace.alloc(plan.workspace)
         task.version, task.binding, task.launched = g.version, g.binding, launched
         self.outstanding[a.id] = a
-        ex.start_launched(task, now)  # type: ignore[attr-defined]
-        return True
+        return task
 
     def _find_ready(self, m: ModelCopy, g: GPUModel, gpu: int, n: int) -> tuple[InferPlan, Any] | None:
         """(plan, ready exec) of n samples of this model copy on `gpu`, remembered in g.ready until its weights

@@ -36,6 +36,7 @@ class WorkerConfig:
     cuda_graphs: bool = True         # CUDA worker: replay each exec as a CUDA graph (worker/cuda_graphs.py)
     wake_early: int = 200_000        # ns: threaded executors wake this early, then yield until a task is due
     exec_wake_ahead: int = 400_000   # ns: CUDA worker: the exec thread wakes this long before an exec's end
+    submit_wait_max: int = 100_000   # ns: CUDA worker: execs expected within this may be waited for in submit
     source: str = "defaults"         # where the values came from (files, in order), for messages
 
     @property
@@ -82,6 +83,7 @@ class WorkerConfig:
             cuda_graphs=_parse_bool(v["cuda_graphs"], "cuda_graphs", source),
             wake_early=_parse_duration(v["wake_early"], "wake_early", source),
             exec_wake_ahead=_parse_duration(v["exec_wake_ahead"], "exec_wake_ahead", source),
+            submit_wait_max=_parse_duration(v["submit_wait_max"], "submit_wait_max", source),
             source=source)
         if cfg.page_size <= 0:
             raise ConfigError(f"{source}: page_size must be > 0, got {cfg.page_size}")
@@ -95,7 +97,7 @@ class WorkerConfig:
         for key in ("io_pool_size", "workspace_pool_size", "host_io_pool_size"):
             if getattr(cfg, key) <= 0:
                 raise ConfigError(f"{source}: {key} must be > 0, got {getattr(cfg, key)}")
-        for key in ("copy_input_lead_in", "wake_early", "exec_wake_ahead"):
+        for key in ("copy_input_lead_in", "wake_early", "exec_wake_ahead", "submit_wait_max"):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"{source}: {key} must be >= 0 ns, got {getattr(cfg, key)}")
         return cfg

@@ -518,6 +518,10 @@ class CUDADevice(Device):
         staged = _Staged(r.views, start, done, keep, t0)
         return make_timing(t0, t1, t1 - t0), staged, (r.gpu, r.batch, t1, r.outs, r.m, staged)
 
+    def expected_exec(self, launched: tuple) -> int:
+        gpu, batch, _, _, m, _ = launched
+        return m.expect_exec.get((gpu, batch), 0)
+
     @staticmethod
     def _out_layout(entry: ModelEntry, batch: int) -> tuple[int, list]:
         """(bytes, [(offset, nbytes, spec)]) of the outputs of a batch in the pinned output buffer, each

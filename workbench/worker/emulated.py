@@ -152,11 +152,11 @@ class EmulatedWorker(Worker):
             # an instance attribute that shadows the method: the controller's calls skip the dispatch below
             self.__dict__["submit"] = self._lean.submit
 
-    def submit(self, action: Action) -> None:
+    def submit(self, action: Action, *, answer_here: bool = False) -> None:
         if self._lean is not None:
             self._lean.submit(action)
         else:
-            super().submit(action)
+            super().submit(action, answer_here=answer_here)
 
     def close(self, timeout: float = 30.0) -> None:
         if self._lean is not None:

@@ -319,7 +319,7 @@ class _Lean:
             return self.queues[t.gpu][q]
         return self.disk if q == -1 else self.control
 
-    def submit(self, a: Any) -> None:
+    def submit(self, a: Any, *, answer_here: bool = False) -> None:   # (answers come from clock callbacks alone)
         # a well-formed Infer with a fresh id, straight onto its GPU's input queue (what _submit does for it)
         w = self.w
         cls = type(a)               # (not `type(a) is _Infer`: that would type a's fields, checked only below)

@@ -9,7 +9,8 @@ Two ways to drive the same tasks:
   submitting thread when its queue is idle and it is eligible: a thread hand-off costs ~50-100 us of wake-up
   and interpreter-lock hand-over, the whole budget of an action. A `split` task (an exec on a GPU) launches
   there and leaves only the wait for its completion to the executor's thread, which then wakes while the GPU
-  works instead of before it can start.
+  works instead of before it can start; an exec shorter than that wake-up the caller may wait for itself (`hold`,
+  `wait_here`).
 - `ClockExecutor`: no thread of its own. It wakes with `clock.call_at` and completes a task at the end time
   its `run` returns; used by the emulated device, so it works in real time (`RealClock`) and in deterministic
   virtual time (`VirtualClock`) alike.
@@ -246,6 +247,7 @@ class ThreadExecutor(Executor):
         self._cv = threading.Condition(self.lock)
         self._later: list[Result] = []
         self._launched: Task | None = None   # a split task launched inline, for this thread to wait for
+        self._held: Task | None = None       # a split task launched inline, that its caller waits for (hold)
         self._thread = threading.Thread(target=self._loop, name=f"worker-{self.name}", daemon=True)
         self._thread.start()
 
@@ -300,6 +302,25 @@ class ThreadExecutor(Executor):
         self.busy = self._launched = task
         self._cv.notify()
 
+    def hold(self, task: Task, now: int) -> None:
+        """Make `task`, a split task its caller has launched on this idle executor's device, the running task, for
+        the caller to wait for itself with `wait_here` (caller holds the lock): an exec shorter than this thread's
+        wake-up (Worker.submit's `answer_here`)."""
+        task.enqueued = now
+        self.busy = self._held = task
+
+    def wait_here(self, task: Task) -> list[Result]:
+        """Wait for a task given to `hold`, in the calling thread (not holding the lock), and end it as this
+        executor's thread would: its result and any the next launch produced, for the caller to deliver."""
+        out: list[Result] = []
+        try:
+            self._run_to_end(task, out, True)
+        finally:
+            with self._cv:
+                self._held = None
+                self._cv.notify_all()      # close() waits for a held task
+        return out
+
     def deliver_later(self, r: Result) -> None:   # caller holds the lock
         self._later.append(r)
         self._cv.notify()
@@ -339,20 +360,23 @@ class ThreadExecutor(Executor):
                     return
                 continue
             out: list[Result] = []
-            try:
-                launched = task is self._launched
-                if launched:
-                    self._launched = None
-                self._execute(task, out, launched)
-            except Exception:  # noqa: BLE001 - a bug in one task must not stop the executor
-                traceback.print_exc()
-                with self.lock:
-                    if self.busy is task:
-                        self._release(out)
+            launched = task is self._launched
+            if launched:
+                self._launched = None
+            self._run_to_end(task, out, launched)
             # delivered last, once idle: the receiver (often about to submit the next action) then does not wait
             # for this thread's bookkeeping to give back the interpreter lock
             if out:
                 self.deliver(out)
+
+    def _run_to_end(self, task: Task, out: list, launched: bool) -> None:
+        try:
+            self._execute(task, out, launched)
+        except Exception:  # noqa: BLE001 - a bug in one task must not stop the executor
+            traceback.print_exc()
+            with self.lock:
+                if self.busy is task:
+                    self._release(out)
 
     def _execute(self, task: Task, out: list, launched: bool = False) -> None:
         """Run `task` to its end; its result (if any) goes to `out`. This executor is released (`_release`) under
@@ -406,10 +430,14 @@ class ThreadExecutor(Executor):
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop the thread, waiting up to `timeout` s for the task it runs; False if it is still running one."""
+        deadline = time.monotonic() + timeout
         with self._cv:
             self.closed = True
             self._cv.notify_all()
+            # a held task runs in the thread that submitted it: the device must outlive it as it does this thread's
+            self._cv.wait_for(lambda: self._held is None, timeout)
+            held = self._held is None
         if threading.current_thread() is self._thread:
-            return True        # closed from its own task (a result callback): it stops when that returns
-        self._thread.join(timeout=timeout)
-        return not self._thread.is_alive()
+            return held        # closed from its own task (a result callback): it stops when that returns
+        self._thread.join(timeout=max(deadline - time.monotonic(), 0))
+        return held and not self._thread.is_alive()

@@ -403,7 +403,8 @@ def pin(worker: Any, shm: SharedIO) -> str:
 
 
 class Host:
-    """Serves one worker. The main thread reads actions and submits them. A result is encoded and written by the
+    """Serves one worker. The main thread reads actions and submits them, letting the worker answer a short exec
+    in this thread (`answer_here`: it holds no lock, and on_result only sends). A result is encoded and written by the
     executor thread that produced it, without blocking (MSG_DONTWAIT): measured 40 us faster per result than
     handing it to a sender thread, which must wait for the interpreter lock the producing thread still holds.
     Only when the socket is full (the session is slow to read) do frames go to a backlog that a sender thread
@@ -504,7 +505,7 @@ class Host:
                         aid = v[0] if isinstance(v, (tuple, list)) and v else None
                         self.on_result(_malformed({"__kind__": "Infer", "id": aid}, e))
                         continue
-                    self.worker.submit(a)
+                    self.worker.submit(a, answer_here=True)
                 elif tag == "a":
                     try:
                         a = self._action(m[1], m[2])
@@ -513,7 +514,7 @@ class Host:
                     except Exception as e:  # noqa: BLE001 - a malformed action is answered, never fatal
                         self.on_result(_malformed(m[1], e))
                         continue
-                    self.worker.submit(a)
+                    self.worker.submit(a, answer_here=True)
                 elif tag == "close":
                     self.worker.close()        # answers what is still queued (SHUTTING_DOWN)
                     self.finish()

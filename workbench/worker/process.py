@@ -154,7 +154,9 @@ class ProcessWorker:
             raise self._start_error
 
     # ------------------------------------------------------------------------------------------ public API
-    def submit(self, action: Action) -> None:
+    def submit(self, action: Action, *, answer_here: bool = False) -> None:
+        """As Worker.submit; results come from the reader thread (`answer_here` is for the worker in the process
+        that hosts it, whose host passes it)."""
         if not isinstance(action, Action):
             raise TypeError(f"submit() takes a workbench.contract Action, got {type(action).__name__}")
         with self._send_lock:
