@@ -7,7 +7,8 @@
     (back to back) and idle (the caller sleeps the given exec time first, as it does while an action runs). The
     in-process worker's result is delivered from its executor thread, so one wake of a sleeping caller is part of
     any end-to-end figure; the hand-off to the executor thread that waits for the GPU is the other.
-(b) The worker's path traced: Infer actions one at a time (as bench.worker_exec), each step stamped
+(b) The worker's path traced: Infer actions one at a time, submitted as bench.worker_exec and the process worker's
+    host submit them (`answer_here`: an exec within submit_wait_max is waited for in submit), each step stamped
     (`perf_counter_ns`) by wrappers around the worker's own methods; the p50 of each gap between consecutive
     stamps. The wrappers add ~0.3-1 us per stamp.
 (c) CUDA (cupy) host-call costs on this machine: the calls one action makes, each timed alone (p50 of 2,000).
@@ -106,7 +107,7 @@ def traced(path: Path, art, device: str, b: int, reps: int, warmup: int) -> dict
     for owner, attrs in ((base.Worker, ("submit", "_start_ready", "_deliver")),
                          (base.CopyInputTask, ("begin", "finish")),
                          (base.ExecTask, ("begin", "launch", "wait", "prepare", "finish", "run")),
-                         (executor.ThreadExecutor, ("_run_inline",)),
+                         (executor.ThreadExecutor, ("_run_inline", "wait_here")),
                          (Dev, ("copy_input", "launch_ready", "launch_exec", "wait_exec", "execute"))):
         for attr in attrs:
             if attr in owner.__dict__:
@@ -123,7 +124,7 @@ def traced(path: Path, art, device: str, b: int, reps: int, warmup: int) -> dict
     w = W(WorkerConfig.load(None, **CFG), on, num_gpus=1) if device == "cuda" else W(WorkerConfig.load(None, **CFG), on)
 
     def do(a):
-        w.submit(a)
+        w.submit(a, answer_here=True)      # as the process worker's host submits
         with cv:
             cv.wait_for(lambda: a.id in box, 120)
             r = box.pop(a.id)
