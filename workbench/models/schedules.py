@@ -31,6 +31,9 @@ GeneralReduction, Fallback) using fixed parameters. This module exposes them:
 - split-K (ScheduleSpec.split_k, off by default; workbench/models/split_k.py, run in `fusion_passes`): matmuls
   whose output gives fewer thread blocks than the setting, computed as partial matmuls over slices of K and
   summed by a kernel that takes their epilogue (`split_k.sum_rule`: one thread per output);
+- implicit GEMM (ScheduleSpec.implicit_gemm, off by default; workbench/models/implicit_gemm.py, run in
+  `fusion_passes`): the matmul lowering's kxk convs (cin % 8 == 0, fp16) as one kernel whose A copy computes the
+  pad and im2col (16-byte cp.async with the padding as predicate) instead of an im2col kernel and buffer;
 - `kernel_key(func)`: a stable id of an unscheduled kernel (structural hash of its TIR, which includes the
   shapes), so a choice measured for one kernel applies wherever the same kernel appears;
 - `relax_pipeline(target, spec, precision)`: the default CUDA pipeline with `ApplyTunedSchedule` in place of
@@ -88,7 +91,7 @@ INJECTIVE_ROWS = (1, 2, 4, 8, 16, 32)    # positions per thread InjectiveRows ma
 ROW_REDUCTION_THREADS = (32, 64, 128, 256, 512, 1024)   # most threads per row RowReduction may be given
 MAX_SPLIT_K_BLOCKS = 1 << 16              # the largest block target ScheduleSpec.split_k may name
 SPEC_FIELDS = ("matmul", "small_reduction", "kernels", "mma", "injective", "activations", "reduce_inputs", "rows",
-               "row_reduction", "split_k", "simt")
+               "row_reduction", "split_k", "simt", "implicit_gemm")
 
 
 class ScheduleError(ValueError):
@@ -171,12 +174,20 @@ class ScheduleSpec:
     # SimtMatmul (False: off): fp32 matmuls on simt_gemm's register-tiled, cp.async-pipelined schedule, ahead of
     # dlight's Matmul (1.4-2.2x faster on our models' shapes on the H200: bench/results/gemm_simt.md)
     simt: bool = False
+    # implicit_gemm.implicit_gemm_pass (False: off): the matmul lowering's kxk convs without an im2col kernel, the
+    # pad and im2col computed in the mma kernel's copy of A (fp16, cin % 8 == 0; split-K's matmuls keep theirs)
+    implicit_gemm: bool = False
 
     def __post_init__(self):
         if not isinstance(self.mma, bool):
             raise ScheduleError(f"schedule.mma must be true or false, got {self.mma!r}")
         if not isinstance(self.simt, bool):
             raise ScheduleError(f"schedule.simt must be true or false, got {self.simt!r}")
+        if not isinstance(self.implicit_gemm, bool):
+            raise ScheduleError(f"schedule.implicit_gemm must be true or false, got {self.implicit_gemm!r}")
+        if self.implicit_gemm and self.activations != "fp16":
+            raise ScheduleError(f"schedule.implicit_gemm needs activations 'fp16' (the kernel copies the conv's fp16 "
+                                f"input; with fp32 activations no conv qualifies), got {self.activations!r}")
         if not isinstance(self.activations, str) or self.activations not in ACTIVATIONS:
             raise ScheduleError(f"schedule.activations must be one of {', '.join(ACTIVATIONS)} (the dtype kernels "
                                 f"pass each other at precision fp16), got {self.activations!r}")
@@ -211,7 +222,8 @@ class ScheduleSpec:
     def is_default(self) -> bool:
         return (self.matmul is None and self.small_reduction is None and not self.kernels and self.mma
                 and self.injective is None and self.activations == "fp32" and self.reduce_inputs == "fp32"
-                and self.rows is None and self.row_reduction is None and self.split_k is None and not self.simt)
+                and self.rows is None and self.row_reduction is None and self.split_k is None and not self.simt
+                and not self.implicit_gemm)
 
     def to_json(self) -> dict:
         """Only what differs from the default: {} is TVM's dlight rules plus MmaMatmul (written before the rule
@@ -240,6 +252,8 @@ class ScheduleSpec:
             out["split_k"] = self.split_k
         if self.simt:
             out["simt"] = True
+        if self.implicit_gemm:
+            out["implicit_gemm"] = True
         return out
 
     @classmethod
@@ -252,7 +266,7 @@ class ScheduleSpec:
             raise ScheduleError(f"schedule: unknown field(s) {', '.join(bad)}; valid: {', '.join(SPEC_FIELDS)}")
         return cls(d.get("matmul"), d.get("small_reduction"), dict(d.get("kernels") or {}), d.get("mma", True),
                    d.get("injective"), d.get("activations", "fp32"), d.get("reduce_inputs", "fp32"), d.get("rows"),
-                   d.get("row_reduction"), d.get("split_k"), d.get("simt", False))
+                   d.get("row_reduction"), d.get("split_k"), d.get("simt", False), d.get("implicit_gemm", False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -832,13 +846,16 @@ def apply_tuned_schedule(spec: ScheduleSpec, applied: dict | None = None, rules_
     return _pass
 
 
-def fusion_passes(target, split_k: int | None = None) -> list:
+def fusion_passes(target, split_k: int | None = None, implicit_gemm: bool = False) -> list:
     """The CUDA pipeline up to (not including) scheduling: the kernels these produce are what `kernel_key`
-    identifies, so the candidate builder and the compiler must use exactly these. `split_k`: ScheduleSpec's."""
+    identifies, so the candidate builder and the compiler must use exactly these. `split_k`, `implicit_gemm`:
+    ScheduleSpec's (implicit GEMM after split-K: a matmul split-K rewrote keeps its im2col)."""
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda      # (relax.pipeline's dispatcher misses 2 of 4)
+    from workbench.models.implicit_gemm import implicit_gemm_pass
     from workbench.models.split_k import layer_norm_pass, split_k_pass
-    return cuda.library_dispatch_passes(target) + ([split_k_pass(split_k)] if split_k else []) + [
+    return cuda.library_dispatch_passes(target) + ([split_k_pass(split_k)] if split_k else []) + (
+        [implicit_gemm_pass()] if implicit_gemm else []) + [
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()] + (
         [layer_norm_pass()] if split_k else []) + [
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
@@ -1340,7 +1357,8 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
         with target:
             seq = tvm.transform.Sequential(
                 ([keep_fp16_activations_pass(spec.reduce_inputs)] if spec.activations == "fp16" else [])
-                + fusion_passes(target, spec.split_k) + [apply_tuned_schedule(spec, applied, rules_used)]
+                + fusion_passes(target, spec.split_k, spec.implicit_gemm)
+                + [apply_tuned_schedule(spec, applied, rules_used)]
                 + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return seq(mod)
 
@@ -1348,12 +1366,12 @@ def relax_pipeline(target, spec: ScheduleSpec | None = None, applied: dict | Non
 
 
 def fuse(mod, target, precision: str = "fp32", activations: str = "fp32", weights: str = "fp32",
-         reduce_inputs: str = "fp32", split_k: int | None = None):
+         reduce_inputs: str = "fp32", split_k: int | None = None, implicit_gemm: bool = False):
     """The relax module after fusion (kernels unscheduled), as the pipeline sees it before scheduling."""
     import tvm
     mod = mixed_precision(mod, precision, activations, weights, reduce_inputs)
     with target:
-        return tvm.transform.Sequential(fusion_passes(target, split_k))(mod)
+        return tvm.transform.Sequential(fusion_passes(target, split_k, implicit_gemm))(mod)
 
 
 @dataclass

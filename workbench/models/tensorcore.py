@@ -36,7 +36,8 @@ B[q, j, k]) with every batch axis fused into q, and each thread block computes o
 entry (q on blockIdx.z, `choose_batched_config`); kernels without a batch axis are scheduled exactly as before.
 Direct convolutions (shifted reads: TVM's CUDA codegen breaks on their vectorized gathers) are refused. Elementwise
 producers fold into the shared-memory copies, elementwise consumers (bias, ReLU, GELU, residual add, casts) into
-the store.
+the store. Implicit-GEMM convs (implicit_gemm.py) come as a plain matmul whose A is an im2col block, which folds
+into the copy of A like any producer: with cin % 8 == 0 a predicated 16-byte cp.async, the padding its predicate.
 
 Needs the full TVM compiler (tvm.s_tir), like schedules.py; Tensorize needs a tvm-ffi whose serializer works
 (schedules.check_tensorize_support).

@@ -135,6 +135,8 @@ class Variant:
             parts.append(f"split_k={s.split_k}")
         if s.simt:
             parts.append("simt")
+        if s.implicit_gemm:
+            parts.append("implicit_gemm")
         if s.kernels:
             parts.append(f"{len(s.kernels)} tuned kernels")
         if self.cuda_graph:
