@@ -23,7 +23,9 @@ split-K, dlight's 64x128 tile, the SIMT matmul schedule and BERT's split-K targe
 27 = every cell's leading candidates (from --from) with their graphs timed again, queued (see round27), reusing
 the binaries built for the rounds that measured them; 28-32 = tiles and settings for the cells left, and the
 leaders built again after a change of their kernels (29: BERT's split-K sums in its layer norms; 30: the ResNets'
-reshaped im2col vectorized; rounds 29 and 30 also take --from):
+reshaped im2col vectorized; rounds 29 and 30 also take --from); 33 = BERT b16's split-K targets; 34 = implicit
+GEMM (the ResNets' 3x3 convs without im2col kernels, schedule.implicit_gemm; see round34); 35 = implicit GEMM at
+the other batch sizes:
 
     python -m bench.build_kernel_candidates --round 5 --models resnet50,resnet18 --out .gpu/kq5 \
         --bundle .gpu/kq5.tar.xz --no-kernels
@@ -37,6 +39,10 @@ reshaped im2col vectorized; rounds 29 and 30 also take --from):
         --bundle .gpu/kq11.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 12 --out .gpu/kq12 --bundle .gpu/kq12.tar.xz --no-kernels
     python -m bench.build_kernel_candidates --round 15 --out .gpu/kq15 --bundle .gpu/kq15.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 34 --models resnet18,resnet50 --out .gpu/kq34 \
+        --bundle .gpu/kq34.tar.xz --no-kernels
+    python -m bench.build_kernel_candidates --round 35 --models resnet18,resnet50 --out .gpu/kq35 \
+        --bundle .gpu/kq35.tar.xz --no-kernels
 
 Every candidate records its weights (dtypes, bytes, and the source's fp32 bytes) and `weight_cast_kernels`:
 calls of kernels that read only weights (ToMixedPrecision's fp32->fp16 weight casts, redone every inference),
@@ -362,6 +368,7 @@ def variant_label(v: dict) -> str:
     parts += [f"sk{s['split_k']}"] if "split_k" in s else []
     parts += [f"m{_config_label(s['matmul'])}"] if "matmul" in s else []
     parts += ["simt"] if s.get("simt") else []
+    parts += ["ig"] if s.get("implicit_gemm") else []
     parts += ["k"] if s.get("kernels") else []
     parts += ["g"] if v.get("cuda_graph") else []
     return "-".join(parts)
@@ -578,18 +585,21 @@ def round22(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
-def _gemm_choices(model: str, b: int, variant: dict, rule: str, pick) -> dict:
+def _gemm_choices(model: str, b: int, variant: dict, rule: str, pick, only: str = "") -> dict:
     """Per-kernel choices (schedule.kernels) for the matmul kernels of the variant's graph: `pick(batch, m, n, k)`
     (batch None for a 2-D matmul, else the batched entries: split-K partials, attention's products) gives the
-    `rule`'s ("mma" or "simt") tile for a kernel, or None to leave it to the rule's per-shape choice."""
+    `rule`'s ("mma" or "simt") tile for a kernel, or None to leave it to the rule's per-shape choice. `only`: the
+    kernels whose name starts with it (round 34: the implicit-GEMM convs)."""
     from workbench.models import schedules, tensorcore, tuning, zoo
     v = tuning.Variant.from_json(variant)
     s = v.schedule
     src = zoo.get(model, seed=WEIGHT_SEED, conv=v.lowering if v.lowering != "direct" else None)
     fused = schedules.fuse(src.make_module(b), _target(), v.precision, s.activations, v.weights, s.reduce_inputs,
-                           s.split_k)
+                           s.split_k, s.implicit_gemm)
     out = {}
     for k in schedules.kernels(fused, _target()):
+        if not k.name.startswith(only):
+            continue
         try:
             batch, m, n, kk, _ = tensorcore.batched_gemm_shape(k.func, "float16" if rule == "mma" else "float32")
         except Exception:  # noqa: BLE001 - not a matmul the GEMM schedules fold
@@ -862,12 +872,52 @@ def round33(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     return cands, []
 
 
+def _implicit_candidates(model: str, b: int, variants: bool, tiles: bool) -> list[ModelCandidate]:
+    """Implicit-GEMM candidates of a reduced (model, b): with `variants`, the database's variant as it was before
+    implicit GEMM (side by side in the same run), with implicit GEMM (label suffix -ig; split-K's convs keep their
+    im2col) and with implicit GEMM without split-K (every 3x3 conv implicit); with `tiles`, the implicit-GEMM
+    variant alone and with the implicit convs on the first, second and third tile `tensorcore.configs_for` offers
+    their shape (-c0..-c2: the rows a block gathers)."""
+    from workbench.models import tensorcore
+    base = _db_variant(model, b, "fp16", without=("implicit_gemm", "kernels"))   # (the database after it has)
+    ig = {**base, "schedule": {**base["schedule"], "implicit_gemm": True}}
+    no_sk = {**ig, "schedule": {k: v for k, v in ig["schedule"].items() if k != "split_k"}}
+    cands = [ModelCandidate(model, b, variant_label(v), v) for v in ((base, ig, no_sk) if variants else (ig,))]
+    for i in range(3) if tiles else ():
+        v = json.loads(json.dumps(ig))
+        v["schedule"]["kernels"] = {**(v["schedule"].get("kernels") or {}), **_gemm_choices(
+            model, b, v, "mma", lambda q, m, n, k, i=i: (tensorcore.configs_for(m, n, k) + [None] * 3)[i],
+            only="fused_implicit_conv")}
+        cands.append(ModelCandidate(model, b, f"{variant_label(v)}-c{i}", v))
+    return cands
+
+
+def round34(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Implicit GEMM (schedule.implicit_gemm, workbench/models/implicit_gemm.py): the 3x3 convs (cin % 8 == 0) as
+    one kernel whose copy of A computes the pad and im2col (16-byte cp.async, the padding as predicate) instead of
+    an im2col kernel writing 9x the activation (ResNet-18 b16 fp16: ~170 us of 0.78 ms, 1.20x torch). Reduced
+    ResNet-18 b16 and b8 and ResNet-50 b16 (`_implicit_candidates`' variants), ResNet-18 b16 with its tiles."""
+    cells = (("resnet18", 16, True), ("resnet18", 8, False), ("resnet50", 16, False))
+    return [c for model, b, tiles in cells if model in models
+            for c in _implicit_candidates(model, b, True, tiles)], []
+
+
+def round35(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
+    """Round 34's implicit GEMM (which won all three of its cells) at the reduced ResNets' other batch sizes
+    (ResNet-18 b1, b2, b4; ResNet-50 b1, b2, b4, b8: `_implicit_candidates`' variants), and the tiles of round 34's
+    ResNet-18 b16 at ResNet-18 b8 and ResNet-50 b16, beside their implicit-GEMM winners again."""
+    cells = [(m, b, True, False) for m, sizes in (("resnet18", (1, 2, 4)), ("resnet50", (1, 2, 4, 8))) for b in sizes]
+    cells += [("resnet18", 8, False, True), ("resnet50", 16, False, True)]
+    return [c for model, b, variants, tiles in cells if model in models
+            for c in _implicit_candidates(model, b, variants, tiles)], []
+
+
 ROUNDS = {1: round1, 3: round3, 4: round4, 5: round5, 6: round6, 7: round7, 8: round8, 9: round9, 10: round10,
           11: round11, 12: round12, 13: round13, 14: round14, 15: round15, 16: round16, 17: round17,
           18: round18, 19: round19, 20: round20,
           21: round21, 22: round22,
           23: round23, 24: round24, 25: round25,
-          26: round26, 28: round28, 31: round31, 32: round32, 33: round33}
+          26: round26, 28: round28, 31: round31, 32: round32, 33: round33, 34: round34, 35: round35}
 
 
 def round2(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -990,7 +1040,8 @@ def weights_record(src, lowered_main, v, batch: int, tgt) -> dict:
         dtypes[d] = dtypes.get(d, 0) + 1
     mod = src.make_module(batch)
     fused = {w: weight_only_calls(schedules.fuse(mod, tgt, v.precision, v.schedule.activations, w,
-                                                 v.schedule.reduce_inputs, v.schedule.split_k)["main"], n_in)
+                                                 v.schedule.reduce_inputs, v.schedule.split_k,
+                                                 v.schedule.implicit_gemm)["main"], n_in)
              for w in sorted({v.weights, "fp32"})} if v.precision == "fp16" else {}
     return {"setting": v.weights, "dtypes": dtypes, "bytes": int(nbytes), "source_bytes": int(source_bytes),
             "weight_cast_kernels": {"lowered": weight_only_calls(lowered_main, n_in),

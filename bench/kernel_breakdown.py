@@ -248,7 +248,8 @@ def build_one(spec: Spec, out: Path, force: bool = False) -> dict:
     sources = cuda_sources(ex)
     # the unscheduled kernels (the same fusion passes the pipeline ran) give each name its kernel_key
     fused = schedules.fuse(src.make_module(spec.batch), tgt, variant.precision, variant.schedule.activations,
-                           variant.weights, variant.schedule.reduce_inputs, variant.schedule.split_k)
+                           variant.weights, variant.schedule.reduce_inputs, variant.schedule.split_k,
+                           variant.schedule.implicit_gemm)
     unscheduled = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
     prims = {gv.name_hint: f for gv, f in low.functions_items() if isinstance(f, tirx.PrimFunc)}
     main = low[fname]
