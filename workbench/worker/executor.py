@@ -435,9 +435,8 @@ class ThreadExecutor(Executor):
             self.closed = True
             self._cv.notify_all()
             # a held task runs in the thread that submitted it: the device must outlive it as it does this thread's
-            self._cv.wait_for(lambda: self._held is None, timeout)
-            held = self._held is None
+            none_held = self._cv.wait_for(lambda: self._held is None, timeout)
         if threading.current_thread() is self._thread:
-            return held        # closed from its own task (a result callback): it stops when that returns
+            return none_held   # closed from its own task (a result callback): it stops when that returns
         self._thread.join(timeout=max(deadline - time.monotonic(), 0))
-        return held and not self._thread.is_alive()
+        return none_held and not self._thread.is_alive()
