@@ -211,15 +211,18 @@ def _partials(mod) -> tuple[int, list[str]]:
 
 def test_a_sum_that_leads_to_a_layer_norm_becomes_part_of_its_kernel_with_the_same_values():
     """The partials' sum of a matmul whose result reaches a layer norm through elementwise ops used once is
-    unrolled and fused, with the bias and residual adds, into the layer norm's kernel (one kernel where there were
-    two); on LLVM it gives the unsplit values. A pre-norm value used again keeps its own summing kernel."""
+    two); on LLVM it gives the unsplit values. A pre-norm value used again keeps its own summing kernel. The
+    boundary: MAX_ROWS_SPLITS partials go to the layer norm, the next split count up to a summing kernel."""
     rng = np.random.default_rng(7)
     shape, k, n = (2, 24), 1024, 96
+    m = shape[0] * shape[1]
+    at_max = next(t for t in range(1, 1 << 16) if splits(m, n, k, t) == MAX_ROWS_SPLITS)   # split_k targets
+    above = next(t for t in range(at_max, 1 << 16) if splits(m, n, k, t) > MAX_ROWS_SPLITS)
     args = [rng.standard_normal((*shape, k)).astype("float32"), rng.standard_normal((k, n)).astype("float32"),
             rng.standard_normal(n).astype("float32"), rng.standard_normal((*shape, n)).astype("float32"),
             rng.standard_normal(n).astype("float32"), rng.standard_normal(n).astype("float32")]
-    fused = _fused(_dense_ln_module(shape, k, n), 32)
-    few, readers = _partials(fused)
+    fused = _fused(_dense_ln_module(shape, k, n), at_max)
+    _, readers = _partials(fused)
     assert len(readers) == 1 and readers[0].startswith("fused_split_k_rows") and readers[0].endswith("layer_norm")
     names = [c for c in _calls(fused) if not c.startswith("reshape")]        # (the VM's views on the GPU)
     assert len(names) == 2 and names[0].startswith("matmul_split_k"), names
@@ -228,13 +231,12 @@ def test_a_sum_that_leads_to_a_layer_norm_becomes_part_of_its_kernel_with_the_sa
     want = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5) * args[4] + args[5]
     got, base = _run_llvm(fused, args), _run_llvm(_dense_ln_module(shape, k, n), args)
     assert np.abs(got - want).max() < 1e-4 and np.abs(got - base).max() < 1e-4
-    twice = _calls(_fused(_dense_ln_module(shape, k, n, residual_used_twice=True), 32))
+    twice = _calls(_fused(_dense_ln_module(shape, k, n, residual_used_twice=True), at_max))
     assert any(c.startswith("fused_split_k_sum") for c in twice) and not any("rows" in c for c in twice), twice
-    many = _fused(_dense_ln_module(shape, k, n), 1024)                  # too many partials to unroll
-    lots, readers = _partials(many)
+    many = _fused(_dense_ln_module(shape, k, n), above)                 # too many partials to unroll
+    _, readers = _partials(many)
     assert len(readers) == 1 and readers[0].startswith("fused_split_k_sum"), readers
     assert not any("rows" in c for c in _calls(many))
-    assert 1 < few <= MAX_ROWS_SPLITS < lots           # the layer norm takes the partials up to MAX_ROWS_SPLITS
 
 
 def test_on_cuda_berts_sums_before_layer_norms_fuse_into_them_and_row_reduction_schedules_them():
