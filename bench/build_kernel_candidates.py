@@ -592,10 +592,8 @@ def _gemm_choices(model: str, b: int, variant: dict, rule: str, pick, only: str 
     kernels whose name starts with it (round 34: the implicit-GEMM convs)."""
     from workbench.models import schedules, tensorcore, tuning, zoo
     v = tuning.Variant.from_json(variant)
-    s = v.schedule
     src = zoo.get(model, seed=WEIGHT_SEED, conv=v.lowering if v.lowering != "direct" else None)
-    fused = schedules.fuse(src.make_module(b), _target(), v.precision, s.activations, v.weights, s.reduce_inputs,
-                           s.split_k, s.implicit_gemm)
+    fused = schedules.fuse_variant(src.make_module(b), _target(), v)
     out = {}
     for k in schedules.kernels(fused, _target()):
         if not k.name.startswith(only):
@@ -1039,9 +1037,7 @@ def weights_record(src, lowered_main, v, batch: int, tgt) -> dict:
     for _, d in sigs:
         dtypes[d] = dtypes.get(d, 0) + 1
     mod = src.make_module(batch)
-    fused = {w: weight_only_calls(schedules.fuse(mod, tgt, v.precision, v.schedule.activations, w,
-                                                 v.schedule.reduce_inputs, v.schedule.split_k,
-                                                 v.schedule.implicit_gemm)["main"], n_in)
+    fused = {w: weight_only_calls(schedules.fuse_variant(mod, tgt, v, w)["main"], n_in)
              for w in sorted({v.weights, "fp32"})} if v.precision == "fp16" else {}
     return {"setting": v.weights, "dtypes": dtypes, "bytes": int(nbytes), "source_bytes": int(source_bytes),
             "weight_cast_kernels": {"lowered": weight_only_calls(lowered_main, n_in),

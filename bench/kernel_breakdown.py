@@ -247,9 +247,7 @@ def build_one(spec: Spec, out: Path, force: bool = False) -> dict:
     compile_s = time.perf_counter() - t0
     sources = cuda_sources(ex)
     # the unscheduled kernels (the same fusion passes the pipeline ran) give each name its kernel_key
-    fused = schedules.fuse(src.make_module(spec.batch), tgt, variant.precision, variant.schedule.activations,
-                           variant.weights, variant.schedule.reduce_inputs, variant.schedule.split_k,
-                           variant.schedule.implicit_gemm)
+    fused = schedules.fuse_variant(src.make_module(spec.batch), tgt, variant)
     unscheduled = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
     prims = {gv.name_hint: f for gv, f in low.functions_items() if isinstance(f, tirx.PrimFunc)}
     main = low[fname]

@@ -1374,6 +1374,13 @@ def fuse(mod, target, precision: str = "fp32", activations: str = "fp32", weight
         return tvm.transform.Sequential(fusion_passes(target, split_k, implicit_gemm))(mod)
 
 
+def fuse_variant(mod, target, variant, weights: str | None = None):
+    """`fuse` with a tuning Variant's settings (`weights`: another weights setting than the variant's)."""
+    s = variant.schedule
+    return fuse(mod, target, variant.precision, s.activations, weights or variant.weights, s.reduce_inputs,
+                s.split_k, s.implicit_gemm)
+
+
 @dataclass
 class Kernel:
     """One unscheduled kernel of a fused module, with what is needed to run it alone."""
