@@ -322,7 +322,8 @@ def resolve_tuning(source: ModelSource, batch_sizes: Sequence[int], target: str,
     model and `tuning` "auto" (data/tuning or $WORKBENCH_TUNING_DB) or a database directory, the database's
     variants for (model, target/arch, precision); a zoo model asked for in its default (direct) form is
     switched to the lowering the database found fastest (the artifact is then named e.g. resnet50-matmul: its
-    weights are laid out for that lowering). tuning None/False/"none": TVM's default pipeline (and `precision`).
+    weights are laid out for that lowering). Variants with projections "fused" give the source with them fused
+    (`with_projections`). tuning None/False/"none": TVM's default pipeline (and `precision`).
     Variants and fp16 are CUDA-only (the CPU pipeline compiles fp32 with TVM's defaults)."""
     from workbench.models import tuning as tdb
     if precision not in ("fp32", "fp16"):
@@ -336,7 +337,8 @@ def resolve_tuning(source: ModelSource, batch_sizes: Sequence[int], target: str,
             raise CompileError(f"variant must be a workbench.models.tuning.Variant, got {type(variant).__name__}")
         if target != "cuda":
             raise CompileError(f"compile variants are for --target cuda only, not {target!r}")
-        return source, {b: variant for b in batch_sizes}, {"variant": variant.to_json(), "database": None}
+        return (with_projections(source, variant.projections), {b: variant for b in batch_sizes},
+                {"variant": variant.to_json(), "database": None})
     fallback = tdb.Variant(precision=precision) if precision != "fp32" else None
     kind, _, name = source.origin.partition(":")
     if not tuning or kind != "zoo":
@@ -357,9 +359,21 @@ def resolve_tuning(source: ModelSource, batch_sizes: Sequence[int], target: str,
         return source, {b: fallback for b in batch_sizes}, None
     if p.lowering != lowering:
         source = zoo.get(base, seed=int(zinfo.get("seed", 0)), conv=p.lowering)
+    source = with_projections(source, next(iter(p.variants.values())).projections)   # (one for all: tuning.plan)
     record = p.to_json()
     record["requested"] = name
     return source, dict(p.variants), record
+
+
+def with_projections(source: ModelSource, projections: str) -> ModelSource:
+    """`source` in the weights layout of a variant's `projections` ("fused": projections.fused)."""
+    if projections == "separate":
+        return source
+    from workbench.models import projections as proj
+    try:
+        return proj.fused(source)
+    except proj.ProjectionError as e:
+        raise CompileError(f"tuning: variant projections {projections!r}: {e}") from None
 
 
 def compile_model(source: ModelSource, out_dir: str | Path, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,

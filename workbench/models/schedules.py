@@ -853,9 +853,10 @@ def fusion_passes(target, split_k: int | None = None, implicit_gemm: bool = Fals
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda      # (relax.pipeline's dispatcher misses 2 of 4)
     from workbench.models.implicit_gemm import implicit_gemm_pass
+    from workbench.models.projections import einsum_views_pass
     from workbench.models.split_k import layer_norm_pass, split_k_pass
     return cuda.library_dispatch_passes(target) + ([split_k_pass(split_k)] if split_k else []) + (
-        [implicit_gemm_pass()] if implicit_gemm else []) + [
+        [implicit_gemm_pass()] if implicit_gemm else []) + [einsum_views_pass(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()] + (
         [layer_norm_pass()] if split_k else []) + [
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
@@ -1145,16 +1146,20 @@ class _WidenFirstOperand:
 def _einsum_widened(bb, call, xs16: list):
     """An fp32 einsum (the zoo transformers' attention products, which ToMixedPrecision leaves in fp32: the op has
     no mixed-precision policy) of fp16 activations as one PrimFunc that reads them, accumulates in fp32 and stores
-    fp16: C += f32(A) * f32(B), the form MmaMatmul takes, like the matmuls ToMixedPrecision rewrites."""
+    fp16: C += f32(A) * f32(B), the form MmaMatmul takes, like the matmuls ToMixedPrecision rewrites. An operand
+    that is a part of a fused projection is read in place (projections.viewed)."""
     from tvm import te, topi
     from workbench.models.architecture import einsum_terms
+    from workbench.models.projections import OUT_EWISE_FUSABLE, viewed
     terms, out = einsum_terms(call)
     if len(terms) != 2 or "." in "".join(terms) or any(len(set(t)) != len(t) for t in (*terms, out)):
         return None                  # (two operands, no ellipsis or repeated index: what the zoo writes)
+    args, select, parts = viewed(bb, bb.lookup_binding, xs16)
 
-    def einsum(a, b):
+    def einsum(*operands):
         # the widening inside the product, as relax's matmul legalizes with out_dtype (topi.einsum would widen in
         # separate blocks, which the GEMM schedules do not take)
+        a, b = select(*operands)
         extent = {c: n for t, x in zip(terms, (a, b)) for c, n in zip(t, x.shape)}
         axes = {c: te.reduce_axis((0, extent[c]), name=c) for c in dict.fromkeys(terms[0] + terms[1]) if c not in out}
 
@@ -1165,7 +1170,9 @@ def _einsum_widened(bb, call, xs16: list):
 
         return topi.cast(te.compute([extent[c] for c in out], element, name="T_einsum"), "float16")
 
-    return bb.call_te(einsum, *xs16, primfunc_name_hint="einsum")
+    if not parts:
+        return bb.call_te(einsum, *args, primfunc_name_hint="einsum")
+    return bb.call_te(einsum, *args, primfunc_name_hint="einsum", primfunc_attrs={"op_pattern": OUT_EWISE_FUSABLE})
 
 
 def _widened_inside(bb, call, x16, rest: list):

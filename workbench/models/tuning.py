@@ -23,7 +23,8 @@ in $WORKBENCH_TUNING_DB. One file per base zoo model (`resnet50`, not `resnet50-
                          "schedule": {"matmul": {...}, "small_reduction": 256, "kernels": {KEY: CHOICE}}},
              # fp16 entries may add e.g. "injective": 8, "mma": false, "activations": "fp16" to the schedule
              # (ScheduleSpec writes a key only when it differs from its default: older entries read unchanged),
-             # and "weights": "fp16" to the variant (written only when not "fp32", likewise)
+             # and "weights": "fp16" and "projections": "fused" to the variant (written only when not the
+             # default, likewise)
              "measured": {"p50_ms": 3.1, "p99_ms": 3.2, "n": 200},       # exec on the GPU, CUDA events
              "baseline": {"p50_ms": 4.9, "p99_ms": 5.0},                 # TVM default pipeline, same run
              "torch": {"fp32_graph": {"p50_ms": 2.2, ...}, ...},          # torch on the same GPU, same run
@@ -32,9 +33,10 @@ in $WORKBENCH_TUNING_DB. One file per base zoo model (`resnet50`, not `resnet50-
 Lookup (`plan`): for each batch size to compile, the entry of that batch if measured, else of the nearest
 measured batch (log2 distance; per-kernel choices of every measured batch are merged, since kernel keys
 include shapes and only match the kernels they were measured on). The lowering is one per model (it fixes
-the weights layout shared by all batch sizes), and so is the weights dtype: fp16 only if every entry used says
-so, else every batch size gets fp32 weights (one weights.bin serves all batch sizes; fp32 weights run with every
-variant, at the cost of their cast kernels). Needs only json; TVM is not imported.
+the weights layout shared by all batch sizes), and so are the weights dtype and the projections: fp16 weights and
+fused projections only if every entry used says so, else every batch size gets fp32 weights and separate
+projections (one weights.bin serves all batch sizes; fp32 weights run with every variant, at the cost of their
+cast kernels). Needs only json; TVM is not imported.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from workbench.models.artifact import ArtifactError
+from workbench.models.projections import PROJECTIONS
 from workbench.models.schedules import PRECISIONS, WEIGHTS, ScheduleError, ScheduleSpec
 
 FORMAT = "workbench-tuning"
@@ -72,6 +75,10 @@ class Variant:
     # run by compiler.lower; precision fp16 only). Here, not in ScheduleSpec: it changes the artifact's
     # weights.bin and the function's signature, which all batch sizes share, not how kernels are scheduled.
     weights: str = "fp32"
+    # "fused": sibling projections (attention's Q, K and V) as one matmul over weights stored side by side
+    # (projections.fused, applied to the source by compiler.resolve_tuning): like `weights`, it changes the
+    # artifact's weights.bin and signature, so every batch size of an artifact shares it
+    projections: str = "separate"
 
     def __post_init__(self):
         if self.lowering not in LOWERINGS:
@@ -83,6 +90,9 @@ class Variant:
         if not isinstance(self.weights, str) or self.weights not in WEIGHTS:
             raise ScheduleError(f"variant.weights must be one of {', '.join(WEIGHTS)} (the dtype the artifact stores "
                                 f"weights in), got {self.weights!r}")
+        if not isinstance(self.projections, str) or self.projections not in PROJECTIONS:
+            raise ScheduleError(f"variant.projections must be one of {', '.join(PROJECTIONS)} (whether sibling "
+                                f"projections are one matmul), got {self.projections!r}")
         if self.weights != "fp32" and self.precision != "fp16":
             raise ScheduleError(f"variant.weights {self.weights!r} needs precision fp16 (fp32 models compute with "
                                 f"their fp32 weights), got precision {self.precision!r}")
@@ -93,26 +103,28 @@ class Variant:
     @property
     def is_default(self) -> bool:
         return (self.precision == "fp32" and self.schedule.is_default and not self.cuda_graph
-                and self.weights == "fp32")
+                and self.weights == "fp32" and self.projections == "separate")
 
     def to_json(self) -> dict:
         out = {"lowering": self.lowering, "precision": self.precision, "cuda_graph": self.cuda_graph,
                "schedule": self.schedule.to_json()}
         if self.weights != "fp32":          # only when set: entries written before the field read unchanged
             out["weights"] = self.weights
+        if self.projections != "separate":
+            out["projections"] = self.projections
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> "Variant":
         if not isinstance(d, dict):
             raise ScheduleError(f"a variant must be an object, got {d!r}")
-        bad = sorted(set(d) - {"lowering", "precision", "cuda_graph", "schedule", "weights"})
+        bad = sorted(set(d) - {"lowering", "precision", "cuda_graph", "schedule", "weights", "projections"})
         if bad:
             raise ScheduleError(f"variant: unknown field(s) {', '.join(bad)}; valid: lowering, precision, "
-                                f"cuda_graph, schedule, weights")
+                                f"cuda_graph, schedule, weights, projections")
         return cls(d.get("lowering", "direct"), d.get("precision", "fp32"),
                    ScheduleSpec.from_json(d.get("schedule")), bool(d.get("cuda_graph", False)),
-                   d.get("weights", "fp32"))
+                   d.get("weights", "fp32"), d.get("projections", "separate"))
 
     def describe(self) -> str:
         parts = [self.lowering, self.precision]
@@ -143,6 +155,8 @@ class Variant:
             parts.append("cuda_graph")
         if self.weights != "fp32":
             parts.append(f"weights={self.weights}")
+        if self.projections != "separate":
+            parts.append(f"projections={self.projections}")
         return " ".join(parts)
 
 
@@ -244,9 +258,11 @@ def plan(model: str, target: str, arch: str | None, batch_sizes: Sequence[int], 
     for b in sorted(entries):
         merged.update(Variant.from_json(entries[b]["variant"]).schedule.kernels)
     sources = {b: b if b in entries else _nearest(sorted(entries), b) for b in batch_sizes}
-    # one weights dtype for the artifact (its weights.bin serves every batch size): fp16 only if all agree
-    weights = {Variant.from_json(entries[src]["variant"]).weights for src in sources.values()}
-    weights_dtype = weights.pop() if len(weights) == 1 else "fp32"
+    # one weights layout for the artifact (its weights.bin serves every batch size): the weights dtype fp16 and
+    # fused projections only where every batch size's entry says so, else the default for all
+    used = [Variant.from_json(entries[src]["variant"]) for src in sources.values()]
+    layout = {f: ({getattr(v, f) for v in used} if len({getattr(v, f) for v in used}) == 1 else {default}).pop()
+              for f, default in (("weights", "fp32"), ("projections", "separate"))}
     variants, prov = {}, {}
     for b in batch_sizes:
         src = sources[b]
@@ -254,15 +270,15 @@ def plan(model: str, target: str, arch: str | None, batch_sizes: Sequence[int], 
         if merged:
             # (replace: every other setting of the entry's spec, mma and injective included, is kept)
             v = dataclasses.replace(v, schedule=dataclasses.replace(v.schedule, kernels=dict(merged)))
-        measured_weights = v.weights
-        if v.weights != weights_dtype:
-            v = dataclasses.replace(v, weights=weights_dtype)
+        measured = {f: getattr(v, f) for f in layout}
+        v = dataclasses.replace(v, **layout)
         variants[b] = v
         m = entries[src].get("measured") or {}
         prov[b] = {"from_batch": src, "measured_p50_ms": m.get("p50_ms"), "gpu": entries[src].get("gpu"),
                    "date": entries[src].get("date")}
-        if measured_weights != weights_dtype:        # the figure was measured with the other weights dtype
-            prov[b]["measured_weights"] = measured_weights
+        for f, was in measured.items():             # the figure was measured with another weights layout
+            if was != layout[f]:
+                prov[b][f"measured_{f}"] = was
     return TuningPlan(model, path, use, variants, prov, d.get("tvm_version"))
 
 
