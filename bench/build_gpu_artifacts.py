@@ -10,6 +10,7 @@ tensor-core kernels of schedules.MmaMatmul, checked against the same references)
 kernels, vectorized injective kernels, and weights stored in fp16, FP16W_VARIANT) and <out>/mlp_sk_cuda,
 <out>/tiny_transformer_sk_cuda (fp32 with split-K matmuls, SPLIT_K_VARIANT) and <out>/mlp_simt_cuda,
 <out>/tiny_transformer_simt_cuda (fp32 matmuls on the SIMT schedule, split-K partials included: SIMT_VARIANT),
+and <out>/tiny_transformer_fp16wqkv_cuda, <out>/tiny_transformer_simtqkv_cuda (the last two with fused projections),
 then one bundle <bundle> to carry to the GPU machine.
 
 Why a bundle, and why synthetic weights: the device tool carries at most 64 MiB of ignored files in all (the
@@ -49,8 +50,14 @@ SPLIT_K_VARIANT = {"lowering": "direct", "precision": "fp32", "cuda_graph": Fals
 # with the row settings of the database's fp32 BERT winners
 SIMT_VARIANT = {"lowering": "direct", "precision": "fp32", "cuda_graph": False,
                 "schedule": {"split_k": 1024, "simt": True, **ROW_SETTINGS}}
-VARIANTS = {"fp16w": FP16W_VARIANT, "fp32sk": SPLIT_K_VARIANT, "fp32simt": SIMT_VARIANT}
-KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk", "fp32simt": "_simt"}   # kind -> dir suffix
+# ... and tiny_transformer (the models with attention) as <model>_fp16wqkv_<target> and <model>_simtqkv_<target>:
+# those two with the attention's Q, K and V projections fused (workbench/models/projections.py), as BERT's winners
+QKV_TOO = ("tiny_transformer",)
+VARIANTS = {"fp16w": FP16W_VARIANT, "fp32sk": SPLIT_K_VARIANT, "fp32simt": SIMT_VARIANT,
+            "fp16wqkv": {**FP16W_VARIANT, "projections": "fused"},
+            "fp32simtqkv": {**SIMT_VARIANT, "projections": "fused"}}
+KINDS = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk", "fp32simt": "_simt",     # kind -> dir suffix
+         "fp16wqkv": "_fp16wqkv", "fp32simtqkv": "_simtqkv"}
 
 
 def build(model: str, target: str, out: Path, batch_sizes: list[int], arch: str, seed: int, force: bool,
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(m, "cuda", "fp32") for m in models] + [(m, "cpu", "fp32") for m in models if m in CPU_TOO]
     jobs += [(m, "cuda", kind) for kind in ("fp16", "fp16w", "fp32sk", "fp32simt") for m in models if m in VARIANTS_TOO
              and tuning is None]
+    jobs += [(m, "cuda", kind) for kind in ("fp16wqkv", "fp32simtqkv") for m in models
+             if m in QKV_TOO and tuning is None]
     dirs = []
     for model, target, kind in jobs:
         art, secs = build(model, target, out, batch_sizes, a.arch, a.seed, a.force,

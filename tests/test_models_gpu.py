@@ -30,7 +30,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     candidates = [Path(given)] if given else [ROOT / ".gpu" / "artifacts.tar.xz", ROOT / ".gpu" / "artifacts"]
     for c in candidates:
         if c.is_file():
-            kinds = ("cuda", "cpu", "fp16_cuda", "fp16w_cuda", "sk_cuda", "simt_cuda")
+            kinds = ("cuda", "cpu", "fp16_cuda", "fp16w_cuda", "sk_cuda", "simt_cuda", "fp16wqkv_cuda", "simtqkv_cuda")
             wanted = [f"{m}_{t}" for m in MODELS for t in kinds]
             dirs = unpack_bundle(c, tmp_path_factory.mktemp("artifacts"), only=wanted)
             return {d.name: d for d in dirs}
@@ -75,8 +75,9 @@ def _inputs(art, b: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp16w", "fp32sk", "fp32simt"])
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model,precision", [(m, p) for m in MODELS for p in ("fp32", "fp16", "fp16w", "fp32sk",
+                                                                             "fp32simt")]
+                         + [("tiny_transformer", "fp16wqkv"), ("tiny_transformer", "fp32simtqkv")])
 def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, model, precision):
     """fp16: the artifact compiled at precision fp16, whose matmuls run on tensor cores (schedules.MmaMatmul:
     mma.sync, ldmatrix, cp.async), within the fp16 tolerance of the same references. fp16w: also fp16
@@ -86,17 +87,27 @@ def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, m
     matmuls (split-K partials too) on the SIMT schedule (cp.async-pipelined register tiles), same tolerance.
     fp16w and fp32simt also carry the tuned BERT variants' row settings: softmax and layer norm on RowReduction
     (tiny_transformer's rows of 32 and 128: one warp a row, four rows a block), at b1 too, where TVM 0.27 once
-    dropped a barrier between the rows of a block (bench/build_kernel_candidates.round20)."""
+    dropped a barrier between the rows of a block (bench/build_kernel_candidates.round20). fp16wqkv, fp32simtqkv:
+    those two with fused projections (one matmul for Q, K and V over weights stored side by side, the attention
+    einsums reading its result in place), against the unfused CPU artifact and the reference of its weights."""
     import cupy
     import tvm
     from workbench.models.cubin_cache import sources_in_so
     from workbench.models.reference import reference_forward
     from workbench.models.runtime import alloc_pages, copy_weights
-    suffix = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk", "fp32simt": "_simt"}[precision]
+    suffix = {"fp32": "", "fp16": "_fp16", "fp16w": "_fp16w", "fp32sk": "_sk", "fp32simt": "_simt",
+              "fp16wqkv": "_fp16wqkv", "fp32simtqkv": "_simtqkv"}[precision]
+    fused = precision.endswith("qkv")
     cuda_art, cpu_art = _need(artifacts, f"{model}{suffix}_cuda"), _need(artifacts, f"{model}_cpu")
     assert cuda_art.target == "cuda" and cuda_art.arch == "sm_90"
     assert {cuda_art.precision(b) for b in cuda_art.batch_sizes} == {precision[:4]}
-    if precision == "fp16w":   # weights stored in fp16 (layer norms' in fp32), activations fp16 between kernels
+    if fused:                  # one weight (and bias) per layer for the three projections
+        from workbench.models.zoo import TRANSFORMER_CONFIGS
+        cfg = TRANSFORMER_CONFIGS[model]
+        qkv = [t for t in cuda_art.tensors if "query_key_value" in t.name]
+        assert len(qkv) == 2 * cfg.layers and len(cuda_art.tensors) == len(cpu_art.tensors) - 4 * cfg.layers
+        assert all(t.shape[-1] == 3 * cfg.hidden for t in qkv)
+    if precision.startswith("fp16w"):   # weights in fp16 (layer norms' in fp32), activations fp16 between kernels
         halves = [t for t in cuda_art.tensors if t.dtype == "float16"]
         assert halves and all(t.dtype == "float32" and "LayerNorm" in t.name
                               for t in cuda_art.tensors if t.dtype != "float16")
@@ -110,11 +121,11 @@ def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, m
         srcs = sources_in_so(cuda_art.so_path(b).read_bytes(), digests)
         if precision == "fp32sk":
             assert any("matmul_split_k" in src and "split_k_sum" in src for src in srcs), f"no split in {cuda_art.name}"
-        elif precision == "fp32simt":     # fp32 kernels with cp.async copies: only SimtMatmul emits them
+        elif precision.startswith("fp32simt"):     # fp32 kernels with cp.async copies: only SimtMatmul emits them
             assert any("cp.async" in src for src in srcs), f"no SIMT matmul in {cuda_art.name} b{b}"
         else:
             assert any("mma.sync" in src and "ldmatrix" in src for src in srcs), f"no mma in {cuda_art.name} b{b}"
-        if model == "tiny_transformer" and precision in ("fp16w", "fp32simt"):   # RowReduction, four rows a block
+        if model == "tiny_transformer" and precision.startswith(("fp16w", "fp32simt")):   # RowReduction, 4 rows a block
             assert any(re.search(r"__launch_bounds__\(128\) \w*softmax\w*_kernel", src) for src in srcs), cuda_art.name
     gpu = cuda_art.load(tvm.cuda(0))
     pages = alloc_pages(cuda_art, tvm.cuda(0))
@@ -130,7 +141,8 @@ def test_cuda_matches_cpu_and_reference_for_every_batch_size(artifacts, cache, m
     # zoo:resnet18-matmul, its weights laid out for it), with the artifact's own weights
     origin = cuda_art.manifest["source"]["origin"]
     assert origin.split(":", 1)[-1].startswith(model), origin
-    named = [(t.name, a) for t, a in zip(cuda_art.tensors, cuda_art.weight_arrays())]
+    named = [(t.name, a) for t, a in zip(*((cpu_art.tensors, cpu_art.weight_arrays()) if fused else
+                                             (cuda_art.tensors, cuda_art.weight_arrays())))]
     for b in cuda_art.batch_sizes:
         xs = _inputs(cuda_art, b, seed=b)
         [y] = gpu.run(b, [cupy.asarray(x) for x in xs], binding)
