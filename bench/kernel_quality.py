@@ -134,6 +134,16 @@ def lowered_weights(meta: dict, canonical: dict[str, np.ndarray], lowering: str)
     return [zoo.lowered_weight(w, shapes[n]) for n, w in canonical.items()]
 
 
+def candidate_weights(meta: dict, canonical: dict[str, np.ndarray], c: dict) -> list[np.ndarray]:
+    """The weights candidate `c` takes, in its lowering and, with fused projections, its groups' layout."""
+    from workbench.models import projections
+    ws = lowered_weights(meta, canonical, c["variant"]["lowering"])
+    if not c.get("projections"):
+        return ws
+    groups = [projections.Group(**{k: tuple(v) for k, v in g.items()}) for g in c["projections"]]
+    return [w for _, w in projections.fuse_weights(list(zip(canonical, ws)), groups)]
+
+
 def weight_dtypes(c: dict) -> tuple[str, ...]:
     """The dtypes candidate `c`'s compiled function takes its weights in (its signature after the inputs):
     float16 for a variant with weights "fp16" (schedules.keep_fp16_weights), else the source's float32."""
@@ -731,9 +741,10 @@ def cmd_run(a) -> int:
             lw = c["variant"]["lowering"]
             try:
                 cg = bool(c["variant"].get("cuda_graph"))
-                wk = (lw, weight_dtypes(c))              # fp16-weights candidates take their weights in fp16
+                # fp16-weights candidates take their weights in fp16; fused projections side by side
+                wk = (lw, weight_dtypes(c), json.dumps(c.get("projections")))
                 if wk not in gpu_w:
-                    gpu_w[wk] = (*to_tvm(as_dtypes(lowered_weights(meta, canon, lw), wk[1])), None)
+                    gpu_w[wk] = (*to_tvm(as_dtypes(candidate_weights(meta, canon, c), wk[1])), None)
                 if cg and gpu_w[wk][2] is None:          # copies at other addresses, for the moved-weights check
                     gpu_w[wk] = (gpu_w[wk][0], gpu_w[wk][1], to_tvm([cupy.asnumpy(g) for g in gpu_w[wk][0]]))
                 g, wt, copies = gpu_w[wk]
@@ -806,9 +817,9 @@ def cmd_check(a) -> int:
         refs = {"x": x_ref, "y": y_ref}
         sha_ok &= x_ok
         for lw in ["direct"] + list(meta["lowered"]):
-            ws = lowered_weights(meta, canon, lw)
             sigs = [c for c in manifest["candidates"] if c["model"] == model and c["variant"]["lowering"] == lw]
             for c in sigs:
+                ws = candidate_weights(meta, canon, c)
                 want = [tuple(s) for s, _ in c["signature"][c["num_inputs"]:]]
                 if [w.shape for w in ws] != want:
                     print(f"  {c['id']}: weight shapes differ from the compiled signature")
@@ -967,38 +978,40 @@ def fastest(cands: list[dict]) -> dict:
     return min(kept or cands, key=served_ms)
 
 
+def layout(r: dict) -> tuple[str, str]:
+    """A result's weights layout: its conv lowering and its projections (tuning.Variant's)."""
+    return r["variant"]["lowering"], r["variant"].get("projections", "separate")
+
+
 def pick(merged: dict) -> dict:
-    """Winners per (model, batch, precision) (`fastest`), the lowering per (model, precision), kernel winners."""
+    """Winners per (model, batch, precision) (`fastest`), the weights layout (`layout`) per (model, precision),
+    kernel winners."""
     rows = list(merged["models"].values())
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["model"], r["batch"]), []).append(r)
     winners = []
-    lowering_choice = {}
+    layout_choice = {}      # (model, precision) -> the weights layout all its batch sizes share (one weights.bin)
     for (model, prec) in sorted({(r["model"], r["variant"]["precision"]) for r in rows}):
-        sums = {}
-        for lw in ("direct", "matmul"):
-            best = {}
-            for r in rows:
-                if r["model"] == model and r["variant"]["precision"] == prec and r["variant"]["lowering"] == lw \
-                        and eligible(r)[0]:
-                    b = r["batch"]
-                    best[b] = min(best.get(b, math.inf), served_ms(r))
-            if best:
-                sums[lw] = (len(best), sum(best.values()))
-        if sums:
-            lowering_choice[(model, prec)] = min(sums, key=lambda lw: (-sums[lw][0], sums[lw][1]))
+        best: dict = {}
+        for r in rows:
+            if r["model"] == model and r["variant"]["precision"] == prec and eligible(r)[0]:
+                by_batch = best.setdefault(layout(r), {})
+                by_batch[r["batch"]] = min(by_batch.get(r["batch"], math.inf), served_ms(r))
+        if best:          # the layout measured at the most batch sizes, then the fastest in sum
+            layout_choice[(model, prec)] = min(best, key=lambda lay: (-len(best[lay]), sum(best[lay].values())))
     for (model, b), rs in sorted(groups.items()):
         base = next((r for r in rs if r["label"] == "fp32" and r["variant"]["lowering"] == "direct" and eligible(r)[0]),
                     None)
         latest = {m: t for (mm, bb, m), t in merged["torch"].items() if mm == model and bb == b}
         for prec in ("fp32", "fp16"):
-            lw = lowering_choice.get((model, prec))
+            lay = layout_choice.get((model, prec))
+            lw = lay[0] if lay else None
             cands = [r for r in rs if r["variant"]["precision"] == prec and eligible(r)[0]]
             if not cands:
                 continue
             best_any = fastest(cands)
-            within = [r for r in cands if r["variant"]["lowering"] == lw] or [best_any]
+            within = [r for r in cands if layout(r) == lay] or [best_any]
             best = fastest(within)
             # torch of the winner's own run where that run measured this batch, else the latest figures
             own = {m: t for (rr, mm, bb, m), t in merged["torch_runs"].items()
@@ -1040,7 +1053,8 @@ def pick(merged: dict) -> dict:
         if best["label"] != default_label and best["p50_us"] < 0.97 * d["p50_us"]:
             kernel_winners[key] = {"job": k["job"], "name": k["name"], "choice": best["choice"],
                                    "label": best["label"], "p50_us": best["p50_us"], "default_us": d["p50_us"]}
-    return {"winners": winners, "lowering": {f"{m}/{p}": lw for (m, p), lw in lowering_choice.items()},
+    return {"winners": winners, "lowering": {f"{m}/{p}": lay[0] for (m, p), lay in layout_choice.items()},
+            "projections": {f"{m}/{p}": lay[1] for (m, p), lay in layout_choice.items()},
             "goal": goal(winners), "kernel_jobs": jobs, "kernel_winners": kernel_winners,
             "kernel_label_wins": label_wins,
             "ineligible": {r["id"]: eligible(r)[1] for r in rows if not eligible(r)[0]}}
@@ -1133,8 +1147,11 @@ def markdown(merged: dict, picked: dict) -> str:
          f"runtime-only, torch {meta.get('torch')}. Rounds: "
          + ", ".join(f"{r['round']} ({'complete' if r['complete'] else 'cut short'}, {r['elapsed_s']} s)"
                      for r in merged["rounds"]) + ". Written by `python -m bench.kernel_quality pick`.", "",
-         f"**Batch sizes measured: {', '.join(f'b{b}' for b in batches)} only.** The issue asks for b1..b16; the "
-         "tuning database gives other batch sizes the variant of the nearest measured one (log2), unmeasured.", "",
+         ("**Batch sizes measured: every one of b1..b16**, each compiled for itself (the tuning database's variant "
+          "of the nearest measured batch size where no round searched that one)." if set(range(1, 17)) <= set(batches)
+          else f"**Batch sizes measured: {', '.join(f'b{b}' for b in batches)} only.** The issue asks for b1..b16; "
+          "the tuning database gives other batch sizes the variant of the nearest measured one (log2), unmeasured."),
+         "",
          "Latency = GPU time between CUDA events around one inference (inputs and weights already on the GPU), "
          "p50 / p99 in ms over n runs (n = 20..300 per candidate, ~1 s each: with n < 100, p99 is close to the "
          "maximum). Numerics: max |out - NumPy float64 reference| / max |reference|, tolerance fp32 2e-3, fp16 "
@@ -1146,8 +1163,9 @@ def markdown(merged: dict, picked: dict) -> str:
          f"## Goal check: TVM <= best torch at the same numerics, p99/p50 <= {GOAL_P99_OVER_P50}", "",
          f"Met in **{len(met)} of {len(goal_rows)}** (model, batch, numerics) cells"
          + (": " + ", ".join(f"{g['model']} b{g['batch']} {g['numerics']}" for g in met) if met else "") + ". "
-         "TVM = what `workbench compile` now gives (the database winner; one conv lowering per model and "
-         "precision). ratio = TVM p50 / best torch p50 ('N% slower' = ratio - 1). 'TVM graph' = the "
+         "TVM = what `workbench compile` now gives (the database winner; one weights layout, conv lowering and "
+         "projections, per model and precision). ratio = TVM p50 / best torch p50 ('N% slower' = ratio - 1). "
+         "'TVM graph' = the "
          "same TVM run captured once in a CUDA graph from outside: what the CUDA worker runs (it replays each "
          "exec as a graph captured per model copy, batch size and weight placement; worker config cuda_graphs), "
          "and the VM's host launch jitter left out. Graphs, TVM's and torch's alike, are timed with their "
