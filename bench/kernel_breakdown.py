@@ -230,10 +230,11 @@ def build_one(spec: Spec, out: Path, force: bool = False) -> dict:
     from tvm import tirx
     from workbench.models import schedules, zoo
     from workbench.models.compiler import (_tensor_sig, _ty, build_relax, cuda_sources, lower, main_function,
-                                           make_target)
+                                           make_target, with_projections)
     variant = spec.tuning_variant()
     tgt = make_target("cuda", ARCH)
-    src = zoo.get(spec.model, seed=0, conv=spec.lowering if spec.lowering != "direct" else None)
+    src = with_projections(zoo.get(spec.model, seed=0, conv=spec.lowering if spec.lowering != "direct" else None),
+                           variant.projections)
     t0 = time.perf_counter()
     mod = src.make_module(spec.batch)
     fname, _ = main_function(mod)

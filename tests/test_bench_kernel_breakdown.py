@@ -90,3 +90,21 @@ def test_markdown_and_aggregate_from_a_result():
     md = kb.markdown({"meta": {}, "models": [res]})
     assert "| mma | 1 | 2 | 0.020 | 40.0% | 20.0% |" in md
     assert "Unmeasured kernels (called): c." in md
+
+
+@pytest.mark.slow
+def test_build_compiles_a_variant_with_fused_projections_as_workbench_compile_does(tmp_path):
+    """A variant with fused projections is built from the fused source, as compiler.resolve_tuning gives it: one
+    matmul per layer for the query, key and value, read by the attention einsums (no slice kernels)."""
+    variant = {"lowering": "direct", "precision": "fp16", "cuda_graph": False, "projections": "fused",
+               "schedule": {"activations": "fp16", "reduce_inputs": "fp16"}, "weights": "fp16"}
+    spec = kb.Spec.from_variant("tiny_transformer", 4, variant, "qkv", "test")
+    meta = kb.build_one(spec, tmp_path)
+
+    def reading(shape):
+        return [k for k in meta["kernels"] if k["params"] and shape in [p[0] for p in k["params"]] and k["calls"]]
+    (fused,) = reading([4, 32, 3 * 128])                  # only the fused matmul touches it whole: no slice kernel
+    assert "matmul" in fused["name"] and fused["calls"] == 2 and fused["rule"] == "mma"
+    einsums = reading([4, 32, 3, 2, 64])                   # its result as [b, s, part, heads, head_dim]
+    assert sorted(k["calls"] for k in einsums) == [2, 2] and all("einsum" in k["name"] for k in einsums)
+    assert [p[0] for p in meta["signature"]].count([128, 3 * 128]) == 2
