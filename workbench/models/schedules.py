@@ -1170,7 +1170,7 @@ def _einsum_widened(bb, call, xs16: list):
 
         return topi.cast(te.compute([extent[c] for c in out], element, name="T_einsum"), "float16")
 
-    if not parts:
+    if not parts:          # (no attribute: other einsums keep the PrimFunc, and so the kernel key, they had)
         return bb.call_te(einsum, *args, primfunc_name_hint="einsum")
     return bb.call_te(einsum, *args, primfunc_name_hint="einsum", primfunc_attrs={"op_pattern": OUT_EWISE_FUSABLE})
 

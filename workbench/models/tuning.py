@@ -261,8 +261,10 @@ def plan(model: str, target: str, arch: str | None, batch_sizes: Sequence[int], 
     # one weights layout for the artifact (its weights.bin serves every batch size): the weights dtype fp16 and
     # fused projections only where every batch size's entry says so, else the default for all
     used = [Variant.from_json(entries[src]["variant"]) for src in sources.values()]
-    layout = {f: ({getattr(v, f) for v in used} if len({getattr(v, f) for v in used}) == 1 else {default}).pop()
-              for f, default in (("weights", "fp32"), ("projections", "separate"))}
+    layout = {}
+    for f, default in (("weights", "fp32"), ("projections", "separate")):
+        seen = {getattr(v, f) for v in used}
+        layout[f] = seen.pop() if len(seen) == 1 else default
     variants, prov = {}, {}
     for b in batch_sizes:
         src = sources[b]
