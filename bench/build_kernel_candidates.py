@@ -920,10 +920,9 @@ def round36(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
     projections ran at 165 TFLOP/s in fp16 (the 3072-wide FFN matmul at 228) and were split along K with a summing
     kernel each in fp32; the two BERT b16 cells were the last ones not met (fp32 1.00x, fp16 1.02x). Every BERT
     batch size in both numerics (one artifact's batch sizes share a weights layout): the database's variant and
-    the same with fused projections, side by side (the database's variant as it was before: separate projections
-    and no tile of the fused matmul, this round's picks); at b16 and b8 also the fused matmul on three tiles its
-    rule does not pick by itself (-c0..-c2), and at fp32 b16 fused with split-K aimed at 1024 blocks (the fused
-    matmul unsplit)."""
+    the same with fused projections, side by side (the database's variant as before this round's picks: separate
+    projections and no tile for the fused matmul); at b16 and b8 also the fused matmul on three tiles its rule
+    does not pick by itself (-c0..-c2), and at fp32 b16 fused with split-K aimed at 1024 blocks instead of 2048."""
     if "bert_base" not in models:
         return [], []
     tiles = {"fp32": ("simt", ("s64t4", "s128x64", "s128x96")), "fp16": ("mma", ("t128w8", "t128x64", "t128x96"))}
