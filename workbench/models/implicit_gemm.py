@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 
+from workbench.models.architecture import shape_of
+
 MIN_CHANNELS = 8                   # cin a multiple of this: 8 fp16 lanes = one 16-byte vector within one tap
 OUT_EWISE_FUSABLE = 4              # tvm OpPatternKind.kOutEWiseFusable: elementwise consumers fuse into it
 IM2COL_BLOCK = "implicit_im2col"   # the im2col block, inlined into the A copy by the mma schedule
@@ -86,10 +88,6 @@ def _ints(arr) -> list[int] | None:
         return None
 
 
-def _static_shape(ty) -> list[int] | None:
-    return _ints(getattr(ty, "shape", None) or []) or None
-
-
 @functools.lru_cache(maxsize=None)
 def _mutator_class():
     """The Relax mutator (built on first use: it needs the TVM compiler)."""
@@ -114,7 +112,7 @@ def _mutator_class():
         taps = defs.get(taps, taps)
         if not isinstance(taps, relax.Tuple):
             return None
-        cs, ws, out = _static_shape(cols.ty), _static_shape(w.ty), str(call.ty.dtype)
+        cs, ws, out = shape_of(cols), shape_of(w), str(call.ty.dtype)
         if cs is None or ws is None or len(cs) != 4 or len(ws) != 2 or int(cat.attrs.axis) not in (3, -1):
             return None
         if str(cols.ty.dtype) != "float16" or str(w.ty.dtype) != "float16" or out != "float32":
@@ -143,10 +141,10 @@ def _mutator_class():
         if str(prod.attrs.pad_mode) != "constant" or float(prod.attrs.pad_value) != 0.0:
             return None
         x = prod.args[0]
-        xs, ys = _static_shape(x.ty), _static_shape(call.ty)
+        xs, ys = shape_of(x), shape_of(call)
         if xs is None or ys is None or len(xs) != 4 or str(x.ty.dtype) != "float16" or xs[3] % MIN_CHANNELS:
             return None
-        if cs != [xs[0], ys[1], ys[2], k * k * xs[3]] or ws[0] != k * k * xs[3]:
+        if cs != (xs[0], ys[1], ys[2], k * k * xs[3]) or ws[0] != k * k * xs[3]:
             return None
         return x, w, k, stride, pw[2]
 
@@ -170,8 +168,8 @@ def _mutator_class():
                 return call
             x, w, k, s, p = found
             x, w = self.visit_expr(x), self.visit_expr(w)
-            n, oh, ow, cout = _static_shape(call.ty)
-            func = conv_gemm_func(_static_shape(x.ty), str(x.ty.dtype), _static_shape(w.ty), k, s, p, oh, ow)
+            n, oh, ow, cout = shape_of(call)
+            func = conv_gemm_func(shape_of(x), str(x.ty.dtype), shape_of(w), k, s, p, oh, ow)
             gv = self.builder_.add_func(func, FUNC_NAME)
             return relax.call_tir(gv, [x, w], relax.TensorType([n, oh, ow, cout], "float32"))
 

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workbench.models.architecture import shape_of
+from workbench.models.implicit_gemm import OUT_EWISE_FUSABLE   # (relax's own einsum kernels get it too)
+
 PROJECTIONS = ("separate", "fused")
-OUT_EWISE_FUSABLE = 4        # tvm OpPatternKind.kOutEWiseFusable, which relax's own einsum kernels get
 
 
 class ProjectionError(ValueError):
@@ -62,13 +64,6 @@ def fused_name(names: list[str]) -> str:
 def _ops():
     import tvm
     return {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "add", "reshape", "einsum", "strided_slice")}
-
-
-def _shape(expr) -> list[int] | None:
-    try:
-        return [int(d) for d in expr.ty.shape]
-    except (AttributeError, TypeError, ValueError):
-        return None
 
 
 def _refs(expr, out: list) -> list:
@@ -122,8 +117,8 @@ def _projections(func) -> list[tuple]:
         if op_of(mm) != ops["matmul"] or bias not in weight_index or users.get(mm) != [var]:
             continue
         x, w = defs[mm].args
-        ws, bs = _shape(w), _shape(bias)
-        if w not in weight_index or ws is None or bs is None or len(ws) != 2 or bs != ws[1:] or _shape(x) is None:
+        ws, bs = shape_of(w), shape_of(bias)
+        if w not in weight_index or ws is None or bs is None or len(ws) != 2 or bs != ws[1:] or shape_of(x) is None:
             continue
         out_dtype = getattr(defs[mm].attrs, "out_dtype", None)
         if str(w.ty.dtype) != str(bias.ty.dtype) or str(out_dtype or "") not in ("", "void", str(w.ty.dtype)):
@@ -162,9 +157,9 @@ def fuse_module(mod, groups: list[Group]):
     for g in groups:
         for idx in (g.weights, g.biases):
             first = weights[idx[0]]
-            shapes = [_shape(weights[i]) for i in idx]
+            shapes = [shape_of(weights[i]) for i in idx]
             fused_param[first] = relax.Var(fused_name([weights[i].name for i in idx]),
-                                           relax.TensorType(shapes[0][:-1] + [sum(s[-1] for s in shapes)],
+                                           relax.TensorType([*shapes[0][:-1], sum(s[-1] for s in shapes)],
                                                             str(first.ty.dtype)))
             dropped.update(weights[i] for i in idx[1:])
 
@@ -186,7 +181,7 @@ def fuse_module(mod, groups: list[Group]):
                 w, b = fused_param[weights[g.weights[0]]], fused_param[weights[g.biases[0]]]
                 y = self.builder_.emit(relax.op.add(relax.op.matmul(self.visit_expr(x), w), b), "projections")
                 ends = np.cumsum((0,) + g.widths)
-                axis = len(_shape(y)) - 1
+                axis = len(shape_of(y)) - 1
                 self.done[g] = [self.builder_.emit(relax.op.strided_slice(y, [axis], [int(ends[i])],
                                                                           [int(ends[i + 1])]), "projection")
                                 for i in range(len(g.widths))]
@@ -260,7 +255,7 @@ def part_of(lookup, var):
     if not isinstance(s, relax.Call) or s.op != ops["strided_slice"]:
         return None
     y = s.args[0]
-    ys, ss, rs = _shape(y), _shape(r.args[0]), _shape(var)
+    ys, ss, rs = shape_of(y), shape_of(r.args[0]), shape_of(var)
     if ys is None or ss is None or rs is None or ss[:-1] != ys[:-1] or rs[:len(ys) - 1] != ys[:-1]:
         return None
     try:
@@ -287,9 +282,9 @@ def viewed(bb, lookup, operands: list):
             picks.append(None)
             continue
         y, part, parts = found
-        xs = _shape(x)
-        lead = len(_shape(y)) - 1
-        args.append(bb.emit(relax.op.reshape(y, xs[:lead] + [parts] + xs[lead:])))
+        xs = shape_of(x)
+        lead = len(shape_of(y)) - 1
+        args.append(bb.emit(relax.op.reshape(y, [*xs[:lead], parts, *xs[lead:]])))
         picks.append((lead, part))
 
     def part_stage(t, lead: int, part: int):
