@@ -181,6 +181,20 @@ def test_round40_moves_one_gemm_shape_at_a_time_to_each_other_tile():
         assert tile != simt_gemm.choose_config(*shape) and c.label.endswith(f"-{tile}")
 
 
+def test_round41_measures_again_only_the_cells_met_by_less_than_one_percent():
+    """Round 41: the winner of every cell met as the CUDA worker runs it with a graph ratio above 0.99, as it is
+    (same id: its new figure replaces the old); cells met with room, unmet cells and other models give nothing."""
+    from bench.build_kernel_candidates import FROM_RESULTS
+    won = _db_variant("bert_base", 8, "fp32")
+    rows = [{"id": f"b{b}", "model": "bert_base", "batch": b, "label": f"l{b}", "variant": won} for b in (3, 5, 7)]
+    goals = [{"model": "bert_base", "batch": 3, "tvm_id": "b3", "graph_meets_goal": True, "graph_ratio": 0.999},
+             {"model": "bert_base", "batch": 5, "tvm_id": "b5", "graph_meets_goal": True, "graph_ratio": 0.97},
+             {"model": "bert_base", "batch": 7, "tvm_id": "b7", "graph_meets_goal": False, "graph_ratio": 1.02}]
+    cands, jobs = FROM_RESULTS[41](_missed(rows, goals), MODELS)
+    assert jobs == [] and [(c.model, c.batch, c.label, c.variant) for c in cands] == [("bert_base", 3, "l3", won)]
+    assert FROM_RESULTS[41](_missed(rows, goals), ["resnet18"]) == ([], [])
+
+
 def test_the_committed_goal_check_covers_every_batch_size_1_to_16():
     """bench/results/kernel_quality.json checks every (model, batch 1..16, numerics) cell, each against a TVM figure
     measured at that very batch size, and its report says so."""
