@@ -3,6 +3,7 @@ there and is waited for by the executor's own thread, and every task still ends 
 from __future__ import annotations
 
 import threading
+import time
 
 from workbench.contract import ErrorResult, GetWorkerState, Status, Timing
 from workbench.worker.base import MonotonicClock
@@ -221,6 +222,37 @@ def test_a_held_exec_is_waited_for_and_ended_in_the_callers_thread():
         second.gpu_done.set()
         wait_for(got, lambda: len(delivered) == 1)
         assert delivered == [("second", "worker-gpu0-exec")]
+    finally:
+        ex.close()
+
+
+def test_the_end_of_a_held_exec_does_not_wake_the_idle_executor_thread():
+    """An exec answered in the caller's thread ends without waking the executor's idle thread, which would then run
+    beside the caller, for the interpreter lock and the worker's lock, at every such Infer."""
+    ex, lock, _, _ = make_executor()
+    wakes = []
+    wait = ex._cv.wait
+
+    def counted(timeout=None):
+        woke = wait(timeout)
+        if threading.current_thread() is ex._thread:
+            wakes.append(woke)
+        return woke
+    ex._cv.wait = counted
+    try:
+        time.sleep(0.7)                 # the thread's wait under way (0.5 s) times out: it now waits through `counted`
+        assert wakes, "the idle executor thread never waited"
+        before, t0 = len(wakes), time.monotonic()
+        for i in range(100):
+            t = Probe(f"t{i}", [], split=True)
+            with lock:
+                t.launch(0)
+                ex.hold(t, 0)
+            t.gpu_done.set()
+            assert [r.message for r in ex.wait_here(t)] == [f"t{i}"]
+            time.sleep(0.001)           # the caller idles between Infers (a woken thread would run meanwhile)
+        timeouts = int((time.monotonic() - t0) / 0.5) + 1     # the idle thread's own 0.5 s timeouts meanwhile
+        assert len(wakes) - before <= timeouts, f"woken {len(wakes) - before} times by 100 held execs"
     finally:
         ex.close()
 

@@ -318,7 +318,8 @@ class ThreadExecutor(Executor):
         finally:
             with self._cv:
                 self._held = None
-                self._cv.notify_all()      # close() waits for a held task
+                if self.closed:            # close() waits for a held task (notified otherwise, this executor's
+                    self._cv.notify_all()  # idle thread would wake for nothing, at every such Infer)
         return out
 
     def deliver_later(self, r: Result) -> None:   # caller holds the lock
