@@ -66,19 +66,6 @@ def _ops():
     return {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "add", "reshape", "einsum", "strided_slice")}
 
 
-def _refs(expr, out: list) -> list:
-    """The relax Vars `expr` (a call's argument) refers to, through tuples."""
-    from tvm import relax
-    if isinstance(expr, relax.Var):
-        out.append(expr)
-    elif isinstance(expr, relax.Tuple):
-        for f in expr.fields:
-            _refs(f, out)
-    elif isinstance(expr, relax.TupleGetItem):
-        _refs(expr.tuple_value, out)
-    return out
-
-
 def _projections(func) -> list[tuple]:
     """Every `add(matmul(x, W), b)` binding of a Relax function (inputs, then weights: its "num_input") with W
     [K, N] and b [N] weight parameters, the matmul read only by its add and the result read only by einsums
@@ -94,9 +81,9 @@ def _projections(func) -> list[tuple]:
             defs[b.var] = b.value
             args = b.value.args if isinstance(b.value, relax.Call) else [b.value]
             for a in args:
-                for v in _refs(a, []):
+                for v in relax.analysis.free_vars(a):
                     users.setdefault(v, []).append(b.var if isinstance(b.value, relax.Call) else None)
-    for v in _refs(func.body.body, []):
+    for v in relax.analysis.free_vars(func.body.body):
         users.setdefault(v, []).append(None)                      # returned
 
     def op_of(var):
