@@ -233,11 +233,10 @@ def test_the_end_of_a_held_exec_does_not_wake_the_idle_executor_thread():
     wakes = []
     wait = ex._cv.wait
 
-    def counted(timeout=None):
-        woke = wait(timeout)
+    def counted(timeout=None):          # counted as the thread enters a wait: every later entry follows a wake-up
         if threading.current_thread() is ex._thread:
-            wakes.append(woke)
-        return woke
+            wakes.append(time.monotonic())
+        return wait(timeout)
     ex._cv.wait = counted
     try:
         time.sleep(0.7)                 # the thread's wait under way (0.5 s) times out: it now waits through `counted`
