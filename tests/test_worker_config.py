@@ -11,7 +11,9 @@ def test_defaults_are_clockworks(monkeypatch):
     assert c.io_pool_size == c.workspace_pool_size == c.host_io_pool_size == 512 * 2**20
     assert c.telemetry is False and c.allow_zero_size_inputs is True and c.copy_input_lead_in == 5_000_000
     assert c.wake_early == 200_000 and c.exec_wake_ahead == 400_000 and c.submit_wait_max == 100_000
-    assert all(k in DEFAULT_FILE.read_text() for k in ("weights_cache_size", "exec_wake_ahead", "submit_wait_max"))
+    assert c.exec_rehearse is True
+    assert all(k in DEFAULT_FILE.read_text()
+               for k in ("weights_cache_size", "exec_wake_ahead", "exec_rehearse", "submit_wait_max"))
 
 
 def test_wake_early_is_a_duration_given_to_every_executor_thread():
@@ -63,6 +65,7 @@ def test_unknown_key_is_rejected_naming_key_and_file(tmp_path):
     ("wake_early = -1", "wake_early must be >= 0"),
     ("exec_wake_ahead = -1", "exec_wake_ahead must be >= 0"),
     ('exec_wake_ahead = "early"', "exec_wake_ahead"),
+    ("exec_rehearse = 1", "exec_rehearse = 1 must be true or false"),
     ("submit_wait_max = -5", "submit_wait_max must be >= 0"),
     ('wake_early = "soon"', "wake_early"),
 ])

@@ -494,6 +494,57 @@ def test_the_exec_thread_sleeps_until_shortly_before_the_exec_ends():
 
 
 @pytest.mark.gpu
+def test_a_long_exec_rehearses_its_ending_and_every_infer_keeps_its_own_outputs(gpu_worker, monkeypatch):
+    """While a ResNet-50 exec (ms) runs, wait_exec rehearses its ending (the outputs copied to the host ahead, the
+    last exec's values, and ExecTask.prepare(rehearse=True)); the MLP's exec (us) has no time for it. Infers of
+    alternating inputs each get their own outputs, bit for bit, and the pools stay exact."""
+    from workbench.worker.base import ExecTask
+    w = gpu_worker
+    calls = []
+    prepare = ExecTask.prepare
+
+    def spy(task, rehearse):
+        calls.append((task.action.model_id, rehearse))
+        prepare(task, rehearse)
+    monkeypatch.setattr(ExecTask, "prepare", spy)
+    for mid, name in ((0, "mlp_cuda"), (1, "resnet50_cuda")):
+        assert w.do(lambda i, mid=mid, name=name: LoadModelFromDisk(id=i, model_id=mid, path=str(artifact(name)))).ok
+        assert w.do(lambda i, mid=mid: LoadWeights(id=i, model_id=mid, gpu=0)).ok
+    rng = np.random.default_rng(8)
+    for mid, shape in ((0, (1, 128)), (1, (1, 3, 224, 224))):
+        xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+        outs = []
+        for k in range(8):
+            r = w.do(lambda i: Infer(id=i, model_id=mid, gpu=0, batch_size=1, inputs=(xs[k % 2],)))
+            assert r.ok, r.message
+            outs.append(r.outputs[0])
+        assert not np.array_equal(outs[0], outs[1])
+        for k in range(2, 8):
+            np.testing.assert_array_equal(outs[k], outs[k % 2])
+    resnet = [r for m, r in calls if m == 1]
+    assert len(resnet) == 8 and sum(resnet) >= 6, resnet      # from the second exec on, its length is known
+    assert not any(r for m, r in calls if m == 0)
+    st = w.state()["gpus"][0]
+    assert st["io_pool_used"] == st["workspace_pool_used"] == 0 and w.in_flight() == 0
+    assert w.check_consistency() == []
+    from workbench.worker.cuda import CUDAWorker           # exec_rehearse = false: never
+    calls.clear()
+    col = Collector()
+    off = CUDAWorker(WorkerConfig.load(None, **CFG, exec_rehearse=False), col, num_gpus=1)
+    try:
+        for a in (LoadModelFromDisk(id=1, model_id=1, path=str(artifact("resnet50_cuda"))),
+                  LoadWeights(id=2, model_id=1, gpu=0),
+                  *(Infer(id=3 + k, model_id=1, gpu=0, batch_size=1, inputs=(xs[0],)) for k in range(4))):
+            off.submit(a)
+            r = col.wait(a.id)
+            assert r.ok, r.message
+        np.testing.assert_array_equal(r.outputs[0], outs[0])   # (the ResNet-50 ones, made last)
+    finally:
+        off.close()
+    assert [r for _, r in calls] == [False] * 4
+
+
+@pytest.mark.gpu
 def test_a_short_exec_is_answered_inside_submit_when_its_caller_allows():
     """submit(answer_here=True) (the process worker's host): the MLP's exec, expected within submit_wait_max, is
     waited for in the submitting thread and answered before submit returns, with the outputs the executor thread

@@ -36,6 +36,7 @@ class WorkerConfig:
     cuda_graphs: bool = True         # CUDA worker: replay each exec as a CUDA graph (worker/cuda_graphs.py)
     wake_early: int = 200_000        # ns: threaded executors wake this early, then yield until a task is due
     exec_wake_ahead: int = 400_000   # ns: CUDA worker: the exec thread wakes this long before an exec's end
+    exec_rehearse: bool = True       # CUDA worker: then rehearses the exec's ending, if it has time to (wait_exec)
     submit_wait_max: int = 100_000   # ns: CUDA worker: execs expected within this may be waited for in submit
     source: str = "defaults"         # where the values came from (files, in order), for messages
 
@@ -83,6 +84,7 @@ class WorkerConfig:
             cuda_graphs=_parse_bool(v["cuda_graphs"], "cuda_graphs", source),
             wake_early=_parse_duration(v["wake_early"], "wake_early", source),
             exec_wake_ahead=_parse_duration(v["exec_wake_ahead"], "exec_wake_ahead", source),
+            exec_rehearse=_parse_bool(v["exec_rehearse"], "exec_rehearse", source),
             submit_wait_max=_parse_duration(v["submit_wait_max"], "submit_wait_max", source),
             source=source)
         if cfg.page_size <= 0:
