@@ -136,7 +136,9 @@ class GatedCPUDevice(CPUDevice):
         return out
 
 
-def test_evict_during_inference_gives_84(mlp_artifact):
+@pytest.fixture
+def gated(mlp_artifact):
+    """(worker, its GatedCPUDevice, collector): the mlp loaded as model 0, its weights on gpu 0 (actions 1, 2)."""
     from workbench.worker.base import MonotonicClock, Worker
     col = Collector()
     dev = GatedCPUDevice()
@@ -146,57 +148,52 @@ def test_evict_during_inference_gives_84(mlp_artifact):
         col.wait(1)
         w.submit(LoadWeights(id=2, model_id=0, gpu=0))
         col.wait(2)
-        w.submit(Infer(id=3, model_id=0, gpu=0, batch_size=4))
-        assert dev.started.wait(30)
-        w.submit(EvictWeights(id=4, model_id=0, gpu=0))
-        assert col.wait(4).ok                       # the evict does not wait for the inference
-        dev.release.set()
-        r = col.wait(3)
-        assert r.status == Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION and "evicted" in r.message
-        assert w.check_consistency() == [] and w.state()["gpus"][0]["free_pages"] == 3
+        yield w, dev, col
     finally:
         dev.release.set()
         w.close()
 
 
-def test_rehearsing_the_end_of_an_exec_changes_nothing(mlp_artifact):
+def test_evict_during_inference_gives_84(gated):
+    w, dev, col = gated
+    w.submit(Infer(id=3, model_id=0, gpu=0, batch_size=4))
+    assert dev.started.wait(30)
+    w.submit(EvictWeights(id=4, model_id=0, gpu=0))
+    assert col.wait(4).ok                       # the evict does not wait for the inference
+    dev.release.set()
+    r = col.wait(3)
+    assert r.status == Status.EXEC_CONCURRENT_WEIGHTS_MODIFICATION and "evicted" in r.message
+    assert w.check_consistency() == [] and w.state()["gpus"][0]["free_pages"] == 3
+
+
+def test_rehearsing_the_end_of_an_exec_changes_nothing(gated, mlp_artifact):
     """ExecTask.prepare(rehearse=True), run while the exec still runs (as CUDADevice.wait_exec runs it, with time
     to spare), leaves no trace: pools, actions in flight and results delivered are as before, and the result
     that comes out is the exec's own, once."""
-    from workbench.worker.base import ExecTask, MonotonicClock, Worker
-    col = Collector()
-    dev = GatedCPUDevice()
-    w = Worker(dev, 1, WorkerConfig.load(None, **SMALL), col, MonotonicClock())
-    try:
-        w.submit(LoadModelFromDisk(id=1, model_id=0, path=str(mlp_artifact)))
-        col.wait(1)
-        w.submit(LoadWeights(id=2, model_id=0, gpu=0))
-        col.wait(2)
-        x = np.random.default_rng(3).standard_normal((4, 128)).astype(np.float32)
-        w.submit(Infer(id=3, model_id=0, gpu=0, batch_size=4, inputs=(x,)))
-        assert dev.started.wait(30)
-        task = w.gpus[0].executors["exec"].busy
-        assert isinstance(task, ExecTask) and task.action.id == 3
+    from workbench.worker.base import ExecTask
+    w, dev, col = gated
+    x = np.random.default_rng(3).standard_normal((4, 128)).astype(np.float32)
+    w.submit(Infer(id=3, model_id=0, gpu=0, batch_size=4, inputs=(x,)))
+    assert dev.started.wait(30)
+    task = w.gpus[0].executors["exec"].busy
+    assert isinstance(task, ExecTask) and task.action.id == 3
 
-        def seen():
-            return (w.state()["gpus"][0], w.gpus[0].workspace.allocations, dict(w.outstanding),
-                    w.results_delivered, len(col.results))
-        before = seen()
-        assert before[0]["workspace_pool_used"] > 0 and 3 in before[2]
-        task.prepare(True)
-        pending = dict(task.result.__dict__)
-        task.prepare(True)
-        assert seen() == before
-        assert pending["outputs"] is None and pending["sent"] == 0 and pending["id"] == 3
-        dev.release.set()
-        r = col.wait(3)
-        assert r.ok, r.message
-        np.testing.assert_allclose(r.outputs[0], reference(mlp_artifact, x), rtol=1e-4, atol=1e-5)
-        assert r.sent >= r.exec.end > 0 and not col.dupes
-        assert w.check_consistency() == [] and w.in_flight() == 0
-    finally:
-        dev.release.set()
-        w.close()
+    def seen():
+        return (w.state()["gpus"][0], w.gpus[0].workspace.allocations, dict(w.outstanding), w.results_delivered,
+                len(col.results))
+    before = seen()
+    assert before[0]["workspace_pool_used"] > 0 and 3 in before[2]
+    task.prepare(True)
+    pending = dict(task.result.__dict__)
+    task.prepare(True)
+    assert seen() == before
+    assert pending["outputs"] is None and pending["sent"] == 0 and pending["id"] == 3
+    dev.release.set()
+    r = col.wait(3)
+    assert r.ok, r.message
+    np.testing.assert_allclose(r.outputs[0], reference(mlp_artifact, x), rtol=1e-4, atol=1e-5)
+    assert r.sent >= r.exec.end > 0 and not col.dupes
+    assert w.check_consistency() == [] and w.in_flight() == 0
 
 
 def test_cpu_config_larger_than_memory_is_refused():
