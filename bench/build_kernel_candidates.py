@@ -970,12 +970,17 @@ def round37(models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, st
             for b in BETWEEN if (v := _db_variant(model, b, precision)) is not None], []
 
 
-def _unmet(results: dict, models: list[str]) -> list[tuple[str, int, dict]]:
-    """(model, batch, the winner's result row) of every cell of `results` (a pick's output) whose goal is not met
-    as the CUDA worker runs it (graph_meets_goal false), for the models asked for."""
+def _cells(results: dict, models: list[str], keep) -> list[tuple[str, int, dict]]:
+    """(model, batch, the winner's result row) of every cell of `results` (a pick's output) whose goal row `keep`
+    takes, for the models asked for."""
     rows = {r["id"]: r for r in results["models"]}
     return sorted(((g["model"], g["batch"], rows[g["tvm_id"]]) for g in results["picked"]["goal"]
-                   if g["model"] in models and not g.get("graph_meets_goal")), key=lambda c: (*c[:2], c[2]["id"]))
+                   if g["model"] in models and keep(g)), key=lambda c: (*c[:2], c[2]["id"]))
+
+
+def _unmet(results: dict, models: list[str]) -> list[tuple[str, int, dict]]:
+    """The cells whose goal is not met as the CUDA worker runs them (graph_meets_goal false)."""
+    return _cells(results, models, lambda g: not g.get("graph_meets_goal"))
 
 
 def round38(results: dict, models: list[str]) -> tuple[list[ModelCandidate], list[tuple[str, str, int]]]:
@@ -1095,10 +1100,8 @@ def round41(results: dict, models: list[str]) -> tuple[list[ModelCandidate], lis
     CLOSE_MARGIN), measured again beside torch: their winner, whose new figure replaces the old. After round 40 two:
     BERT b11 fp32 (0.999; rounds 37-40 measured TVM 6.520-6.641 ms, torch 6.499-6.525) and BERT b5 reduced
     (0.995)."""
-    rows = {r["id"]: r for r in results["models"]}
-    close = sorted((g["model"], g["batch"], g["tvm_id"]) for g in results["picked"]["goal"]
-                   if g["model"] in models and g.get("graph_meets_goal") and g["graph_ratio"] > CLOSE_MARGIN)
-    return [ModelCandidate(m, b, rows[i]["label"], rows[i]["variant"]) for m, b, i in close], []
+    close = _cells(results, models, lambda g: g.get("graph_meets_goal") and g["graph_ratio"] > CLOSE_MARGIN)
+    return [ModelCandidate(m, b, r["label"], r["variant"]) for m, b, r in close], []
 
 
 FROM_RESULTS = {2: round2, 27: round27, 29: round29, 30: round30, 38: round38, 39: round39, 40: round40,
